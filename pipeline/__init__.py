@@ -1,0 +1,1 @@
+"""dskd-pipe: shared core (CLI, config, data, models, objectives)."""

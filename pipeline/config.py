@@ -1,0 +1,175 @@
+"""Config is data: one frozen dataclass per stage, loaded from a TOML or JSON file in `configs/`, overridden by CLI
+flags. Unknown keys and bad values are reported together, each with the file and key. The resolved config is
+saved with every output (JSON) so any run can be repeated with `--config resolved.json`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """Unknown keys or bad values in a config file or flags; lists every problem at once."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """`dskd-pipe cache-teacher`: run the teacher once and write the teacher-state store."""
+
+    teacher: str = ""
+    data: str = ""
+    out: str = ""
+    limit: int | None = None
+    skip_bad: bool = False
+    max_prompt_length: int = 256
+    max_length: int = 512
+    batch_tokens: int = 8192  # tokens per teacher forward (padded); batches are sorted by length
+    device: str = ""  # "" = cuda when available, else cpu
+    dtype: str = ""  # "" = bf16 on GPU, fp32 on CPU
+    topk: int = 0  # per-token top-k logits (values, indices) + log-normaliser; 0 = off
+    chunk_tokens: int = 256  # ~1 MiB chunks at d=2048 bf16 read fastest (spec/store_measurements.md)
+    compression: str = "none"  # "none" | "zstd" | "blosc": pays only on slow or capacity-bound storage
+    shard: str = ""  # "I/N": this process writes part I of N; "" = one process (or torchrun's rank/world)
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """`dskd-pipe score` / `dskd-pipe generate`: sample from models and report ROUGE-L (spec/evaluation.md)."""
+
+    models: tuple[str, ...] = ()
+    data: tuple[str, ...] = ()
+    out: str = ""
+    limit: int | None = None
+    seeds: tuple[int, ...] = (10, 20, 30, 40, 50)
+    greedy: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    no_repeat_ngram_size: int = 6
+    max_new_tokens: int = 256
+    max_prompt_length: int = 256
+    batch_size: int = 16
+    in_domain: str = ""  # the in-distribution set; "" = the first set
+    device: str = ""
+    dtype: str = ""
+    trust_remote_code: bool = False
+
+
+def _check_value(name: str, value, hint):
+    """Return `value` coerced to the annotated type, or raise TypeError with a short reason."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(name, value, arg)
+            except TypeError:
+                continue
+        raise TypeError(f"expected {hint}, found {value!r}")
+    if origin is tuple:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"expected a list, found {value!r}")
+        return tuple(_check_value(name, v, args[0]) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise TypeError(f"expected true/false, found {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError(f"expected an integer, found {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise TypeError(f"expected an integer, found {value!r}") from None
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError(f"expected a number, found {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise TypeError(f"expected a number, found {value!r}") from None
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise TypeError(f"expected a string, found {value!r}")
+        return str(value)
+    return value
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A TOML or JSON config as a flat dict; a name without a folder is looked up among the shipped configs."""
+    p = Path(path)
+    if not p.exists() and p.parent == Path("."):
+        shipped = resources.files("dskd_pipe.configs") / p.name
+        if not shipped.is_file() and (resources.files("dskd_pipe.configs") / f"{p.name}.toml").is_file():
+            shipped = resources.files("dskd_pipe.configs") / f"{p.name}.toml"
+        if shipped.is_file():
+            p = Path(str(shipped))
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such config file.")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: not valid {'JSON' if p.suffix == '.json' else 'TOML'} ({e}).") from None
+    # A resolved config saved by a run keeps the stage's fields under "config".
+    return data.get("config", data) if isinstance(data.get("config"), dict) else data
+
+
+def load_config(cls, path: str | Path | None = None, overrides: dict | None = None):
+    """Build `cls` from defaults <- file <- overrides (None values in overrides mean "not given")."""
+    hints = typing.get_type_hints(cls)
+    values: dict = {}
+    problems: list[str] = []
+    sources: list[tuple[str, dict]] = []
+    if path:
+        sources.append((str(path), read_config_file(path)))
+    sources.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None and v != ()}))
+    for where, data in sources:
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in hints:
+                problems.append(f"{where}: unknown key '{key}' for {cls.__name__} "
+                                f"(known: {', '.join(sorted(hints))}).")
+                continue
+            try:
+                values[name] = _check_value(name, value, hints[name])
+            except TypeError as e:
+                problems.append(f"{where}: key '{key}': {e}.")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cls(**values)
+
+
+def config_to_dict(cfg) -> dict:
+    return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v) for f in dataclasses.fields(cfg)}
+
+
+def save_config(cfg, path: str | Path) -> None:
+    """Write the resolved config beside a run's outputs; `--config` reads it back."""
+    Path(path).write_text(json.dumps({"stage": type(cfg).__name__, "config": config_to_dict(cfg)}, indent=2) + "\n")
+
+
+def require(cfg, *names: str) -> None:
+    """Raise ConfigError naming every required option that is empty."""
+    missing = [n for n in names if not getattr(cfg, n)]
+    if missing:
+        raise ConfigError("missing required option(s): " + ", ".join("--" + n.replace("_", "-") for n in missing))
+
+
+__all__ = ["CacheConfig", "ScoreConfig", "ConfigError", "load_config", "save_config", "config_to_dict", "require",
+           "field"]

@@ -1,0 +1,183 @@
+"""Loading models and tokenizers, the parts of a model the store keeps, and tiny models for tests and the demo.
+
+MODEL arguments are a hub id or a local folder. `trust_remote_code` is off unless asked for; weights are loaded
+from safetensors when the checkpoint has them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+
+class ModelError(ValueError):
+    """A model or tokenizer cannot be used as asked; the message names it and the fix."""
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and lossy)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{name_or_path}: cannot load a tokenizer ({e}). Pass a local folder or a hub id.") from e
+    if len(tok) == 0:
+        raise ModelError(f"{name_or_path}: the tokenizer is empty (len 0); check its files.")
+    if not getattr(tok, "is_fast", False):
+        raise ModelError(f"{name_or_path}: a fast tokenizer (tokenizer.json) is needed for character offsets.")
+    return tok
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, device: str | None = None,
+                   trust_remote_code: bool = False):
+    """A causal LM in eval mode on `device`, in `dtype` (default: bf16 on GPU, fp32 on CPU)."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{name_or_path}: cannot load a causal LM ({e}). Pass a local folder or a hub id.") from e
+    return model.to(device).eval()
+
+
+def eos_token_id(tokenizer) -> int:
+    """The EOS id appended to every response (spec/dskd.md "Sequences")."""
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"{tokenizer.name_or_path}: the tokenizer has no EOS token; set eos_token in its config.")
+    return int(tokenizer.eos_token_id)
+
+
+def pad_token_id(tokenizer) -> int:
+    """Right padding uses the tokenizer's pad token, else EOS (GPT-2/Llama family)."""
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else eos_token_id(tokenizer)
+
+
+def last_hidden_state(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The post-final-norm last hidden state [B, T, d]: exactly what the LM head consumes."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def head_parts(model) -> dict:
+    """What rebuilds the model's logits from its last hidden state: z = (h W^T + b) * logit_scale, then softcap.
+
+    Returns {"weight": [V, d], "bias": [V] or None, "logit_scale": float, "final_logit_softcap": float or None}.
+    Covers plain heads (GPT-2, Llama, Qwen2, Mistral), Gemma-style final soft-capping, Cohere's logit_scale and
+    Granite's logits_scaling (a divisor).
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ModelError(f"{type(model).__name__} has no output embeddings (LM head).")
+    cfg = model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    scale = float(getattr(text_cfg, "logit_scale", None) or 1.0)
+    if getattr(text_cfg, "logits_scaling", None):
+        scale /= float(text_cfg.logits_scaling)
+    softcap = getattr(text_cfg, "final_logit_softcapping", None)
+    bias = getattr(head, "bias", None)
+    return {
+        "weight": head.weight.detach(),
+        "bias": bias.detach() if bias is not None else None,
+        "logit_scale": scale,
+        "final_logit_softcap": float(softcap) if softcap else None,
+    }
+
+
+def embedding_parts(model) -> dict:
+    """The input embedding table and the scale the architecture applies on lookup (Gemma: sqrt(d))."""
+    emb = model.get_input_embeddings()
+    scale = getattr(emb, "embed_scale", None)
+    scale = float(scale) if scale is not None else 1.0
+    return {"weight": emb.weight.detach(), "embed_scale": scale}
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_fingerprint(name_or_path: str, model) -> dict:
+    """Identifies a teacher: its name, hub revision when known, weight-file hashes for a local folder, config hash."""
+    cfg = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
+        cfg.pop(volatile, None)
+    fp = {
+        "name": str(name_or_path),
+        "revision": getattr(model.config, "_commit_hash", None),
+        "architecture": type(model).__name__,
+        "config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest(),
+    }
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        fp["weights_sha256"] = {f.name: _sha256_file(f) for f in files}
+    return fp
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full serialisation (vocab, merges, normaliser, special tokens) and its EOS."""
+    body = tokenizer.backend_tokenizer.to_str()
+    return hashlib.sha256((body + f"|eos={tokenizer.eos_token}").encode()).hexdigest()
+
+
+TINY_ARCHITECTURES = ("gpt2", "llama", "qwen2", "gemma3")
+
+
+def tiny_causal_lm(arch: str, tokenizer, d_model: int = 64, layers: int = 2, heads: int = 4, seed: int = 0,
+                   max_positions: int = 1024):
+    """A small randomly initialised causal LM of a real architecture over a real tokenizer's vocabulary.
+
+    Used by tests and the demo: the code paths are those of real checkpoints, only the sizes are small.
+    """
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig,
+                              Qwen2Config)
+
+    vocab = len(tokenizer)
+    eos = eos_token_id(tokenizer)
+    common = dict(vocab_size=vocab, eos_token_id=eos, bos_token_id=tokenizer.bos_token_id or eos,
+                  pad_token_id=pad_token_id(tokenizer))
+    if arch == "gpt2":
+        cfg = GPT2Config(n_embd=d_model, n_layer=layers, n_head=heads, n_positions=max_positions, **common)
+    elif arch == "llama":
+        cfg = LlamaConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+                          tie_word_embeddings=False, **common)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                          max_position_embeddings=max_positions, tie_word_embeddings=True, **common)
+    elif arch == "gemma3":
+        cfg = Gemma3TextConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=layers,
+                               num_attention_heads=heads, num_key_value_heads=1, head_dim=d_model // heads,
+                               max_position_embeddings=max_positions, sliding_window=64,
+                               final_logit_softcapping=30.0, **common)
+    else:
+        raise ModelError(f"unknown tiny architecture '{arch}'; choose one of {', '.join(TINY_ARCHITECTURES)}.")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def save_tiny_model(folder: str | Path, arch: str, tokenizer, **kwargs) -> Path:
+    """Build a tiny model and save it with its tokenizer as a normal HF folder (safetensors)."""
+    folder = Path(folder)
+    model = tiny_causal_lm(arch, tokenizer, **kwargs)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
