@@ -35,7 +35,165 @@ def main() -> None:
 
 
 # --- cache-teacher, cache-info, cache-verify (stages/cache_teacher.py, cache/) ---
+@main.command("cache-teacher")
+@click.option("--config", "config_path", default=None, help="TOML/JSON config (configs/cache_*.toml).")
+@click.option("--teacher", default=None, help="Teacher model: hub id or local folder.")
+@click.option("--data", default=None, help="Training data: JSONL/JSON/Parquet file or datasets name.")
+@click.option("--out", default=None, help="Store folder or file:// URL.")
+@click.option("--limit", type=int, default=None, help="Use the first N usable records.")
+@click.option("--skip-bad", is_flag=True, default=None, help="Skip (and count) malformed records.")
+@click.option("--shard", default=None, help="I/N: this process writes part I of N.")
+@click.option("--topk", type=int, default=None, help="Also store per-token top-k logits (0 = off).")
+@click.option("--batch-tokens", type=int, default=None, help="Padded tokens per teacher forward.")
+@click.option("--chunk-tokens", type=int, default=None, help="Rows per chunk (256 = ~1 MiB at d=2048 bf16).")
+@click.option("--compression", type=click.Choice(["none", "zstd", "blosc"]), default=None)
+@click.option("--device", default=None)
+@click.option("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU).")
+@click.option("--max-length", type=int, default=None)
+@click.option("--max-prompt-length", type=int, default=None)
+@click.option("--trust-remote-code", is_flag=True, default=None)
+def cache_teacher(config_path, **flags) -> None:
+    """Run the teacher once over the data and write the teacher-state store."""
+    from dskd_pipe.pipeline.config import CacheConfig, load_config
+    from dskd_pipe.stages.cache_teacher import run
+
+    run(load_config(CacheConfig, config_path, flags))
+
+
+@main.command("cache-info")
+@click.argument("store")
+def cache_info(store) -> None:
+    """Show what a store holds: fingerprints, shapes, size on disk, bytes/token."""
+    import json
+
+    from dskd_pipe.cache.verify import store_info
+
+    click.echo(json.dumps(store_info(store), indent=2))
+
+
+@main.command("cache-verify")
+@click.argument("store")
+def cache_verify(store) -> None:
+    """Read every chunk (crc32c) and check the index; exit 1 naming each bad array/chunk."""
+    from dskd_pipe.cache.verify import verify_store
+
+    report = verify_store(store)
+    for problem in report["problems"]:
+        click.echo(f"{store}: {problem}", err=True)
+    if not report["ok"]:
+        click.echo(f"{store}: {len(report['problems'])} problem(s); rebuild the store or the affected part.", err=True)
+        sys.exit(1)
+    click.echo(f"{store}: ok ({report['chunks']} chunks, {report['examples']} examples, {report['tokens']} tokens)")
+
 
 # --- distill (stages/distill.py) ---
+@main.command("distill")
+@click.option("--config", "config_path", default=None, help="TOML/JSON config (configs/*.toml, or a run's "
+              "distill_config.json).")
+@click.option("--cache", default=None, help="Teacher-state store (offline distillation).")
+@click.option("--teacher", default=None, help="Teacher model run on the fly instead of --cache (online).")
+@click.option("--student", default=None, help="Student model: hub id or local folder.")
+@click.option("--method", type=click.Choice(["sft", "kd", "dskd", "dskd-cma", "cma-ga"]), default=None)
+@click.option("--data", default=None, help="Training data: the file the store was built from.")
+@click.option("--out", default=None, help="Output folder: an HF model folder + projectors, metrics, checkpoints.")
+@click.option("--dev-data", default=None, help="Dev set: dev loss (and --dev-rouge) each epoch keeps out/best.")
+@click.option("--dev-rouge", is_flag=True, default=None, help="Also greedy ROUGE-L on --dev-data each epoch.")
+@click.option("--limit", type=int, default=None, help="Train on the first N examples.")
+@click.option("--dev-limit", type=int, default=None)
+@click.option("--skip-bad", is_flag=True, default=None)
+@click.option("--epochs", type=int, default=None)
+@click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (0 = the epochs decide).")
+@click.option("--micro-batch-size", type=int, default=None)
+@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step.")
+@click.option("--lr", type=float, default=None)
+@click.option("--projector-lr", type=float, default=None)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--warmup-steps", type=int, default=None)
+@click.option("--max-grad-norm", type=float, default=None, help="0 = no clipping.")
+@click.option("--kd-rate", type=float, default=None, help="lambda in (1-lambda) CE + lambda KD.")
+@click.option("--kd-temperature", type=float, default=None)
+@click.option("--divergence", type=click.Choice(["fkl", "rkl", "sfkl", "srkl", "js", "akl", "tvd"]), default=None)
+@click.option("--lambda-ga", type=float, default=None, help="CMA-GA generator weight.")
+@click.option("--ga-start-step", type=int, default=None, help="CMA-GA starts at this optimizer step.")
+@click.option("--disc-lr", type=float, default=None)
+@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0 = epoch ends only).")
+@click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint in --out.")
+@click.option("--seed", type=int, default=None)
+@click.option("--num-workers", type=int, default=None)
+@click.option("--device", default=None)
+@click.option("--dtype", default=None, help="bfloat16 (autocast, default on GPU) | float32.")
+@click.option("--gradient-checkpointing", is_flag=True, default=None)
+@click.option("--lora-rank", type=int, default=None, help="> 0: LoRA on --lora-targets (needs peft).")
+@click.option("--lora-alpha", type=float, default=None)
+@click.option("--max-length", type=int, default=None)
+@click.option("--max-prompt-length", type=int, default=None)
+@click.option("--progress/--no-progress", default=None)
+@click.option("--trust-remote-code", is_flag=True, default=None)
+def distill(config_path, **flags) -> None:
+    """Train a student with SFT, KD, DSKD, DSKD-CMA or CMA-GA from a store (or an online teacher)."""
+    from dskd_pipe.pipeline.config import DistillConfig, load_config
+    from dskd_pipe.stages.distill import run
+
+    out = run(load_config(DistillConfig, config_path, flags))
+    click.echo(f"student: {out}")
+
 
 # --- score, generate (stages/score.py) ---
+
+
+def _score_options(f):
+    """Flags shared by `score` and `generate`; each overrides the config file when given."""
+    for opt in reversed([
+        click.option("--config", "config_path", default="score_default", show_default=True,
+                     help="TOML/JSON config; the default is the published protocol (configs/score_default.toml)."),
+        click.option("--limit", type=int, default=None, help="Use the first N usable records of each set."),
+        click.option("--skip-bad", is_flag=True, default=None, help="Skip (and count) malformed records."),
+        click.option("--greedy/--sample", default=None, help="Greedy decoding instead of sampling."),
+        click.option("--temperature", type=float, default=None),
+        click.option("--top-p", type=float, default=None),
+        click.option("--top-k", type=int, default=None, help="0 = off."),
+        click.option("--no-repeat-ngram-size", type=int, default=None, help="0 = off."),
+        click.option("--max-new-tokens", type=int, default=None),
+        click.option("--max-prompt-length", type=int, default=None),
+        click.option("--batch-size", type=int, default=None, help="Prompts per generate call (sorted by length)."),
+        click.option("--device", default=None),
+        click.option("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)."),
+        click.option("--progress/--no-progress", default=None, help="Progress bar with examples/s on stderr."),
+        click.option("--trust-remote-code", is_flag=True, default=None),
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command("score")
+@click.option("--model", "models", multiple=True, help="Model (hub id, folder or NAME=PATH); repeat to compare.")
+@click.option("--data", "data", multiple=True, help="Evaluation set (file or NAME=PATH); repeat for several.")
+@click.option("--out", default=None, help="Output folder (generations, report.json, report.md).")
+@click.option("--seed", "seeds", type=int, multiple=True, help="Seeds, one pass each (default 10 20 30 40 50).")
+@click.option("--in-domain", default=None, help="The in-distribution set (default: the first --data).")
+@_score_options
+def score(config_path, **flags) -> None:
+    """ROUGE-L of one or more models on evaluation sets with the published protocol; resumable."""
+    from dskd_pipe.pipeline.config import ScoreConfig, load_config
+    from dskd_pipe.stages.score import run
+
+    out = run(load_config(ScoreConfig, config_path, flags))
+    click.echo((out / "report.md").read_text(), nl=False)
+    click.echo(f"report: {out / 'report.md'}")
+
+
+@main.command("generate")
+@click.option("--model", default=None, help="Model whose responses become the targets (hub id or folder).")
+@click.option("--data", default=None, help="Prompts: a data file (JSONL/JSON/Parquet) or datasets name.")
+@click.option("--out", default=None, help="New JSONL data file: the records with output = the generation.")
+@click.option("--seed", type=int, default=None, help="Sampling seed (default: the first seed of the config, 10).")
+@_score_options
+def generate_cmd(config_path, model, data, seed, **flags) -> None:
+    """Write a model's responses to training prompts as a new data file (the SeqKD baseline)."""
+    from dskd_pipe.pipeline.config import ScoreConfig, load_config
+    from dskd_pipe.stages.score import run_generate
+
+    flags.update(models=(model,) if model else None, data=(data,) if data else None,
+                 seeds=(seed,) if seed is not None else None)
+    out = run_generate(load_config(ScoreConfig, config_path, flags))
+    click.echo(f"wrote {out}")

@@ -57,8 +57,67 @@ class ScoreConfig:
     max_prompt_length: int = 256
     batch_size: int = 16
     in_domain: str = ""  # the in-distribution set; "" = the first set
+    skip_bad: bool = False
+    progress: bool = True  # a progress bar (examples/s) on stderr
     device: str = ""
     dtype: str = ""
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """`dskd-pipe distill`: train a student from a teacher-state store (or a teacher run online).
+
+    Defaults are the published DSKD setup (spec/dskd.md) except sizes: global batch = micro_batch_size * grad_accum *
+    world size (32 in the paper).
+    """
+
+    cache: str = ""  # a teacher-state store (offline); or
+    teacher: str = ""  # a teacher model run on the fly (online)
+    student: str = ""
+    method: str = "dskd-cma"  # sft | kd | dskd | dskd-cma | cma-ga
+    data: str = ""
+    out: str = ""
+    dev_data: str = ""  # "" = no dev evaluation; else the student's dev loss each epoch keeps the best model
+    dev_rouge: bool = False  # also greedy ROUGE-L on dev_data each epoch (the best model then follows ROUGE-L)
+    limit: int | None = None
+    dev_limit: int | None = None
+    skip_bad: bool = False
+    max_prompt_length: int = 256
+    max_length: int = 512
+    epochs: int = 20
+    max_steps: int = 0  # 0 = the epochs decide; else stop after this many optimizer steps
+    micro_batch_size: int = 4
+    grad_accum: int = 8
+    lr: float = 5e-4
+    projector_lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    min_lr: float = 1e-7
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    kd_rate: float = 0.5
+    kd_temperature: float = 2.0
+    teacher_temperature: float = 1.0
+    divergence: str = "fkl"  # fkl | rkl | sfkl | srkl | js | akl | tvd
+    lambda_ga: float = 0.1
+    ga_start_step: int = 0  # CMA-GA: the generator term and D steps start at this optimizer step
+    disc_lr: float = 1e-4
+    disc_every: int = 1  # CMA-GA: a discriminator step every k micro-steps
+    save_every: int = 0  # checkpoint every N optimizer steps (0 = only at epoch ends)
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 42
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    device: str = ""  # "" = cuda when available, else cpu
+    dtype: str = ""  # "" = bf16 autocast on GPU, fp32 on CPU; or bfloat16 | float32
+    teacher_dtype: str = ""  # online teacher: "" = bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False
+    lora_rank: int = 0  # 0 = full fine-tune; > 0 needs `peft`
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    progress: bool = True
     trust_remote_code: bool = False
 
 
@@ -171,5 +230,5 @@ def require(cfg, *names: str) -> None:
         raise ConfigError("missing required option(s): " + ", ".join("--" + n.replace("_", "-") for n in missing))
 
 
-__all__ = ["CacheConfig", "ScoreConfig", "ConfigError", "load_config", "save_config", "config_to_dict", "require",
-           "field"]
+__all__ = ["CacheConfig", "ScoreConfig", "DistillConfig", "ConfigError", "load_config", "save_config",
+           "config_to_dict", "require", "field"]

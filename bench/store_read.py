@@ -1,0 +1,152 @@
+"""Store read/write throughput against a numpy memmap of the same raw bytes (spec/store_measurements.md).
+
+Writes a synthetic store (bf16-like hidden states, d=2048, 256-512 tokens per example) with the real PartWriter,
+plus a flat raw file of the same rows; then reads whole examples in one shuffled order, warm and cold, in one and two
+processes, and writes bench/results/store_read.json.
+
+    python bench/store_read.py --gb 1.5 --dir /tmp/store_bench
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dskd_pipe.cache.format import Manifest
+from dskd_pipe.cache.reader import open_store
+from dskd_pipe.cache.writer import PartWriter, finalize_store, open_for_writing
+
+D = 2048
+
+
+def drop_caches(paths: list[Path]) -> str:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return "drop_caches"
+    except OSError:
+        for root in paths:
+            files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+            for p in files:
+                fd = os.open(p, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+        return "posix_fadvise"
+
+
+def build(root: Path, raw: Path, gb: float, seed: int = 0) -> tuple[list[tuple[int, int]], float]:
+    rng = np.random.default_rng(seed)
+    pool = torch.randn(1 << 15, D).to(torch.bfloat16)  # 128 MiB of bf16 rows, reused cyclically
+    lengths = []
+    total = 0
+    while total * D * 2 < gb * 2**30:
+        n = int(rng.integers(256, 513))
+        lengths.append(n)
+        total += n
+    m = Manifest(fingerprints={"data": {"n_examples": len(lengths)}}, hidden_dtype="bfloat16", d_model=D,
+                 vocab_size=32000, eos_id=2, pad_id=2, chunk_tokens=256)
+    root_path, m = open_for_writing(str(root), m, {})
+    import zarr
+    zarr.open_group(str(root_path), mode="a").attrs["shared_complete"] = True  # no head/embeddings needed here
+    spans, pos = [], 0
+    t0 = time.perf_counter()
+    w = PartWriter(root_path, 0, m)
+    with open(raw, "wb") as fraw:
+        for i, n in enumerate(lengths):
+            a = (pos % (pool.shape[0] - 512))
+            h = pool[a:a + n]
+            w.add(i, list(range(n)), 64, [(k, k + 1) for k in range(n)], h, "p", "r")
+            fraw.write(h.view(torch.int16).numpy().tobytes())
+            spans.append((pos, n))
+            pos += n
+        w.close()
+    finalize_store(root_path)
+    elapsed = time.perf_counter() - t0  # store and raw file writes together: a lower bound on the store's rate
+    return spans, elapsed
+
+
+def read_store(url: str, order) -> int:
+    store = open_store(url)
+    nbytes = 0
+    for i in order:
+        nbytes += store.read(int(i))["hidden"].numel() * 2
+    return nbytes
+
+
+def read_memmap(raw: str, spans, order) -> int:
+    mm = np.memmap(raw, dtype=np.uint16, mode="r").reshape(-1, D)
+    nbytes = 0
+    for i in order:
+        s, n = spans[i]
+        nbytes += np.array(mm[s:s + n]).nbytes
+    return nbytes
+
+
+def timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    nbytes = fn(*args)
+    return nbytes / 2**20 / (time.perf_counter() - t0)
+
+
+def timed_2proc(fn, args_for) -> float:
+    ctx = mp.get_context("fork")
+    t0 = time.perf_counter()
+    with ctx.Pool(2) as pool:
+        nbytes = sum(pool.starmap(fn, [args_for(0), args_for(1)]))
+    return nbytes / 2**20 / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gb", type=float, default=2.0)
+    ap.add_argument("--dir", default="/tmp/store_bench")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "store_read.json"))
+    args = ap.parse_args()
+    work = Path(args.dir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    root, raw = work / "store.zarr", work / "raw.bin"
+    spans, write_s = build(root, raw, args.gb)
+    total_mb = sum(n for _, n in spans) * D * 2 / 2**20
+    order = np.random.default_rng(1).permutation(len(spans))
+    halves = [order[0::2], order[1::2]]
+    res = {"examples": len(spans), "hidden_mib": round(total_mb, 1), "d_model": D, "chunk_tokens": 256,
+           "write_mib_s_store_plus_raw": round(2 * total_mb / write_s, 1),
+           "bytes_on_disk_store": sum(p.stat().st_size for p in root.rglob("*") if p.is_file()),
+           "bytes_raw": raw.stat().st_size}
+    url = str(root)
+    for mode in ("cold", "warm"):
+        for name, fn, a in (("memmap", read_memmap, (str(raw), spans)), ("store", read_store, (url,))):
+            if mode == "cold":
+                res["cache_drop"] = drop_caches([root, raw])
+            else:
+                fn(*a, order)  # first pass warms the page cache
+            res[f"{mode}_1proc_{name}_mib_s"] = round(timed(fn, *a, order), 1)
+            if mode == "cold":
+                drop_caches([root, raw])
+            res[f"{mode}_2proc_{name}_mib_s"] = round(timed_2proc(fn, lambda k, a=a: (*a, halves[k])), 1)
+        for procs in ("1proc", "2proc"):
+            res[f"{mode}_{procs}_ratio"] = round(res[f"{mode}_{procs}_store_mib_s"] /
+                                                 res[f"{mode}_{procs}_memmap_mib_s"], 2)
+    # The Zarr slice path, for comparison with the direct chunk reads the reader uses on local uncompressed stores.
+    store = open_store(url)
+    store._h()["direct"] = False
+    t0 = time.perf_counter()
+    nbytes = sum(store.read(int(i))["hidden"].numel() * 2 for i in order)
+    res["warm_1proc_store_zarr_slice_mib_s"] = round(nbytes / 2**20 / (time.perf_counter() - t0), 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""A torch Dataset over the teacher-state store: both tokenisations of each stored example, in a seeded order.
+
+Each item holds the teacher view (ids, prompt length, hidden rows from the store) and the student view: the SAME
+stored prompt/response text tokenised with the student tokenizer by `build_sequence` (spec/dskd.md "Sequences").
+The order is a seeded permutation that depends only on (seed, epoch); under DDP rank r of W streams positions
+r, r+W, r+2W, ... of that permutation, padded by wrapping so every rank has the same count. Resume state is a small
+dict {"epoch", "position"} (examples this rank has consumed in that epoch). No process-wide state: the reader's
+handles open lazily in each DataLoader worker, so many students can read one store at once.
+
+Online mode uses the same dataset over `TextSource` (the teacher tokenised on the fly, no hidden rows); the stage
+fills `teacher_hidden` from the teacher model, so both modes share collate and loss code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dskd_pipe.pipeline.data import build_sequence
+
+
+@dataclass(frozen=True)
+class Side:
+    """How to tokenise one side: its tokenizer, EOS appended to responses, pad id, and the length limits."""
+
+    tokenizer: object
+    eos_id: int
+    pad_id: int
+    max_prompt_length: int = 256
+    max_length: int = 512
+
+    def encode(self, prompt: str, response: str):
+        return build_sequence(self.tokenizer, prompt, response, self.eos_id, self.max_prompt_length, self.max_length)
+
+
+class StoreSource:
+    """Teacher view of store example i: ids [L], prompt_len, hidden [L, d] and the texts (the reader's record)."""
+
+    def __init__(self, reader, limit: int | None = None):
+        self.reader = reader
+        self.n = len(reader) if limit is None else min(limit, len(reader))
+        self.pad_id = int(reader.manifest.pad_id)
+        self.d_model = int(reader.manifest.d_model)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def item(self, i: int) -> dict:
+        rec = self.reader.read(i)
+        return {"example_id": i, "ids": [int(x) for x in rec["ids"]], "prompt_len": int(rec["prompt_len"]),
+                "hidden": rec["hidden"], "prompt": rec["prompt"], "response": rec["response"]}
+
+
+class TextSource:
+    """Teacher view built from the examples with the teacher tokenizer (online mode): no hidden rows."""
+
+    def __init__(self, examples, teacher: Side):
+        self.examples = examples
+        self.teacher = teacher
+        self.pad_id = teacher.pad_id
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def item(self, i: int) -> dict:
+        ex = self.examples[i]
+        seq = self.teacher.encode(ex.prompt, ex.response)
+        return {"example_id": i, "ids": seq.ids, "prompt_len": seq.prompt_len, "hidden": None,
+                "prompt": ex.prompt, "response": ex.response}
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of range(n) for this (seed, epoch): nothing else changes it."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+def rank_positions(n: int, rank: int, world: int) -> np.ndarray:
+    """Positions of the epoch order that `rank` streams: rank, rank+W, ...; wrapped so each rank gets ceil(n/W)."""
+    per_rank = -(-n // world)
+    return np.arange(rank, per_rank * world, world) % max(n, 1)
+
+
+class DistillDataset(Dataset):
+    """Item k = the k-th example of this rank's part of the (seed, epoch) order, from `start` on (resume)."""
+
+    def __init__(self, source, student: Side, seed: int = 0, epoch: int = 0, rank: int = 0, world: int = 1,
+                 start: int = 0):
+        self.source = source
+        self.student = student
+        order = epoch_order(len(source), seed, epoch)
+        self.indices = order[rank_positions(len(source), rank, world)][start:]
+        self.epoch = epoch
+        self.start = start
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        item = self.source.item(int(self.indices[k]))
+        s = self.student.encode(item["prompt"], item["response"])
+        item["student_ids"] = s.ids
+        item["student_prompt_len"] = s.prompt_len
+        return item
+
+
+def _labels(ids: list[int], prompt_len: int) -> list[int]:
+    """labels = ids[1:] with the first P-1 set to -100 (spec/dskd.md "Sequences")."""
+    labels = list(ids[1:])
+    for k in range(min(prompt_len - 1, len(labels))):
+        labels[k] = -100
+    return labels
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+class Collate:
+    """Right-pads both views into one batch dict.
+
+    input_ids/attention_mask/labels [B, S] (student pad id, labels -100 on pads and prompt);
+    teacher_input_ids/teacher_attention_mask/teacher_labels [B, T] (teacher pad id from the manifest);
+    teacher_hidden [B, T, d] (zeros on pads) when the source has hidden rows; example_ids [B].
+    """
+
+    def __init__(self, student_pad_id: int, teacher_pad_id: int):
+        self.student_pad_id = student_pad_id
+        self.teacher_pad_id = teacher_pad_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        s_in = [it["student_ids"][:-1] for it in items]
+        s_lab = [_labels(it["student_ids"], it["student_prompt_len"]) for it in items]
+        t_in = [it["ids"][:-1] for it in items]
+        t_lab = [_labels(it["ids"], it["prompt_len"]) for it in items]
+        input_ids = _pad(s_in, self.student_pad_id)
+        t_ids = _pad(t_in, self.teacher_pad_id)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": (torch.arange(input_ids.shape[1])[None] < torch.tensor([len(r) for r in s_in])[:, None]
+                               ).long(),
+            "labels": _pad(s_lab, -100),
+            "teacher_input_ids": t_ids,
+            "teacher_attention_mask": (torch.arange(t_ids.shape[1])[None]
+                                       < torch.tensor([len(r) for r in t_in])[:, None]).long(),
+            "teacher_labels": _pad(t_lab, -100),
+            "example_ids": torch.tensor([it["example_id"] for it in items], dtype=torch.long),
+        }
+        if items[0]["hidden"] is not None:
+            d = items[0]["hidden"].shape[-1]
+            hidden = torch.zeros((len(items), t_ids.shape[1], d), dtype=items[0]["hidden"].dtype)  # [B, T, d]
+            for b, it in enumerate(items):
+                rows = it["hidden"][:len(t_in[b])]  # row k = state after ids[0..k]; inputs are ids[:-1]
+                hidden[b, :rows.shape[0]] = rows
+            batch["teacher_hidden"] = hidden
+        return batch
+
+
+def make_loader(dataset: DistillDataset, batch_size: int, collate: Collate, num_workers: int = 0,
+                prefetch_factor: int = 2, pin_memory: bool = False) -> DataLoader:
+    """Batches in dataset order (the dataset already holds the seeded order); workers open the store lazily."""
+    kwargs = {}
+    if num_workers > 0:
+        kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False}
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=False, **kwargs)

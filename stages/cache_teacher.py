@@ -1,0 +1,150 @@
+"""`dskd-pipe cache-teacher`: run the teacher once over the data and write the teacher-state store.
+
+Each process writes one part (shard I of N takes examples i with i % N == I); a killed run resumes with the same
+command, skipping committed examples; the last shard to finish writes the merged index and the final manifest.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from dskd_pipe.cache.format import COMPRESSIONS, Manifest, StoreError
+from dskd_pipe.cache.reader import logits_from_hidden
+from dskd_pipe.cache.writer import PartWriter, finalize_store, open_for_writing, write_shared
+from dskd_pipe.pipeline.config import CacheConfig, config_to_dict, require
+from dskd_pipe.pipeline.data import TEMPLATE_ID, build_sequence, file_fingerprint, load_examples
+from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
+                                       load_causal_lm, load_tokenizer, model_fingerprint, pad_token_id,
+                                       tokenizer_fingerprint)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """ "I/N" -> (I, N); "" -> torchrun's (RANK, WORLD_SIZE) or (0, 1)."""
+    if not shard:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise StoreError(f"--shard '{shard}': expected I/N, e.g. 0/4.") from None
+    if not 0 <= i < n:
+        raise StoreError(f"--shard '{shard}': need 0 <= I < N.")
+    return i, n
+
+
+@torch.no_grad()
+def teacher_states(model, batch_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Post-final-norm last hidden states [B, T, d] of a right-padded batch (what the LM head consumes)."""
+    return last_hidden_state(model, batch_ids, attention_mask)
+
+
+def length_batches(lengths: dict[int, int], batch_tokens: int) -> list[list[int]]:
+    """Example ids sorted by length, cut into batches whose padded size B * max_len stays within batch_tokens."""
+    order = sorted(lengths, key=lambda i: (lengths[i], i))
+    batches, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * lengths[i] > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def run(cfg: CacheConfig) -> Path:
+    require(cfg, "teacher", "data", "out")
+    if cfg.compression not in COMPRESSIONS:
+        raise StoreError(f"--compression '{cfg.compression}': choose one of {', '.join(COMPRESSIONS)}.")
+    if cfg.chunk_tokens <= 0 or cfg.batch_tokens < cfg.max_length:
+        raise StoreError(f"--chunk-tokens must be > 0 and --batch-tokens ({cfg.batch_tokens}) at least --max-length "
+                         f"({cfg.max_length}).")
+    shard, n_shards = parse_shard(cfg.shard)
+    examples = load_examples(cfg.data, limit=cfg.limit, skip_bad=cfg.skip_bad)
+    device = cfg.device or default_device()
+    if cfg.dtype and cfg.dtype not in _DTYPES:
+        raise StoreError(f"--dtype '{cfg.dtype}': choose bfloat16, float16 or float32.")
+    tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(cfg.teacher, dtype=_DTYPES.get(cfg.dtype), device=device,
+                           trust_remote_code=cfg.trust_remote_code)
+    eos, pad = eos_token_id(tok), pad_token_id(tok)
+    head = head_parts(model)
+    dtype = next(model.parameters()).dtype
+    manifest = Manifest(
+        fingerprints={
+            "teacher": model_fingerprint(cfg.teacher, model),
+            "tokenizer": tokenizer_fingerprint(tok),
+            "data": {"path": str(cfg.data), "sha256": file_fingerprint(cfg.data), "limit": cfg.limit,
+                     "skip_bad": cfg.skip_bad, "n_examples": len(examples)},
+            "template": TEMPLATE_ID,
+            "lengths": {"max_prompt_length": cfg.max_prompt_length, "max_length": cfg.max_length},
+        },
+        hidden_dtype=str(dtype).removeprefix("torch."), d_model=int(head["weight"].shape[1]),
+        vocab_size=int(head["weight"].shape[0]), eos_id=eos, pad_id=pad, topk=cfg.topk,
+        chunk_tokens=cfg.chunk_tokens, compression=cfg.compression, n_parts=n_shards)
+    root, on_disk = open_for_writing(cfg.out, manifest, config_to_dict(cfg))
+    if on_disk.complete:
+        print(f"{root}: already complete ({on_disk.totals['examples']} examples); nothing to do.")
+        return root
+    if shard == 0:
+        write_shared(root, head, embedding_parts(model), tok, model.config.to_dict(), cfg.compression)
+
+    writer = PartWriter(root, shard, on_disk)
+    try:
+        todo = [i for i in range(shard, len(examples), n_shards) if i not in writer.committed_ids]
+        seqs = {i: build_sequence(tok, examples[i].prompt, examples[i].response, eos,
+                                  cfg.max_prompt_length, cfg.max_length) for i in todo}
+        batches = length_batches({i: len(s.ids) for i, s in seqs.items()}, cfg.batch_tokens)
+        _cache_batches(model, writer, examples, seqs, batches, head, pad, cfg, device, shard, n_shards)
+        writer.close(complete=True)
+    except BaseException:
+        writer.close(complete=False)
+        raise
+    final = finalize_store(root)
+    if final is None:
+        print(f"{root}: part {shard}/{n_shards} done; the store is finished when every part is.")
+    else:
+        t = final.totals
+        print(f"{root}: {t['examples']} examples, {t['tokens']} tokens, {t['bytes'] / 2**20:.1f} MiB, "
+              f"{t['bytes'] / max(1, t['tokens']):.0f} bytes/token.")
+    return root
+
+
+def _cache_batches(model, writer, examples, seqs, batches, head, pad, cfg, device, shard, n_shards) -> None:
+    from tqdm import tqdm
+
+    total = sum(len(s.ids) for s in seqs.values())
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"cache-teacher part {shard}/{n_shards}",
+               disable=None)
+    start = time.perf_counter()
+    for batch in batches:
+        lens = [len(seqs[i].ids) for i in batch]
+        width = max(lens)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, i in enumerate(batch):
+            ids[b, :lens[b]] = torch.tensor(seqs[i].ids)
+            mask[b, :lens[b]] = 1
+        hidden = teacher_states(model, ids.to(device), mask.to(device))  # [B, T, d]
+        for b, i in enumerate(batch):
+            h = hidden[b, :lens[b]]  # [L, d]: row k is the state after ids[0..k]
+            extra = {}
+            if cfg.topk:
+                z = logits_from_hidden(h.float(), head["weight"].float(),
+                                       None if head["bias"] is None else head["bias"].float(),
+                                       head["logit_scale"], head["final_logit_softcap"])  # [L, V]
+                values, indices = z.topk(min(cfg.topk, z.shape[-1]), dim=-1)
+                extra = {"topk_values": values.cpu(), "topk_indices": indices.cpu(),
+                         "logsumexp": torch.logsumexp(z, dim=-1).cpu()}
+            s = seqs[i]
+            writer.add(i, s.ids, s.prompt_len, s.offsets, h.cpu(), examples[i].prompt, examples[i].response, **extra)
+        bar.update(sum(lens))
+        bar.set_postfix(tok_s=f"{bar.n / max(1e-9, time.perf_counter() - start):.0f}")
+    bar.close()
+    elapsed = time.perf_counter() - start
+    print(f"part {shard}/{n_shards}: {total} tokens in {elapsed:.1f} s ({total / max(1e-9, elapsed):.0f} tokens/s)")

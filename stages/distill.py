@@ -1,0 +1,545 @@
+"""`dskd-pipe distill`: train a student from the teacher-state store (or a teacher run online) with SFT, vanilla KD,
+DSKD, DSKD-CMA or DSKD-CMA-GA (spec/dskd.md, spec/cma_ga.md).
+
+Offline (--cache) and online (--teacher) share one path: the same dataset and collate build the teacher view; the
+teacher's hidden states come from the store or from the teacher model, its head and embeddings from the store or
+the model. Every loss term is a token SUM; the step's total over its micro-batches (and ranks) is divided once by
+the step's supervised student tokens (spec/dskd.md "Reduction"). Under torchrun (WORLD_SIZE > 1) each rank streams
+its own part of the epoch order and gradients are summed across ranks before each optimizer step.
+
+Output folder: the student (save_pretrained, safetensors) and its tokenizer, projectors.safetensors
+(+ discriminator.safetensors), distill_config.json (the resolved config), metrics.jsonl, checkpoints/.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dskd_pipe.cache.streaming import Collate, DistillDataset, Side, StoreSource, TextSource, make_loader
+from dskd_pipe.pipeline.config import ConfigError, DistillConfig, require, save_config
+from dskd_pipe.pipeline.data import TEMPLATE_ID, file_fingerprint, load_examples
+from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
+                                       load_causal_lm, load_tokenizer, pad_token_id)
+from dskd_pipe.pipeline.objectives.divergences import DIVERGENCES, cross_entropy_sum
+from dskd_pipe.pipeline.objectives.dskd import (TeacherHead, build_projectors, dskd_cma_loss, dskd_same_vocab_loss,
+                                                teacher_logits)
+from dskd_pipe.pipeline.training import (MetricsLogger, cosine_schedule, list_checkpoints, load_checkpoint,
+                                         param_groups, rng_state, save_checkpoint, save_safetensors, seed_everything,
+                                         set_rng_state)
+
+METHODS = ("sft", "kd", "dskd", "dskd-cma", "cma-ga")
+DIE_AT_STEP_ENV = "DSKD_PIPE_TEST_DIE_AT_STEP"  # tests: os._exit(137) right after the checkpoint of this step
+RESOLVED_CONFIG = "distill_config.json"  # not config.json: that name is the student's HF config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks and set-up
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_config(cfg: DistillConfig) -> None:
+    """Raise ConfigError listing every problem with the options at once."""
+    require(cfg, "student", "data", "out")
+    problems = []
+    if cfg.method not in METHODS:
+        problems.append(f"--method '{cfg.method}': choose one of {', '.join(METHODS)}.")
+    if cfg.divergence not in DIVERGENCES:
+        problems.append(f"--divergence '{cfg.divergence}': choose one of {', '.join(DIVERGENCES)}.")
+    if bool(cfg.cache) == bool(cfg.teacher) and cfg.method != "sft":
+        problems.append("pass exactly one of --cache STORE (offline) or --teacher MODEL (online).")
+    for name in ("micro_batch_size", "grad_accum", "epochs", "disc_every"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, found {getattr(cfg, name)}.")
+    if not 0.0 <= cfg.kd_rate <= 1.0:
+        problems.append(f"--kd-rate must be in [0, 1], found {cfg.kd_rate}.")
+    if cfg.dtype not in ("", "bfloat16", "float32"):
+        problems.append(f"--dtype '{cfg.dtype}': choose bfloat16 or float32 (or leave empty).")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def setup_distributed(cfg: DistillConfig) -> tuple[int, int, str]:
+    """(rank, world, device). Initialises torch.distributed only under torchrun with WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world <= 1:
+        return 0, 1, cfg.device or default_device()
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available() and not cfg.device.startswith("cpu"):
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    else:
+        device = "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+def expected_fingerprints(cfg: DistillConfig) -> dict:
+    """What the store must have been built from: the same data file, template and sequence lengths."""
+    return {
+        "data": {"path": str(cfg.data), "sha256": file_fingerprint(cfg.data)},
+        "template": TEMPLATE_ID,
+        "lengths": {"max_prompt_length": cfg.max_prompt_length, "max_length": cfg.max_length},
+    }
+
+
+@dataclass
+class Teacher:
+    """The teacher as the losses need it: head, input embeddings, pad id, and the model itself when online."""
+
+    head: TeacherHead | None
+    embed: torch.Tensor | None  # [Vt, dt]
+    embed_scale: float
+    pad_id: int
+    model: object = None  # online mode only
+
+    @torch.no_grad()
+    def hidden(self, batch: dict) -> torch.Tensor:
+        """[B, T, dt]: the cached rows, or the teacher run now; zeros on pads either way (as the store's collate)."""
+        if "teacher_hidden" in batch:
+            return batch["teacher_hidden"]
+        mask = batch["teacher_attention_mask"]
+        h = last_hidden_state(self.model, batch["teacher_input_ids"], mask)  # [B, T, dt]
+        return h * mask[..., None].to(h.dtype)
+
+
+def open_teacher(cfg: DistillConfig, device: str):
+    """(Teacher, source of teacher views). Offline: the store, checked against --data; online: the teacher model."""
+    student_examples = None
+    if cfg.cache:
+        from dskd_pipe.cache.reader import open_store
+
+        reader = open_store(cfg.cache, expected=expected_fingerprints(cfg))
+        h, e = reader.head(), reader.embeddings()
+        teacher = Teacher(_teacher_head(h, device), e["weight"].to(device), float(e["embed_scale"]),
+                          int(reader.manifest.pad_id))
+        return teacher, StoreSource(reader, limit=cfg.limit)
+    student_examples = load_examples(cfg.data, limit=cfg.limit, skip_bad=cfg.skip_bad)
+    if not cfg.teacher:  # sft without a teacher: the teacher view is the student's own tokenisation, unused
+        tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
+        side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
+        return Teacher(None, None, 1.0, side.pad_id), TextSource(student_examples, side)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.teacher_dtype)
+    model = load_causal_lm(cfg.teacher, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+    model.requires_grad_(False)
+    tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
+    e = embedding_parts(model)
+    teacher = Teacher(_teacher_head(head_parts(model), device), e["weight"], float(e["embed_scale"]), side.pad_id,
+                      model)
+    return teacher, TextSource(student_examples, side)
+
+
+def _teacher_head(parts: dict, device: str) -> TeacherHead:
+    # fp32 once here: teacher_logits calls .float() per micro-batch, a no-op on an fp32 weight.
+    bias = parts["bias"]
+    return TeacherHead(parts["weight"].to(device=device, dtype=torch.float32),
+                       None if bias is None else bias.to(device=device, dtype=torch.float32),
+                       float(parts["logit_scale"]),
+                       None if parts["final_logit_softcap"] is None else float(parts["final_logit_softcap"]))
+
+
+def build_student(cfg: DistillConfig, device: str, checkpoint: Path | None = None):
+    """The trainable student (fp32 master weights); LoRA through peft when lora_rank > 0.
+
+    From a checkpoint: the full model saved there, or the base model plus the saved adapter.
+    """
+    source = str(checkpoint / "student") if checkpoint is not None and not cfg.lora_rank else cfg.student
+    model = load_causal_lm(source, dtype=torch.float32, device=device, trust_remote_code=cfg.trust_remote_code)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora_rank:
+        try:
+            from peft import LoraConfig, PeftModel, get_peft_model
+        except ImportError:
+            raise ConfigError("--lora-rank needs the `peft` package: pip install peft") from None
+        if checkpoint is not None:
+            model = PeftModel.from_pretrained(model, str(checkpoint / "student"), is_trainable=True)
+        else:
+            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def _hf(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def student_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Hs [B, S, ds] post-final-norm, Zs [B, S, Vs]) of the student; the head applied to Hs as the model does."""
+    hf = _hf(model)
+    hidden = last_hidden_state(hf, batch["input_ids"], batch["attention_mask"])  # [B, S, ds]
+    logits = hf.get_output_embeddings()(hidden)  # [B, S, Vs]
+    text_cfg = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+    if getattr(text_cfg, "logit_scale", None):
+        logits = logits * float(text_cfg.logit_scale)
+    if getattr(text_cfg, "final_logit_softcapping", None):
+        cap = float(text_cfg.final_logit_softcapping)
+        logits = cap * torch.tanh(logits / cap)
+    return hidden, logits
+
+
+def _check_same_tokenisation(batch: dict, method: str) -> None:
+    same = batch["input_ids"].shape == batch["teacher_input_ids"].shape and torch.equal(
+        batch["labels"], batch["teacher_labels"])
+    if not same:
+        raise ConfigError(f"--method {method} needs the teacher and the student to tokenise the same way (same "
+                          "vocabulary); these do not. Use --method dskd-cma or cma-ga for different tokenizers.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One micro-batch
+# ---------------------------------------------------------------------------------------------------------------
+
+def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher, projectors, disc=None,
+                     disc_opt=None, ga_active: bool = False, disc_step: bool = False, world: int = 1):
+    """(student-side loss SUM with grad, dict of detached sums/counts for the log).
+
+    CMA-GA: when `disc_step`, D is stepped first on detached response keys/queries (its own optimizer); the
+    generator term lambda_GA * L_G * n_s then joins the student-side sum (spec/cma_ga.md steps 3-5).
+    """
+    hs, zs = student_forward(student, batch)
+    labels = batch["labels"]
+    n_s = (labels != -100).sum()
+    logs: dict[str, torch.Tensor] = {"n_student": n_s.float()}
+    if cfg.method == "sft":
+        ce = cross_entropy_sum(zs, labels)
+        logs["ce_student"] = ce.detach()
+        return ce, logs
+    ht = teacher.hidden(batch)
+    if cfg.method in ("kd", "dskd"):
+        _check_same_tokenisation(batch, cfg.method)
+    if cfg.method == "kd":
+        ms = labels != -100
+        zt = teacher_logits(ht[ms], teacher.head)  # [Ns, Vt]
+        v = min(zt.shape[-1], zs.shape[-1])  # padded vocabularies: compare the shared ids only
+        ce = cross_entropy_sum(zs, labels)
+        kd = DIVERGENCES[cfg.divergence](zs[ms][:, :v], zt[:, :v], torch.ones_like(labels[ms], dtype=torch.bool),
+                                         tau=cfg.kd_temperature)
+        logs.update(ce_student=ce.detach(), kd=kd.detach())
+        return (1.0 - cfg.kd_rate) * ce + cfg.kd_rate * kd, logs
+    ws = _hf(student).get_output_embeddings().weight
+    if cfg.method == "dskd":
+        out = dskd_same_vocab_loss(hs, zs, labels, ws, ht, teacher.head, projectors, divergence=cfg.divergence,
+                                   kd_rate=cfg.kd_rate, tau=cfg.kd_temperature,
+                                   teacher_temperature=cfg.teacher_temperature)
+    else:
+        es = _hf(student).get_input_embeddings().weight
+        out = dskd_cma_loss(hs, zs, labels, batch["input_ids"], es, ws, batch["teacher_input_ids"],
+                            batch["teacher_labels"], ht, teacher.embed, teacher.head, projectors,
+                            divergence=cfg.divergence, kd_rate=cfg.kd_rate, tau=cfg.kd_temperature,
+                            teacher_temperature=cfg.teacher_temperature, teacher_embed_scale=teacher.embed_scale)
+    loss = out.loss
+    for name in ("ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "t2s_correct", "s2t_correct", "n_teacher"):
+        logs[name] = getattr(out, name).detach().float()
+    if out.attention_entropy is not None:
+        logs["attention_entropy_sum"] = out.attention_entropy.detach() * n_s  # token-weighted over micro-batches
+    if cfg.method == "cma-ga" and ga_active:
+        from dskd_pipe.pipeline.objectives.cma_ga import (discriminator_accuracy, discriminator_loss,
+                                                          generator_loss, generator_term, response_tokens)
+
+        kr, qr = response_tokens(out.keys, out.queries, out.teacher_mask, out.student_mask)
+        if disc_step:
+            l_d = discriminator_loss(disc, kr, qr)  # inputs detached inside: trains D only
+            disc_opt.zero_grad(set_to_none=True)
+            l_d.backward()
+            if world > 1:
+                for p in disc.parameters():
+                    if p.grad is not None:
+                        _all_reduce(p.grad, world).div_(world)
+            disc_opt.step()
+            logs["l_d"] = l_d.detach()
+            logs["d_steps"] = torch.ones((), device=l_d.device)
+        l_g = generator_loss(disc, qr)  # gradient into the query projector only
+        loss = loss + generator_term(l_g, n_s, cfg.lambda_ga)
+        acc_real, acc_fake = discriminator_accuracy(disc, kr, qr)  # NaN for a side with no tokens
+        n_kr, n_qr = float(kr.shape[0]), float(qr.shape[0])
+        logs.update(l_g_sum=l_g.detach() * n_s,
+                    d_acc_real_sum=torch.nan_to_num(acc_real) * n_kr, d_real_n=torch.tensor(n_kr),
+                    d_acc_fake_sum=torch.nan_to_num(acc_fake) * n_qr, d_fake_n=torch.tensor(n_qr))
+    return loss, logs
+
+
+def accumulate_gradients(cfg: DistillConfig, micro: list[dict], student, teacher: Teacher, projectors, disc,
+                         disc_opt, ga_active: bool, micro_step: int, world: int, device: str,
+                         trainable: list[torch.nn.Parameter]) -> tuple[dict, torch.Tensor]:
+    """Forward/backward every micro-batch of one optimizer step; (summed logs, the step's token count).
+
+    Reduction (spec/dskd.md): every term is a sum; the step's total is divided by its GLOBAL supervised student
+    tokens (all micro-batches, all ranks), so k micro-batches of b examples give the gradient of one batch of k*b.
+    """
+    n_step = _all_reduce(torch.stack([(b["labels"] != -100).sum() for b in micro]).sum().float(), world)
+    n_step = n_step.clamp_min(1.0)
+    sums: dict[str, torch.Tensor] = {}
+    for k, b in enumerate(micro):
+        with _autocast(device, cfg):
+            loss, logs = micro_batch_loss(cfg, b, student, teacher, projectors, disc, disc_opt, ga_active,
+                                          disc_step=(micro_step + k) % cfg.disc_every == 0, world=world)
+        (loss / n_step).backward()
+        for name, v in logs.items():
+            sums[name] = sums.get(name, 0.0) + v.detach().float()
+        sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
+    if world > 1:  # each rank's loss is already divided by the global count: summed grads are exact
+        for p in trainable:
+            if p.grad is not None:
+                _all_reduce(p.grad, world)
+    return sums, n_step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics, evaluation, outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+def step_metrics(sums: dict, n_step: float) -> dict:
+    """Normalised terms of one optimizer step from the summed logs of its micro-batches (and ranks)."""
+    m = {}
+    for name in ("ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "kd"):
+        if name in sums:
+            m[name] = sums[name] / n_step
+    if "t2s_correct" in sums:
+        m["t2s_acc"] = sums["t2s_correct"] / max(1.0, n_step)
+        m["s2t_acc"] = sums["s2t_correct"] / max(1.0, sums.get("n_teacher", 1.0))
+    if "attention_entropy_sum" in sums:
+        m["attention_entropy"] = sums["attention_entropy_sum"] / n_step
+    if "l_g_sum" in sums:
+        m["l_g"] = sums["l_g_sum"] / n_step
+        m["d_acc_real"] = sums["d_acc_real_sum"] / max(1.0, sums["d_real_n"])
+        m["d_acc_fake"] = sums["d_acc_fake_sum"] / max(1.0, sums["d_fake_n"])
+    if "l_d" in sums:
+        m["l_d"] = sums["l_d"] / max(1.0, sums.get("d_steps", 1.0))
+    return m
+
+
+@torch.no_grad()
+def dev_loss(student, examples, side: Side, collate: Collate, cfg: DistillConfig, device: str) -> float:
+    """The student's cross-entropy per supervised token on the dev examples (no teacher needed)."""
+    was = student.training
+    student.eval()
+    total, n = 0.0, 0
+    dataset = DistillDataset(TextSource(examples, side), side, seed=0, epoch=0)
+    for batch in make_loader(dataset, cfg.micro_batch_size, collate):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        _, zs = student_forward(student, batch)
+        total += float(cross_entropy_sum(zs, batch["labels"]))
+        n += int((batch["labels"] != -100).sum())
+    student.train(was)
+    return total / max(1, n)
+
+
+def dev_rouge(student, tokenizer, examples, cfg: DistillConfig) -> float | None:
+    """Greedy ROUGE-L x 100 via stages/score.py, or None when that module is not available."""
+    try:
+        from dskd_pipe.pipeline.config import ScoreConfig
+        from dskd_pipe.stages.score import evaluate_rouge
+    except ImportError:
+        return None
+    was = student.training
+    student.eval()
+    try:
+        return float(evaluate_rouge(_hf(student), tokenizer, examples, (0,),
+                                    ScoreConfig(greedy=True, max_prompt_length=cfg.max_prompt_length,
+                                                batch_size=cfg.micro_batch_size, progress=False)))
+    finally:
+        student.train(was)
+
+
+def save_student(student, tokenizer, folder: Path) -> None:
+    """A normal HF folder; a LoRA student is merged into its base first."""
+    model = student
+    if hasattr(student, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(student).merge_and_unload()
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def _autocast(device: str, cfg: DistillConfig):
+    use = torch.device(device).type == "cuda" and cfg.dtype in ("", "bfloat16")
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use)
+
+
+def _steps_per_epoch(n_rank: int, cfg: DistillConfig) -> int:
+    return math.ceil(math.ceil(n_rank / cfg.micro_batch_size) / cfg.grad_accum)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------------------
+
+def run(cfg: DistillConfig) -> Path:
+    check_config(cfg)
+    rank, world, device = setup_distributed(cfg)
+    out = Path(cfg.out)
+    checkpoints = list_checkpoints(out)
+    if checkpoints and not cfg.resume:
+        raise ConfigError(f"{out} already holds checkpoints ({checkpoints[-1].name}). Pass --resume to continue, "
+                          "or choose another --out.")
+    resume_from = checkpoints[-1] if cfg.resume and checkpoints else None
+    seed_everything(cfg.seed + rank)
+
+    # Teacher side (store or model) and the student.
+    teacher, source = open_teacher(cfg, device)
+    tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    student_side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
+    collate = Collate(student_side.pad_id, teacher.pad_id)
+    student = build_student(cfg, device, resume_from)
+    ds = _hf(student).get_input_embeddings().weight.shape[1]
+
+    # Projectors (DSKD family), discriminator (CMA-GA), optimizers, schedule.
+    projectors = disc = disc_opt = None
+    if cfg.method in ("dskd", "dskd-cma", "cma-ga"):
+        kind = {"dskd": "dskd", "dskd-cma": "dskd_cma", "cma-ga": "dskd_cma_ga"}[cfg.method]
+        projectors = build_projectors(kind, ds, teacher.head.weight.shape[1]).to(device)
+    if cfg.method == "cma-ga":
+        from dskd_pipe.pipeline.objectives.cma_ga import build_discriminator, build_discriminator_optimizer
+
+        disc = build_discriminator(2 * teacher.head.weight.shape[1]).to(device)
+        disc_opt = build_discriminator_optimizer(disc, lr=cfg.disc_lr)
+    extra = [(projectors, cfg.projector_lr)] if projectors is not None else []
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.lr, cfg.weight_decay, extra), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    n_rank = len(DistillDataset(source, student_side, cfg.seed, 0, rank, world))
+    spe = _steps_per_epoch(n_rank, cfg)
+    total_steps = min(cfg.max_steps, spe * cfg.epochs) if cfg.max_steps else spe * cfg.epochs
+    scheduler = cosine_schedule(optimizer, total_steps, cfg.warmup_steps, cfg.min_lr)
+    modules = {"projectors": projectors, "discriminator": disc}
+    optimizers = {"student": optimizer, "discriminator": disc_opt}
+
+    state = {"step": 0, "epoch": 0, "position": 0, "micro_step": 0, "best": None}
+    if resume_from is not None:
+        state.update(load_checkpoint(resume_from, modules=modules, optimizers=optimizers, scheduler=scheduler))
+        if rank == 0:
+            print(f"resuming from {resume_from} (step {state['step']}, epoch {state['epoch']}, "
+                  f"position {state['position']})")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / RESOLVED_CONFIG)
+    metrics = MetricsLogger(out / "metrics.jsonl", enabled=rank == 0,
+                            truncate_after_step=state["step"] if resume_from is not None else None)
+    dev_examples = load_examples(cfg.dev_data, limit=cfg.dev_limit) if cfg.dev_data and rank == 0 else None
+    die_at = int(os.environ.get(DIE_AT_STEP_ENV, 0))
+
+    def checkpoint() -> None:
+        if rank == 0:
+            trainer_state = {k: v for k, v in state.items() if v is not None}
+            save_checkpoint(out, state["step"], student=student, modules=modules, optimizers=optimizers,
+                            scheduler=scheduler, trainer_state=trainer_state, keep=cfg.keep_checkpoints)
+        if world > 1:
+            torch.distributed.barrier()
+        if die_at and state["step"] == die_at:
+            os._exit(137)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"distill {cfg.method}", unit="step",
+               disable=None if (cfg.progress and rank == 0) else True)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    while state["step"] < total_steps and state["epoch"] < cfg.epochs:
+        epoch = state["epoch"]
+        dataset = DistillDataset(source, student_side, cfg.seed, epoch, rank, world, start=state["position"])
+        # A loader-own generator: creating the iterator must not draw from the global RNG (exact resume).
+        loader = make_loader(dataset, cfg.micro_batch_size, collate, cfg.num_workers, cfg.prefetch_factor,
+                             pin_memory=device.startswith("cuda"))
+        loader.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        batches = iter(loader)
+        while state["step"] < total_steps:
+            t0 = time.perf_counter()
+            micro, wait = [], 0.0
+            for _ in range(cfg.grad_accum):
+                tw = time.perf_counter()
+                b = next(batches, None)
+                wait += time.perf_counter() - tw
+                if b is None:
+                    break
+                micro.append({k: v.to(device, non_blocking=True) for k, v in b.items()})
+            if not micro:
+                break
+            ga_active = cfg.method == "cma-ga" and state["step"] >= cfg.ga_start_step
+            sums, n_step = accumulate_gradients(cfg, micro, student, teacher, projectors, disc, disc_opt, ga_active,
+                                                state["micro_step"], world, device, trainable)
+            state["micro_step"] += len(micro)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0
+                         else torch.zeros(()))
+            step_lrs = [g["lr"] for g in optimizer.param_groups]  # the lrs this step used
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["position"] += sum(int(b["input_ids"].shape[0]) for b in micro)
+            state["step"] += 1
+
+            names = sorted(sums)
+            totals = _all_reduce(torch.stack([torch.as_tensor(sums[k], device=device).float() for k in names]), world)
+            sums = dict(zip(names, totals.tolist()))
+            elapsed = time.perf_counter() - t0
+            n_tokens = float(_all_reduce(torch.stack([b["attention_mask"].sum() for b in micro]).sum().float(), world))
+            record = {"step": state["step"], "epoch": epoch, "loss": sums["loss"] / float(n_step),
+                      **step_metrics(sums, float(n_step)), "grad_norm": float(grad_norm),
+                      "lr": step_lrs[0], "step_s": elapsed, "tokens_per_s": n_tokens / elapsed,
+                      "loader_wait_frac": wait / elapsed, "supervised_tokens": float(n_step)}
+            if projectors is not None:
+                record["projector_lr"] = step_lrs[-1]
+            metrics.log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
+                checkpoint()
+        finished_epoch = state["position"] >= n_rank
+        if finished_epoch:
+            state["epoch"] += 1
+            state["position"] = 0
+            if dev_examples is not None:
+                state["best"] = _evaluate(cfg, student, tok, dev_examples, student_side, collate, device, out,
+                                          state, metrics)
+        checkpoint()
+        if not finished_epoch:
+            break
+    bar.close()
+
+    if rank == 0:
+        save_student(student, tok, out)
+        for name, module in modules.items():
+            if module is not None:
+                save_safetensors(module, out / f"{name}.safetensors")
+        print(f"{out}: student after {state['step']} steps ({cfg.method}).")
+    if world > 1:
+        torch.distributed.barrier()
+    return out
+
+
+def _evaluate(cfg, student, tok, examples, side, collate, device, out, state, metrics):
+    """Dev loss (and ROUGE-L when asked) at an epoch end; the best student so far goes to out/best."""
+    saved = rng_state()  # generation reseeds the RNGs; training must not notice the evaluation
+    loss = dev_loss(student, examples, side, collate, cfg, device)
+    rouge = dev_rouge(student, tok, examples, cfg) if cfg.dev_rouge else None
+    set_rng_state(saved)
+    score = rouge if rouge is not None else -loss
+    record = {"step": state["step"], "epoch": state["epoch"], "dev_loss": loss}
+    if rouge is not None:
+        record["dev_rouge_l"] = rouge
+    metrics.log(record)
+    best = state.get("best")
+    if best is None or score > best:
+        save_student(student, tok, out / "best")
+        return score
+    return best

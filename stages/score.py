@@ -1,0 +1,459 @@
+"""`dskd-pipe score` and `dskd-pipe generate`: sample responses and report ROUGE-L with the published protocol.
+
+spec/evaluation.md: prompts cut to their first 256 tokens (no special tokens, no BOS) and left-padded; sampling with
+T=1, top_p=1, top_k=0 (off), no_repeat_ngram_size=6, at most 256 new tokens; one full pass per seed (10..50);
+decode with special tokens skipped, cut at the first EOS text, strip; ROUGE-L F1 with stemming, max over references,
+mean x 100; per set mean and std over seeds, the all-set and the out-of-distribution averages.
+
+Layout of a score run (`--out DIR`):
+    config.json                                   the resolved ScoreConfig
+    generations/<model>/<set>/seed<S>.jsonl       a header line {"header": fingerprint}, then one line per example:
+                                                  prompt, references, generation, rougeL (x100)
+    report.json, report.md, rouge_l.png           figures; the PNG only when matplotlib is installed
+
+Determinism. `generate` calls torch.manual_seed(seed) once, then samples the length-sorted batches in a fixed order,
+so a pass is a function of (model, prompts, seed, batch_size, device, dtype). A prompt's sample can change when the
+other prompts or the batch size change (HF `generate` draws one random stream per batch), which is why batch_size,
+device and dtype are part of a generations file's fingerprint. Greedy decoding does not depend on the batch.
+
+Resume. A generations file is written to a temp name and renamed only once complete; its header holds the model
+(name, local weight files' sizes and mtimes), the set file's sha256, --limit and the generation settings. A rerun
+re-uses a file whose header matches and regenerates any other, so an interrupted run loses at most one pass.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from dskd_pipe.pipeline.config import ConfigError, ScoreConfig, require, save_config
+from dskd_pipe.pipeline.data import DataError, Example, file_fingerprint, load_examples
+from dskd_pipe.pipeline.models import (default_device, default_dtype, eos_token_id, load_causal_lm, load_tokenizer,
+                                       pad_token_id)
+from dskd_pipe.pipeline.rouge import rouge_l
+
+FORMAT_VERSION = 1  # of a generations file; bump when its header or lines change meaning
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation (shared with `generate` and the distill stage's dev evaluation)
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_generation_settings(cfg: ScoreConfig) -> None:
+    """Raise ConfigError listing every generation setting out of range."""
+    problems = []
+    if cfg.max_new_tokens < 1:
+        problems.append(f"max_new_tokens must be >= 1, found {cfg.max_new_tokens}.")
+    if cfg.max_prompt_length < 1:
+        problems.append(f"max_prompt_length must be >= 1, found {cfg.max_prompt_length}.")
+    if cfg.batch_size < 1:
+        problems.append(f"batch_size must be >= 1, found {cfg.batch_size}.")
+    if not cfg.greedy:
+        if cfg.temperature <= 0:
+            problems.append(f"temperature must be > 0 for sampling, found {cfg.temperature} (use --greedy instead).")
+        if not 0 < cfg.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], found {cfg.top_p}.")
+        if cfg.top_k < 0:
+            problems.append(f"top_k must be >= 0 (0 = off), found {cfg.top_k}.")
+    if cfg.no_repeat_ngram_size < 0:
+        problems.append(f"no_repeat_ngram_size must be >= 0 (0 = off), found {cfg.no_repeat_ngram_size}.")
+    if not cfg.seeds:
+        problems.append("seeds is empty: give at least one --seed.")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_length: int) -> list[list[int]]:
+    """Prompt ids without special tokens (no BOS), cut to their first `max_prompt_length` tokens."""
+    enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    return [list(ids)[:max_prompt_length] for ids in enc]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, T] and attention mask [B, T]: every prompt ends at the last column, where generation starts."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def decode_response(tokenizer, new_ids: list[int], eos_id: int) -> str:
+    """Generated ids -> response text: stop at the first EOS id, skip special tokens, cut at the first EOS text, strip."""
+    if eos_id in new_ids:
+        new_ids = new_ids[:new_ids.index(eos_id)]
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    eos_text = tokenizer.eos_token
+    if eos_text and eos_text in text:  # an EOS spelled out by ordinary tokens
+        text = text[:text.index(eos_text)]
+    return text.strip()
+
+
+def _generation_config(cfg: ScoreConfig, eos_id: int, pad_id: int):
+    """A fresh GenerationConfig: the model's own generation_config.json (repetition_penalty, top_k=50, ...) must not
+    leak into the protocol, and `generate` fills unset values from it."""
+    from transformers import GenerationConfig
+
+    common = dict(max_new_tokens=cfg.max_new_tokens, no_repeat_ngram_size=cfg.no_repeat_ngram_size or None,
+                  eos_token_id=eos_id, pad_token_id=pad_id, num_beams=1)
+    if cfg.greedy:
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, **common)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], seed: int, cfg: ScoreConfig, progress: bool | None = None,
+             desc: str = "generate") -> list[str]:
+    """One pass of responses to `prompts`, in their order, with the settings of `cfg` (spec/evaluation.md).
+
+    Prompts are sorted by token length (longest first, so memory runs out early if at all), cut into batches of
+    cfg.batch_size, left-padded, and the order is restored. torch.manual_seed(seed) is called once before the first
+    batch; see the module docstring for what the samples depend on. Greedy when cfg.greedy (seed unused). The
+    caller's RNG state is restored afterwards, so a dev evaluation inside training leaves the training stream as is.
+    """
+    check_generation_settings(replace(cfg, seeds=cfg.seeds or (seed,)))
+    from tqdm.auto import tqdm
+
+    eos_id, pad_id = eos_token_id(tokenizer), pad_token_id(tokenizer)
+    device = next(model.parameters()).device
+    if not prompts:
+        return []
+    rows = tokenize_prompts(tokenizer, prompts, cfg.max_prompt_length)
+    # Stable sort: ties keep input order, so the batches are a function of the prompts alone.
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    out: list[str | None] = [None] * len(rows)
+    gen_cfg = _generation_config(cfg, eos_id, pad_id)
+    saved_gen_cfg, was_training = model.generation_config, model.training
+    model.generation_config = gen_cfg  # generate() fills unset values from the model's config: give it ours
+    model.eval()  # the distill stage calls this mid-training: no dropout while sampling
+    show = cfg.progress if progress is None else progress
+    bar = tqdm(total=len(rows), desc=desc, unit="ex", disable=not show, file=sys.stderr, dynamic_ncols=True)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)  # seeds CPU and every CUDA device
+            for start in range(0, len(order), cfg.batch_size):
+                idx = order[start:start + cfg.batch_size]
+                ids, mask = left_pad([rows[i] for i in idx], pad_id)  # [B, T]
+                result = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                        generation_config=gen_cfg)
+                new = result[:, ids.shape[1]:].tolist()  # [B, <= max_new_tokens]
+                for i, r in zip(idx, new):
+                    out[i] = decode_response(tokenizer, r, eos_id)
+                bar.update(len(idx))
+    finally:
+        bar.close()
+        model.generation_config = saved_gen_cfg
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def evaluate_rouge(model, tokenizer, examples: list[Example], seeds, cfg: ScoreConfig) -> float:
+    """Mean ROUGE-L x 100 over `examples`, averaged over one pass per seed (the distill stage's dev metric)."""
+    seeds = tuple(seeds) or cfg.seeds
+    if cfg.greedy:
+        seeds = seeds[:1]
+    prompts = [e.prompt for e in examples]
+    per_seed = []
+    for seed in seeds:
+        texts = generate(model, tokenizer, prompts, seed, cfg, desc=f"dev seed {seed}")
+        per_seed.append(100.0 * sum(rouge_l(t, e.references) for t, e in zip(texts, examples)) / len(examples))
+    return sum(per_seed) / len(per_seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names, fingerprints and generations files
+# ---------------------------------------------------------------------------------------------------------------
+
+def split_name(spec: str) -> tuple[str, str]:
+    """`name=path` -> (name, path); a bare path -> (its file name without extension, path)."""
+    head, sep, tail = spec.partition("=")
+    if sep and head and tail and "/" not in head and not os.path.exists(spec):
+        return head, tail
+    path = spec.rstrip("/")
+    name = Path(path).name
+    for suffix in (".jsonl", ".json", ".parquet"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name or path, spec
+
+
+def _safe(name: str) -> str:
+    """A name usable as one folder name."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "_"
+
+
+def _named(specs: tuple[str, ...], what: str) -> list[tuple[str, str]]:
+    pairs = [split_name(s) for s in specs]
+    folders = [_safe(n) for n, _ in pairs]  # names must differ as folder names too
+    dup = [n for n, _ in pairs if folders.count(_safe(n)) > 1]
+    if dup:
+        raise ConfigError(f"two {what}s are named '{dup[0]}'. Name them apart with --{what} NAME=PATH.")
+    return pairs
+
+
+def model_id(name_or_path: str) -> dict:
+    """A cheap model identity for generations headers: the name, and for a local folder the sizes and mtimes of its
+    config, tokenizer and weight files (hashing multi-GB weights on every rerun costs more than it is worth)."""
+    ident: dict = {"name": name_or_path}
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        files = sorted({*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("config.json"),
+                        *folder.glob("tokenizer*"), *folder.glob("*.model")})
+        ident["files"] = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    return ident
+
+
+def generation_settings(cfg: ScoreConfig, device: str, dtype: torch.dtype) -> dict:
+    """Everything besides model, data and seed that a pass's text depends on."""
+    settings = {"greedy": cfg.greedy, "max_new_tokens": cfg.max_new_tokens, "max_prompt_length": cfg.max_prompt_length,
+                "no_repeat_ngram_size": cfg.no_repeat_ngram_size, "batch_size": cfg.batch_size,
+                "device": torch.device(device).type, "dtype": str(dtype).removeprefix("torch.")}
+    if not cfg.greedy:
+        settings.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+    return settings
+
+
+def _resolve_device_dtype(cfg: ScoreConfig) -> tuple[str, torch.dtype]:
+    device = cfg.device or default_device()
+    if cfg.dtype and cfg.dtype not in _DTYPES:
+        raise ConfigError(f"dtype '{cfg.dtype}' is not known; use one of {', '.join(_DTYPES)} or leave it empty.")
+    return device, (_DTYPES[cfg.dtype] if cfg.dtype else default_dtype(device))
+
+
+def _write_jsonl_atomic(path: Path, lines: list[dict]) -> None:
+    """Write to a temp file in the same folder, fsync, rename: a reader sees a complete file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_generations(path: Path, header: dict, n: int) -> list[dict] | None:
+    """The rows of a finished generations file whose header equals `header`, else None (missing or stale)."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not lines or lines[0].get("header") != header or len(lines) != n + 1:
+        return None
+    return lines[1:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+def _mean_std(values: list[float]) -> dict:
+    # Population std (numpy's default, ddof=0) over seeds; 0 for one seed.
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
+
+
+def summarise(scores: dict[str, dict[str, dict[str, float]]], set_names: list[str], in_domain: str,
+              sizes: dict[str, int]) -> dict:
+    """scores[model][set][seed] = mean ROUGE-L x100 -> per set mean/std over seeds, all-set and OOD averages.
+
+    The averages' std is over seeds of the per-seed average across sets.
+    """
+    ood = [s for s in set_names if s != in_domain]
+    models = {}
+    for label, per_set in scores.items():
+        seeds = list(next(iter(per_set.values())))
+        entry = {"sets": {s: {**_mean_std(list(per_set[s].values())), "per_seed": per_set[s], "n": sizes[s]}
+                          for s in set_names}}
+        entry["average"] = _mean_std([statistics.fmean(per_set[s][k] for s in set_names) for k in seeds])
+        entry["ood_average"] = (_mean_std([statistics.fmean(per_set[s][k] for s in ood) for k in seeds])
+                                if ood else None)
+        models[label] = entry
+    return {"sets": set_names, "in_domain": in_domain, "ood_sets": ood, "models": models}
+
+
+def markdown_table(report: dict) -> str:
+    """Sets as rows, models side by side as columns, cells 'mean ± std' over seeds."""
+    labels = list(report["models"])
+    seeds = report.get("seeds", [])
+    settings = report.get("settings", {})
+    mode = "greedy" if settings.get("greedy") else (
+        f"sampling T={settings.get('temperature')}, top_p={settings.get('top_p')}, top_k={settings.get('top_k')}")
+    lines = [f"ROUGE-L F1 x100 (stemmed, max over references), mean ± std over seeds "
+             f"{', '.join(map(str, seeds))}; {mode}.", "",
+             "| Set | n | " + " | ".join(labels) + " |",
+             "|---|---:|" + "---:|" * len(labels)]
+
+    def cell(ms):
+        return "-" if ms is None else f"{ms['mean']:.2f} ± {ms['std']:.2f}"
+
+    for s in report["sets"]:
+        first = report["models"][labels[0]]["sets"][s]
+        name = f"{s} (in-domain)" if s == report["in_domain"] else s
+        lines.append(f"| {name} | {first['n']} | " + " | ".join(cell(report["models"][m]["sets"][s]) for m in labels)
+                     + " |")
+    lines.append("| Average | | " + " | ".join(cell(report["models"][m]["average"]) for m in labels) + " |")
+    lines.append("| OOD average | | " + " | ".join(cell(report["models"][m]["ood_average"]) for m in labels) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, path: Path) -> bool:
+    """A grouped bar chart (sets and averages x models, std as error bars); False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = list(report["models"])
+    groups = report["sets"] + ["Average"] + (["OOD average"] if report["ood_sets"] else [])
+
+    def get(m, g):
+        e = report["models"][m]
+        return e["average"] if g == "Average" else e["ood_average"] if g == "OOD average" else e["sets"][g]
+
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(labels) / 2)), 4))
+    for j, m in enumerate(labels):
+        xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(groups))]
+        ax.bar(xs, [get(m, g)["mean"] for g in groups], width, yerr=[get(m, g)["std"] for g in groups], label=m,
+               capsize=2)
+    ax.set_xticks(range(len(groups)), groups, rotation=20)
+    ax.set_ylabel("ROUGE-L x100")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------------------------
+
+def _load_sets(cfg: ScoreConfig) -> list[tuple[str, str, list[Example], str]]:
+    """(name, path, examples, sha256) per --data, all read before any model is loaded so data errors come first."""
+    sets = []
+    for name, path in _named(cfg.data, "data"):
+        examples = load_examples(path, limit=cfg.limit, skip_bad=cfg.skip_bad)
+        sets.append((name, path, examples, file_fingerprint(path)))
+    return sets
+
+
+def _seed_labels(cfg: ScoreConfig) -> list[tuple[str, int]]:
+    """(label, seed) per pass: one pass when greedy (the seed changes nothing)."""
+    if cfg.greedy:
+        return [("greedy", cfg.seeds[0])]
+    return [(str(s), s) for s in cfg.seeds]
+
+
+def run(cfg: ScoreConfig) -> Path:
+    """Score every --model on every --data set; return the output folder (see the module docstring)."""
+    require(cfg, "models", "data", "out")
+    check_generation_settings(cfg)
+    device, dtype = _resolve_device_dtype(cfg)
+    sets = _load_sets(cfg)
+    set_names = [s[0] for s in sets]
+    in_domain = cfg.in_domain or set_names[0]
+    if in_domain not in set_names:
+        raise ConfigError(f"--in-domain '{in_domain}' is not one of the sets ({', '.join(set_names)}).")
+    models = _named(cfg.models, "model")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.json")
+    settings = generation_settings(cfg, device, dtype)
+    passes = _seed_labels(cfg)
+
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for label, model_path in models:
+        ident = model_id(model_path)
+        model = tokenizer = None
+        scores[label] = {}
+        for set_name, set_path, examples, sha in sets:
+            scores[label][set_name] = {}
+            for seed_label, seed in passes:
+                path = out / "generations" / _safe(label) / _safe(set_name) / f"seed{seed_label}.jsonl"
+                if cfg.greedy:
+                    path = path.with_name("greedy.jsonl")
+                header = {"version": FORMAT_VERSION, "model": ident, "data": {"path": set_path, "sha256": sha},
+                          "limit": cfg.limit, "skip_bad": cfg.skip_bad, "seed": None if cfg.greedy else seed,
+                          "settings": settings}
+                rows = read_generations(path, header, len(examples))
+                if rows is None:
+                    if model is None:
+                        tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+                        model = load_causal_lm(model_path, dtype=dtype, device=device,
+                                               trust_remote_code=cfg.trust_remote_code)
+                    texts = generate(model, tokenizer, [e.prompt for e in examples], seed, cfg,
+                                     desc=f"{label} {set_name} {seed_label}")
+                    rows = [{"prompt": e.prompt, "references": list(e.references), "generation": t,
+                             "rougeL": 100.0 * rouge_l(t, e.references)} for e, t in zip(examples, texts)]
+                    _write_jsonl_atomic(path, [{"header": header}, *rows])
+                scores[label][set_name][seed_label] = statistics.fmean(r["rougeL"] for r in rows)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    report = summarise(scores, set_names, in_domain, {s[0]: len(s[2]) for s in sets})
+    report = {"protocol": "spec/evaluation.md", "seeds": [p[0] for p in passes], "settings": settings,
+              "limit": cfg.limit, "model_paths": dict(models), "data_paths": {s[0]: s[1] for s in sets}, **report}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown_table(report))
+    plot_report(report, out / "rouge_l.png")
+    return out
+
+
+def run_generate(cfg: ScoreConfig) -> Path:
+    """`dskd-pipe generate`: one pass of the first --model over the --data prompts, written as a new data file.
+
+    Each line keeps the record's own fields, sets `prompt` to the full prompt and `output` to the generation (the
+    SeqKD target); the record's original output is kept as `original_output`. Seed: the first of cfg.seeds.
+    """
+    require(cfg, "models", "data", "out")
+    if len(cfg.models) != 1 or len(cfg.data) != 1:
+        raise ConfigError(f"generate takes one --model and one --data (found {len(cfg.models)} and {len(cfg.data)}).")
+    check_generation_settings(cfg)
+    device, dtype = _resolve_device_dtype(cfg)
+    _, data_path = split_name(cfg.data[0])
+    _, model_path = split_name(cfg.models[0])
+    out = Path(cfg.out)
+    if out.exists() and Path(data_path).exists() and out.resolve() == Path(data_path).resolve():
+        raise ConfigError(f"--out {out} is the --data file itself; write the generations to a new file.")
+    examples = load_examples(data_path, limit=cfg.limit, skip_bad=cfg.skip_bad)
+    from dskd_pipe.pipeline.data import _raw_records  # the original fields of each record, by location
+
+    wanted = {e.where for e in examples}
+    raw = {where: rec for where, rec in _raw_records(data_path) if where in wanted}
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+    model = load_causal_lm(model_path, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+    texts = generate(model, tokenizer, [e.prompt for e in examples], cfg.seeds[0], cfg, desc="generate")
+    lines = []
+    for e, t in zip(examples, texts):
+        rec = dict(raw.get(e.where) or {})
+        if "output" in rec:
+            rec["original_output"] = rec.pop("output")
+        rec.update(prompt=e.prompt, output=t)
+        lines.append(rec)
+    _write_jsonl_atomic(out, lines)
+    save_config(cfg, out.with_name(out.name + ".config.json"))
+    return out
+
+
+__all__ = ["generate", "evaluate_rouge", "run", "run_generate", "decode_response", "left_pad", "tokenize_prompts",
+           "summarise", "markdown_table", "split_name", "check_generation_settings", "DataError"]

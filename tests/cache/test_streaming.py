@@ -1,0 +1,99 @@
+"""cache/streaming.py: order from (seed, epoch), the rank split, both tokenisations, collate padding, workers."""
+import numpy as np
+import pytest
+import torch
+
+from dskd_pipe.cache.reader import open_store
+from dskd_pipe.cache.streaming import (Collate, DistillDataset, Side, StoreSource, epoch_order, make_loader,
+                                       rank_positions)
+from dskd_pipe.pipeline.config import CacheConfig
+from dskd_pipe.pipeline.data import build_sequence
+from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id, save_tiny_model
+
+TOK = "tests/fixtures/tokenizers"
+DATA = "tests/fixtures/data/dolly_train_40.jsonl"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from dskd_pipe.stages.cache_teacher import run
+
+    tmp = tmp_path_factory.mktemp("streaming")
+    teacher = save_tiny_model(tmp / "teacher", "qwen2", load_tokenizer(f"{TOK}/qwen2"), d_model=32, layers=1)
+    return run(CacheConfig(teacher=str(teacher), data=DATA, out=str(tmp / "store"), limit=10, max_length=64,
+                           device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def student_side():
+    tok = load_tokenizer(f"{TOK}/gpt2")
+    return Side(tok, eos_token_id(tok), pad_token_id(tok), 256, 64)
+
+
+def test_order_is_a_function_of_seed_and_epoch():
+    assert np.array_equal(epoch_order(50, 1, 0), epoch_order(50, 1, 0))
+    assert not np.array_equal(epoch_order(50, 1, 0), epoch_order(50, 1, 1))
+    assert not np.array_equal(epoch_order(50, 1, 0), epoch_order(50, 2, 0))
+    assert sorted(epoch_order(50, 3, 7).tolist()) == list(range(50))
+
+
+@pytest.mark.parametrize("n,world", [(12, 3), (10, 3), (7, 2), (5, 1)])
+def test_rank_split_is_disjoint_covering_and_even(n, world):
+    parts = [rank_positions(n, r, world).tolist() for r in range(world)]
+    assert len({len(p) for p in parts}) == 1  # every rank runs the same number of steps
+    assert set().union(*map(set, parts)) == set(range(n))
+    if n % world == 0:
+        assert sum(len(p) for p in parts) == n  # disjoint
+    else:
+        assert sum(len(p) for p in parts) == world * (-(-n // world))  # only the wrap-around repeats
+
+
+def test_items_carry_both_tokenisations_of_the_stored_text(store, student_side):
+    reader = open_store(str(store))
+    ds = DistillDataset(StoreSource(reader), student_side, seed=3, epoch=1)
+    assert [int(i) for i in ds.indices] == epoch_order(10, 3, 1).tolist()
+    item = ds[0]
+    rec = reader.read(int(ds.indices[0]))
+    assert item["ids"] == rec["ids"].tolist() and item["hidden"].shape == (len(item["ids"]), 32)
+    want = build_sequence(student_side.tokenizer, rec["prompt"], rec["response"], student_side.eos_id, 256, 64)
+    assert item["student_ids"] == want.ids and item["student_prompt_len"] == want.prompt_len
+    assert item["ids"] != item["student_ids"]  # qwen2 vs gpt2: the tokenisations differ
+
+
+def test_resume_start_and_rank_split_of_the_dataset(store, student_side):
+    src = StoreSource(open_store(str(store)))
+    full = DistillDataset(src, student_side, seed=0, epoch=2)
+    tail = DistillDataset(src, student_side, seed=0, epoch=2, start=4)
+    assert tail.indices.tolist() == full.indices[4:].tolist()
+    halves = [DistillDataset(src, student_side, seed=0, epoch=2, rank=r, world=2).indices.tolist() for r in (0, 1)]
+    assert not set(halves[0]) & set(halves[1]) and sorted(halves[0] + halves[1]) == list(range(10))
+
+
+def test_collate_pads_both_views(store, student_side):
+    reader = open_store(str(store))
+    ds = DistillDataset(StoreSource(reader), student_side, seed=0, epoch=0)
+    items = [ds[0], ds[1], ds[2]]
+    batch = Collate(student_side.pad_id, reader.manifest.pad_id)(items)
+    for b, it in enumerate(items):
+        s_len, t_len = len(it["student_ids"]) - 1, len(it["ids"]) - 1
+        assert batch["attention_mask"][b].sum() == s_len and batch["teacher_attention_mask"][b].sum() == t_len
+        assert (batch["input_ids"][b, s_len:] == student_side.pad_id).all()
+        assert (batch["teacher_input_ids"][b, t_len:] == reader.manifest.pad_id).all()
+        assert (batch["labels"][b, s_len:] == -100).all() and (batch["teacher_labels"][b, t_len:] == -100).all()
+        assert (batch["labels"][b, :it["student_prompt_len"] - 1] == -100).all()
+        assert batch["labels"][b, s_len - 1] == student_side.eos_id or s_len + 1 == 64  # EOS unless cut
+        torch.testing.assert_close(batch["teacher_hidden"][b, :t_len], it["hidden"][:t_len])
+        assert (batch["teacher_hidden"][b, t_len:] == 0).all()
+
+
+def test_workers_stream_the_same_batches(store, student_side):
+    reader = open_store(str(store))
+    collate = Collate(student_side.pad_id, reader.manifest.pad_id)
+    ds = DistillDataset(StoreSource(reader), student_side, seed=5, epoch=0)
+    plain = list(make_loader(ds, 3, collate, num_workers=0))
+    workers = list(make_loader(ds, 3, collate, num_workers=2))
+    assert len(plain) == len(workers) == 4
+    for a, b in zip(plain, workers):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k])

@@ -1,0 +1,387 @@
+"""DSKD / DSKD-CMA against a straightforward re-implementation of spec/dskd.md, chunking, gradient routing."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dskd_pipe.pipeline.objectives.dskd import (
+    Projectors,
+    TeacherHead,
+    build_projectors,
+    chunked_fkl_over_head,
+    dskd_cma_loss,
+    dskd_same_vocab_loss,
+    teacher_logits,
+)
+
+# ----------------------------------------------------------------------------------------------------------
+# Teacher head
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_teacher_logits_bias_scale_softcap_by_hand():
+    h = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    w = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    b = torch.tensor([0.5, -1.0, 0.0])
+    # plain: h W^T
+    assert teacher_logits(h, TeacherHead(w)).tolist() == [[2.0, 0.0, 1.0], [0.0, 2.0, 2.0]]
+    # bias then scale: (h W^T + b) * 0.5
+    scaled = teacher_logits(h, TeacherHead(w, b, logit_scale=0.5))
+    assert scaled.tolist() == [[1.25, -0.5, 0.5], [0.25, 0.5, 1.0]]
+    # soft-cap after the scale: 3 tanh(z / 3)
+    capped = teacher_logits(h, TeacherHead(w, b, logit_scale=0.5, final_logit_softcap=3.0))
+    want = [[3 * math.tanh(v / 3) for v in row] for row in scaled.tolist()]
+    torch.testing.assert_close(capped, torch.tensor(want))
+    assert capped.dtype == torch.float32
+    assert teacher_logits(h.to(torch.bfloat16), TeacherHead(w.to(torch.bfloat16))).dtype == torch.float32
+
+
+def test_teacher_logits_match_hf_style_gemma_head():
+    """Same numbers as lm_head -> /cap -> tanh -> *cap (transformers' Gemma-2 forward)."""
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(8, 20, bias=False)
+    h = torch.randn(3, 8) * 20
+    z = lm_head(h)
+    z = torch.tanh(z / 30.0) * 30.0
+    torch.testing.assert_close(teacher_logits(h, TeacherHead(lm_head.weight, final_logit_softcap=30.0)), z)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chunked forward KL
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _unchunked_fkl(ht, hs, head, mask, tau, full_head=False):
+    zt = teacher_logits(ht, head)
+    zs = teacher_logits(hs, head) if full_head else hs.float() @ head.weight.detach().float().T
+    log_p = torch.log_softmax(zt / tau, -1)
+    log_q = torch.log_softmax(zs / tau, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl[mask].sum()
+
+
+@pytest.fixture
+def head():
+    g = torch.Generator().manual_seed(3)
+    return TeacherHead(
+        weight=torch.randn(17, 6, generator=g),
+        bias=torch.randn(17, generator=g),
+        logit_scale=0.7,
+        final_logit_softcap=4.0,
+    )
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 10, 100])
+@pytest.mark.parametrize("full_head", [False, True])
+def test_chunked_fkl_equals_unchunked_value_and_gradient(head, chunk, full_head):
+    torch.manual_seed(4)
+    n, ds, dt = 10, 5, 6
+    s2t = torch.nn.Linear(ds, dt)
+    hs = torch.randn(n, ds, requires_grad=True)
+    ht = torch.randn(n, dt)
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 0, 1, 1], dtype=torch.bool)
+
+    want = _unchunked_fkl(ht, s2t(hs), head, mask, 2.0, full_head)
+    want_grads = torch.autograd.grad(want, [hs, s2t.weight, s2t.bias])
+    got = chunked_fkl_over_head(ht, s2t(hs), head, mask, tau=2.0, chunk_tokens=chunk, student_uses_full_head=full_head)
+    got_grads = torch.autograd.grad(got, [hs, s2t.weight, s2t.bias])
+
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+def test_chunked_fkl_scales_upstream_gradient_and_returns_argmax(head):
+    torch.manual_seed(5)
+    hs = torch.randn(7, 6, requires_grad=True)
+    ht = torch.randn(7, 6)
+    mask = torch.ones(7, dtype=torch.bool)
+    mask[2] = False
+    loss, argmax = chunked_fkl_over_head(ht, hs, head, mask, tau=1.5, chunk_tokens=2, return_argmax=True)
+    (3.0 * loss).backward()
+    hs2 = hs.detach().clone().requires_grad_(True)
+    (3.0 * _unchunked_fkl(ht, hs2, head, mask, 1.5)).backward()
+    torch.testing.assert_close(hs.grad, hs2.grad)
+    assert argmax.tolist() == (hs.detach()[mask] @ head.weight.T).argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("full_head", [False, True])
+def test_chunked_fkl_never_saves_a_full_logit_tensor(head, full_head):
+    """Nothing of size [N, Vt] is kept for backward: only per-chunk work plus [N, dt]-sized tensors."""
+    torch.manual_seed(6)
+    n, chunk = 64, 8
+    hs = torch.randn(n, 6, requires_grad=True)
+    ht = torch.randn(n, 6)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = chunked_fkl_over_head(ht, hs * 1.0, head, torch.ones(n, dtype=torch.bool), chunk_tokens=chunk,
+                                     student_uses_full_head=full_head)
+    loss.backward()
+    vocab = head.weight.shape[0]
+    assert max(saved) < n * vocab
+    assert max(saved) <= max(n * 6, vocab * 6, chunk * vocab)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DSKD-CMA: a straightforward re-implementation of spec/dskd.md steps 1-7
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _ref_divergence(name, zs, zt, tau):
+    """Per-row divergence [N] written out from spec/dskd.md (only the ones the tests use)."""
+    log_p, log_q = torch.log_softmax(zt / tau, -1), torch.log_softmax(zs / tau, -1)
+    p, q = log_p.exp(), log_q.exp()
+    if name == "fkl":
+        return (p * (log_p - log_q)).sum(-1)
+    if name == "srkl":
+        return (q * (log_q - torch.log(0.9 * p + 0.1 * q))).sum(-1)
+    raise KeyError(name)
+
+
+def reference_cma(b, proj, divergence="fkl", kd_rate=0.5, tau=2.0, t_temp=1.0, embed_scale=1.0):
+    x, y, xt, yt = b["x"], b["y"], b["xt"], b["yt"]
+    ms, mt = y != -100, yt != -100
+    es, et = b["Es"].detach(), b["Et"].detach() * embed_scale
+    ws, wt = b["Ws"].detach(), b["Wt"].detach()
+    zero = torch.zeros_like
+    # 1. index embeddings, id 0 at masked positions
+    q_in = torch.cat([es[torch.where(ms, x, zero(x))], es[torch.where(ms, y, zero(y))]], -1)
+    k_in = torch.cat([et[torch.where(mt, xt, zero(xt))], et[torch.where(mt, yt, zero(yt))]], -1)
+    etg = et[torch.where(mt, yt, zero(yt))]
+    # 2. one unbiased scalar std over the padded tensor
+    k = k_in / k_in.std()
+    etg = etg / etg.std()
+    ht = b["Ht"].detach() / b["Ht"].detach().std()
+    # 3.
+    q = proj.query(q_in)
+    v_t2s = proj.t2s(ht + etg)
+    v_s2t = proj.s2t(b["Hs"])
+    # 4.
+    dt = b["Ht"].shape[-1]
+    a = q @ k.transpose(1, 2) / math.sqrt(2 * dt)
+    allowed = (ms[:, :, None] & mt[:, None, :]).float()
+    a = a + (1.0 - allowed) * -1e5
+    a_t2s, a_s2t = a.softmax(-1), a.transpose(1, 2).softmax(-1)
+    # 5.
+    zt2s = (a_t2s @ v_t2s) @ ws.T  # [B, S, Vs]
+    ce_t2s = F.cross_entropy(zt2s[ms], y[ms], reduction="sum")
+    acc = zt2s.argmax(-1) == y
+    sel = ms & acc
+    kd_t2s = _ref_divergence(divergence, b["Zs"][sel], zt2s.detach()[sel] / t_temp, tau).sum()
+    # 6.
+    zs2t = (a_s2t @ v_s2t) @ wt.T  # no bias
+    head = b["head"]
+    zt = (b["Ht"].detach() @ wt.T + head.bias) * head.logit_scale
+    zt = head.final_logit_softcap * torch.tanh(zt / head.final_logit_softcap)
+    kd_s2t = _ref_divergence("fkl", zs2t[mt], zt[mt], tau).sum()
+    ce_s = F.cross_entropy(b["Zs"][ms], y[ms], reduction="sum")
+    # attention entropy over allowed columns only
+    ent = []
+    for i in range(x.shape[0]):
+        for s in range(x.shape[1]):
+            if ms[i, s]:
+                row = a_t2s[i, s][mt[i]]
+                ent.append(-(row * row.log()).sum())
+    return dict(
+        ce_student=ce_s, ce_t2s=ce_t2s, kd_t2s=kd_t2s, kd_s2t=kd_s2t,
+        loss=(1 - kd_rate) * ce_s + kd_rate * (ce_t2s + kd_t2s + kd_s2t),
+        t2s_correct=sel.sum(), s2t_correct=((zs2t.argmax(-1) == yt) & mt).sum(),
+        attention_entropy=torch.stack(ent).mean(), queries=q, keys=k,
+    )
+
+
+def make_batch(seed=2, vs=5, vt=7, ds=4, dt=6, s=7, t=8):
+    """Two examples with prompts, right padding, and unequal per-example scales (so a per-row std would differ)."""
+    g = torch.Generator().manual_seed(seed)
+    b = {}
+    b["x"] = torch.randint(0, vs, (2, s), generator=g)
+    b["y"] = torch.randint(0, vs, (2, s), generator=g)
+    b["y"][0, :2] = -100  # prompt
+    b["y"][1, :3] = -100
+    b["y"][1, 6:] = -100  # pad
+    b["xt"] = torch.randint(0, vt, (2, t), generator=g)
+    b["yt"] = torch.randint(0, vt, (2, t), generator=g)
+    b["yt"][0, :3] = -100
+    b["yt"][1, :2] = -100
+    b["yt"][1, 6:] = -100
+    b["Es"] = torch.randn(vs, ds, generator=g, requires_grad=True)
+    b["Ws"] = torch.randn(vs, ds, generator=g, requires_grad=True)
+    b["Et"] = torch.randn(vt, dt, generator=g, requires_grad=True)
+    b["Wt"] = torch.randn(vt, dt, generator=g, requires_grad=True)
+    ht = torch.randn(2, t, dt, generator=g)
+    ht[1] *= 5.0
+    b["Ht"] = ht.requires_grad_(True)
+    b["Hs"] = torch.randn(2, s, ds, generator=g, requires_grad=True)
+    b["Zs"] = b["Hs"] @ b["Ws"].T  # the student's logits depend on Hs (and its own head)
+    b["head"] = TeacherHead(b["Wt"], torch.randn(vt, generator=g), logit_scale=0.9, final_logit_softcap=5.0)
+    return b
+
+
+def run_cma(b, proj, **kw):
+    return dskd_cma_loss(
+        student_hidden=b["Hs"], student_logits=b["Zs"], labels=b["y"], input_ids=b["x"],
+        student_embed=b["Es"], student_head=b["Ws"], teacher_input_ids=b["xt"], teacher_labels=b["yt"],
+        teacher_hidden=b["Ht"], teacher_embed=b["Et"], teacher_head=b["head"], projectors=proj, **kw,
+    )
+
+
+def _proj(seed=1, ds=4, dt=6):
+    torch.manual_seed(seed)
+    return build_projectors("dskd_cma", ds, dt)
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "srkl"])
+@pytest.mark.parametrize("kw", [{}, {"tau": 1.0, "teacher_temperature": 2.0, "kd_rate": 0.3}, {"teacher_embed_scale": 2.5}])
+def test_cma_matches_reference(divergence, kw):
+    b, proj = make_batch(), _proj()
+    out = run_cma(b, proj, divergence=divergence, chunk_tokens=3, **kw)
+    ref = reference_cma(
+        b, proj, divergence, kd_rate=kw.get("kd_rate", 0.5), tau=kw.get("tau", 2.0),
+        t_temp=kw.get("teacher_temperature", 1.0), embed_scale=kw.get("teacher_embed_scale", 1.0),
+    )
+    assert out.t2s_correct > 0  # KD_t2s is not trivially 0 in this batch
+    for name in ["ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "loss", "attention_entropy", "queries", "keys"]:
+        torch.testing.assert_close(getattr(out, name), ref[name].float(), msg=name)
+    assert out.t2s_correct == ref["t2s_correct"] and out.t2s_kd_tokens == ref["t2s_correct"]
+    assert out.s2t_correct == ref["s2t_correct"]
+    assert out.n_student == (b["y"] != -100).sum() and out.n_teacher == (b["yt"] != -100).sum()
+    assert not out.keys.requires_grad and out.queries.requires_grad
+
+
+def test_cma_std_is_one_scalar_over_padded_tensor():
+    """The reference above divides by ONE std; a per-example std gives different numbers on this batch."""
+    b, proj = make_batch(), _proj()
+    out = run_cma(b, proj)
+    ht = b["Ht"].detach()
+    per_row = ht / ht.std(dim=(1, 2), keepdim=True)
+    assert not torch.allclose(per_row, ht / ht.std())  # the check below is sensitive to the choice
+    # Extra pad columns with large teacher states change the scalar std, hence the loss.
+    b2 = dict(b)
+    b2["Ht"] = torch.cat([ht, torch.full((2, 2, ht.shape[-1]), 30.0)], 1)
+    b2["xt"] = torch.cat([b["xt"], b["xt"][:, :2]], 1)
+    b2["yt"] = torch.cat([b["yt"], torch.full((2, 2), -100)], 1)
+    out2 = run_cma(b2, proj)
+    assert not torch.allclose(out.ce_t2s, out2.ce_t2s)
+    torch.testing.assert_close(out2.ce_t2s, reference_cma(b2, proj)["ce_t2s"])
+
+
+def test_cma_masked_positions_get_no_attention():
+    """Permuting teacher states among prompt/pad positions keeps the std and, with ~0 attention there, every term;
+    changing the student's states at prompt/pad positions leaves every KD term unchanged."""
+    b, proj = make_batch(), _proj()
+    out = run_cma(b, proj)
+    ht = b["Ht"].detach().clone()
+    masked = (b["yt"] == -100).nonzero().tolist()
+    rows = [ht[i, j].clone() for i, j in masked]
+    for (i, j), row in zip(masked, rows[1:] + rows[:1]):
+        ht[i, j] = row
+    assert not torch.equal(ht, b["Ht"].detach())
+    b2 = dict(b, Ht=ht)
+    out2 = run_cma(b2, proj)
+    for name in ["ce_t2s", "kd_t2s", "kd_s2t", "attention_entropy"]:
+        torch.testing.assert_close(getattr(out2, name), getattr(out, name), msg=name)
+
+    hs = b["Hs"].detach().clone()
+    hs[b["y"] == -100] = 100.0
+    out3 = run_cma(dict(b, Hs=hs), proj)
+    for name in ["ce_t2s", "kd_t2s", "kd_s2t"]:
+        torch.testing.assert_close(getattr(out3, name), getattr(out, name), msg=name)
+
+
+def _grads(term, params):
+    grads = torch.autograd.grad(term, list(params.values()), retain_graph=True, allow_unused=True)
+    return {name: g is not None and g.abs().sum().item() > 0 for name, g in zip(params, grads)}
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "srkl"])
+def test_cma_gradient_routing(divergence):
+    b, proj = make_batch(), _proj()
+    out = run_cma(b, proj, divergence=divergence, chunk_tokens=4)
+    params = {
+        "query": proj.query.weight, "t2s": proj.t2s.weight, "s2t": proj.s2t.weight,
+        "Hs": b["Hs"], "Es": b["Es"], "Et": b["Et"], "Wt": b["Wt"], "Ht": b["Ht"],
+    }
+    expected = {
+        "ce_student": {"Hs"},
+        "ce_t2s": {"query", "t2s"},
+        "kd_t2s": {"Hs"},
+        "kd_s2t": {"query", "s2t", "Hs"},
+    }
+    for term, receivers in expected.items():
+        got = _grads(getattr(out, term), params)
+        assert {name for name, nonzero in got.items() if nonzero} == receivers, term
+    # The student's head is only reached through Zs (CE_s, KD_t2s), never through Zt2s.
+    assert not _grads(out.ce_t2s, {"Ws": b["Ws"]})["Ws"]
+    assert not _grads(out.kd_s2t, {"Ws": b["Ws"]})["Ws"]
+
+
+def test_cma_bf16_models_fp32_projectors_run():
+    b, proj = make_batch(), _proj()
+    for k in ["Hs", "Zs", "Es", "Ws", "Ht", "Et"]:
+        b[k] = b[k].detach().to(torch.bfloat16)
+    b["head"] = TeacherHead(b["head"].weight.detach().to(torch.bfloat16), b["head"].bias, 0.9, 5.0)
+    out = run_cma(b, proj)
+    assert all(torch.isfinite(getattr(out, n)) for n in ["loss", "ce_t2s", "kd_t2s", "kd_s2t"])
+    assert out.loss.dtype == torch.float32
+
+
+def test_cma_requires_query_projector():
+    b = make_batch()
+    with pytest.raises(ValueError, match="needs projectors with a query"):
+        run_cma(b, build_projectors("dskd", 4, 6))
+
+
+def test_build_projectors_shapes_and_errors():
+    p = build_projectors("dskd_cma_ga", 4, 6)
+    assert isinstance(p, Projectors)
+    assert (p.query.in_features, p.query.out_features) == (8, 12)
+    assert (p.t2s.in_features, p.t2s.out_features, p.s2t.in_features, p.s2t.out_features) == (6, 4, 4, 6)
+    assert p.t2s.bias is not None and build_projectors("dskd", 4, 6).query is None
+    with pytest.raises(ValueError, match="unknown DSKD method 'cma'"):
+        build_projectors("cma", 4, 6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DSKD, same vocabulary
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_same_vocab_matches_reference_and_routes_gradients():
+    g = torch.Generator().manual_seed(9)
+    v, ds, dt = 5, 4, 6
+    y = torch.randint(0, v, (2, 5), generator=g)
+    y[:, :2] = -100
+    ms = y != -100
+    hs = torch.randn(2, 5, ds, generator=g, requires_grad=True)
+    ws = torch.randn(v, ds, generator=g, requires_grad=True)
+    zs = hs @ ws.T
+    ht = torch.randn(2, 5, dt, generator=g, requires_grad=True)
+    wt = torch.randn(v, dt, generator=g, requires_grad=True)
+    head = TeacherHead(wt, None)
+    torch.manual_seed(1)
+    proj = build_projectors("dskd", ds, dt)
+
+    out = dskd_same_vocab_loss(hs, zs, y, ws, ht, head, proj, divergence="srkl", chunk_tokens=2)
+
+    zt2s = proj.t2s(ht.detach()) @ ws.detach().T
+    ce_t2s = F.cross_entropy(zt2s[ms], y[ms], reduction="sum")
+    kd_t2s = _ref_divergence("srkl", zs[ms], zt2s.detach()[ms], 2.0).sum()
+    kd_s2t = _ref_divergence("fkl", (proj.s2t(hs) @ wt.detach().T)[ms], (ht.detach() @ wt.detach().T)[ms], 2.0).sum()
+    ce_s = F.cross_entropy(zs[ms], y[ms], reduction="sum")
+    for name, want in [("ce_student", ce_s), ("ce_t2s", ce_t2s), ("kd_t2s", kd_t2s), ("kd_s2t", kd_s2t),
+                       ("loss", 0.5 * ce_s + 0.5 * (ce_t2s + kd_t2s + kd_s2t))]:
+        torch.testing.assert_close(getattr(out, name), want, msg=name)
+
+    params = {"t2s": proj.t2s.weight, "s2t": proj.s2t.weight, "Hs": hs, "Ht": ht, "Wt": wt}
+    expected = {"ce_student": {"Hs"}, "ce_t2s": {"t2s"}, "kd_t2s": {"Hs"}, "kd_s2t": {"s2t", "Hs"}}
+    for term, receivers in expected.items():
+        got = _grads(getattr(out, term), params)
+        assert {name for name, nonzero in got.items() if nonzero} == receivers, term
+    assert not _grads(out.ce_t2s, {"Ws": ws})["Ws"]

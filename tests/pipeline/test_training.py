@@ -1,0 +1,106 @@
+"""pipeline/training.py: param groups, the cosine schedule, RNG states, checkpoints, the metrics log."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dskd_pipe.pipeline.training import (MetricsLogger, cosine_schedule, list_checkpoints, load_checkpoint,
+                                         param_groups, rng_state, save_checkpoint, set_rng_state)
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.LayerNorm(4)
+        self.frozen = torch.nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+    def save_pretrained(self, folder, safe_serialization=True):
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(dict(self.state_dict()), str(folder / "model.safetensors"))
+
+
+def test_param_groups_no_decay_on_biases_and_norms_and_own_projector_lr():
+    student, proj = Tiny(), torch.nn.Linear(3, 5)
+    groups = param_groups(student, 5e-4, 0.01, [(proj, 1e-3)])
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"student/decay", "student/no_decay", "extra0/decay", "extra0/no_decay"}
+    assert [p is student.fc.weight for p in by_name["student/decay"]["params"]] == [True]
+    no_decay = by_name["student/no_decay"]["params"]
+    assert {id(p) for p in no_decay} == {id(student.fc.bias), id(student.norm.weight), id(student.norm.bias)}
+    assert by_name["student/no_decay"]["weight_decay"] == 0.0 and by_name["student/decay"]["weight_decay"] == 0.01
+    assert by_name["extra0/decay"]["lr"] == 1e-3 and by_name["extra0/no_decay"]["params"][0] is proj.bias
+    assert all(p is not student.frozen.weight for g in groups for p in g["params"])
+
+
+def test_cosine_schedule_decays_each_group_to_min_lr_with_optional_warmup():
+    p1, p2 = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"params": [p1], "lr": 5e-4}, {"params": [p2], "lr": 1e-3}])
+    sched = cosine_schedule(opt, total_steps=10, min_lr=1e-7)
+    lrs = []
+    for _ in range(10):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx([5e-4, 1e-3])
+    assert lrs[5][0] == pytest.approx(1e-7 + (5e-4 - 1e-7) * 0.5)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-7, 1e-7])
+    opt = torch.optim.AdamW([p1], lr=1e-3)
+    sched = cosine_schedule(opt, total_steps=10, warmup_steps=4)
+    warm = []
+    for _ in range(5):
+        warm.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert warm == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+def test_rng_states_round_trip_through_weights_only_load(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    want = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == want
+
+
+def test_checkpoint_round_trip_and_keep(tmp_path):
+    student, proj = Tiny(), torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(param_groups(student, 1e-3, 0.01, [(proj, 1e-3)]))
+    sched = cosine_schedule(opt, 10)
+    proj(torch.ones(2)).sum().backward()
+    opt.step()
+    sched.step()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, student=student, modules={"projectors": proj, "disc": None},
+                        optimizers={"student": opt, "disc": None}, scheduler=sched,
+                        trainer_state={"step": step, "epoch": 0, "position": 4 * step}, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    want = {k: v.clone() for k, v in proj.state_dict().items()}
+    torch.manual_seed(0)
+    after = torch.rand(1)
+    proj2 = torch.nn.Linear(2, 2)
+    opt2 = torch.optim.AdamW(param_groups(Tiny(), 1e-3, 0.01, [(proj2, 1e-3)]))
+    sched2 = cosine_schedule(opt2, 10)
+    torch.manual_seed(0)
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1], modules={"projectors": proj2},
+                            optimizers={"student": opt2}, scheduler=sched2)
+    assert state == {"step": 3, "epoch": 0, "position": 12}
+    for k, v in want.items():
+        assert torch.equal(proj2.state_dict()[k], v)
+    assert sched2.state_dict()["last_epoch"] == 1 and len(opt2.state_dict()["state"]) == len(opt.state_dict()["state"])
+    assert torch.rand(1) != after  # the RNG was restored to the checkpoint's, not left at seed 0
+
+
+def test_metrics_logger_truncates_after_the_resumed_step(tmp_path):
+    log = MetricsLogger(tmp_path / "m.jsonl")
+    for step in (1, 2, 3):
+        log.log({"step": step, "loss": torch.tensor(1.5)})
+    MetricsLogger(tmp_path / "m.jsonl", truncate_after_step=2)
+    lines = [json.loads(ln) for ln in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines] == [1, 2] and lines[0]["loss"] == 1.5

@@ -1,0 +1,156 @@
+"""cache-teacher end to end: kill and resume equals one clean run; shards; refusals and bad inputs."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dskd_pipe.cache.reader import open_store
+from dskd_pipe.pipeline.cli import main
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+DATA = FIXTURES / "data" / "dolly_train_40.jsonl"
+COMMON = ["--chunk-tokens", "8", "--batch-tokens", "512", "--device", "cpu"]
+DSKD = str(Path(sys.executable).with_name("dskd-pipe"))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    from dskd_pipe.pipeline.models import load_tokenizer, save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("t") / "llama", "llama",
+                           load_tokenizer(str(FIXTURES / "tokenizers" / "llama2")), d_model=32)
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [*map(str, args)])
+
+
+def cache_args(teacher, out, data=DATA, *extra):
+    return ["cache-teacher", "--teacher", teacher, "--data", data, "--out", out, *COMMON, *extra]
+
+
+@pytest.fixture(scope="module")
+def clean_store(teacher, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "t.zarr"
+    r = cli(*cache_args(teacher, out))
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def assert_same_examples(a: Path, b: Path) -> None:
+    ra, rb = open_store(str(a)), open_store(str(b))
+    assert len(ra) == len(rb) == 40
+    assert ra.manifest.totals["tokens"] == rb.manifest.totals["tokens"]  # no duplicated rows
+    for i in range(len(ra)):
+        x, y = ra.read(i), rb.read(i)
+        np.testing.assert_array_equal(x["ids"], y["ids"])
+        np.testing.assert_array_equal(x["offsets"], y["offsets"])
+        assert (x["prompt_len"], x["prompt"], x["response"]) == (y["prompt_len"], y["prompt"], y["response"])
+        # Batches differ after a resume (other padding widths): equal up to fp32 matmul rounding.
+        torch.testing.assert_close(x["hidden"], y["hidden"], atol=1e-5, rtol=1e-5)
+
+
+def test_die_after_flushes_then_resume_equals_clean_run(teacher, clean_store, tmp_path):
+    out = tmp_path / "t.zarr"
+    env = dict(os.environ, DSKD_PIPE_TEST_DIE_AFTER_FLUSHES="2")
+    p = subprocess.run([DSKD, *map(str, cache_args(teacher, out))], env=env, capture_output=True, text=True)
+    assert p.returncode == 137, p.stderr
+    assert (out / "manifest.partial.json").exists() and not (out / "manifest.json").exists()
+    with pytest.raises(Exception, match="unfinished store"):
+        open_store(str(out))
+    r = cli(*cache_args(teacher, out))  # the same command again
+    assert r.exit_code == 0, r.output
+    assert_same_examples(out, clean_store)
+    again = cli(*cache_args(teacher, out))
+    assert again.exit_code == 0 and "already complete" in again.output
+
+
+def test_sigkill_then_resume_equals_clean_run(teacher, clean_store, tmp_path):
+    out = tmp_path / "t.zarr"
+    p = subprocess.Popen([DSKD, *map(str, cache_args(teacher, out))], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    progress = out / "parts" / "part-00000" / "progress.json"
+    deadline = time.time() + 60
+    while not progress.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    r = cli(*cache_args(teacher, out))  # the stale lock of the dead pid is replaced
+    assert r.exit_code == 0, r.output
+    assert_same_examples(out, clean_store)
+
+
+def test_two_shard_processes_equal_one_process(teacher, clean_store, tmp_path):
+    out = tmp_path / "t.zarr"
+    procs = [subprocess.Popen([DSKD, *map(str, cache_args(teacher, out, DATA, "--shard", f"{i}/2"))],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate()[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    store = open_store(str(out))
+    assert store.manifest.n_parts == 2 and {store.locate(i)[0] for i in range(40)} == {0, 1}
+    assert store.locate(3)[0] == 1
+    assert_same_examples(out, clean_store)
+
+
+def test_second_process_on_same_part_refused(teacher, tmp_path):
+    out = tmp_path / "t.zarr"
+    assert cli(*cache_args(teacher, out, DATA, "--limit", "2")).exit_code == 0
+    out2 = tmp_path / "u.zarr"
+    lock = out2 / "parts" / "part-00000" / "lock"
+    lock.parent.mkdir(parents=True)
+    import socket
+    r0 = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a live "writer"
+    try:
+        from dskd_pipe.cache.writer import atomic_write_json
+        from dskd_pipe.cache.format import Manifest
+        from dskd_pipe.cache.reader import read_manifest
+        m = read_manifest(str(out))
+        m.complete = False
+        atomic_write_json(out2 / "manifest.partial.json", m.to_dict())
+        lock.write_text(f"{r0.pid}@{socket.gethostname()}")
+        r = cli(*cache_args(teacher, out2, DATA, "--limit", "2"))
+    finally:
+        r0.kill()
+        r0.wait()
+    assert r.exit_code == 2
+    assert f"is being written by process {r0.pid} on host" in r.output and "lock file" in r.output
+
+
+def test_other_data_or_teacher_refused(teacher, clean_store, tmp_path):
+    r = cli(*cache_args(teacher, clean_store, FIXTURES / "data" / "dolly_test_20.jsonl"))
+    assert r.exit_code == 2
+    assert "was built from" in r.output and "not" in r.output and "Pass the same --data" in r.output
+    from dskd_pipe.pipeline.models import load_tokenizer, save_tiny_model
+    other = save_tiny_model(tmp_path / "other", "llama", load_tokenizer(str(FIXTURES / "tokenizers" / "llama2")),
+                            d_model=32, seed=1)
+    r = cli(*cache_args(other, clean_store))
+    assert r.exit_code == 2 and "Pass the same --teacher" in r.output
+
+
+def test_bad_inputs(teacher, tmp_path):
+    r = cli(*cache_args(teacher, tmp_path / "a.zarr", tmp_path / "missing.jsonl"))
+    assert r.exit_code == 2 and "missing.jsonl: no such file or folder." in r.output
+    bad = tmp_path / "bad.jsonl"
+    lines = DATA.read_text().splitlines()[:4]
+    bad.write_text("\n".join([lines[0], "{not json", lines[1], '{"instruction": "x", "answer": "y"}', lines[2]])
+                   + "\n")
+    r = cli(*cache_args(teacher, tmp_path / "b.zarr", bad))
+    assert r.exit_code == 2 and f"{bad} line 2: not valid JSON" in r.output
+    r = cli(*cache_args(teacher, tmp_path / "c.zarr", bad, "--skip-bad"))
+    assert r.exit_code == 0, r.output
+    assert f"{bad} line 4: no 'output' field (found: answer, instruction)" in r.output
+    assert f"skipped 2 bad record(s) in {bad}" in r.output
+    assert len(open_store(str(tmp_path / "c.zarr"))) == 3
+    r = cli("cache-teacher", "--data", DATA)
+    assert r.exit_code == 2 and "missing required option(s): --teacher, --out" in r.output
+    r = cli(*cache_args(teacher, tmp_path / "d.zarr", DATA, "--shard", "2/2"))
+    assert r.exit_code == 2 and "--shard '2/2'" in r.output

@@ -1,0 +1,186 @@
+"""stages/distill.py end to end on tiny models: every method steps, CMA-GA acts, accumulation is exact,
+kill-and-resume equals one run, online equals cached, a store from other data is refused, LoRA."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dskd_pipe.cache.format import StoreError
+from dskd_pipe.cache.streaming import Collate, DistillDataset, Side
+from dskd_pipe.pipeline.config import CacheConfig, ConfigError, DistillConfig
+from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id, save_tiny_model
+from dskd_pipe.pipeline.objectives.dskd import build_projectors
+from dskd_pipe.stages import distill
+
+TOK = "tests/fixtures/tokenizers"
+DATA = "tests/fixtures/data/dolly_train_40.jsonl"
+DEV = "tests/fixtures/data/dolly_test_20.jsonl"
+
+
+def _no_dropout(folder: Path) -> Path:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from dskd_pipe.stages.cache_teacher import run as cache
+
+    tmp = tmp_path_factory.mktemp("distill")
+    qwen, gpt2 = load_tokenizer(f"{TOK}/qwen2"), load_tokenizer(f"{TOK}/gpt2")
+    e = {"tmp": tmp,
+         "teacher_q": save_tiny_model(tmp / "tq", "qwen2", qwen, d_model=32, layers=1),
+         "teacher_g": save_tiny_model(tmp / "tg", "gpt2", gpt2, d_model=48, layers=1, seed=1),
+         "student": _no_dropout(save_tiny_model(tmp / "sg", "gpt2", gpt2, d_model=32, layers=1, seed=2)),
+         "student_dropout": save_tiny_model(tmp / "sgd", "gpt2", gpt2, d_model=32, layers=1, seed=2)}
+    for name, teacher in (("store_q", "teacher_q"), ("store_g", "teacher_g")):
+        e[name] = cache(CacheConfig(teacher=str(e[teacher]), data=DATA, out=str(tmp / name), limit=8, max_length=64,
+                                    device="cpu"))
+    return e
+
+
+def _cfg(env, out, **kw) -> DistillConfig:
+    base = dict(student=str(env["student"]), data=DATA, out=str(env["tmp"] / out), limit=8, max_length=64,
+                micro_batch_size=2, grad_accum=2, epochs=1, num_workers=0, progress=False, device="cpu", seed=0)
+    base.update(kw)
+    return DistillConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in base.items()})
+
+
+def _weights(folder, name="model.safetensors"):
+    return load_file(str(Path(folder) / name))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _metrics(out):
+    return [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method,store", [("sft", None), ("kd", "store_g"), ("dskd", "store_g"),
+                                          ("dskd-cma", "store_q"), ("cma-ga", "store_q")])
+def test_one_step_per_method_changes_the_student(env, method, store):
+    cfg = _cfg(env, f"one_{method}", method=method, cache=str(env[store]) if store else "", max_steps=1,
+               divergence="srkl" if method == "kd" else "fkl")
+    out = distill.run(cfg)
+    assert _max_diff(_weights(out), _weights(env["student"])) > 0
+    (m,) = _metrics(out)
+    assert m["step"] == 1 and m["ce_student"] > 0 and 0 <= m["loader_wait_frac"] < 1 and m["tokens_per_s"] > 0
+    if method != "sft":
+        assert (out / "tokenizer.json").exists() and (out / "distill_config.json").exists()
+    if method in ("dskd", "dskd-cma", "cma-ga"):
+        assert {"ce_t2s", "kd_t2s", "kd_s2t", "t2s_acc", "s2t_acc"} <= m.keys()
+        assert (out / "projectors.safetensors").exists()
+    if method == "cma-ga":
+        assert {"l_d", "l_g", "d_acc_real", "d_acc_fake", "attention_entropy"} <= m.keys()
+
+
+def test_cma_ga_generator_moves_the_query_and_the_discriminator_is_stepped(env):
+    common = dict(cache=str(env["store_q"]), max_steps=1, max_grad_norm=0.0)
+    cma = distill.run(_cfg(env, "ga_off", method="dskd-cma", **common))
+    ga = distill.run(_cfg(env, "ga_on", method="cma-ga", lambda_ga=1.0, **common))
+    late = distill.run(_cfg(env, "ga_late", method="cma-ga", lambda_ga=1.0, ga_start_step=1, **common))
+    # Step 1 of the student, t2s and s2t do not see L_G; the query projector does.
+    assert _max_diff(_weights(cma), _weights(ga)) < 1e-6
+    p_cma, p_ga = _weights(cma, "projectors.safetensors"), _weights(ga, "projectors.safetensors")
+    for k in ("t2s.weight", "s2t.weight"):
+        assert float((p_cma[k] - p_ga[k]).abs().max()) < 1e-6
+    assert float((p_cma["query.weight"] - p_ga["query.weight"]).abs().max()) > 1e-6
+    # Same seed, same initial D: with GA from step 0 D was stepped, with GA from step 1 it was not.
+    assert _max_diff(_weights(ga, "discriminator.safetensors"), _weights(late, "discriminator.safetensors")) > 0
+    assert "l_d" in _metrics(ga)[0] and "l_d" not in _metrics(late)[0]
+
+
+def _grads(env, cfg, micro):
+    teacher, source = distill.open_teacher(cfg, "cpu")
+    torch.manual_seed(0)
+    student = distill.build_student(cfg, "cpu")
+    projectors = build_projectors("dskd", 32, teacher.head.weight.shape[1])
+    trainable = list(student.parameters()) + list(projectors.parameters())
+    distill.accumulate_gradients(cfg, micro, student, teacher, projectors, None, None, False, 0, 1, "cpu", trainable)
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trainable]
+
+
+def test_two_micro_batches_times_four_accumulation_equal_eight_times_one(env):
+    cfg = _cfg(env, "accum", method="dskd", cache=str(env["store_g"]))
+    teacher, source = distill.open_teacher(cfg, "cpu")
+    tok = load_tokenizer(str(env["student"]))
+    side = Side(tok, eos_token_id(tok), pad_token_id(tok), 256, 64)
+    ds = DistillDataset(source, side, seed=0, epoch=0)
+    collate = Collate(side.pad_id, teacher.pad_id)
+    items = [ds[i] for i in range(8)]
+    small = [collate(items[k:k + 2]) for k in range(0, 8, 2)]
+    big = [collate(items)]
+    g_small = _grads(env, replace(cfg, micro_batch_size=2, grad_accum=4), small)
+    g_big = _grads(env, replace(cfg, micro_batch_size=8, grad_accum=1), big)
+    for a, b in zip(g_small, g_big):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert sum(float(g.abs().sum()) for g in g_big) > 0
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(env):
+    kw = dict(method="cma-ga", cache=str(env["store_q"]), student=str(env["student_dropout"]), grad_accum=1,
+              epochs=2, save_every=3, dev_data=DEV, dev_limit=4)
+    clean = distill.run(_cfg(env, "clean", **kw))
+    killed = _cfg(env, "killed", **kw)
+    args = ["--cache", killed.cache, "--student", killed.student, "--method", "cma-ga", "--data", DATA,
+            "--out", killed.out, "--limit", "8", "--max-length", "64", "--micro-batch-size", "2", "--grad-accum", "1",
+            "--epochs", "2", "--save-every", "3", "--num-workers", "0", "--device", "cpu", "--seed", "0",
+            "--dev-data", DEV, "--dev-limit", "4", "--no-progress"]
+    proc = subprocess.run([sys.executable, "-c", "from dskd_pipe.pipeline.cli import main; main()", "distill", *args],
+                          env={**os.environ, distill.DIE_AT_STEP_ENV: "3"}, capture_output=True, text=True)
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    assert not (Path(killed.out) / "model.safetensors").exists()
+    with pytest.raises(ConfigError, match="Pass --resume"):
+        distill.run(killed)
+    resumed = distill.run(replace(killed, resume=True))
+    for name in ("model.safetensors", "projectors.safetensors", "discriminator.safetensors"):
+        assert _max_diff(_weights(clean, name), _weights(resumed, name)) <= 1e-6, name
+    steps = [m["step"] for m in _metrics(resumed) if "loss" in m]
+    assert steps == list(range(1, 9))
+    assert [m["loss"] for m in _metrics(resumed) if "loss" in m] == pytest.approx(
+        [m["loss"] for m in _metrics(clean) if "loss" in m], rel=1e-6)
+    assert (Path(clean) / "best" / "model.safetensors").exists()
+
+
+def test_online_teacher_gives_the_cached_loss(env):
+    cached = distill.run(_cfg(env, "cached", method="dskd-cma", cache=str(env["store_q"]), max_steps=1))
+    online = distill.run(_cfg(env, "online", method="dskd-cma", teacher=str(env["teacher_q"]), max_steps=1))
+    a, b = _metrics(cached)[0], _metrics(online)[0]
+    for k in ("loss", "ce_t2s", "kd_t2s", "kd_s2t", "attention_entropy"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    assert _max_diff(_weights(cached), _weights(online)) < 1e-5
+
+
+def test_a_store_from_other_data_is_refused(env):
+    with pytest.raises(StoreError, match="was built from .*dolly_train_40.jsonl.*not .*dolly_test_20.jsonl"):
+        distill.run(_cfg(env, "other", method="dskd-cma", cache=str(env["store_q"]), data=DEV))
+
+
+def test_bad_options_are_reported_together(env):
+    with pytest.raises(ConfigError, match=r"(?s)--method 'nope'.*--divergence 'xx'.*exactly one of --cache"):
+        distill.run(_cfg(env, "bad", method="nope", divergence="xx"))
+
+
+def test_lora_student_trains_adapters_and_saves_a_merged_model(env):
+    pytest.importorskip("peft")
+    from dskd_pipe.pipeline.models import load_causal_lm
+
+    llama = save_tiny_model(env["tmp"] / "sl", "llama", load_tokenizer(f"{TOK}/llama2"), d_model=32, layers=1)
+    out = distill.run(_cfg(env, "lora", method="dskd-cma", cache=str(env["store_q"]), student=str(llama),
+                           lora_rank=4, lora_alpha=8.0, max_steps=1, lr=1e-2))
+    model = load_causal_lm(str(out), device="cpu")
+    before, after = _weights(llama), _weights(out)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+    assert model.config.model_type == "llama"

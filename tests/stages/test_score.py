@@ -1,0 +1,280 @@
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from click.testing import CliRunner
+from rouge_score import rouge_scorer
+
+from dskd_pipe.pipeline.cli import main
+from dskd_pipe.pipeline.config import ConfigError, ScoreConfig
+from dskd_pipe.pipeline.data import DataError, load_examples
+from dskd_pipe.pipeline.models import load_causal_lm, load_tokenizer, save_tiny_model
+from dskd_pipe.stages import score
+from dskd_pipe.stages.score import (decode_response, evaluate_rouge, generate, left_pad, markdown_table, run,
+                                    run_generate, tokenize_prompts)
+
+TOK = "tests/fixtures/tokenizers"
+DOLLY = "tests/fixtures/data/dolly_test_20.jsonl"
+SELFINST = "tests/fixtures/data/selfinst_20.jsonl"
+FAST = ScoreConfig(max_new_tokens=8, batch_size=3, seeds=(10, 20), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny random GPT-2 and Llama folders (real tokenizers), built once for the module."""
+    root = tmp_path_factory.mktemp("models")
+    folders = {}
+    for arch, tok in (("gpt2", "gpt2"), ("llama", "llama2")):
+        folders[arch] = str(save_tiny_model(root / arch, arch, load_tokenizer(f"{TOK}/{tok}"), d_model=32, layers=1))
+    return folders
+
+
+def _load(folder):
+    return load_causal_lm(folder, device="cpu"), load_tokenizer(folder)
+
+
+def _direct(pred, refs):
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return max(scorer.score(r, pred)["rougeL"].fmeasure for r in refs)
+
+
+# --- generation ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_batched_greedy_equals_unbatched(tiny, arch):
+    model, tok = _load(tiny[arch])
+    prompts = [e.prompt for e in load_examples(DOLLY, limit=6)]
+    assert len({len(r) for r in tokenize_prompts(tok, prompts, 256)}) > 3  # batches really mix lengths (padding)
+    cfg = replace(FAST, greedy=True)
+    batched = generate(model, tok, prompts, 10, cfg)
+    single = [generate(model, tok, [p], 10, replace(cfg, batch_size=1))[0] for p in prompts]
+    assert batched == single
+    assert any(batched)
+
+
+def test_sampling_is_deterministic_per_seed(tiny):
+    model, tok = _load(tiny["gpt2"])
+    prompts = [e.prompt for e in load_examples(DOLLY, limit=5)]
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    first = generate(model, tok, prompts, 10, FAST)
+    assert torch.equal(torch.rand(3), before)  # the caller's RNG stream is left as it was
+    assert generate(model, tok, prompts, 10, FAST) == first
+    assert generate(model, tok, prompts, 20, FAST) != first
+
+
+def test_the_models_generation_config_does_not_leak(tiny):
+    model, tok = _load(tiny["gpt2"])
+    prompts = [e.prompt for e in load_examples(DOLLY, limit=5)]
+    sampled = generate(model, tok, prompts, 10, FAST)
+    model.generation_config.top_k = 1  # would turn sampling into greedy decoding if it leaked
+    model.generation_config.max_new_tokens = 2
+    assert generate(model, tok, prompts, 10, FAST) == sampled
+    assert model.generation_config.top_k == 1  # restored after the call
+    model.train()  # GPT-2 has dropout 0.1: off while generating, and the mode is restored after
+    assert generate(model, tok, prompts, 10, FAST) == sampled and model.training
+
+
+def test_prompts_have_no_bos_and_are_cut():
+    tok = load_tokenizer(f"{TOK}/llama2")
+    rows = tokenize_prompts(tok, ["Hello world, this is a prompt.", "Hi"], max_prompt_length=4)
+    assert rows[0] == tok("Hello world, this is a prompt.", add_special_tokens=False)["input_ids"][:4]
+    assert tok.bos_token_id not in rows[0] + rows[1]
+    ids, mask = left_pad(rows, pad_id=0)
+    assert ids.shape == (2, 4)
+    n = len(rows[1])
+    assert n < 4 and mask.tolist() == [[1, 1, 1, 1], [0] * (4 - n) + [1] * n]
+    assert ids[1, 4 - n:].tolist() == rows[1] and ids[1, :4 - n].tolist() == [0] * (4 - n)
+
+
+def test_decode_cuts_at_eos_id_and_eos_text():
+    tok = load_tokenizer(f"{TOK}/gpt2")
+    eos = tok.eos_token_id
+    ids = tok(" An answer.", add_special_tokens=False)["input_ids"]
+    later = tok(" more", add_special_tokens=False)["input_ids"]
+    assert decode_response(tok, ids + [eos] + later, eos) == "An answer."
+    spelled = tok(" An answer.<|endoftext|> junk", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert eos not in spelled
+    assert decode_response(tok, spelled, eos) == "An answer."
+
+
+def test_evaluate_rouge_matches_the_score_stage(tiny, tmp_path):
+    model, tok = _load(tiny["gpt2"])
+    examples = load_examples(DOLLY, limit=3)
+    got = evaluate_rouge(model, tok, examples, (10,), FAST)
+    texts = generate(model, tok, [e.prompt for e in examples], 10, FAST)
+    assert got == pytest.approx(100 * sum(_direct(t, e.references) for t, e in zip(texts, examples)) / 3)
+    out = run(replace(FAST, models=(tiny["gpt2"],), data=(DOLLY,), out=str(tmp_path / "s"), limit=3, seeds=(10,),
+                      device="cpu"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"]["gpt2"]["sets"]["dolly_test_20"]["per_seed"]["10"] == pytest.approx(got)
+
+
+# --- the score stage ----------------------------------------------------------------------------------------------
+
+def _cfg(tiny, tmp_path, **kw):
+    base = dict(models=(tiny["gpt2"],), data=(DOLLY, f"selfinst={SELFINST}"), out=str(tmp_path / "score"), limit=3,
+                device="cpu")
+    return replace(FAST, **{**base, **kw})
+
+
+def test_run_writes_generations_report_and_table(tiny, tmp_path):
+    out = run(_cfg(tiny, tmp_path))
+    report = json.loads((out / "report.json").read_text())
+    assert report["sets"] == ["dolly_test_20", "selfinst"] and report["in_domain"] == "dolly_test_20"
+    m = report["models"]["gpt2"]
+    per_set = {}
+    for s in report["sets"]:
+        per_seed = []
+        for seed in (10, 20):
+            lines = (out / "generations" / "gpt2" / s / f"seed{seed}.jsonl").read_text().splitlines()
+            header, rows = json.loads(lines[0])["header"], [json.loads(x) for x in lines[1:]]
+            assert header["seed"] == seed and header["limit"] == 3 and len(rows) == 3
+            assert set(rows[0]) == {"prompt", "references", "generation", "rougeL"}
+            # The figures are rouge-score's, called directly on the stored strings.
+            direct = [100 * _direct(r["generation"], r["references"]) for r in rows]
+            assert [r["rougeL"] for r in rows] == pytest.approx(direct)
+            per_seed.append(sum(direct) / 3)
+        assert m["sets"][s]["mean"] == pytest.approx(sum(per_seed) / 2)
+        assert m["sets"][s]["std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2)  # population std
+        per_set[s] = sum(per_seed) / 2
+    assert m["average"]["mean"] == pytest.approx(sum(per_set.values()) / 2)
+    assert m["ood_average"]["mean"] == pytest.approx(per_set["selfinst"])
+    table = (out / "report.md").read_text()
+    d, o = m["sets"]["dolly_test_20"], m["sets"]["selfinst"]
+    assert f"| dolly_test_20 (in-domain) | 3 | {d['mean']:.2f} ± {d['std']:.2f} |" in table
+    assert f"| selfinst | 3 | {o['mean']:.2f} ± {o['std']:.2f} |" in table
+    assert f"| OOD average | | {m['ood_average']['mean']:.2f} ± {m['ood_average']['std']:.2f} |" in table
+    assert "seeds 10, 20" in table
+    assert json.loads((out / "config.json").read_text())["config"]["max_new_tokens"] == 8
+    try:  # the chart is drawn only when matplotlib is installed, and its absence is no error
+        import matplotlib  # noqa: F401
+        has_matplotlib = True
+    except ImportError:
+        has_matplotlib = False
+    assert (out / "rouge_l.png").exists() == has_matplotlib
+
+
+def test_several_models_side_by_side_and_in_domain(tiny, tmp_path):
+    out = run(_cfg(tiny, tmp_path, models=(f"a={tiny['gpt2']}", f"b={tiny['llama']}"), seeds=(10,),
+                   in_domain="selfinst"))
+    table = (out / "report.md").read_text().splitlines()
+    assert "| Set | n | a | b |" in table
+    assert any(line.startswith("| selfinst (in-domain) | 3 |") for line in table)
+    report = json.loads((out / "report.json").read_text())
+    assert report["ood_sets"] == ["dolly_test_20"]
+    b = report["models"]["b"]
+    assert b["ood_average"]["mean"] == pytest.approx(b["sets"]["dolly_test_20"]["mean"])
+
+
+def test_multiple_references_take_the_max(tiny, tmp_path):
+    data = tmp_path / "multi.jsonl"
+    data.write_text(json.dumps({"prompt": "Say something:\n", "output": ["zzz qqq", "the the the the"]}) + "\n")
+    out = run(_cfg(tiny, tmp_path, data=(str(data),), seeds=(10,), greedy=True))
+    row = json.loads((out / "generations" / "gpt2" / "multi" / "greedy.jsonl").read_text().splitlines()[1])
+    assert row["references"] == ["zzz qqq", "the the the the"]
+    assert row["rougeL"] == pytest.approx(100 * _direct(row["generation"], row["references"]))
+
+
+def test_resume_reuses_finished_passes_and_not_stale_ones(tiny, tmp_path, monkeypatch):
+    cfg = _cfg(tiny, tmp_path)
+    out = run(cfg)
+    first = (out / "report.json").read_text()
+    calls = []
+    real = score.generate
+
+    def counting(*args, **kwargs):
+        calls.append(args[3])  # the seed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(score, "generate", counting)
+    assert (run(cfg) / "report.json").read_text() == first and calls == []
+    # An interrupted run: one pass missing, a temp file left behind.
+    (out / "generations" / "gpt2" / "selfinst" / "seed20.jsonl").rename(
+        out / "generations" / "gpt2" / "selfinst" / "seed20.jsonl.tmp123")
+    run(cfg)
+    assert calls == [20]
+    assert (out / "report.json").read_text() == first
+    # Different settings or limit: nothing is reused.
+    calls.clear()
+    run(replace(cfg, max_new_tokens=6, seeds=(10,)))
+    assert calls == [10, 10]
+    calls.clear()
+    run(replace(cfg, max_new_tokens=6, seeds=(10,), limit=2))
+    assert calls == [10, 10]
+    calls.clear()
+    run(replace(cfg, max_new_tokens=6, seeds=(10,), limit=2))
+    assert calls == []
+
+
+def test_bad_records_and_missing_files_give_clear_errors(tiny, tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl: no such file or folder\."):
+        run(_cfg(tiny, tmp_path, data=(DOLLY, str(tmp_path / "nope.jsonl"))))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "output": "o"}) + "\n" + json.dumps({"prompt": "p", "answer": "o"}) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl line 2: no 'output' field \(found: answer, prompt\)\. "
+                                        r"Rename it or pass --skip-bad\."):
+        run(_cfg(tiny, tmp_path, data=(str(bad),)))
+    with pytest.raises(ConfigError, match=r"--in-domain 'dolly' is not one of the sets \(dolly_test_20, selfinst\)\."):
+        run(_cfg(tiny, tmp_path, in_domain="dolly"))
+    with pytest.raises(ConfigError, match=r"two datas are named 'x'\. Name them apart with --data NAME=PATH\."):
+        run(_cfg(tiny, tmp_path, data=(f"x={DOLLY}", f"x={SELFINST}")))
+    with pytest.raises(ConfigError, match=r"missing required option\(s\): --models"):
+        run(_cfg(tiny, tmp_path, models=()))
+    with pytest.raises(ConfigError, match=r"temperature must be > 0 for sampling, found 0.0 \(use --greedy instead\)\."):
+        run(_cfg(tiny, tmp_path, temperature=0.0))
+    assert not (tmp_path / "score" / "generations").exists()  # every error came before any generation
+
+
+def test_markdown_table_without_ood_sets():
+    report = {"sets": ["dolly"], "in_domain": "dolly", "ood_sets": [], "seeds": ["10"], "settings": {"greedy": True},
+              "models": {"m": {"sets": {"dolly": {"mean": 12.345, "std": 0.0, "n": 3}},
+                               "average": {"mean": 12.345, "std": 0.0}, "ood_average": None}}}
+    table = markdown_table(report)
+    assert "| dolly (in-domain) | 3 | 12.35 ± 0.00 |" in table
+    assert "| OOD average | | - |" in table and "greedy" in table
+
+
+# --- CLI ----------------------------------------------------------------------------------------------------------
+
+def test_cli_score(tiny, tmp_path):
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(main, ["score", "--model", tiny["gpt2"], "--data", DOLLY, "--data", SELFINST,
+                                       "--out", str(out), "--limit", "3", "--seed", "10", "--seed", "20",
+                                       "--max-new-tokens", "8", "--batch-size", "2", "--device", "cpu",
+                                       "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "| Set | n | gpt2 |" in result.stdout and "| selfinst_20 | 3 |" in result.stdout
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert saved["seeds"] == [10, 20] and saved["no_repeat_ngram_size"] == 6 and saved["top_k"] == 0
+    assert sorted(p.name for p in (out / "generations" / "gpt2" / "selfinst_20").iterdir()) == [
+        "seed10.jsonl", "seed20.jsonl"]
+
+
+def test_cli_reports_user_errors_in_one_line(tiny, tmp_path):
+    result = CliRunner().invoke(main, ["score", "--model", tiny["gpt2"], "--data", str(tmp_path / "missing.jsonl"),
+                                       "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert f"error: {tmp_path / 'missing.jsonl'}: no such file or folder." in result.stderr
+
+
+def test_cli_generate_writes_a_training_file(tiny, tmp_path):
+    target = tmp_path / "seqkd.jsonl"
+    result = CliRunner().invoke(main, ["generate", "--model", tiny["gpt2"], "--data", SELFINST, "--out", str(target),
+                                       "--limit", "3", "--max-new-tokens", "8", "--greedy", "--device", "cpu",
+                                       "--no-progress"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in target.read_text().splitlines()]
+    originals = [json.loads(x) for x in open(SELFINST).read().splitlines()[:3]]
+    assert [r["instruction"] for r in records] == [o["instruction"] for o in originals]
+    assert [r["original_output"] for r in records] == [o["output"] for o in originals]
+    model, tok = _load(tiny["gpt2"])
+    prompts = [e.prompt for e in load_examples(SELFINST, limit=3)]
+    expected = generate(model, tok, prompts, 10, replace(FAST, greedy=True))
+    assert [r["output"] for r in records] == expected
+    assert [r["prompt"] for r in records] == prompts
+    # run_generate refuses to overwrite its input.
+    with pytest.raises(ConfigError, match="is the --data file itself"):
+        run_generate(replace(FAST, models=(tiny["gpt2"],), data=(str(target),), out=str(target)))
