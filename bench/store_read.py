@@ -42,7 +42,8 @@ def drop_caches(paths: list[Path]) -> str:
         return "posix_fadvise"
 
 
-def build(root: Path, raw: Path, gb: float, seed: int = 0) -> tuple[list[tuple[int, int]], float]:
+def build(root: Path, raw: Path | None, gb: float, chunk_tokens: int = 256,
+          seed: int = 0) -> tuple[list[tuple[int, int]], float]:
     rng = np.random.default_rng(seed)
     pool = torch.randn(1 << 15, D).to(torch.bfloat16)  # 128 MiB of bf16 rows, reused cyclically
     lengths = []
@@ -52,19 +53,20 @@ def build(root: Path, raw: Path, gb: float, seed: int = 0) -> tuple[list[tuple[i
         lengths.append(n)
         total += n
     m = Manifest(fingerprints={"data": {"n_examples": len(lengths)}}, hidden_dtype="bfloat16", d_model=D,
-                 vocab_size=32000, eos_id=2, pad_id=2, chunk_tokens=256)
+                 vocab_size=32000, eos_id=2, pad_id=2, chunk_tokens=chunk_tokens)
     root_path, m = open_for_writing(str(root), m, {})
     import zarr
     zarr.open_group(str(root_path), mode="a").attrs["shared_complete"] = True  # no head/embeddings needed here
     spans, pos = [], 0
     t0 = time.perf_counter()
     w = PartWriter(root_path, 0, m)
-    with open(raw, "wb") as fraw:
+    with open(raw if raw is not None else os.devnull, "wb") as fraw:
         for i, n in enumerate(lengths):
             a = (pos % (pool.shape[0] - 512))
             h = pool[a:a + n]
             w.add(i, list(range(n)), 64, [(k, k + 1) for k in range(n)], h, "p", "r")
-            fraw.write(h.view(torch.int16).numpy().tobytes())
+            if raw is not None:
+                fraw.write(h.view(torch.int16).numpy().tobytes())
             spans.append((pos, n))
             pos += n
         w.close()

@@ -197,3 +197,22 @@ def generate_cmd(config_path, model, data, seed, **flags) -> None:
                  seeds=(seed,) if seed is not None else None)
     out = run_generate(load_config(ScoreConfig, config_path, flags))
     click.echo(f"wrote {out}")
+
+
+# --- demo (stages/demo.py) ---
+@main.command("demo")
+@click.option("--out", default="dskd-demo", show_default=True, help="Output folder; a rerun reuses finished steps.")
+@click.option("--size", type=click.Choice(["small", "tiny"]), default="small", show_default=True,
+              help="small: a few minutes on a 2-core CPU; tiny: a smoke test in seconds.")
+@click.option("--config", "config_path", default=None, help="A demo TOML like configs/demo.toml (default: it).")
+@click.option("--fresh", is_flag=True, help="Remove this demo's outputs in --out first.")
+@click.option("--progress/--no-progress", default=True, help="The stages' progress bars on stderr.")
+def demo(out, size, config_path, fresh, progress) -> None:
+    """Cache a tiny SFT'd Qwen2 teacher, distil a tiny GPT-2 student (sft, cma-ga), score all: the whole job."""
+    from dskd_pipe.stages.demo import run
+
+    result = run(out, size=size, config=config_path, fresh=fresh, progress=progress)
+    click.echo("\n" + result["table"], nl=False)
+    click.echo("\nwhere everything lies:")
+    for name, path in result["paths"].items():
+        click.echo(f"  {name:15s} {path}")
