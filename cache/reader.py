@@ -213,7 +213,7 @@ class StoreReader:
             if verify:
                 crc = 0
                 for buf in bufs[:-1]:
-                    crc = google_crc32c.extend(crc, buf)
+                    crc = google_crc32c.extend(crc, np.frombuffer(buf, np.uint8))  # it takes no memoryview
                 if crc != int.from_bytes(crc_tail, "little"):
                     raise StoreError(f"{self.url}: {part['name']}/{name} chunk {chunk} ({path}) is corrupt "
                                      "(crc32c mismatch). Run dskd-pipe cache-verify, then rebuild the store.")

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one go, on a lent machine (python 3.12, torch preinstalled; zarr & co. carried as wheels in
+# .whl/). Results land in $OUT (or bench/results). Usage: bash bench/gpu_run.sh [all|s2t|distill|capture|store]
+set -uo pipefail
+what=${1:-all}
+res=${OUT:-bench/results}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD/.ns || exit 1
+fi
+# The project's folders import as dskd_pipe.*: make that namespace without installing (no network there).
+mkdir -p .ns/dskd_pipe && for d in pipeline cache stages configs; do ln -sfn "$PWD/$d" ".ns/dskd_pipe/$d"; done
+export PYTHONPATH=${PYTHONPATH:-}:$PWD/.ns PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, transformers, zarr; print('torch', torch.__version__, 'transformers', transformers.__version__, 'zarr', zarr.__version__)"
+if [[ $what == all || $what == s2t ]]; then
+  timeout 120 python3 bench/s2t_memory.py --device cuda --tokens 8192 --vocab 151936 --d-teacher 2048 --out "$res"
+fi
+if [[ $what == all || $what == capture ]]; then
+  timeout 300 python3 bench/capture.py --teacher-shape qwen1.5-1.8b --device cuda --out-dir /tmp/capture --results "$res" \
+    || echo "capture bench failed"
+fi
+if [[ $what == all || $what == distill ]]; then
+  timeout 420 python3 bench/distill_offline_vs_online.py --teacher-shape qwen1.5-1.8b --student-shape gpt2 --device cuda \
+    --limit 256 --max-length 512 --micro-batch-size 4 --grad-accum 8 --steps 6 --num-workers 4 --out "$res" \
+    || echo "distill bench failed"
+fi
+if [[ $what == all || $what == store ]]; then
+  timeout 400 python3 bench/store_read.py --gb 4 --dir /tmp/store_bench --out "$res/store_read-gpu-host.json" \
+    || echo "store bench failed"
+fi
+ls -la "$res"
