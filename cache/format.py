@@ -129,6 +129,13 @@ def check_compatible(manifest: Manifest, expected: dict, store: str = "the store
                                      f"{_short(got.get(sub))}), not {want.get('name')} ({_short(want.get(sub))}). "
                                      "Pass the same --teacher or build a new store.")
             continue
+        if isinstance(want, dict) and isinstance(got, dict):
+            for sub, value in want.items():
+                if got.get(sub) != value:
+                    flag = "--" + sub.replace("_", "-")
+                    raise StoreError(f"{store} was built with {sub}={got.get(sub)}, not {value}. "
+                                     f"Pass {flag} {got.get(sub)} or build a new store.")
+            continue
         if want != got:
             raise StoreError(f"{store} was built with {key} {_short(got)}, not {_short(want)}. "
                              "Use the same settings or build a new store.")

@@ -80,17 +80,25 @@ def verify_store(url: str) -> dict:
             "tokens": m.totals["tokens"]}
 
 
+def store_sizes(url: str) -> dict:
+    """Bytes on disk: in all, per token (the parts: hidden states, ids, offsets, top-k, texts) and once per store
+    (head, embeddings, tokenizer, manifests), so that bytes/token says what a longer data set costs."""
+    fs, root = fsspec.core.url_to_fs(str(url))
+    total = fs.du(root)
+    parts = fs.du(f"{root}/parts") if fs.exists(f"{root}/parts") else 0
+    if not isinstance(total, int) or not isinstance(parts, int):
+        raise StoreError(f"{url}: cannot measure the size on disk.")
+    return {"bytes_on_disk": total, "bytes_per_example_data": parts, "bytes_once_per_store": total - parts}
+
+
 def store_info(url: str) -> dict:
     """What is inside a store: shapes, dtypes, fingerprints, size on disk, bytes per token."""
     url = str(url)
     m = read_manifest(url)
-    fs, root = fsspec.core.url_to_fs(url)
-    size = fs.du(root)
-    if not isinstance(size, int):
-        raise StoreError(f"{url}: cannot measure the size on disk.")
+    sizes = store_sizes(url)
     return {"store": url, "format_version": m.format_version, "examples": m.totals["examples"],
-            "tokens": m.totals["tokens"], "bytes_on_disk": size,
-            "bytes_per_token": round(size / max(1, m.totals["tokens"]), 1),
+            "tokens": m.totals["tokens"], **sizes,
+            "bytes_per_token": round(sizes["bytes_per_example_data"] / max(1, m.totals["tokens"]), 1),
             "hidden": f"{m.hidden_dtype} (stored as {m.storage_dtype}), d_model {m.d_model}",
             "vocab_size": m.vocab_size, "eos_id": m.eos_id, "pad_id": m.pad_id, "topk": m.topk,
             "chunk_tokens": m.chunk_tokens, "compression": m.compression, "parts": m.n_parts,

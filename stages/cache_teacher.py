@@ -13,6 +13,7 @@ import torch
 
 from dskd_pipe.cache.format import COMPRESSIONS, Manifest, StoreError
 from dskd_pipe.cache.reader import logits_from_hidden
+from dskd_pipe.cache.verify import store_sizes
 from dskd_pipe.cache.writer import PartWriter, finalize_store, open_for_writing, write_shared
 from dskd_pipe.pipeline.config import CacheConfig, config_to_dict, require
 from dskd_pipe.pipeline.data import TEMPLATE_ID, build_sequence, file_fingerprint, load_examples
@@ -109,9 +110,10 @@ def run(cfg: CacheConfig) -> Path:
     if final is None:
         print(f"{root}: part {shard}/{n_shards} done; the store is finished when every part is.")
     else:
-        t = final.totals
-        print(f"{root}: {t['examples']} examples, {t['tokens']} tokens, {t['bytes'] / 2**20:.1f} MiB, "
-              f"{t['bytes'] / max(1, t['tokens']):.0f} bytes/token.")
+        t, sizes = final.totals, store_sizes(root)
+        print(f"{root}: {t['examples']} examples, {t['tokens']} tokens, {sizes['bytes_on_disk'] / 2**20:.1f} MiB: "
+              f"{sizes['bytes_per_example_data'] / max(1, t['tokens']):.0f} bytes/token "
+              f"+ {sizes['bytes_once_per_store'] / 2**20:.1f} MiB once per store (head, embeddings, tokenizer).")
     return root
 
 
