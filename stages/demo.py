@@ -77,7 +77,8 @@ def load_demo_config(size: str, path: str | Path | None = None) -> dict:
         try:
             load_config(cls, None, {k: v for k, v in section.items() if k not in PATH_KEYS})
         except ConfigError as e:
-            problems += [f"{path}: [{size}.{name}] {line.removeprefix('command line: ')}" for line in str(e).splitlines()]
+            problems += [f"{path}: [{size}.{name}] {line.removeprefix('command line: ')}"
+                         for line in str(e).splitlines()]
     if problems:
         raise ConfigError("\n".join(problems))
     return {"models": dict(models), **{name: dict(table.get(name, {})) for name in STAGES}}
