@@ -1,0 +1,545 @@
+"""DWA-KD: entropy-weighted dual-space KD plus Soft-DTW alignment, on top of DSKD-CMA (spec/other_methods.md).
+
+Ref: DWA-KD, arXiv 2602.21669. Per micro-batch, on the DSKD-CMA attention of spec/dskd.md steps 1-4:
+1. Entropy weights (detached, rescaled per sequence to sum to that sequence's response tokens):
+   student side w_i = H(softmax(Zs_i)) * max_v softmax(Zt2s_i / T_t)_v multiplies KD_t2s per token (no accuracy mask);
+   teacher side w_j = clamp(1 - H(softmax(Zt_j)) / log Vt, 0, 1) multiplies the s2t forward KL per token.
+2. Soft-DTW on the RESPONSE positions of both sequences (label != -100, packed left; never sliced from index 0):
+   hidden pair (Hs, t2s(Ht~)) and target-embedding pair (Es[y], embed(Etg~)); cost C_ij = 1 - cos(x_i, y_j);
+   band from a_t2s: C~_ij = C_ij + 1 outside |j - c_i| <= w_i; nDTW = sDTW(C~(X,Y)) - 0.5 [sDTW(C(X,X)) + sDTW(C(Y,Y))].
+3. L = (1 - lambda) CE + lambda (kd_scale (KD_t2s^w + KD_s2t^w) + CE_t2s) + 0.2 sum_b n_b L_DTW,b.
+Every term is a token SUM; the stage divides the step total once by the step's supervised student tokens. L_DTW,b
+(one number per sequence) is multiplied by n_b, the sequence's supervised student tokens, so after that division
+the DTW term is the token-weighted mean over sequences of L_DTW,b (the paper's batch mean when lengths are equal).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from dskd_pipe.pipeline.objectives.divergences import (
+    SKEW_ALPHA,
+    _plogp_ratio,
+    cross_entropy_sum,
+    forward_kl_rows,
+    reverse_kl_rows,
+)
+from dskd_pipe.pipeline.objectives.dskd import (
+    DEFAULT_CHUNK_TOKENS,
+    MASK_LOGIT,
+    DSKDOutput,
+    Projectors,
+    TeacherHead,
+    _apply,
+    _index_embeddings,
+    _scalar_std_normalise,
+    teacher_logits,
+)
+
+BAND_ALPHA = 0.7  # a in the band centre c_i = a sum_j j A_ij + (1 - a) i m/n
+BAND_BASE_WIDTH = 5.0  # w_i = 5 + 2 H(A_i)
+BAND_ENTROPY_SCALE = 2.0
+BAND_PENALTY = 1.0  # added to C_ij outside the band
+GAMMA_START, GAMMA_END = 2.0, 0.8  # the paper does not state gamma; annealed linearly over training
+KD_WARMUP_STEPS = 300
+_BIG = 1e10  # "infinite" DP cell; finite so that exp(-_BIG / gamma) is exactly 0 and no inf - inf NaN appears
+
+
+# --------------------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------------------
+
+
+def dtw_gamma(progress: float, start: float = GAMMA_START, end: float = GAMMA_END) -> float:
+    """Soft-DTW temperature, linear from ``start`` (progress 0) to ``end`` (progress 1); progress = step / total."""
+    p = min(max(float(progress), 0.0), 1.0)
+    return start + (end - start) * p
+
+
+def kd_warmup(step: int, warmup_steps: int = KD_WARMUP_STEPS) -> float:
+    """KD ramp factor min(1, (step + 1) / warmup_steps); 1.0 when warmup_steps <= 0 (the ramp is optional)."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Soft-DTW
+# --------------------------------------------------------------------------------------------------------
+
+
+def soft_dtw(
+    cost: Tensor, gamma: float, lengths_x: Optional[Tensor] = None, lengths_y: Optional[Tensor] = None
+) -> Tensor:
+    """Batched Soft-DTW value R[b, n_b, m_b] (Cuturi & Blondel 2017), fp32, differentiable by autograd.
+
+    R[0,0] = 0, R[i,0] = R[0,j] = inf, R[i,j] = C[i-1,j-1] + softmin_g(R[i-1,j-1], R[i-1,j], R[i,j-1]),
+    softmin_g(a) = -g log sum exp(-a / g). Computed along anti-diagonals d = i + j (one loop step per diagonal,
+    all sequences and cells of a diagonal at once). Cells past a sequence's lengths are never read by R[n_b, m_b];
+    a sequence with a zero length gets 0.
+    Shapes: cost [B, N, M]; lengths [B] (default N and M). Returns [B].
+    """
+    if gamma <= 0:
+        raise ValueError(f"soft_dtw: gamma must be > 0, got {gamma}")
+    bsz, n, m = cost.shape
+    device = cost.device
+    lx = torch.full((bsz,), n, device=device, dtype=torch.long) if lengths_x is None else lengths_x.to(device).long()
+    ly = torch.full((bsz,), m, device=device, dtype=torch.long) if lengths_y is None else lengths_y.to(device).long()
+    if n == 0 or m == 0 or bsz == 0:
+        return cost.new_zeros(bsz, dtype=torch.float32) + 0.0 * cost.float().sum()
+    i = torch.arange(n + 1, device=device)  # row index of a cell on a diagonal
+    d = torch.arange(n + m + 1, device=device)  # diagonal index d = i + j
+    j = d[:, None] - i[None, :]  # [D, N+1]
+    inside = (i[None, :] >= 1) & (j >= 1) & (j <= m)  # [D, N+1]
+    valid = inside[None] & (i[None, None, :] <= lx[:, None, None]) & (j[None] <= ly[:, None, None])  # [B, D, N+1]
+    rows, cols = (i - 1).clamp(0, n - 1).expand_as(j), (j - 1).clamp(0, m - 1)
+    skew = cost.float()[:, rows, cols]  # [B, D, N+1]: skew[b, d, i] = C[b, i-1, d-i-1]
+    skew = torch.where(valid, skew, torch.zeros_like(skew))
+
+    big = skew.new_full((bsz, 1), _BIG)
+    r0 = torch.cat([skew.new_zeros(bsz, 1), skew.new_full((bsz, n), _BIG)], dim=1)  # R on d = 0
+    r1 = skew.new_full((bsz, n + 1), _BIG)  # d = 1: only boundary cells
+    diagonals = [r0, r1]
+    prev2, prev1 = r0, r1
+    last = int((lx + ly).max())
+    for dd in range(2, last + 1):
+        up_left = torch.cat([big, prev2[:, :-1]], dim=1)  # R[i-1, j-1]
+        up = torch.cat([big, prev1[:, :-1]], dim=1)  # R[i-1, j]
+        left = prev1  # R[i, j-1]
+        stacked = torch.stack([up_left, up, left], dim=-1)  # [B, N+1, 3]
+        softmin = -gamma * torch.logsumexp(-stacked / gamma, dim=-1)  # [B, N+1]
+        cur = torch.where(valid[:, dd], skew[:, dd] + softmin, big)
+        diagonals.append(cur)
+        prev2, prev1 = prev1, cur
+    table = torch.stack(diagonals, dim=1)  # [B, last+1, N+1]
+    value = table[torch.arange(bsz, device=device), lx + ly, lx]  # R[b, n_b, m_b]
+    return torch.where((lx > 0) & (ly > 0), value, torch.zeros_like(value))
+
+
+def cosine_cost(x: Tensor, y: Tensor) -> Tensor:
+    """C_ij = 1 - cos(x_i, y_j), fp32. Shapes: x [B, N, d], y [B, M, d] -> [B, N, M]."""
+    xn = F.normalize(x.float(), dim=-1, eps=1e-8)
+    yn = F.normalize(y.float(), dim=-1, eps=1e-8)
+    return 1.0 - xn @ yn.transpose(-1, -2)
+
+
+def _pad_cost(cost: Tensor, size: int) -> Tensor:
+    return F.pad(cost, (0, size - cost.shape[2], 0, size - cost.shape[1]))
+
+
+def _normalized_soft_dtw_pairs(pairs, gamma, lengths_x, lengths_y, outside, penalty):
+    """nDTW for several (x, y) pairs that share lengths and band, with ONE soft_dtw call (one diagonal loop)."""
+    costs, lx, ly = [], [], []
+    for x, y in pairs:
+        cxy = cosine_cost(x, y)
+        if outside is not None:
+            cxy = cxy + penalty * outside.to(cxy.dtype)  # C~ = C + 1 outside the band
+        costs += [cxy, cosine_cost(x, x), cosine_cost(y, y)]
+        lx += [lengths_x, lengths_x, lengths_y]
+        ly += [lengths_y, lengths_x, lengths_y]
+    size = max(max(c.shape[1], c.shape[2]) for c in costs)
+    values = soft_dtw(torch.cat([_pad_cost(c, size) for c in costs]), gamma, torch.cat(lx), torch.cat(ly))
+    bsz = lengths_x.shape[0]
+    values = values.view(len(pairs), 3, bsz)  # [pair, (xy, xx, yy), B]
+    both = (lengths_x > 0) & (lengths_y > 0)  # an empty side leaves nothing to align: 0, not -0.5 sDTW(self)
+    return [torch.where(both, v[0] - 0.5 * (v[1] + v[2]), torch.zeros_like(v[0])) for v in values]
+
+
+def normalized_soft_dtw(
+    x: Tensor,
+    y: Tensor,
+    gamma: float,
+    lengths_x: Optional[Tensor] = None,
+    lengths_y: Optional[Tensor] = None,
+    outside_band: Optional[Tensor] = None,
+    penalty: float = BAND_PENALTY,
+) -> Tensor:
+    """nDTW = sDTW(C~(X, Y)) - 0.5 [sDTW(C(X, X)) + sDTW(C(Y, Y))], C_ij = 1 - cos(x_i, y_j).
+
+    C~ = C + penalty where ``outside_band`` (bool [B, N, M], see attention_band); no band: C~ = C.
+    A sequence with an empty side gets 0.
+    Shapes: x [B, N, d], y [B, M, d], lengths [B] (default N, M). Returns [B] fp32.
+    """
+    bsz = x.shape[0]
+    lx = torch.full((bsz,), x.shape[1], device=x.device, dtype=torch.long) if lengths_x is None else lengths_x.long()
+    ly = torch.full((bsz,), y.shape[1], device=x.device, dtype=torch.long) if lengths_y is None else lengths_y.long()
+    return _normalized_soft_dtw_pairs([(x, y)], gamma, lx, ly, outside_band, penalty)[0]
+
+
+@torch.no_grad()
+def attention_band(
+    attn: Tensor,
+    lengths_x: Tensor,
+    lengths_y: Tensor,
+    alpha: float = BAND_ALPHA,
+    base_width: float = BAND_BASE_WIDTH,
+    entropy_scale: float = BAND_ENTROPY_SCALE,
+) -> Tensor:
+    """Cells OUTSIDE the band built from the CMA attention (rows: student positions i, columns: teacher positions j).
+
+    Each row is renormalised over its m_b valid columns; with 0-based i, j:
+    c_i = alpha sum_j j A_ij + (1 - alpha) i m_b / n_b;  w_i = base + entropy_scale H(A_i) (nats);
+    outside_ij = |j - c_i| > w_i. The band is a hard mask, so it is detached.
+    Shapes: attn [B, N, M], lengths [B]. Returns bool [B, N, M].
+    """
+    bsz, n, m = attn.shape
+    lx, ly = lengths_x.long().to(attn.device), lengths_y.long().to(attn.device)
+    col = torch.arange(m, device=attn.device, dtype=torch.float32)  # [M]
+    row = torch.arange(n, device=attn.device, dtype=torch.float32)  # [N]
+    a = torch.where(col[None, None, :] < ly[:, None, None], attn.float(), torch.zeros((), device=attn.device))
+    a = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # [B, N, M]
+    expected = (a * col).sum(-1)  # [B, N]
+    ratio = ly.float() / lx.float().clamp_min(1.0)  # [B]
+    centre = alpha * expected + (1.0 - alpha) * row[None, :] * ratio[:, None]  # [B, N]
+    entropy = -torch.where(a > 0, a * a.log(), torch.zeros_like(a)).sum(-1)  # [B, N]
+    width = base_width + entropy_scale * entropy  # [B, N]
+    return (col[None, None, :] - centre[..., None]).abs() > width[..., None]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Response positions
+# --------------------------------------------------------------------------------------------------------
+
+
+def response_order(mask: Tensor):
+    """Positions where ``mask`` is true, packed left in their original order.
+
+    Returns (index [B, Nmax] long, lengths [B]); index[b, k] is the k-th response position of sequence b
+    for k < lengths[b] (entries past the length point at other positions and must be ignored).
+    """
+    lengths = mask.sum(-1)
+    order = torch.sort((~mask).to(torch.int32), dim=-1, stable=True).indices  # true positions first, in order
+    nmax = int(lengths.max()) if mask.numel() else 0
+    return order[:, :nmax], lengths
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x[b, index[b, k]] for x [B, L, ...] and index [B, K] -> [B, K, ...] (differentiable)."""
+    idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Entropy weights
+# --------------------------------------------------------------------------------------------------------
+
+
+def _entropy(logits: Tensor) -> Tensor:
+    """H(softmax(z)) per row in nats, fp32. [M, V] -> [M]."""
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    p = log_p.exp()
+    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+
+
+def rescale_per_sequence(weights: Tensor, seq_index: Tensor, n_seq: int) -> Tensor:
+    """w_k * n_b / sum_{k in b} w_k, so each sequence's weights sum to its token count; all-zero sequences get 1.
+
+    Shapes: weights [M] (the masked rows of a [B, L] batch, row-major), seq_index [M] (the b of each row).
+    """
+    w = weights.float()
+    sums = torch.zeros(n_seq, device=w.device, dtype=w.dtype).index_add_(0, seq_index, w)  # [B]
+    counts = torch.bincount(seq_index, minlength=n_seq).to(w.dtype)  # [B]
+    scale = torch.where(sums > 0, counts / sums.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(sums))
+    return torch.where(sums[seq_index] > 0, w * scale[seq_index], torch.ones_like(w))
+
+
+@torch.no_grad()
+def student_entropy_weights(student_logits: Tensor, t2s_logits: Tensor, seq_index: Tensor, n_seq: int) -> Tensor:
+    """w_i = H(softmax(Zs_i)) * max_v softmax(Zt2s_i)_v, detached, rescaled per sequence (rescale_per_sequence).
+
+    Both distributions at temperature 1 (the model's own distribution; pass Zt2s / T_t for another teacher
+    temperature). Shapes: logits [M, Vs] (the supervised rows), seq_index [M]. Returns [M] fp32.
+    """
+    confidence = torch.softmax(t2s_logits.float(), dim=-1).amax(-1)  # [M]
+    return rescale_per_sequence(_entropy(student_logits) * confidence, seq_index, n_seq)
+
+
+@torch.no_grad()
+def teacher_confidence_weights(teacher_entropy: Tensor, vocab_size: int, seq_index: Tensor, n_seq: int) -> Tensor:
+    """w_j = clamp(1 - H_j / log Vt, 0, 1), detached, rescaled per sequence; H_j in nats (temperature 1). [M]."""
+    raw = (1.0 - teacher_entropy.float() / math.log(vocab_size)).clamp(0.0, 1.0)
+    return rescale_per_sequence(raw, seq_index, n_seq)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-row divergences
+# --------------------------------------------------------------------------------------------------------
+
+
+def divergence_rows(name: str, student_logits: Tensor, teacher_logits_: Tensor, tau: float = 2.0) -> Tensor:
+    """Per-row D(student, teacher; tau) as in divergences.py (same formulas, fp32, no tau^2). [M, V] -> [M].
+
+    Supports fkl, rkl, sfkl, srkl, js (the published DWA-KD uses srkl on the student side).
+    """
+    log_q = torch.log_softmax(student_logits.float() / tau, dim=-1)
+    log_p = torch.log_softmax(teacher_logits_.float() / tau, dim=-1)
+    if name == "fkl":
+        return forward_kl_rows(log_q, log_p)
+    if name == "rkl":
+        return reverse_kl_rows(log_q, log_p)
+    p, q = log_p.exp(), log_q.exp()
+    if name == "sfkl":
+        return _plogp_ratio(p, log_p, torch.log(SKEW_ALPHA * p + (1.0 - SKEW_ALPHA) * q))
+    if name == "srkl":
+        return _plogp_ratio(q, log_q, torch.log((1.0 - SKEW_ALPHA) * p + SKEW_ALPHA * q))
+    if name == "js":
+        log_m = torch.log(0.5 * (p + q))
+        return 0.5 * (_plogp_ratio(p, log_p, log_m) + _plogp_ratio(q, log_q, log_m))
+    raise ValueError(
+        f"dwa-kd: divergence {name!r} has no per-token form here; expected one of: fkl, js, rkl, sfkl, srkl"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Chunked forward KL over the teacher vocabulary, per row
+# --------------------------------------------------------------------------------------------------------
+
+
+class _ChunkedFKLRows(torch.autograd.Function):
+    """Per-row KL(softmax(Zt_i / tau) || softmax(hs_i Wt^T / tau)) built chunk by chunk, plus H(softmax(Zt_i)).
+
+    Same scheme as dskd._ChunkedFKL, but the rows are returned, so any (detached) row weights can be applied by
+    the caller: d KL_i / d hs_i = ((Q_i - P_i) / tau) Wt is kept as [M, dt] and backward multiplies it by the
+    incoming per-row gradient. No [M, Vt] tensor outlives its chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, teacher_hidden, student_hidden, head_weight, head, tau, chunk_tokens):
+        # teacher_hidden [M, dt], student_hidden [M, dt], head_weight [Vt, dt] fp32 (detached)
+        need_grad = ctx.needs_input_grad[1]
+        rows_n = student_hidden.shape[0]
+        device = student_hidden.device
+        kl = torch.zeros(rows_n, dtype=torch.float32, device=device)
+        entropy = torch.zeros(rows_n, dtype=torch.float32, device=device)
+        argmax = torch.empty(rows_n, dtype=torch.long, device=device)
+        grad_hidden = torch.zeros_like(student_hidden, dtype=torch.float32) if need_grad else None
+        for start in range(0, rows_n, chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            zt = teacher_logits(teacher_hidden[rows], head)  # [c, Vt]
+            entropy[rows] = _entropy(zt)
+            log_p = torch.log_softmax(zt / tau, dim=-1)  # [c, Vt]
+            zs = student_hidden[rows].float() @ head_weight.T  # [c, Vt]
+            argmax[rows] = zs.argmax(-1)
+            log_q = torch.log_softmax(zs / tau, dim=-1)
+            kl[rows] = forward_kl_rows(log_q, log_p)
+            if need_grad:
+                grad_hidden[rows] = ((log_q.exp() - log_p.exp()) / tau) @ head_weight  # [c, dt]
+        ctx.save_for_backward(grad_hidden if need_grad else None)
+        ctx.student_dtype = student_hidden.dtype
+        ctx.mark_non_differentiable(argmax, entropy)
+        return kl, argmax, entropy
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_argmax, grad_entropy):
+        (grad_hidden,) = ctx.saved_tensors
+        grad_student = None
+        if grad_hidden is not None:
+            grad_student = (grad_kl[:, None].float() * grad_hidden).to(ctx.student_dtype)
+        return None, grad_student, None, None, None, None
+
+
+def chunked_fkl_rows_over_head(
+    teacher_hidden: Tensor,
+    student_in_teacher_space: Tensor,
+    head: TeacherHead,
+    mask: Tensor,
+    tau: float = 2.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+):
+    """Per-row forward KL over the full teacher vocabulary at the masked positions, built in chunks of rows.
+
+    KL_i = sum_v P_iv (log P_iv - log Q_iv), P = softmax(Zt / tau) with Zt = teacher_logits(Ht) (bias, scale,
+    soft-cap), Q = softmax(Zs2t / tau), Zs2t = student_in_teacher_space @ Wt^T (no bias; Wt detached); fp32, no tau^2.
+    rows.sum() equals dskd.chunked_fkl_over_head. Gradient flows into student_in_teacher_space only.
+    Shapes: teacher_hidden [B, T, dt], student_in_teacher_space [B, T, dt], mask [B, T] bool.
+    Returns (kl [M], argmax_v Zs2t [M], teacher entropy H(softmax(Zt)) at temperature 1 [M]), rows in mask order.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    keep = mask.reshape(-1).bool()
+    dt = student_in_teacher_space.shape[-1]
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[keep].detach()  # [M, dt]
+    hs = student_in_teacher_space.reshape(-1, dt)[keep]  # [M, dt]
+    weight = head.weight.detach().float()  # [Vt, dt], frozen teacher head
+    return _ChunkedFKLRows.apply(ht, hs, weight, head, tau, chunk_tokens)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Projectors and output
+# --------------------------------------------------------------------------------------------------------
+
+
+class DWAProjectors(Projectors):
+    """DSKD-CMA projectors (t2s, s2t, query) plus ``embed`` (dt -> ds) for the target-embedding Soft-DTW pair."""
+
+    def __init__(self, ds: int, dt: int):
+        super().__init__(ds, dt, with_query=True)
+        self.embed = nn.Linear(dt, ds)
+
+
+def build_dwa_projectors(ds: int, dt: int) -> DWAProjectors:
+    """Projectors for --method dwa-kd (default nn.Linear init with bias, like the DSKD projectors)."""
+    return DWAProjectors(ds, dt)
+
+
+@dataclass
+class DWAOutput(DSKDOutput):
+    """DSKDOutput (kd_t2s and kd_s2t are the WEIGHTED sums) plus the Soft-DTW terms.
+
+    dtw = sum_b n_b (nDTW_hidden,b + nDTW_embed,b) enters the loss times dtw_weight; dtw_hidden / dtw_embed are
+    the plain per-sequence sums sum_b nDTW_b (for the log). t2s_kd_tokens = n_student (no accuracy mask).
+    """
+
+    dtw: Optional[Tensor] = None
+    dtw_hidden: Optional[Tensor] = None
+    dtw_embed: Optional[Tensor] = None
+    n_sequences: Optional[Tensor] = None
+
+    def log_dict(self) -> dict[str, float]:
+        out = super().log_dict()
+        for name in ("dtw", "dtw_hidden", "dtw_embed", "n_sequences"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = float(value.detach())
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# DWA-KD
+# --------------------------------------------------------------------------------------------------------
+
+
+def dwa_kd_loss(
+    student_hidden: Tensor,
+    student_logits: Tensor,
+    labels: Tensor,
+    input_ids: Tensor,
+    student_embed: Tensor,
+    student_head: Tensor,
+    teacher_input_ids: Tensor,
+    teacher_labels: Tensor,
+    teacher_hidden: Tensor,
+    teacher_embed: Tensor,
+    teacher_head: TeacherHead,
+    projectors: DWAProjectors,
+    gamma: float = GAMMA_START,
+    kd_scale: float = 1.0,
+    divergence: str = "srkl",
+    kd_rate: float = 0.5,
+    dtw_weight: float = 0.2,
+    tau: float = 2.0,
+    teacher_temperature: float = 1.0,
+    teacher_embed_scale: float = 1.0,
+    band_alpha: float = BAND_ALPHA,
+    band_base_width: float = BAND_BASE_WIDTH,
+    band_entropy_scale: float = BAND_ENTROPY_SCALE,
+    band_penalty: float = BAND_PENALTY,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> DWAOutput:
+    """DWA-KD on DSKD-CMA (module docstring), all terms token sums.
+
+    CMA steps 1-4 as dskd_cma_loss. Then, with ms / mt the supervised positions:
+    CE_t2s = sum_ms CE(Zt2s, y);  KD_t2s = sum_ms w^s_i D(Zs_i, stopgrad(Zt2s_i) / T_t; tau);
+    KD_s2t = sum_mt w^t_j FKL(Zt_j || Zs2t_j; tau) (full teacher vocabulary, chunked);
+    DTW = sum_b n_b [nDTW(Hs, t2s(Ht~)) + nDTW(Es[y], embed(Etg~))]_b on response positions, banded by a_t2s;
+    L = (1 - lambda) CE_s + lambda (kd_scale (KD_t2s + KD_s2t) + CE_t2s) + dtw_weight DTW.
+    gamma: Soft-DTW temperature (dtw_gamma(progress)); kd_scale: KD ramp (kd_warmup(step), 1.0 without ramp).
+    Gradients: student (CE, KD_t2s, KD_s2t via Hs, DTW via Hs and Es rows of the targets), query (CE_t2s, KD_s2t),
+    t2s (CE_t2s, hidden DTW), s2t (KD_s2t), embed (embedding DTW). Nothing into the teacher tensors or either head.
+    Shapes: Hs [B,S,ds], Zs [B,S,Vs], y/x [B,S], Es/Ws [Vs,ds]; xt/yt [B,T], Ht [B,T,dt], Et [Vt,dt].
+    """
+    ms = labels != -100  # [B, S]
+    mt = teacher_labels != -100  # [B, T]
+    bsz = labels.shape[0]
+    dt = teacher_hidden.shape[-1]
+    ht = teacher_hidden.detach()  # the teacher is frozen (cached states)
+
+    ce_student = cross_entropy_sum(student_logits, labels)
+
+    # DSKD-CMA steps 1-4 (spec/dskd.md), with the helpers of dskd.py.
+    q_in, _ = _index_embeddings(student_embed, input_ids, labels, ms)  # [B, S, 2ds]
+    k_in, e_tg = _index_embeddings(teacher_embed, teacher_input_ids, teacher_labels, mt, teacher_embed_scale)
+    keys = _scalar_std_normalise(k_in)  # [B, T, 2dt]
+    e_tg = _scalar_std_normalise(e_tg)  # [B, T, dt]
+    ht_norm = _scalar_std_normalise(ht)  # [B, T, dt]
+    queries = _apply(projectors.query, q_in).float()  # [B, S, 2dt]
+    v_t2s = _apply(projectors.t2s, ht_norm + e_tg).float()  # [B, T, ds]
+    v_s2t = _apply(projectors.s2t, student_hidden).float()  # [B, S, dt]
+    scores = queries @ keys.transpose(-1, -2) / math.sqrt(2 * dt)  # [B, S, T]
+    allowed = ms[:, :, None] & mt[:, None, :]
+    scores = scores + (~allowed).float() * MASK_LOGIT
+    a_t2s = torch.softmax(scores, dim=-1)  # [B, S, T]
+    a_s2t = torch.softmax(scores.transpose(-1, -2), dim=-1)  # [B, T, S]
+
+    # Teacher -> student, entropy-weighted (replaces the accuracy mask).
+    ws = student_head.detach()  # the t2s branch must not train the student's head
+    ht2s = (a_t2s @ v_t2s).to(ws.dtype)  # [B, S, ds]
+    y = labels[ms]  # [Ns]
+    zt2s = ht2s[ms] @ ws.T  # [Ns, Vs]
+    ce_t2s = cross_entropy_sum(zt2s, y)
+    zs_rows = student_logits[ms]  # [Ns, Vs]
+    seq_s = ms.nonzero(as_tuple=True)[0]  # [Ns], row-major like boolean indexing
+    target = zt2s.detach() / teacher_temperature
+    w_s = student_entropy_weights(zs_rows, target, seq_s, bsz)  # [Ns], detached
+    kd_t2s = (w_s * divergence_rows(divergence, zs_rows, target, tau=tau)).sum()
+
+    # Student -> teacher, full teacher vocabulary, chunked, weighted per row.
+    hs2t = a_s2t @ v_s2t  # [B, T, dt]
+    kl_rows, s2t_argmax, t_entropy = chunked_fkl_rows_over_head(ht, hs2t, teacher_head, mt, tau, chunk_tokens)
+    seq_t = mt.nonzero(as_tuple=True)[0]  # [Nt]
+    w_t = teacher_confidence_weights(t_entropy, teacher_head.weight.shape[0], seq_t, bsz)  # [Nt], detached
+    kd_s2t = (w_t * kl_rows).sum()
+
+    # Soft-DTW on response positions only (packed left; prompt and pad positions never enter).
+    s_idx, n_s = response_order(ms)  # [B, Ns_max], [B]
+    t_idx, n_t = response_order(mt)  # [B, Nt_max], [B]
+    x_hidden = gather_rows(student_hidden, s_idx)  # [B, Ns_max, ds]
+    y_hidden = _apply(projectors.t2s, gather_rows(ht_norm, t_idx))  # [B, Nt_max, ds], shared t2s projector
+    targets = torch.where(ms, labels, torch.zeros_like(labels))
+    x_embed = gather_rows(student_embed[targets], s_idx)  # [B, Ns_max, ds], NOT detached: trains Es rows
+    y_embed = _apply(projectors.embed, gather_rows(e_tg, t_idx))  # [B, Nt_max, ds]
+    attn = gather_rows(a_t2s.detach(), s_idx)  # [B, Ns_max, T]
+    attn = attn.gather(2, t_idx[:, None, :].expand(-1, attn.shape[1], -1))  # [B, Ns_max, Nt_max]
+    outside = attention_band(attn, n_s, n_t, band_alpha, band_base_width, band_entropy_scale)
+    nd_hidden, nd_embed = _normalized_soft_dtw_pairs(
+        [(x_hidden, y_hidden), (x_embed, y_embed)], gamma, n_s, n_t, outside, band_penalty
+    )
+    dtw = (n_s.float() * (nd_hidden + nd_embed)).sum()  # per-sequence nDTW scaled by its response tokens
+
+    loss = (1.0 - kd_rate) * ce_student + kd_rate * (kd_scale * (kd_t2s + kd_s2t) + ce_t2s) + dtw_weight * dtw
+
+    with torch.no_grad():
+        rows = a_t2s[ms]  # [Ns, T]
+        entropy = -torch.where(rows > 0, rows * rows.log(), torch.zeros_like(rows)).sum(-1)
+        attention_entropy = entropy.mean() if entropy.numel() else entropy.sum()
+        t2s_correct = (zt2s.argmax(-1) == y).sum()
+        s2t_correct = (s2t_argmax == teacher_labels[mt]).sum()
+
+    return DWAOutput(
+        loss=loss,
+        ce_student=ce_student,
+        ce_t2s=ce_t2s,
+        kd_t2s=kd_t2s,
+        kd_s2t=kd_s2t,
+        n_student=ms.sum(),
+        n_teacher=mt.sum(),
+        t2s_correct=t2s_correct,
+        s2t_correct=s2t_correct,
+        t2s_kd_tokens=ms.sum(),
+        attention_entropy=attention_entropy,
+        queries=queries,
+        keys=keys,
+        student_mask=ms,
+        teacher_mask=mt,
+        dtw=dtw,
+        dtw_hidden=nd_hidden.sum(),
+        dtw_embed=nd_embed.sum(),
+        n_sequences=torch.tensor(bsz, device=labels.device),
+    )
