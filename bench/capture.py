@@ -11,7 +11,7 @@ bench/results/capture-<device>-<shape>.json.
 CPU, tiny random model (checks the script, numbers mean little):
     python bench/capture.py --teacher-shape tiny --examples 200
 GPU, random weights of a real shape (no download: config only, tokenizer from the test fixtures):
-    python bench/capture.py --teacher-shape qwen1.5-1.8b --device cuda --dtype bfloat16 --examples 2000
+    python bench/capture.py --teacher-shape qwen1.5-1.8b --device cuda --dtype bfloat16
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher-shape", default="tiny", choices=sorted(SHAPES))
     p.add_argument("--data", default=str(DATA), help="jsonl records, repeated cyclically to --examples.")
-    p.add_argument("--examples", type=int, default=400)
+    p.add_argument("--examples", type=int, default=0, help="Records (default: 2000 on cuda, 200 on cpu).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="", help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--batch-tokens", type=int, default=CacheConfig.batch_tokens)
@@ -142,6 +142,7 @@ def main() -> None:
     p.add_argument("--work", default="", help="Folder for the model and data (default: a temporary folder).")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
     a = p.parse_args()
+    a.examples = a.examples or (2000 if a.device.startswith("cuda") else 200)
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_capture_")
     work = Path(a.work or tmp.name)

@@ -34,6 +34,11 @@ SHAPES = {
                                             num_attention_heads=16, num_key_value_heads=16,
                                             tie_word_embeddings=False, vocab_size=151936)),
     "gpt2": ("gpt2", "gpt2", dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257)),
+    # A CPU-sized stand-in for "the teacher is much larger than the student": Qwen2 architecture, 12 layers,
+    # d 768 (~200M parameters with the Qwen vocabulary), so the online teacher forward is a real share of a step.
+    "cpu-qwen2-200m": ("qwen2", "qwen2", dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                              num_attention_heads=12, num_key_value_heads=12,
+                                              tie_word_embeddings=True, vocab_size=151669)),
     "tiny-qwen2": ("qwen2", "qwen2", None),
     "tiny-gpt2": ("gpt2", "gpt2", None),
 }
@@ -49,7 +54,8 @@ def build_model(shape: str, folder: Path) -> Path:
     cls = GPT2Config if arch == "gpt2" else Qwen2Config
     cfg = cls(eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, **sizes)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    # bf16 on disk for the GPU shapes; the CPU shape stays fp32 (CPU bf16 matmuls are slow)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32 if shape.startswith("cpu-") else torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder

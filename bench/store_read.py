@@ -4,7 +4,10 @@ Writes a synthetic store (bf16-like hidden states, d=2048, 256-512 tokens per ex
 plus a flat raw file of the same rows; then reads whole examples in one shuffled order, warm and cold, in one and two
 processes, and writes bench/results/store_read.json.
 
-    python bench/store_read.py --gb 1.0 --dir /tmp/store_bench --chunk-tokens 64,256
+    python bench/store_read.py --gb 1.0 --dir /tmp/store_bench --chunk-tokens 256,64 --repeats 2
+
+Readers: memmap (the reference), store (default options), store_noprefetch (no fadvise queueing of cold reads),
+store_noverify (no per-read crc32c), store_c<N> (another chunk size).
 """
 from __future__ import annotations
 
@@ -112,9 +115,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=2.0)
     ap.add_argument("--dir", default="/tmp/store_bench")
-    ap.add_argument("--chunk-tokens", default="64,256",
+    ap.add_argument("--chunk-tokens", default="256",
                     help="Comma-separated; a store per size. The first is the headline (top-level keys).")
-    ap.add_argument("--repeats", type=int, default=3, help="Timed passes per reader, interleaved; the best counts.")
+    ap.add_argument("--repeats", type=int, default=1, help="Timed passes per reader, interleaved; the best counts.")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "store_read.json"))
     args = ap.parse_args()
     work = Path(args.dir)

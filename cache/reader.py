@@ -2,8 +2,9 @@
 
 Memory: the index (4 int64 per example) is loaded at open; each part's `tokens` (12 bytes per token) and texts are
 loaded on the first read from that part, i.e. about 0.3% of the hidden bytes at d=2048 bf16. Hidden rows of one
-example are one read: a direct read of the covering chunk files for local uncompressed stores (Zarr's per-call
-overhead, ~1 ms, dominates warm reads: spec/store_measurements.md), else one Zarr slice.
+example are one read: on local stores, uncompressed arrays are read from their chunk files directly, one pread per
+chunk straight into the output, crc32c verified (Zarr's per-call overhead, ~1 ms, dominates warm reads:
+spec/store_measurements.md); otherwise one Zarr slice. The tokens of a part load in one pass of the same kind.
 """
 from __future__ import annotations
 

@@ -129,9 +129,12 @@ class Collate:
     teacher_hidden [B, T, d] (zeros on pads) when the source has hidden rows; example_ids [B].
     """
 
-    def __init__(self, student_pad_id: int, teacher_pad_id: int):
+    def __init__(self, student_pad_id: int, teacher_pad_id: int, extras=None):
         self.student_pad_id = student_pad_id
         self.teacher_pad_id = teacher_pad_id
+        # extras(teacher_label_rows, student_label_rows) -> {name: tensor}: per-batch token alignments that a
+        # method needs (ETA pairs), built here so that DataLoader workers do the CPU work off the training loop.
+        self.extras = extras
 
     def __call__(self, items: list[dict]) -> dict:
         s_in = [it["student_ids"][:-1] for it in items]
@@ -158,6 +161,8 @@ class Collate:
                 rows = it["hidden"][:len(t_in[b])]  # row k = state after ids[0..k]; inputs are ids[:-1]
                 hidden[b, :rows.shape[0]] = rows
             batch["teacher_hidden"] = hidden
+        if self.extras is not None:
+            batch.update(self.extras(t_lab, s_lab))
         return batch
 
 

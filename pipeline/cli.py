@@ -93,7 +93,8 @@ def cache_verify(store) -> None:
 @click.option("--cache", default=None, help="Teacher-state store (offline distillation).")
 @click.option("--teacher", default=None, help="Teacher model run on the fly instead of --cache (online).")
 @click.option("--student", default=None, help="Student model: hub id or local folder.")
-@click.option("--method", type=click.Choice(["sft", "kd", "dskd", "dskd-cma", "cma-ga"]), default=None)
+@click.option("--method", type=click.Choice(["sft", "kd", "dskd", "dskd-cma", "cma-ga", "dskd-v2", "dskd-v2-eta",
+                                                "dwa-kd"]), default=None)
 @click.option("--data", default=None, help="Training data: the file the store was built from.")
 @click.option("--out", default=None, help="Output folder: an HF model folder + projectors, metrics, checkpoints.")
 @click.option("--dev-data", default=None, help="Dev set: dev loss (and --dev-rouge) each epoch keeps out/best.")
@@ -115,6 +116,8 @@ def cache_verify(store) -> None:
 @click.option("--divergence", type=click.Choice(["fkl", "rkl", "sfkl", "srkl", "js", "akl", "tvd"]), default=None)
 @click.option("--lambda-ga", type=float, default=None, help="CMA-GA generator weight.")
 @click.option("--ga-start-step", type=int, default=None, help="CMA-GA starts at this optimizer step.")
+@click.option("--overlap-top-k", type=int, default=None, help="DSKDv2: ideal init from the first k shared tokens.")
+@click.option("--kd-warmup-steps", type=int, default=None, help="DWA-KD: linear ramp of the KD terms (0 = off).")
 @click.option("--disc-lr", type=float, default=None)
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0 = epoch ends only).")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint in --out.")
@@ -130,7 +133,7 @@ def cache_verify(store) -> None:
 @click.option("--progress/--no-progress", default=None)
 @click.option("--trust-remote-code", is_flag=True, default=None)
 def distill(config_path, **flags) -> None:
-    """Train a student with SFT, KD, DSKD, DSKD-CMA or CMA-GA from a store (or an online teacher)."""
+    """Train a student with SFT, KD, DSKD, DSKD-CMA, CMA-GA, DSKDv2 or DWA-KD from a store (or an online teacher)."""
     from dskd_pipe.pipeline.config import DistillConfig, load_config
     from dskd_pipe.stages.distill import run
 

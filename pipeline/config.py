@@ -75,7 +75,7 @@ class DistillConfig:
     cache: str = ""  # a teacher-state store (offline); or
     teacher: str = ""  # a teacher model run on the fly (online)
     student: str = ""
-    method: str = "dskd-cma"  # sft | kd | dskd | dskd-cma | cma-ga
+    method: str = "dskd-cma"  # sft | kd | dskd | dskd-cma | cma-ga | dskd-v2 | dskd-v2-eta | dwa-kd
     data: str = ""
     out: str = ""
     dev_data: str = ""  # "" = no dev evaluation; else the student's dev loss each epoch keeps the best model
@@ -103,6 +103,10 @@ class DistillConfig:
     ga_start_step: int = 0  # CMA-GA: the generator term and D steps start at this optimizer step
     disc_lr: float = 1e-4
     disc_every: int = 1  # CMA-GA: a discriminator step every k micro-steps
+    overlap_top_k: int = 0  # DSKDv2: ideal projector init from the first k overlapping tokens (0 = all)
+    kd_warmup_steps: int = 0  # DWA-KD: linear ramp of the KD terms over this many steps (paper: 300; 0 = off)
+    dtw_gamma_start: float = 2.0  # DWA-KD: Soft-DTW gamma anneals linearly from start to end over training
+    dtw_gamma_end: float = 0.8
     save_every: int = 0  # checkpoint every N optimizer steps (0 = only at epoch ends)
     keep_checkpoints: int = 2
     resume: bool = False

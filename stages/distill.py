@@ -26,13 +26,19 @@ from dskd_pipe.pipeline.data import TEMPLATE_ID, file_fingerprint, load_examples
 from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
                                        load_causal_lm, load_tokenizer, pad_token_id)
 from dskd_pipe.pipeline.objectives.divergences import DIVERGENCES, cross_entropy_sum
+from dskd_pipe.pipeline.alignment import (EtaPairs, eta_pairs_for_batch, teacher_to_student_token_map,
+                                          vocab_overlap)
 from dskd_pipe.pipeline.objectives.dskd import (TeacherHead, build_projectors, dskd_cma_loss, dskd_same_vocab_loss,
                                                 teacher_logits)
+from dskd_pipe.pipeline.objectives.dskd_v2 import (dskd_v2_eta_loss, dskd_v2_same_vocab_loss,
+                                                   ideal_projector_init)
+from dskd_pipe.pipeline.objectives.dwa import build_dwa_projectors, dtw_gamma, dwa_kd_loss, kd_warmup
 from dskd_pipe.pipeline.training import (MetricsLogger, cosine_schedule, list_checkpoints, load_checkpoint,
                                          param_groups, rng_state, save_checkpoint, save_safetensors, seed_everything,
                                          set_rng_state)
 
-METHODS = ("sft", "kd", "dskd", "dskd-cma", "cma-ga")
+METHODS = ("sft", "kd", "dskd", "dskd-cma", "cma-ga", "dskd-v2", "dskd-v2-eta", "dwa-kd")
+SAME_VOCAB = ("kd", "dskd", "dskd-v2")
 DIE_AT_STEP_ENV = "DSKD_PIPE_TEST_DIE_AT_STEP"  # tests: os._exit(137) right after the checkpoint of this step
 RESOLVED_CONFIG = "distill_config.json"  # not config.json: that name is the student's HF config
 
@@ -106,6 +112,7 @@ class Teacher:
     embed_scale: float
     pad_id: int
     model: object = None  # online mode only
+    tokenizer: object = None  # cross-tokenizer alignments (ETA)
 
     @torch.no_grad()
     def hidden(self, batch: dict) -> torch.Tensor:
@@ -126,7 +133,7 @@ def open_teacher(cfg: DistillConfig, device: str):
         reader = open_store(cfg.cache, expected=expected_fingerprints(cfg))
         h, e = reader.head(), reader.embeddings()
         teacher = Teacher(_teacher_head(h, device), e["weight"].to(device), float(e["embed_scale"]),
-                          int(reader.manifest.pad_id))
+                          int(reader.manifest.pad_id), tokenizer=reader.tokenizer())
         return teacher, StoreSource(reader, limit=cfg.limit)
     student_examples = load_examples(cfg.data, limit=cfg.limit, skip_bad=cfg.skip_bad)
     if not cfg.teacher:  # sft without a teacher: the teacher view is the student's own tokenisation, unused
@@ -140,7 +147,7 @@ def open_teacher(cfg: DistillConfig, device: str):
     side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
     e = embedding_parts(model)
     teacher = Teacher(_teacher_head(head_parts(model), device), e["weight"], float(e["embed_scale"]), side.pad_id,
-                      model)
+                      model, tok)
     return teacher, TextSource(student_examples, side)
 
 
@@ -212,8 +219,12 @@ def _check_same_tokenisation(batch: dict, method: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher, projectors, disc=None,
-                     disc_opt=None, ga_active: bool = False, disc_step: bool = False, world: int = 1):
+                     disc_opt=None, ga_active: bool = False, disc_step: bool = False, world: int = 1,
+                     aux: dict | None = None):
     """(student-side loss SUM with grad, dict of detached sums/counts for the log).
+
+    `aux` carries what some methods need besides the batch: "progress" (step / total steps: DWA-KD's gamma),
+    "step" (DWA-KD's KD warm-up) and "token_map" (DSKDv2-ETA's teacher-to-student ids).
 
     CMA-GA: when `disc_step`, D is stepped first on detached response keys/queries (its own optimizer); the
     generator term lambda_GA * L_G * n_s then joins the student-side sum (spec/cma_ga.md steps 3-5).
@@ -227,7 +238,8 @@ def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher,
         logs["ce_student"] = ce.detach()
         return ce, logs
     ht = teacher.hidden(batch)
-    if cfg.method in ("kd", "dskd"):
+    aux = aux or {}
+    if cfg.method in SAME_VOCAB:
         _check_same_tokenisation(batch, cfg.method)
     if cfg.method == "kd":
         ms = labels != -100
@@ -239,10 +251,22 @@ def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher,
         logs.update(ce_student=ce.detach(), kd=kd.detach())
         return (1.0 - cfg.kd_rate) * ce + cfg.kd_rate * kd, logs
     ws = _hf(student).get_output_embeddings().weight
+    common = dict(divergence=cfg.divergence, kd_rate=cfg.kd_rate, tau=cfg.kd_temperature,
+                  teacher_temperature=cfg.teacher_temperature)
     if cfg.method == "dskd":
-        out = dskd_same_vocab_loss(hs, zs, labels, ws, ht, teacher.head, projectors, divergence=cfg.divergence,
-                                   kd_rate=cfg.kd_rate, tau=cfg.kd_temperature,
-                                   teacher_temperature=cfg.teacher_temperature)
+        out = dskd_same_vocab_loss(hs, zs, labels, ws, ht, teacher.head, projectors, **common)
+    elif cfg.method == "dskd-v2":
+        out = dskd_v2_same_vocab_loss(hs, zs, labels, ws, ht, teacher.head, projectors, **common)
+    elif cfg.method == "dskd-v2-eta":
+        pairs = EtaPairs(batch["eta_teacher_pos"], batch["eta_student_pos"])
+        out = dskd_v2_eta_loss(hs, zs, labels, ws, ht, teacher.head, projectors, pairs, aux["token_map"], **common)
+    elif cfg.method == "dwa-kd":
+        es = _hf(student).get_input_embeddings().weight  # live: the embedding Soft-DTW trains it
+        out = dwa_kd_loss(hs, zs, labels, batch["input_ids"], es, ws, batch["teacher_input_ids"],
+                          batch["teacher_labels"], ht, teacher.embed, teacher.head, projectors,
+                          gamma=dtw_gamma(aux.get("progress", 0.0), cfg.dtw_gamma_start, cfg.dtw_gamma_end),
+                          kd_scale=kd_warmup(aux.get("step", 0), cfg.kd_warmup_steps),
+                          teacher_embed_scale=teacher.embed_scale, **common)
     else:
         es = _hf(student).get_input_embeddings().weight
         out = dskd_cma_loss(hs, zs, labels, batch["input_ids"], es, ws, batch["teacher_input_ids"],
@@ -252,6 +276,9 @@ def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher,
     loss = out.loss
     for name in ("ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "t2s_correct", "s2t_correct", "n_teacher"):
         logs[name] = getattr(out, name).detach().float()
+    for name in ("dtw", "dtw_hidden", "dtw_embed"):  # DWA-KD
+        if getattr(out, name, None) is not None:
+            logs[name] = getattr(out, name).detach().float()
     if out.attention_entropy is not None:
         logs["attention_entropy_sum"] = out.attention_entropy.detach() * n_s  # token-weighted over micro-batches
     if cfg.method == "cma-ga" and ga_active:
@@ -282,7 +309,7 @@ def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher,
 
 def accumulate_gradients(cfg: DistillConfig, micro: list[dict], student, teacher: Teacher, projectors, disc,
                          disc_opt, ga_active: bool, micro_step: int, world: int, device: str,
-                         trainable: list[torch.nn.Parameter]) -> tuple[dict, torch.Tensor]:
+                         trainable: list[torch.nn.Parameter], aux: dict | None = None) -> tuple[dict, torch.Tensor]:
     """Forward/backward every micro-batch of one optimizer step; (summed logs, the step's token count).
 
     Reduction (spec/dskd.md): every term is a sum; the step's total is divided by its GLOBAL supervised student
@@ -294,7 +321,7 @@ def accumulate_gradients(cfg: DistillConfig, micro: list[dict], student, teacher
     for k, b in enumerate(micro):
         with _autocast(device, cfg):
             loss, logs = micro_batch_loss(cfg, b, student, teacher, projectors, disc, disc_opt, ga_active,
-                                          disc_step=(micro_step + k) % cfg.disc_every == 0, world=world)
+                                          disc_step=(micro_step + k) % cfg.disc_every == 0, world=world, aux=aux)
         (loss / n_step).backward()
         for name, v in logs.items():
             sums[name] = sums.get(name, 0.0) + v.detach().float()
@@ -313,7 +340,7 @@ def accumulate_gradients(cfg: DistillConfig, micro: list[dict], student, teacher
 def step_metrics(sums: dict, n_step: float) -> dict:
     """Normalised terms of one optimizer step from the summed logs of its micro-batches (and ranks)."""
     m = {}
-    for name in ("ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "kd"):
+    for name in ("ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "kd", "dtw", "dtw_hidden", "dtw_embed"):
         if name in sums:
             m[name] = sums[name] / n_step
     if "t2s_correct" in sums:
@@ -374,6 +401,43 @@ def save_student(student, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+class EtaExtras:
+    """Collate extra for DSKDv2-ETA: the exact-token-alignment pairs of a batch, built in the loader workers."""
+
+    def __init__(self, teacher_tok, student_tok):
+        from dskd_pipe.pipeline.alignment import TokenStrings
+
+        self.teacher = TokenStrings(teacher_tok)  # per-id string caches live as long as the collate
+        self.student = TokenStrings(student_tok)
+
+    def __call__(self, teacher_labels, student_labels) -> dict:
+        pairs = eta_pairs_for_batch(teacher_labels, student_labels, self.teacher, self.student)
+        return {"eta_teacher_pos": pairs.teacher_pos, "eta_student_pos": pairs.student_pos}
+
+
+def build_method_parts(cfg: DistillConfig, teacher: Teacher, student_tok, student, ds: int, device: str):
+    """(projectors or None, DSKDv2-ETA token map or None, collate extras or None) for the method."""
+    if cfg.method in ("sft", "kd"):
+        return None, None, None
+    dt = teacher.head.weight.shape[1]
+    if cfg.method in ("dskd", "dskd-cma", "cma-ga"):
+        kind = {"dskd": "dskd", "dskd-cma": "dskd_cma", "cma-ga": "dskd_cma_ga"}[cfg.method]
+        return build_projectors(kind, ds, dt).to(device), None, None
+    if cfg.method == "dwa-kd":
+        return build_dwa_projectors(ds, dt).to(device), None, None
+    # DSKDv2: "ideal" projectors from the two heads over the shared vocabulary (spec/other_methods.md step 1).
+    ws = student.get_output_embeddings().weight.detach()
+    top_k = cfg.overlap_top_k or None
+    if cfg.method == "dskd-v2":
+        v = min(ws.shape[0], teacher.head.weight.shape[0])  # padded vocabularies: the shared ids
+        t_ids = s_ids = torch.arange(v if top_k is None else min(v, top_k))
+        return ideal_projector_init(teacher.head.weight, ws, t_ids, s_ids).to(device), None, None
+    t_ids, s_ids = vocab_overlap(teacher.tokenizer, student_tok, top_k=top_k)
+    projectors = ideal_projector_init(teacher.head.weight, ws, t_ids, s_ids).to(device)
+    token_map = teacher_to_student_token_map(teacher.tokenizer, student_tok).to(device)
+    return projectors, token_map, EtaExtras(teacher.tokenizer, student_tok)
+
+
 def _autocast(device: str, cfg: DistillConfig):
     use = torch.device(device).type == "cuda" and cfg.dtype in ("", "bfloat16")
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use)
@@ -402,15 +466,14 @@ def run(cfg: DistillConfig) -> Path:
     teacher, source = open_teacher(cfg, device)
     tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
     student_side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
-    collate = Collate(student_side.pad_id, teacher.pad_id)
+    plain_collate = Collate(student_side.pad_id, teacher.pad_id)
     student = build_student(cfg, device, resume_from)
     ds = _hf(student).get_input_embeddings().weight.shape[1]
 
     # Projectors (DSKD family), discriminator (CMA-GA), optimizers, schedule.
-    projectors = disc = disc_opt = None
-    if cfg.method in ("dskd", "dskd-cma", "cma-ga"):
-        kind = {"dskd": "dskd", "dskd-cma": "dskd_cma", "cma-ga": "dskd_cma_ga"}[cfg.method]
-        projectors = build_projectors(kind, ds, teacher.head.weight.shape[1]).to(device)
+    projectors, token_map, extras = build_method_parts(cfg, teacher, tok, _hf(student), ds, device)
+    collate = Collate(student_side.pad_id, teacher.pad_id, extras)
+    disc = disc_opt = None
     if cfg.method == "cma-ga":
         from dskd_pipe.pipeline.objectives.cma_ga import build_discriminator, build_discriminator_optimizer
 
@@ -476,8 +539,9 @@ def run(cfg: DistillConfig) -> Path:
             if not micro:
                 break
             ga_active = cfg.method == "cma-ga" and state["step"] >= cfg.ga_start_step
+            aux = {"step": state["step"], "progress": state["step"] / max(1, total_steps), "token_map": token_map}
             sums, n_step = accumulate_gradients(cfg, micro, student, teacher, projectors, disc, disc_opt, ga_active,
-                                                state["micro_step"], world, device, trainable)
+                                                state["micro_step"], world, device, trainable, aux)
             state["micro_step"] += len(micro)
             grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                          else torch.zeros(()))
@@ -509,8 +573,8 @@ def run(cfg: DistillConfig) -> Path:
             state["epoch"] += 1
             state["position"] = 0
             if dev_examples is not None:
-                state["best"] = _evaluate(cfg, student, tok, dev_examples, student_side, collate, device, out,
-                                          state, metrics)
+                state["best"] = _evaluate(cfg, student, tok, dev_examples, student_side, plain_collate, device,
+                                          out, state, metrics)
         checkpoint()
         if not finished_epoch:
             break
