@@ -94,7 +94,7 @@ def cache_verify(store) -> None:
 @click.option("--teacher", default=None, help="Teacher model run on the fly instead of --cache (online).")
 @click.option("--student", default=None, help="Student model: hub id or local folder.")
 @click.option("--method", type=click.Choice(["sft", "kd", "dskd", "dskd-cma", "cma-ga", "dskd-v2", "dskd-v2-eta",
-                                                "dwa-kd"]), default=None)
+                                                "dwa-kd", "mined", "uld"]), default=None)
 @click.option("--data", default=None, help="Training data: the file the store was built from.")
 @click.option("--out", default=None, help="Output folder: an HF model folder + projectors, metrics, checkpoints.")
 @click.option("--dev-data", default=None, help="Dev set: dev loss (and --dev-rouge) each epoch keeps out/best.")
@@ -133,7 +133,7 @@ def cache_verify(store) -> None:
 @click.option("--progress/--no-progress", default=None)
 @click.option("--trust-remote-code", is_flag=True, default=None)
 def distill(config_path, **flags) -> None:
-    """Train a student with SFT, KD, DSKD, DSKD-CMA, CMA-GA, DSKDv2 or DWA-KD from a store (or an online teacher)."""
+    """Train a student (SFT, KD, DSKD, DSKD-CMA, CMA-GA, DSKDv2, DWA-KD, MinED, ULD) from a store or an online teacher."""
     from dskd_pipe.pipeline.config import DistillConfig, load_config
     from dskd_pipe.stages.distill import run
 

@@ -75,7 +75,7 @@ class DistillConfig:
     cache: str = ""  # a teacher-state store (offline); or
     teacher: str = ""  # a teacher model run on the fly (online)
     student: str = ""
-    method: str = "dskd-cma"  # sft | kd | dskd | dskd-cma | cma-ga | dskd-v2 | dskd-v2-eta | dwa-kd
+    method: str = "dskd-cma"  # sft | kd | dskd | dskd-cma | cma-ga | dskd-v2 | dskd-v2-eta | dwa-kd | mined | uld
     data: str = ""
     out: str = ""
     dev_data: str = ""  # "" = no dev evaluation; else the student's dev loss each epoch keeps the best model

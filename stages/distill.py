@@ -26,8 +26,9 @@ from dskd_pipe.pipeline.data import TEMPLATE_ID, file_fingerprint, load_examples
 from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
                                        load_causal_lm, load_tokenizer, pad_token_id)
 from dskd_pipe.pipeline.objectives.divergences import DIVERGENCES, cross_entropy_sum
-from dskd_pipe.pipeline.alignment import (EtaPairs, eta_pairs_for_batch, teacher_to_student_token_map,
-                                          vocab_overlap)
+from dskd_pipe.pipeline.alignment import (EtaPairs, TokenStrings, eta_pairs_for_batch,
+                                          teacher_to_student_token_map, vocab_overlap)
+from dskd_pipe.pipeline.objectives.baselines import mined_loss, mined_pairs_for_batch, mined_token_map, uld_loss
 from dskd_pipe.pipeline.objectives.dskd import (TeacherHead, build_projectors, dskd_cma_loss, dskd_same_vocab_loss,
                                                 teacher_logits)
 from dskd_pipe.pipeline.objectives.dskd_v2 import (dskd_v2_eta_loss, dskd_v2_same_vocab_loss,
@@ -37,9 +38,11 @@ from dskd_pipe.pipeline.training import (MetricsLogger, cosine_schedule, list_ch
                                          param_groups, rng_state, save_checkpoint, save_safetensors, seed_everything,
                                          set_rng_state)
 
-METHODS = ("sft", "kd", "dskd", "dskd-cma", "cma-ga", "dskd-v2", "dskd-v2-eta", "dwa-kd")
+METHODS = ("sft", "kd", "dskd", "dskd-cma", "cma-ga", "dskd-v2", "dskd-v2-eta", "dwa-kd", "mined", "uld")
 SAME_VOCAB = ("kd", "dskd", "dskd-v2")
 DIE_AT_STEP_ENV = "DSKD_PIPE_TEST_DIE_AT_STEP"  # tests: os._exit(137) right after the checkpoint of this step
+# MinED's token map is computed once per tokenizer pair (about 30 s for Qwen -> GPT-2 on 2 cores) and kept here.
+TOKEN_MAP_CACHE = Path(os.environ.get("DSKD_PIPE_CACHE", Path.home() / ".cache" / "dskd-pipe"))
 RESOLVED_CONFIG = "distill_config.json"  # not config.json: that name is the student's HF config
 
 
@@ -241,6 +244,16 @@ def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher,
     aux = aux or {}
     if cfg.method in SAME_VOCAB:
         _check_same_tokenisation(batch, cfg.method)
+    if cfg.method == "mined":
+        pairs = EtaPairs(batch["align_teacher_pos"], batch["align_student_pos"])
+        out = mined_loss(zs, labels, ht, batch["teacher_labels"], teacher.head, pairs, aux["token_map"],
+                         kd_rate=cfg.kd_rate, tau=cfg.kd_temperature)
+        logs.update(ce_student=out.ce_student.detach(), kd=out.kd.detach())
+        return out.loss, logs
+    if cfg.method == "uld":
+        out = uld_loss(zs, labels, ht, batch["teacher_labels"], teacher.head, kd_rate=cfg.kd_rate)
+        logs.update(ce_student=out.ce_student.detach(), kd=out.kd.detach())
+        return out.loss, logs
     if cfg.method == "kd":
         ms = labels != -100
         zt = teacher_logits(ht[ms], teacher.head)  # [Ns, Vt]
@@ -258,7 +271,7 @@ def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher,
     elif cfg.method == "dskd-v2":
         out = dskd_v2_same_vocab_loss(hs, zs, labels, ws, ht, teacher.head, projectors, **common)
     elif cfg.method == "dskd-v2-eta":
-        pairs = EtaPairs(batch["eta_teacher_pos"], batch["eta_student_pos"])
+        pairs = EtaPairs(batch["align_teacher_pos"], batch["align_student_pos"])
         out = dskd_v2_eta_loss(hs, zs, labels, ws, ht, teacher.head, projectors, pairs, aux["token_map"], **common)
     elif cfg.method == "dwa-kd":
         es = _hf(student).get_input_embeddings().weight  # live: the embedding Soft-DTW trains it
@@ -401,24 +414,27 @@ def save_student(student, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-class EtaExtras:
-    """Collate extra for DSKDv2-ETA: the exact-token-alignment pairs of a batch, built in the loader workers."""
+class AlignmentExtras:
+    """Collate extra for cross-tokenizer methods that align token positions (DSKDv2-ETA's exact token alignment,
+    MinED's edit-distance DTW): the aligned label positions of a batch, built in the loader workers."""
 
-    def __init__(self, teacher_tok, student_tok):
-        from dskd_pipe.pipeline.alignment import TokenStrings
-
+    def __init__(self, pairs_for_batch, teacher_tok, student_tok):
+        self.pairs_for_batch = pairs_for_batch
         self.teacher = TokenStrings(teacher_tok)  # per-id string caches live as long as the collate
         self.student = TokenStrings(student_tok)
 
     def __call__(self, teacher_labels, student_labels) -> dict:
-        pairs = eta_pairs_for_batch(teacher_labels, student_labels, self.teacher, self.student)
-        return {"eta_teacher_pos": pairs.teacher_pos, "eta_student_pos": pairs.student_pos}
+        pairs = self.pairs_for_batch(teacher_labels, student_labels, self.teacher, self.student)
+        return {"align_teacher_pos": pairs.teacher_pos, "align_student_pos": pairs.student_pos}
 
 
 def build_method_parts(cfg: DistillConfig, teacher: Teacher, student_tok, student, ds: int, device: str):
     """(projectors or None, DSKDv2-ETA token map or None, collate extras or None) for the method."""
-    if cfg.method in ("sft", "kd"):
+    if cfg.method in ("sft", "kd", "uld"):
         return None, None, None
+    if cfg.method == "mined":
+        token_map = mined_token_map(teacher.tokenizer, student_tok, cache_dir=TOKEN_MAP_CACHE).to(device)
+        return None, token_map, AlignmentExtras(mined_pairs_for_batch, teacher.tokenizer, student_tok)
     dt = teacher.head.weight.shape[1]
     if cfg.method in ("dskd", "dskd-cma", "cma-ga"):
         kind = {"dskd": "dskd", "dskd-cma": "dskd_cma", "cma-ga": "dskd_cma_ga"}[cfg.method]
@@ -435,7 +451,7 @@ def build_method_parts(cfg: DistillConfig, teacher: Teacher, student_tok, studen
     t_ids, s_ids = vocab_overlap(teacher.tokenizer, student_tok, top_k=top_k)
     projectors = ideal_projector_init(teacher.head.weight, ws, t_ids, s_ids).to(device)
     token_map = teacher_to_student_token_map(teacher.tokenizer, student_tok).to(device)
-    return projectors, token_map, EtaExtras(teacher.tokenizer, student_tok)
+    return projectors, token_map, AlignmentExtras(eta_pairs_for_batch, teacher.tokenizer, student_tok)
 
 
 def _autocast(device: str, cfg: DistillConfig):

@@ -36,12 +36,14 @@ def env(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("distill")
     qwen, gpt2 = load_tokenizer(f"{TOK}/qwen2"), load_tokenizer(f"{TOK}/gpt2")
+    llama = load_tokenizer(f"{TOK}/llama2")
     e = {"tmp": tmp,
          "teacher_q": save_tiny_model(tmp / "tq", "qwen2", qwen, d_model=32, layers=1),
          "teacher_g": save_tiny_model(tmp / "tg", "gpt2", gpt2, d_model=48, layers=1, seed=1),
+         "teacher_l": save_tiny_model(tmp / "tl", "llama", llama, d_model=32, layers=1, seed=3),
          "student": _no_dropout(save_tiny_model(tmp / "sg", "gpt2", gpt2, d_model=32, layers=1, seed=2)),
          "student_dropout": save_tiny_model(tmp / "sgd", "gpt2", gpt2, d_model=32, layers=1, seed=2)}
-    for name, teacher in (("store_q", "teacher_q"), ("store_g", "teacher_g")):
+    for name, teacher in (("store_q", "teacher_q"), ("store_g", "teacher_g"), ("store_l", "teacher_l")):
         e[name] = cache(CacheConfig(teacher=str(e[teacher]), data=DATA, out=str(tmp / name), limit=8, max_length=64,
                                     device="cpu"))
     return e
@@ -68,19 +70,26 @@ def _metrics(out):
 
 
 @pytest.mark.parametrize("method,store", [("sft", None), ("kd", "store_g"), ("dskd", "store_g"),
-                                          ("dskd-cma", "store_q"), ("cma-ga", "store_q")])
-def test_one_step_per_method_changes_the_student(env, method, store):
+                                          ("dskd-cma", "store_q"), ("cma-ga", "store_q"), ("dskd-v2", "store_g"),
+                                          ("dskd-v2-eta", "store_l"), ("dwa-kd", "store_q"), ("uld", "store_q"),
+                                          ("mined", "store_l")])
+def test_one_step_per_method_changes_the_student(env, method, store, monkeypatch):
+    monkeypatch.setattr(distill, "TOKEN_MAP_CACHE", env["tmp"] / "token_maps")  # MinED's cache: not the user's
     cfg = _cfg(env, f"one_{method}", method=method, cache=str(env[store]) if store else "", max_steps=1,
-               divergence="srkl" if method == "kd" else "fkl")
+               divergence="srkl" if method in ("kd", "dwa-kd") else "fkl")
     out = distill.run(cfg)
     assert _max_diff(_weights(out), _weights(env["student"])) > 0
     (m,) = _metrics(out)
     assert m["step"] == 1 and m["ce_student"] > 0 and 0 <= m["loader_wait_frac"] < 1 and m["tokens_per_s"] > 0
     if method != "sft":
         assert (out / "tokenizer.json").exists() and (out / "distill_config.json").exists()
-    if method in ("dskd", "dskd-cma", "cma-ga"):
+    if method in ("dskd", "dskd-cma", "cma-ga", "dskd-v2", "dskd-v2-eta", "dwa-kd"):
         assert {"ce_t2s", "kd_t2s", "kd_s2t", "t2s_acc", "s2t_acc"} <= m.keys()
         assert (out / "projectors.safetensors").exists()
+    if method == "dwa-kd":
+        assert m["dtw"] > 0
+    if method in ("kd", "mined", "uld"):
+        assert m["kd"] > 0
     if method == "cma-ga":
         assert {"l_d", "l_g", "d_acc_real", "d_acc_fake", "attention_entropy"} <= m.keys()
 
