@@ -327,6 +327,81 @@ def _scalar_std_normalise(x: Tensor) -> Tensor:
     return x / x.std()
 
 
+@dataclass
+class CrossModelAttention:
+    """DSKD-CMA steps 1-4 for one batch, shared by every method built on the cross-model attention.
+
+    queries [B,S,2dt] (with grad into the query projector), keys [B,T,2dt] (no parameters), a_t2s [B,S,T] (softmax
+    over teacher positions), a_s2t [B,T,S] (over student positions), v_t2s [B,T,ds], v_s2t [B,S,dt], the normalised
+    teacher target embeddings e_tg [B,T,dt] and hidden states ht_norm [B,T,dt], and the two response masks.
+    """
+
+    queries: Tensor
+    keys: Tensor
+    a_t2s: Tensor
+    a_s2t: Tensor
+    v_t2s: Tensor
+    v_s2t: Tensor
+    e_tg: Tensor
+    ht_norm: Tensor
+    student_mask: Tensor
+    teacher_mask: Tensor
+
+    def attention_entropy(self) -> Tensor:
+        """Mean entropy of the a_t2s rows of student response positions (0-dim, no grad)."""
+        with torch.no_grad():
+            rows = self.a_t2s[self.student_mask]  # [Ns, T]
+            entropy = -torch.where(rows > 0, rows * rows.log(), torch.zeros_like(rows)).sum(-1)  # [Ns]
+            return entropy.mean() if entropy.numel() else entropy.sum()
+
+
+def cross_model_attention(
+    student_hidden: Tensor,
+    labels: Tensor,
+    input_ids: Tensor,
+    student_embed: Tensor,
+    teacher_input_ids: Tensor,
+    teacher_labels: Tensor,
+    teacher_hidden: Tensor,
+    teacher_embed: Tensor,
+    projectors: Projectors,
+    teacher_embed_scale: float = 1.0,
+) -> CrossModelAttention:
+    """spec/dskd.md "DSKD-CMA" steps 1-4.
+
+    1. Qin = [Es[x~]; Es[y~]], Kin = [Et[xt~]; Et[yt~]], Etg = Et[yt~] (detached; id 0 where masked).
+    2. K = Kin / std(Kin), Etg~ = Etg / std(Etg), Ht~ = Ht / std(Ht) (one unbiased scalar std each).
+    3. Q = query(Qin), Vt2s = t2s(Ht~ + Etg~), Vs2t = s2t(Hs).
+    4. A = Q K^T / sqrt(2 dt) (fp32) - 1e5 where not (ms_i and mt_j); a_t2s = softmax_j(A), a_s2t = softmax_i(A^T).
+    """
+    if projectors.query is None:
+        raise ValueError("cross-model attention needs projectors with a query; build them with "
+                         "build_projectors('dskd_cma', ...)")
+    ms = labels != -100  # [B, S]
+    mt = teacher_labels != -100  # [B, T]
+    dt = teacher_hidden.shape[-1]
+
+    # Steps 1-2: index embeddings and scalar std normalisation.
+    q_in, _ = _index_embeddings(student_embed, input_ids, labels, ms)  # [B, S, 2ds]
+    k_in, e_tg = _index_embeddings(teacher_embed, teacher_input_ids, teacher_labels, mt, teacher_embed_scale)
+    keys = _scalar_std_normalise(k_in)  # [B, T, 2dt]
+    e_tg = _scalar_std_normalise(e_tg)  # [B, T, dt]
+    ht_norm = _scalar_std_normalise(teacher_hidden.detach())  # [B, T, dt]; the teacher is frozen
+
+    # Step 3: projections; attention math in fp32.
+    queries = _apply(projectors.query, q_in).float()  # [B, S, 2dt]
+    v_t2s = _apply(projectors.t2s, ht_norm + e_tg).float()  # [B, T, ds]
+    v_s2t = _apply(projectors.s2t, student_hidden).float()  # [B, S, dt]
+
+    # Step 4: one shared score matrix, response positions on both axes only.
+    scores = queries @ keys.transpose(-1, -2) / math.sqrt(2 * dt)  # [B, S, T]
+    allowed = ms[:, :, None] & mt[:, None, :]  # [B, S, T]
+    scores = scores + (~allowed).float() * MASK_LOGIT
+    a_t2s = torch.softmax(scores, dim=-1)  # [B, S, T], over teacher positions
+    a_s2t = torch.softmax(scores.transpose(-1, -2), dim=-1)  # [B, T, S], over student positions
+    return CrossModelAttention(queries, keys, a_t2s, a_s2t, v_t2s, v_s2t, e_tg, ht_norm, ms, mt)
+
+
 def dskd_cma_loss(
     student_hidden: Tensor,
     student_logits: Tensor,
@@ -359,38 +434,16 @@ def dskd_cma_loss(
     7. L = (1 - lambda) CE_s + lambda (CE_t2s + KD_t2s + KD_s2t).
     Shapes: Hs [B,S,ds], Zs [B,S,Vs], y/x [B,S], Es/Ws [Vs,ds]; xt/yt [B,T], Ht [B,T,dt], Et [Vt,dt].
     """
-    if projectors.query is None:
-        raise ValueError("dskd_cma_loss needs projectors with a query; build them with build_projectors('dskd_cma', ...)")
     div = get_divergence(divergence)
-    ms = labels != -100  # [B, S]
-    mt = teacher_labels != -100  # [B, T]
-    dt = teacher_hidden.shape[-1]
     ht = teacher_hidden.detach()  # the teacher is frozen (cached states)
-
     ce_student = cross_entropy_sum(student_logits, labels)
-
-    # Steps 1-2: index embeddings and scalar std normalisation.
-    q_in, _ = _index_embeddings(student_embed, input_ids, labels, ms)  # [B, S, 2ds]
-    k_in, e_tg = _index_embeddings(teacher_embed, teacher_input_ids, teacher_labels, mt, teacher_embed_scale)
-    keys = _scalar_std_normalise(k_in)  # [B, T, 2dt]
-    e_tg = _scalar_std_normalise(e_tg)  # [B, T, dt]
-    ht_norm = _scalar_std_normalise(ht)  # [B, T, dt]
-
-    # Step 3: projections; attention math in fp32.
-    queries = _apply(projectors.query, q_in).float()  # [B, S, 2dt]
-    v_t2s = _apply(projectors.t2s, ht_norm + e_tg).float()  # [B, T, ds]
-    v_s2t = _apply(projectors.s2t, student_hidden).float()  # [B, S, dt]
-
-    # Step 4: one shared score matrix, response positions on both axes only.
-    scores = queries @ keys.transpose(-1, -2) / math.sqrt(2 * dt)  # [B, S, T]
-    allowed = ms[:, :, None] & mt[:, None, :]  # [B, S, T]
-    scores = scores + (~allowed).float() * MASK_LOGIT
-    a_t2s = torch.softmax(scores, dim=-1)  # [B, S, T], over teacher positions
-    a_s2t = torch.softmax(scores.transpose(-1, -2), dim=-1)  # [B, T, S], over student positions
+    cma = cross_model_attention(student_hidden, labels, input_ids, student_embed, teacher_input_ids, teacher_labels,
+                                teacher_hidden, teacher_embed, projectors, teacher_embed_scale)  # steps 1-4
+    ms, mt, a_t2s, a_s2t = cma.student_mask, cma.teacher_mask, cma.a_t2s, cma.a_s2t
 
     # Step 5: teacher -> student, only the supervised student rows need logits.
     ws = student_head.detach()  # the t2s branch must not train the student's head
-    ht2s = (a_t2s @ v_t2s).to(ws.dtype)  # [B, S, ds], back to the model dtype
+    ht2s = (a_t2s @ cma.v_t2s).to(ws.dtype)  # [B, S, ds], back to the model dtype
     y = labels[ms]  # [Ns]
     zt2s = ht2s[ms] @ ws.T  # [Ns, Vs]
     ce_t2s = cross_entropy_sum(zt2s, y)
@@ -398,16 +451,11 @@ def dskd_cma_loss(
     kd_t2s = div(student_logits[ms], zt2s.detach() / teacher_temperature, acc, tau=tau)
 
     # Step 6: student -> teacher over the full teacher vocabulary, chunked.
-    hs2t = a_s2t @ v_s2t  # [B, T, dt]
+    hs2t = a_s2t @ cma.v_s2t  # [B, T, dt]
     kd_s2t, s2t_argmax = chunked_fkl_over_head(
         ht, hs2t, teacher_head, mt, tau=tau, chunk_tokens=chunk_tokens, return_argmax=True
     )
-
-    with torch.no_grad():
-        rows = a_t2s[ms]  # [Ns, T]
-        entropy = -torch.where(rows > 0, rows * rows.log(), torch.zeros_like(rows)).sum(-1)  # [Ns]
-        attention_entropy = entropy.mean() if entropy.numel() else entropy.sum()
-        s2t_correct = (s2t_argmax == teacher_labels[mt]).sum()
+    s2t_correct = (s2t_argmax == teacher_labels[mt]).sum()
 
     return DSKDOutput(
         loss=_combine(ce_student, ce_t2s, kd_t2s, kd_s2t, kd_rate),
@@ -420,9 +468,9 @@ def dskd_cma_loss(
         t2s_correct=acc.sum(),
         s2t_correct=s2t_correct,
         t2s_kd_tokens=acc.sum(),
-        attention_entropy=attention_entropy,
-        queries=queries,
-        keys=keys,
+        attention_entropy=cma.attention_entropy(),
+        queries=cma.queries,
+        keys=cma.keys,
         student_mask=ms,
         teacher_mask=mt,
     )

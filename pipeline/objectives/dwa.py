@@ -33,14 +33,12 @@ from dskd_pipe.pipeline.objectives.divergences import (
 )
 from dskd_pipe.pipeline.objectives.dskd import (
     DEFAULT_CHUNK_TOKENS,
-    MASK_LOGIT,
     DSKDOutput,
     Projectors,
     TeacherHead,
-    _apply,
-    _index_embeddings,
-    _scalar_std_normalise,
+    cross_model_attention,
     teacher_logits,
+    _apply,
 )
 
 BAND_ALPHA = 0.7  # a in the band centre c_i = a sum_j j A_ij + (1 - a) i m/n
@@ -455,32 +453,17 @@ def dwa_kd_loss(
     t2s (CE_t2s, hidden DTW), s2t (KD_s2t), embed (embedding DTW). Nothing into the teacher tensors or either head.
     Shapes: Hs [B,S,ds], Zs [B,S,Vs], y/x [B,S], Es/Ws [Vs,ds]; xt/yt [B,T], Ht [B,T,dt], Et [Vt,dt].
     """
-    ms = labels != -100  # [B, S]
-    mt = teacher_labels != -100  # [B, T]
     bsz = labels.shape[0]
-    dt = teacher_hidden.shape[-1]
     ht = teacher_hidden.detach()  # the teacher is frozen (cached states)
-
     ce_student = cross_entropy_sum(student_logits, labels)
-
-    # DSKD-CMA steps 1-4 (spec/dskd.md), with the helpers of dskd.py.
-    q_in, _ = _index_embeddings(student_embed, input_ids, labels, ms)  # [B, S, 2ds]
-    k_in, e_tg = _index_embeddings(teacher_embed, teacher_input_ids, teacher_labels, mt, teacher_embed_scale)
-    keys = _scalar_std_normalise(k_in)  # [B, T, 2dt]
-    e_tg = _scalar_std_normalise(e_tg)  # [B, T, dt]
-    ht_norm = _scalar_std_normalise(ht)  # [B, T, dt]
-    queries = _apply(projectors.query, q_in).float()  # [B, S, 2dt]
-    v_t2s = _apply(projectors.t2s, ht_norm + e_tg).float()  # [B, T, ds]
-    v_s2t = _apply(projectors.s2t, student_hidden).float()  # [B, S, dt]
-    scores = queries @ keys.transpose(-1, -2) / math.sqrt(2 * dt)  # [B, S, T]
-    allowed = ms[:, :, None] & mt[:, None, :]
-    scores = scores + (~allowed).float() * MASK_LOGIT
-    a_t2s = torch.softmax(scores, dim=-1)  # [B, S, T]
-    a_s2t = torch.softmax(scores.transpose(-1, -2), dim=-1)  # [B, T, S]
+    cma = cross_model_attention(student_hidden, labels, input_ids, student_embed, teacher_input_ids, teacher_labels,
+                                teacher_hidden, teacher_embed, projectors, teacher_embed_scale)  # DSKD-CMA 1-4
+    ms, mt, a_t2s, a_s2t = cma.student_mask, cma.teacher_mask, cma.a_t2s, cma.a_s2t
+    e_tg, ht_norm = cma.e_tg, cma.ht_norm
 
     # Teacher -> student, entropy-weighted (replaces the accuracy mask).
     ws = student_head.detach()  # the t2s branch must not train the student's head
-    ht2s = (a_t2s @ v_t2s).to(ws.dtype)  # [B, S, ds]
+    ht2s = (a_t2s @ cma.v_t2s).to(ws.dtype)  # [B, S, ds]
     y = labels[ms]  # [Ns]
     zt2s = ht2s[ms] @ ws.T  # [Ns, Vs]
     ce_t2s = cross_entropy_sum(zt2s, y)
@@ -491,7 +474,7 @@ def dwa_kd_loss(
     kd_t2s = (w_s * divergence_rows(divergence, zs_rows, target, tau=tau)).sum()
 
     # Student -> teacher, full teacher vocabulary, chunked, weighted per row.
-    hs2t = a_s2t @ v_s2t  # [B, T, dt]
+    hs2t = a_s2t @ cma.v_s2t  # [B, T, dt]
     kl_rows, s2t_argmax, t_entropy = chunked_fkl_rows_over_head(ht, hs2t, teacher_head, mt, tau, chunk_tokens)
     seq_t = mt.nonzero(as_tuple=True)[0]  # [Nt]
     w_t = teacher_confidence_weights(t_entropy, teacher_head.weight.shape[0], seq_t, bsz)  # [Nt], detached
@@ -516,9 +499,6 @@ def dwa_kd_loss(
     loss = (1.0 - kd_rate) * ce_student + kd_rate * (kd_scale * (kd_t2s + kd_s2t) + ce_t2s) + dtw_weight * dtw
 
     with torch.no_grad():
-        rows = a_t2s[ms]  # [Ns, T]
-        entropy = -torch.where(rows > 0, rows * rows.log(), torch.zeros_like(rows)).sum(-1)
-        attention_entropy = entropy.mean() if entropy.numel() else entropy.sum()
         t2s_correct = (zt2s.argmax(-1) == y).sum()
         s2t_correct = (s2t_argmax == teacher_labels[mt]).sum()
 
@@ -533,9 +513,9 @@ def dwa_kd_loss(
         t2s_correct=t2s_correct,
         s2t_correct=s2t_correct,
         t2s_kd_tokens=ms.sum(),
-        attention_entropy=attention_entropy,
-        queries=queries,
-        keys=keys,
+        attention_entropy=cma.attention_entropy(),
+        queries=cma.queries,
+        keys=cma.keys,
         student_mask=ms,
         teacher_mask=mt,
         dtw=dtw,
