@@ -268,23 +268,25 @@ def _supervised(row) -> tuple[list[int], list[int]]:
     return pos, [values[k] for k in pos]
 
 
-def eta_pairs_for_batch(teacher_labels: LabelRows, student_labels: LabelRows, teacher_tok, student_tok) -> EtaPairs:
-    """ETA pairs for a batch, on CPU, as padded label-position tensors (EtaPairs).
+def aligned_pairs_for_batch(teacher_labels: LabelRows, student_labels: LabelRows, teacher_tok, student_tok,
+                            align) -> EtaPairs:
+    """Aligned response positions of a batch, on CPU, as padded label-position tensors (EtaPairs).
 
     teacher_labels / student_labels: per example, the label rows as built for training (TokenSequence
     .inputs_and_labels(), or the padded [B, T] / [B, S] label tensors): -100 outside the response span, so the
-    supervised labels are exactly the response ids (+ EOS) that ETA walks over. teacher_tok / student_tok:
-    tokenizers or TokenStrings (pass TokenStrings to reuse the per-id cache across batches).
+    supervised labels are exactly the response ids (+ EOS) to align. teacher_tok / student_tok: tokenizers or
+    TokenStrings (pass TokenStrings to reuse the per-id cache across batches). align(teacher_strings,
+    student_strings, teacher_eos, student_eos) -> [(i, j)] works on the ETA strings (space markers removed).
     """
     if len(teacher_labels) != len(student_labels):
-        raise AlignmentError(f"eta_pairs_for_batch: {len(teacher_labels)} teacher rows but {len(student_labels)} "
-                             "student rows; pass the same examples in the same order.")
+        raise AlignmentError(f"{len(teacher_labels)} teacher label rows but {len(student_labels)} student rows; "
+                             "pass the same examples in the same order.")
     t_str, s_str = _as_token_strings(teacher_tok), _as_token_strings(student_tok)
     rows = []
     for t_row, s_row in zip(teacher_labels, student_labels):
         t_pos, t_ids = _supervised(t_row)
         s_pos, s_ids = _supervised(s_row)
-        aligned = eta_align(t_str.eta(t_ids), s_str.eta(s_ids), t_str.eos, s_str.eos)
+        aligned = align(t_str.eta(t_ids), s_str.eta(s_ids), t_str.eos, s_str.eos)
         rows.append([(t_pos[i], s_pos[j]) for i, j in aligned])
     width = max((len(r) for r in rows), default=0)
     teacher_pos = torch.full((len(rows), width), -1, dtype=torch.long)
@@ -294,3 +296,8 @@ def eta_pairs_for_batch(teacher_labels: LabelRows, student_labels: LabelRows, te
             teacher_pos[b, : len(r)] = torch.tensor([p for p, _ in r])
             student_pos[b, : len(r)] = torch.tensor([q for _, q in r])
     return EtaPairs(teacher_pos, student_pos)
+
+
+def eta_pairs_for_batch(teacher_labels: LabelRows, student_labels: LabelRows, teacher_tok, student_tok) -> EtaPairs:
+    """ETA pairs for a batch (spec/other_methods.md DSKDv2 step 3); see aligned_pairs_for_batch."""
+    return aligned_pairs_for_batch(teacher_labels, student_labels, teacher_tok, student_tok, eta_align)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dskd_pipe.pipeline.alignment import EtaPairs, TokenStrings, _supervised
+from dskd_pipe.pipeline.alignment import EtaPairs, TokenStrings, aligned_pairs_for_batch
 from dskd_pipe.pipeline.objectives.divergences import cross_entropy_sum, forward_kl
 from dskd_pipe.pipeline.objectives.dskd import DEFAULT_CHUNK_TOKENS, TeacherHead, teacher_logits
 
@@ -279,25 +279,8 @@ def mined_pairs_for_batch(teacher_labels, student_labels, teacher_tok, student_t
     teacher_tok / student_tok: tokenizers or TokenStrings (reuse TokenStrings across batches for its id cache).
     The token-map condition is applied later, in mined_loss.
     """
-    if len(teacher_labels) != len(student_labels):
-        raise BaselineError(f"mined_pairs_for_batch: {len(teacher_labels)} teacher rows but {len(student_labels)} "
-                            "student rows; pass the same examples in the same order.")
-    t_str = teacher_tok if isinstance(teacher_tok, TokenStrings) else TokenStrings(teacher_tok)
-    s_str = student_tok if isinstance(student_tok, TokenStrings) else TokenStrings(student_tok)
-    rows = []
-    for t_row, s_row in zip(teacher_labels, student_labels):
-        t_pos, t_ids = _supervised(t_row)
-        s_pos, s_ids = _supervised(s_row)
-        aligned = mined_alignment(t_str.eta(t_ids), s_str.eta(s_ids))
-        rows.append([(t_pos[i], s_pos[j]) for i, j in aligned])
-    width = max((len(r) for r in rows), default=0)
-    teacher_pos = torch.full((len(rows), width), -1, dtype=torch.long)
-    student_pos = torch.full((len(rows), width), -1, dtype=torch.long)
-    for b, r in enumerate(rows):
-        if r:
-            teacher_pos[b, : len(r)] = torch.tensor([p for p, _ in r])
-            student_pos[b, : len(r)] = torch.tensor([q for _, q in r])
-    return EtaPairs(teacher_pos, student_pos)
+    return aligned_pairs_for_batch(teacher_labels, student_labels, teacher_tok, student_tok,
+                                   lambda t, s, t_eos, s_eos: mined_alignment(t, s))
 
 
 # --------------------------------------------------------------------------------------------------------
