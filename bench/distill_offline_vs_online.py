@@ -1,8 +1,8 @@
 """Offline (cached teacher states) vs online (teacher in memory) distillation on the same pair and batch, in one run.
 
 Per mode: seconds per optimizer step (after warm-up steps), peak memory (torch.cuda.max_memory_allocated on GPU,
-peak RSS of this process on CPU; the online run is done second so its RSS peak includes the teacher), and the
-loader-wait fraction. Writes bench/results/distill_offline_vs_online-<device>-<shapes>.json.
+peak RSS on CPU; each mode runs in its own fresh process, so each peak is that mode's own), and the loader-wait
+fraction. Writes bench/results/distill_offline_vs_online-<device>-<shapes>.json.
 
 CPU, tiny models (default):
     python bench/distill_offline_vs_online.py
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import resource
 import sys
 import tempfile
@@ -116,8 +117,14 @@ def main(argv=None) -> dict:
                       max_length=args.max_length, micro_batch_size=args.micro_batch_size,
                       grad_accum=args.grad_accum, max_steps=args.steps, epochs=1000, device=args.device,
                       num_workers=args.num_workers, progress=False, seed=0)
-        offline = time_mode(DistillConfig(cache=str(store), out=str(work / "offline"), **common), args.warmup)
-        online = time_mode(DistillConfig(teacher=str(teacher), out=str(work / "online"), **common), args.warmup)
+        # Each mode in its own fresh process: peak RSS (CPU) and peak allocated memory (GPU) are then its own.
+        spawn = multiprocessing.get_context("spawn")
+        with spawn.Pool(1) as pool:
+            offline = pool.apply(time_mode, (DistillConfig(cache=str(store), out=str(work / "offline"), **common),
+                                             args.warmup))
+        with spawn.Pool(1) as pool:
+            online = pool.apply(time_mode, (DistillConfig(teacher=str(teacher), out=str(work / "online"), **common),
+                                            args.warmup))
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"cpu, {torch.get_num_threads()} threads")
     result = {"device": device,
