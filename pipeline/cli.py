@@ -117,6 +117,7 @@ def cache_verify(store) -> None:
 @click.option("--lambda-ga", type=float, default=None, help="CMA-GA generator weight.")
 @click.option("--ga-start-step", type=int, default=None, help="CMA-GA starts at this optimizer step.")
 @click.option("--overlap-top-k", type=int, default=None, help="DSKDv2: ideal init from the first k shared tokens.")
+@click.option("--tensorboard", is_flag=True, default=None, help="Also log to out/tensorboard.")
 @click.option("--kd-warmup-steps", type=int, default=None, help="DWA-KD: linear ramp of the KD terms (0 = off).")
 @click.option("--disc-lr", type=float, default=None)
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0 = epoch ends only).")

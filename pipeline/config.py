@@ -122,6 +122,7 @@ class DistillConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     progress: bool = True
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to out/tensorboard
     trust_remote_code: bool = False
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dskd_pipe.pipeline.config import ConfigError
+
 CHECKPOINT_PREFIX = "step-"
 TRAINER_STATE = "trainer_state.pt"
 
@@ -159,9 +161,17 @@ def load_checkpoint(folder: Path, *, modules: dict, optimizers: dict, scheduler)
 class MetricsLogger:
     """One JSON line per optimizer step, flushed at once (a killed run keeps every finished step)."""
 
-    def __init__(self, path: Path, enabled: bool = True, truncate_after_step: int | None = None):
+    def __init__(self, path: Path, enabled: bool = True, truncate_after_step: int | None = None,
+                 tensorboard_dir: Path | None = None):
         self.path = Path(path)
         self.enabled = enabled
+        self.tensorboard = None
+        if enabled and tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("--tensorboard needs the `tensorboard` package: pip install tensorboard") from None
+            self.tensorboard = SummaryWriter(str(tensorboard_dir))
         if enabled and truncate_after_step is not None and self.path.exists():
             # On resume, drop lines of steps after the checkpoint: they will be written again.
             keep = [ln for ln in self.path.read_text().splitlines()
@@ -176,3 +186,8 @@ class MetricsLogger:
         clean = {k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps({**clean, "time": round(time.time(), 3)}) + "\n")
+        if self.tensorboard is not None and "step" in clean:
+            for name, value in clean.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(name, value, clean["step"])
+            self.tensorboard.flush()

@@ -515,7 +515,8 @@ def run(cfg: DistillConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / RESOLVED_CONFIG)
     metrics = MetricsLogger(out / "metrics.jsonl", enabled=rank == 0,
-                            truncate_after_step=state["step"] if resume_from is not None else None)
+                            truncate_after_step=state["step"] if resume_from is not None else None,
+                            tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None)
     dev_examples = load_examples(cfg.dev_data, limit=cfg.dev_limit) if cfg.dev_data and rank == 0 else None
     die_at = int(os.environ.get(DIE_AT_STEP_ENV, 0))
 

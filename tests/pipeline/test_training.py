@@ -104,3 +104,23 @@ def test_metrics_logger_truncates_after_the_resumed_step(tmp_path):
     MetricsLogger(tmp_path / "m.jsonl", truncate_after_step=2)
     lines = [json.loads(ln) for ln in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == [1, 2] and lines[0]["loss"] == 1.5
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from dskd_pipe.pipeline.config import ConfigError
+    from dskd_pipe.pipeline.training import MetricsLogger
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    with pytest.raises(ConfigError, match=r"--tensorboard needs the `tensorboard` package: pip install tensorboard"):
+        MetricsLogger(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb")
+
+
+def test_tensorboard_scalars_are_written(tmp_path):
+    pytest.importorskip("tensorboard")
+    from dskd_pipe.pipeline.training import MetricsLogger
+
+    logger = MetricsLogger(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb")
+    logger.log({"step": 1, "loss": 2.5})
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
