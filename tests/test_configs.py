@@ -25,7 +25,8 @@ def test_shipped_config_loads(name):
 
 def test_published_setups_are_shipped():
     assert {"qwen1.5-1.8b_gpt2_dskd_cma.toml", "qwen1.5-1.8b_gpt2_cma_ga.toml",
-            "mistral-7b_tinyllama_lora_cma.toml", "distill_cpu_small.toml"} <= set(CONFIGS)
+            "mistral-7b_tinyllama_lora_cma.toml", "llama2-7b_tinyllama_lora_dskd.toml", "gpt2-1.5b_gpt2_dskd.toml",
+            "distill_cpu_small.toml"} <= set(CONFIGS)
     cma_ga = load_config(DistillConfig, "qwen1.5-1.8b_gpt2_cma_ga.toml")
     assert (cma_ga.method, cma_ga.lr, cma_ga.projector_lr, cma_ga.epochs) == ("cma-ga", 5e-4, 1e-3, 20)
     assert (cma_ga.weight_decay, cma_ga.max_grad_norm, cma_ga.micro_batch_size * cma_ga.grad_accum) == (0.01, 1.0, 32)
