@@ -134,7 +134,7 @@ def cache_verify(store) -> None:
 @click.option("--progress/--no-progress", default=None)
 @click.option("--trust-remote-code", is_flag=True, default=None)
 def distill(config_path, **flags) -> None:
-    """Train a student (SFT, KD, DSKD, DSKD-CMA, CMA-GA, DSKDv2, DWA-KD, MinED, ULD) from a store or an online teacher."""
+    """Train a student (SFT, KD, DSKD, DSKD-CMA, CMA-GA, DSKDv2, DWA-KD, MinED, ULD) from a store or a teacher."""
     from dskd_pipe.pipeline.config import DistillConfig, load_config
     from dskd_pipe.stages.distill import run
 
@@ -220,3 +220,28 @@ def demo(out, size, config_path, fresh, progress) -> None:
     click.echo("\nwhere everything lies:")
     for name, path in result["paths"].items():
         click.echo(f"  {name:15s} {path}")
+
+
+# --- probe (stages/probe.py) ---
+@main.command("probe")
+@click.option("--config", "config_path", default=None, help="TOML/JSON config (or a probe_config.json).")
+@click.option("--run", "run_dir", default=None, help="A dskd-cma or cma-ga distill output folder.")
+@click.option("--cache", default=None, help="The teacher-state store the run was trained from.")
+@click.option("--data", default=None, help="The data file the store was built from.")
+@click.option("--out", default=None, help="Output folder: probe_report.json and heatmap PNGs.")
+@click.option("--limit", type=int, default=None, help="Probe the first N store examples.")
+@click.option("--heatmaps", default=None, help="Store example indices to draw, e.g. 0,3,7 (needs matplotlib).")
+@click.option("--batch-size", type=int, default=None, help="1 (default) is exact per example.")
+@click.option("--device", default=None)
+def probe(config_path, run_dir, heatmaps, **flags) -> None:
+    """Alignment accuracy and t2s attention heatmaps of a trained cross-model attention (DSKD-CMA, CMA-GA)."""
+    from dskd_pipe.pipeline.config import ProbeConfig, load_config
+    from dskd_pipe.stages.probe import run
+
+    if heatmaps is not None:
+        try:
+            flags["heatmaps"] = tuple(int(x) for x in heatmaps.split(",") if x.strip())
+        except ValueError:
+            raise ConfigError(f"--heatmaps '{heatmaps}': expected example indices like 0,3,7.") from None
+    flags["run"] = run_dir
+    run(load_config(ProbeConfig, config_path, flags))

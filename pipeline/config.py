@@ -235,5 +235,20 @@ def require(cfg, *names: str) -> None:
         raise ConfigError("missing required option(s): " + ", ".join("--" + n.replace("_", "-") for n in missing))
 
 
-__all__ = ["CacheConfig", "ScoreConfig", "DistillConfig", "ConfigError", "load_config", "save_config",
+@dataclass(frozen=True)
+class ProbeConfig:
+    """`dskd-pipe probe`: alignment accuracy and t2s attention heatmaps of a trained DSKD-CMA / CMA-GA run
+    (spec/cma_ga.md "Probes and heatmaps")."""
+
+    run: str = ""  # a distill output folder (student + projectors.safetensors + distill_config.json)
+    cache: str = ""  # the teacher-state store the run was trained from
+    data: str = ""  # the data file the store was built from (its fingerprint is checked)
+    out: str = ""
+    limit: int | None = None  # probe the first N store examples
+    heatmaps: tuple[int, ...] = ()  # store example indices to draw (one PNG each)
+    batch_size: int = 1  # 1 = exact per example: the key normalisation is one std over the padded batch
+    device: str = ""  # "" = cuda when available, else cpu
+
+
+__all__ = ["CacheConfig", "ScoreConfig", "DistillConfig", "ProbeConfig", "ConfigError", "load_config", "save_config",
            "config_to_dict", "require", "field"]
