@@ -34,19 +34,6 @@ def from_storage(arr: np.ndarray, logical: str) -> torch.Tensor:
     return t
 
 
-def logits_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                       logit_scale: float = 1.0, final_logit_softcap: float | None = None) -> torch.Tensor:
-    """z = (h W^T + b) * logit_scale, then softcap * tanh(z / softcap): the teacher's logits from its hidden state."""
-    z = hidden @ weight.T  # [T, V]
-    if bias is not None:
-        z = z + bias
-    if logit_scale != 1.0:
-        z = z * logit_scale
-    if final_logit_softcap:
-        z = torch.tanh(z / final_logit_softcap) * final_logit_softcap
-    return z
-
-
 def _join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *parts])
 

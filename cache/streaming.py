@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dskd_pipe.pipeline.data import build_sequence
+from dskd_pipe.pipeline.data import build_sequence, shifted_labels
 
 
 @dataclass(frozen=True)
@@ -105,14 +105,6 @@ class DistillDataset(Dataset):
         return item
 
 
-def _labels(ids: list[int], prompt_len: int) -> list[int]:
-    """labels = ids[1:] with the first P-1 set to -100 (spec/dskd.md "Sequences")."""
-    labels = list(ids[1:])
-    for k in range(min(prompt_len - 1, len(labels))):
-        labels[k] = -100
-    return labels
-
-
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), value, dtype=torch.long)
@@ -138,9 +130,9 @@ class Collate:
 
     def __call__(self, items: list[dict]) -> dict:
         s_in = [it["student_ids"][:-1] for it in items]
-        s_lab = [_labels(it["student_ids"], it["student_prompt_len"]) for it in items]
+        s_lab = [shifted_labels(it["student_ids"], it["student_prompt_len"]) for it in items]
         t_in = [it["ids"][:-1] for it in items]
-        t_lab = [_labels(it["ids"], it["prompt_len"]) for it in items]
+        t_lab = [shifted_labels(it["ids"], it["prompt_len"]) for it in items]
         input_ids = _pad(s_in, self.student_pad_id)
         t_ids = _pad(t_in, self.teacher_pad_id)
         batch = {

@@ -55,12 +55,16 @@ class TokenSequence:
     offsets: list[tuple[int, int]] = field(repr=False)
 
     def inputs_and_labels(self) -> tuple[list[int], list[int]]:
-        """inputs = ids[:-1]; labels = ids[1:] with the first P-1 labels set to -100."""
-        inputs = self.ids[:-1]
-        labels = list(self.ids[1:])
-        for k in range(min(self.prompt_len - 1, len(labels))):
-            labels[k] = -100
-        return inputs, labels
+        """inputs = ids[:-1]; labels = shifted_labels(ids, P)."""
+        return self.ids[:-1], shifted_labels(self.ids, self.prompt_len)
+
+
+def shifted_labels(ids: list[int], prompt_len: int) -> list[int]:
+    """labels = ids[1:] with the first P-1 set to -100: the first supervised position is the last prompt token."""
+    labels = list(ids[1:])
+    for k in range(min(prompt_len - 1, len(labels))):
+        labels[k] = -100
+    return labels
 
 
 def format_prompt(instruction: str, input_text: str = "") -> str:

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 
 from dskd_pipe.cache.format import COMPRESSIONS, Manifest, StoreError
-from dskd_pipe.cache.reader import logits_from_hidden
 from dskd_pipe.cache.verify import store_sizes
 from dskd_pipe.cache.writer import PartWriter, finalize_store, open_for_writing, write_shared
 from dskd_pipe.pipeline.config import CacheConfig, config_to_dict, require
 from dskd_pipe.pipeline.data import TEMPLATE_ID, build_sequence, file_fingerprint, load_examples
+from dskd_pipe.pipeline.objectives.dskd import TeacherHead, teacher_logits
 from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
                                        load_causal_lm, load_tokenizer, model_fingerprint, pad_token_id,
                                        tokenizer_fingerprint)
@@ -118,6 +118,9 @@ def run(cfg: CacheConfig) -> Path:
 
 
 def _cache_batches(model, writer, examples, seqs, batches, head, pad, cfg, device, shard, n_shards) -> None:
+    # fp32 once per run, not per example: a 152k x 2048 head is 1.2 GB in fp32
+    logit_head = TeacherHead(head["weight"].float(), None if head["bias"] is None else head["bias"].float(),
+                             head["logit_scale"], head["final_logit_softcap"]) if cfg.topk else None
     from tqdm import tqdm
 
     total = sum(len(s.ids) for s in seqs.values())
@@ -137,9 +140,7 @@ def _cache_batches(model, writer, examples, seqs, batches, head, pad, cfg, devic
             h = hidden[b, :lens[b]]  # [L, d]: row k is the state after ids[0..k]
             extra = {}
             if cfg.topk:
-                z = logits_from_hidden(h.float(), head["weight"].float(),
-                                       None if head["bias"] is None else head["bias"].float(),
-                                       head["logit_scale"], head["final_logit_softcap"])  # [L, V]
+                z = teacher_logits(h, logit_head)  # [L, V] fp32
                 values, indices = z.topk(min(cfg.topk, z.shape[-1]), dim=-1)
                 extra = {"topk_values": values.cpu(), "topk_indices": indices.cpu(),
                          "logsumexp": torch.logsumexp(z, dim=-1).cpu()}

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dskd_pipe.cache.format import PARTIAL_MANIFEST, StoreError
-from dskd_pipe.cache.reader import logits_from_hidden, open_store
+from dskd_pipe.cache.reader import open_store
+from dskd_pipe.pipeline.objectives.dskd import TeacherHead, teacher_logits
 from dskd_pipe.pipeline.data import build_sequence, load_examples
 from dskd_pipe.pipeline.models import eos_token_id, load_causal_lm, load_tokenizer
 
@@ -40,9 +41,7 @@ def test_logits_rebuilt_from_store_match_teacher(tiny_teacher_dirs, cache_cli, d
         assert rec["hidden"].dtype == getattr(torch, dtype)
         with torch.no_grad():
             want = model(torch.tensor([seq.ids])).logits[0].float()  # [L, V], unpadded
-        got = logits_from_hidden(rec["hidden"].float(), head["weight"].float(),
-                                 None if head["bias"] is None else head["bias"].float(),
-                                 head["logit_scale"], head["final_logit_softcap"])
+        got = teacher_logits(rec["hidden"], TeacherHead(**head))
         torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
         top = want.topk(3, dim=-1)
         np.testing.assert_allclose(rec["topk_values"], top.values.numpy(), atol=TOL[dtype] * 4, rtol=TOL[dtype])
