@@ -82,19 +82,26 @@ def head_parts(model) -> dict:
     head = model.get_output_embeddings()
     if head is None:
         raise ModelError(f"{type(model).__name__} has no output embeddings (LM head).")
+    scale, softcap = logit_transform(model)
+    bias = getattr(head, "bias", None)
+    return {
+        "weight": head.weight.detach(),
+        "bias": bias.detach() if bias is not None else None,
+        "logit_scale": scale,
+        "final_logit_softcap": softcap,
+    }
+
+
+def logit_transform(model) -> tuple[float, float | None]:
+    """(logit_scale, final_logit_softcap) that the architecture applies after the LM head: z = (h W^T + b) * scale,
+    then cap * tanh(z / cap). Cohere's logit_scale multiplies, Granite's logits_scaling divides, Gemma soft-caps."""
     cfg = model.config
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     scale = float(getattr(text_cfg, "logit_scale", None) or 1.0)
     if getattr(text_cfg, "logits_scaling", None):
         scale /= float(text_cfg.logits_scaling)
     softcap = getattr(text_cfg, "final_logit_softcapping", None)
-    bias = getattr(head, "bias", None)
-    return {
-        "weight": head.weight.detach(),
-        "bias": bias.detach() if bias is not None else None,
-        "logit_scale": scale,
-        "final_logit_softcap": float(softcap) if softcap else None,
-    }
+    return scale, float(softcap) if softcap else None
 
 
 def embedding_parts(model) -> dict:

@@ -24,7 +24,7 @@ from dskd_pipe.cache.streaming import Collate, DistillDataset, Side, StoreSource
 from dskd_pipe.pipeline.config import ConfigError, DistillConfig, require, save_config
 from dskd_pipe.pipeline.data import TEMPLATE_ID, file_fingerprint, load_examples
 from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
-                                       load_causal_lm, load_tokenizer, pad_token_id)
+                                       load_causal_lm, load_tokenizer, logit_transform, pad_token_id)
 from dskd_pipe.pipeline.objectives.divergences import DIVERGENCES, cross_entropy_sum
 from dskd_pipe.pipeline.alignment import (EtaPairs, TokenStrings, eta_pairs_for_batch,
                                           teacher_to_student_token_map, vocab_overlap)
@@ -200,11 +200,10 @@ def student_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     hf = _hf(model)
     hidden = last_hidden_state(hf, batch["input_ids"], batch["attention_mask"])  # [B, S, ds]
     logits = hf.get_output_embeddings()(hidden)  # [B, S, Vs]
-    text_cfg = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
-    if getattr(text_cfg, "logit_scale", None):
-        logits = logits * float(text_cfg.logit_scale)
-    if getattr(text_cfg, "final_logit_softcapping", None):
-        cap = float(text_cfg.final_logit_softcapping)
+    scale, cap = logit_transform(hf)
+    if scale != 1.0:
+        logits = logits * scale
+    if cap is not None:
         logits = cap * torch.tanh(logits / cap)
     return hidden, logits
 
