@@ -50,7 +50,8 @@ class StoreSource:
     def item(self, i: int) -> dict:
         rec = self.reader.read(i)
         return {"example_id": i, "ids": [int(x) for x in rec["ids"]], "prompt_len": int(rec["prompt_len"]),
-                "hidden": rec["hidden"], "prompt": rec["prompt"], "response": rec["response"]}
+                "offsets": rec["offsets"], "hidden": rec["hidden"], "prompt": rec["prompt"],
+                "response": rec["response"]}
 
 
 class TextSource:
@@ -67,8 +68,31 @@ class TextSource:
     def item(self, i: int) -> dict:
         ex = self.examples[i]
         seq = self.teacher.encode(ex.prompt, ex.response)
-        return {"example_id": i, "ids": seq.ids, "prompt_len": seq.prompt_len, "hidden": None,
-                "prompt": ex.prompt, "response": ex.response}
+        return {"example_id": i, "ids": seq.ids, "prompt_len": seq.prompt_len, "offsets": seq.offsets,
+                "hidden": None, "prompt": ex.prompt, "response": ex.response}
+
+
+class UnionSource:
+    """Several sources as one: the gold store first, then stores of student samples (on-policy rounds).
+
+    Items of a sample source carry gold=False: the KD terms use them, the student's own CE does not (spec/
+    other_methods.md, DSKDv2 on-policy: "KD terms are computed on the sample, CE stays on gold data").
+    """
+
+    def __init__(self, gold, samples: list):
+        self.sources = [gold, *samples]
+        self.starts = np.cumsum([0] + [len(s) for s in self.sources])
+        self.pad_id = gold.pad_id
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def item(self, i: int) -> dict:
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        item = self.sources[k].item(i - int(self.starts[k]))
+        item["example_id"] = i
+        item["gold"] = k == 0
+        return item
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -102,6 +126,7 @@ class DistillDataset(Dataset):
         s = self.student.encode(item["prompt"], item["response"])
         item["student_ids"] = s.ids
         item["student_prompt_len"] = s.prompt_len
+        item["student_offsets"] = s.offsets
         return item
 
 
@@ -118,14 +143,16 @@ class Collate:
 
     input_ids/attention_mask/labels [B, S] (student pad id, labels -100 on pads and prompt);
     teacher_input_ids/teacher_attention_mask/teacher_labels [B, T] (teacher pad id from the manifest);
-    teacher_hidden [B, T, d] (zeros on pads) when the source has hidden rows; example_ids [B].
+    teacher_hidden [B, T, d] (zeros on pads) when the source has hidden rows; example_ids [B]; gold [B] bool
+    (False for student samples of on-policy rounds: no student CE on them).
     """
 
     def __init__(self, student_pad_id: int, teacher_pad_id: int, extras=None):
         self.student_pad_id = student_pad_id
         self.teacher_pad_id = teacher_pad_id
-        # extras(teacher_label_rows, student_label_rows) -> {name: tensor}: per-batch token alignments that a
-        # method needs (ETA pairs), built here so that DataLoader workers do the CPU work off the training loop.
+        # extras(items, teacher_label_rows, student_label_rows) -> {name: tensor}: per-batch token alignments that
+        # a method needs (ETA pairs, chunks), built here so that DataLoader workers do the CPU work off the training
+        # loop. Items carry both views' character offsets ("offsets", "student_offsets").
         self.extras = extras
 
     def __call__(self, items: list[dict]) -> dict:
@@ -145,6 +172,7 @@ class Collate:
                                        < torch.tensor([len(r) for r in t_in])[:, None]).long(),
             "teacher_labels": _pad(t_lab, -100),
             "example_ids": torch.tensor([it["example_id"] for it in items], dtype=torch.long),
+            "gold": torch.tensor([it.get("gold", True) for it in items], dtype=torch.bool),
         }
         if items[0]["hidden"] is not None:
             d = items[0]["hidden"].shape[-1]
@@ -154,7 +182,7 @@ class Collate:
                 hidden[b, :rows.shape[0]] = rows
             batch["teacher_hidden"] = hidden
         if self.extras is not None:
-            batch.update(self.extras(t_lab, s_lab))
+            batch.update(self.extras(items, t_lab, s_lab))
         return batch
 
 

@@ -74,8 +74,11 @@ class DistillConfig:
 
     cache: str = ""  # a teacher-state store (offline); or
     teacher: str = ""  # a teacher model run on the fly (online)
+    # Stores of student samples (on-policy rounds, `dskd-pipe on-policy`): the same teacher over student-generated
+    # responses. KD terms use them; the student's own CE stays on the gold data of `cache`.
+    sample_caches: tuple[str, ...] = ()
     student: str = ""
-    method: str = "dskd-cma"  # sft | kd | dskd | dskd-cma | cma-ga | dskd-v2 | dskd-v2-eta | dwa-kd | mined | uld
+    method: str = "dskd-cma"  # one of stages/distill.METHODS (README "Methods")
     data: str = ""
     out: str = ""
     dev_data: str = ""  # "" = no dev evaluation; else the student's dev loss each epoch keeps the best model
@@ -110,6 +113,10 @@ class DistillConfig:
     save_every: int = 0  # checkpoint every N optimizer steps (0 = only at epoch ends)
     keep_checkpoints: int = 2
     resume: bool = False
+    # Continue from another run's last checkpoint (student, projectors, discriminator, optimizer states, step
+    # count) on this run's data: the next on-policy round starts where the previous one stopped.
+    init_from: str = ""
+    schedule_steps: int = 0  # length of the LR schedule; 0 = this run's own steps (on-policy: the whole run's)
     seed: int = 42
     num_workers: int = 2
     prefetch_factor: int = 2

@@ -158,6 +158,21 @@ def load_checkpoint(folder: Path, *, modules: dict, optimizers: dict, scheduler)
     return state
 
 
+def peek_trainer_state(folder: Path) -> dict:
+    """The trainer state of a checkpoint (step, epoch, position, ...) without restoring anything."""
+    state = torch.load(Path(folder) / TRAINER_STATE, weights_only=True)
+    state.pop("rng", None)
+    return state
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temporary name and rename: a reader sees the old file or the whole new one."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     """One JSON line per optimizer step, flushed at once (a killed run keeps every finished step)."""
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from dskd_pipe.cache.streaming import Collate, DistillDataset, Side, StoreSource, TextSource, make_loader
+from dskd_pipe.cache.streaming import (Collate, DistillDataset, Side, StoreSource, TextSource, UnionSource,
+                                       make_loader)
 from dskd_pipe.pipeline.config import ConfigError, DistillConfig, require, save_config
 from dskd_pipe.pipeline.data import TEMPLATE_ID, file_fingerprint, load_examples
 from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
@@ -34,16 +35,22 @@ from dskd_pipe.pipeline.objectives.dskd import (TeacherHead, build_projectors, d
 from dskd_pipe.pipeline.objectives.dskd_v2 import (dskd_v2_eta_loss, dskd_v2_same_vocab_loss,
                                                    ideal_projector_init)
 from dskd_pipe.pipeline.objectives.dwa import build_dwa_projectors, dtw_gamma, dwa_kd_loss, kd_warmup
+from dskd_pipe.pipeline.probes import chunk_alignment, label_offsets
 from dskd_pipe.pipeline.training import (MetricsLogger, cosine_schedule, list_checkpoints, load_checkpoint,
-                                         param_groups, rng_state, save_checkpoint, save_safetensors, seed_everything,
-                                         set_rng_state)
+                                         param_groups, peek_trainer_state, rng_state, save_checkpoint,
+                                         save_safetensors, seed_everything, set_rng_state, write_json_atomic)
 
-METHODS = ("sft", "kd", "dskd", "dskd-cma", "cma-ga", "dskd-v2", "dskd-v2-eta", "dwa-kd", "mined", "uld")
+METHODS = ("sft", "kd", "dskd", "dskd-cma", "cma-ga", "dskd-v2", "dskd-v2-eta", "dwa-kd", "mined", "uld",
+           "chunk-attention", "chunk-projection")
+# The two ablations of spec/cma_ga.md: DSKD-CMA with its attention confined to (or replaced by a uniform average
+# over) the ground-truth chunk of each token (pipeline/probes.chunk_alignment).
+CHUNK_MODES = {"chunk-attention": "attention", "chunk-projection": "projection"}
 SAME_VOCAB = ("kd", "dskd", "dskd-v2")
 DIE_AT_STEP_ENV = "DSKD_PIPE_TEST_DIE_AT_STEP"  # tests: os._exit(137) right after the checkpoint of this step
 # MinED's token map is computed once per tokenizer pair (about 30 s for Qwen -> GPT-2 on 2 cores) and kept here.
 TOKEN_MAP_CACHE = Path(os.environ.get("DSKD_PIPE_CACHE", Path.home() / ".cache" / "dskd-pipe"))
 RESOLVED_CONFIG = "distill_config.json"  # not config.json: that name is the student's HF config
+DONE = "distill_done.json"  # written last: the folder holds a finished student
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,6 +74,14 @@ def check_config(cfg: DistillConfig) -> None:
         problems.append(f"--kd-rate must be in [0, 1], found {cfg.kd_rate}.")
     if cfg.dtype not in ("", "bfloat16", "float32"):
         problems.append(f"--dtype '{cfg.dtype}': choose bfloat16 or float32 (or leave empty).")
+    if cfg.sample_caches and (not cfg.cache or cfg.method == "sft"):
+        problems.append("--sample-cache (student samples, KD terms only) needs --cache with the gold data and a KD "
+                        f"method, not {'--method sft' if cfg.method == 'sft' else 'online --teacher'}.")
+    if cfg.init_from and not list_checkpoints(Path(cfg.init_from)):
+        problems.append(f"--init-from {cfg.init_from}: no checkpoint there (a distill output folder holds "
+                        "checkpoints/step-N).")
+    if cfg.schedule_steps < 0:
+        problems.append(f"--schedule-steps must be >= 0, found {cfg.schedule_steps}.")
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -137,7 +152,14 @@ def open_teacher(cfg: DistillConfig, device: str):
         h, e = reader.head(), reader.embeddings()
         teacher = Teacher(_teacher_head(h, device), e["weight"].to(device), float(e["embed_scale"]),
                           int(reader.manifest.pad_id), tokenizer=reader.tokenizer())
-        return teacher, StoreSource(reader, limit=cfg.limit)
+        source = StoreSource(reader, limit=cfg.limit)
+        if cfg.sample_caches:
+            # Sample stores: the same teacher, tokenizer, template and lengths as the gold store; their data are
+            # student generations, so no data fingerprint is compared.
+            same = {k: reader.manifest.fingerprints[k] for k in ("teacher", "tokenizer", "template", "lengths")}
+            samples = [StoreSource(open_store(path, expected=same)) for path in cfg.sample_caches]
+            source = UnionSource(source, samples)
+        return teacher, source
     student_examples = load_examples(cfg.data, limit=cfg.limit, skip_bad=cfg.skip_bad)
     if not cfg.teacher:  # sft without a teacher: the teacher view is the student's own tokenisation, unused
         tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
@@ -235,8 +257,11 @@ def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher,
     labels = batch["labels"]
     n_s = (labels != -100).sum()
     logs: dict[str, torch.Tensor] = {"n_student": n_s.float()}
+    gold = batch.get("gold")
+    # Student samples (on-policy stores): their rows feed the KD terms only; the student's CE stays on gold data.
+    ce_labels = None if gold is None or bool(gold.all()) else labels.masked_fill(~gold[:, None], -100)
     if cfg.method == "sft":
-        ce = cross_entropy_sum(zs, labels)
+        ce = cross_entropy_sum(zs, labels if ce_labels is None else ce_labels)
         logs["ce_student"] = ce.detach()
         return ce, logs
     ht = teacher.hidden(batch)
@@ -246,25 +271,26 @@ def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher,
     if cfg.method == "mined":
         pairs = EtaPairs(batch["align_teacher_pos"], batch["align_student_pos"])
         out = mined_loss(zs, labels, ht, batch["teacher_labels"], teacher.head, pairs, aux["token_map"],
-                         kd_rate=cfg.kd_rate, tau=cfg.kd_temperature)
+                         kd_rate=cfg.kd_rate, tau=cfg.kd_temperature, ce_labels=ce_labels)
         logs.update(ce_student=out.ce_student.detach(), kd=out.kd.detach())
         return out.loss, logs
     if cfg.method == "uld":
-        out = uld_loss(zs, labels, ht, batch["teacher_labels"], teacher.head, kd_rate=cfg.kd_rate)
+        out = uld_loss(zs, labels, ht, batch["teacher_labels"], teacher.head, kd_rate=cfg.kd_rate,
+                       ce_labels=ce_labels)
         logs.update(ce_student=out.ce_student.detach(), kd=out.kd.detach())
         return out.loss, logs
     if cfg.method == "kd":
         ms = labels != -100
         zt = teacher_logits(ht[ms], teacher.head)  # [Ns, Vt]
         v = min(zt.shape[-1], zs.shape[-1])  # padded vocabularies: compare the shared ids only
-        ce = cross_entropy_sum(zs, labels)
+        ce = cross_entropy_sum(zs, labels if ce_labels is None else ce_labels)
         kd = DIVERGENCES[cfg.divergence](zs[ms][:, :v], zt[:, :v], torch.ones_like(labels[ms], dtype=torch.bool),
                                          tau=cfg.kd_temperature)
         logs.update(ce_student=ce.detach(), kd=kd.detach())
         return (1.0 - cfg.kd_rate) * ce + cfg.kd_rate * kd, logs
     ws = _hf(student).get_output_embeddings().weight
     common = dict(divergence=cfg.divergence, kd_rate=cfg.kd_rate, tau=cfg.kd_temperature,
-                  teacher_temperature=cfg.teacher_temperature)
+                  teacher_temperature=cfg.teacher_temperature, ce_labels=ce_labels)
     if cfg.method == "dskd":
         out = dskd_same_vocab_loss(hs, zs, labels, ws, ht, teacher.head, projectors, **common)
     elif cfg.method == "dskd-v2":
@@ -279,12 +305,12 @@ def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher,
                           gamma=dtw_gamma(aux.get("progress", 0.0), cfg.dtw_gamma_start, cfg.dtw_gamma_end),
                           kd_scale=kd_warmup(aux.get("step", 0), cfg.kd_warmup_steps),
                           teacher_embed_scale=teacher.embed_scale, **common)
-    else:
+    else:  # dskd-cma, cma-ga and the chunk-level ablations
         es = _hf(student).get_input_embeddings().weight
         out = dskd_cma_loss(hs, zs, labels, batch["input_ids"], es, ws, batch["teacher_input_ids"],
                             batch["teacher_labels"], ht, teacher.embed, teacher.head, projectors,
-                            divergence=cfg.divergence, kd_rate=cfg.kd_rate, tau=cfg.kd_temperature,
-                            teacher_temperature=cfg.teacher_temperature, teacher_embed_scale=teacher.embed_scale)
+                            teacher_embed_scale=teacher.embed_scale, chunks=batch.get("chunks"),
+                            chunk_mode=CHUNK_MODES.get(cfg.method), **common)
     loss = out.loss
     for name in ("ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "t2s_correct", "s2t_correct", "n_teacher"):
         logs[name] = getattr(out, name).detach().float()
@@ -422,9 +448,22 @@ class AlignmentExtras:
         self.teacher = TokenStrings(teacher_tok)  # per-id string caches live as long as the collate
         self.student = TokenStrings(student_tok)
 
-    def __call__(self, teacher_labels, student_labels) -> dict:
+    def __call__(self, items, teacher_labels, student_labels) -> dict:
         pairs = self.pairs_for_batch(teacher_labels, student_labels, self.teacher, self.student)
         return {"align_teacher_pos": pairs.teacher_pos, "align_student_pos": pairs.student_pos}
+
+
+def chunk_extras(items, teacher_labels, student_labels) -> dict:
+    """Collate extra of the chunk-level ablations: "chunks" bool [B, S, T], the ground-truth chunk alignment of the
+    label positions of each example (pipeline/probes.chunk_alignment), padded to the batch's widths."""
+    width_s = max(len(r) for r in student_labels)
+    width_t = max(len(r) for r in teacher_labels)
+    chunks = torch.zeros(len(items), width_s, width_t, dtype=torch.bool)
+    for b, (it, t_lab, s_lab) in enumerate(zip(items, teacher_labels, student_labels)):
+        block = chunk_alignment(label_offsets(it["offsets"]), label_offsets(it["student_offsets"]),
+                                torch.tensor(t_lab) != -100, torch.tensor(s_lab) != -100)  # [S_b, T_b]
+        chunks[b, :block.shape[0], :block.shape[1]] = block
+    return {"chunks": chunks}
 
 
 def build_method_parts(cfg: DistillConfig, teacher: Teacher, student_tok, student, ds: int, device: str):
@@ -438,6 +477,9 @@ def build_method_parts(cfg: DistillConfig, teacher: Teacher, student_tok, studen
     if cfg.method in ("dskd", "dskd-cma", "cma-ga"):
         kind = {"dskd": "dskd", "dskd-cma": "dskd_cma", "cma-ga": "dskd_cma_ga"}[cfg.method]
         return build_projectors(kind, ds, dt).to(device), None, None
+    if cfg.method in CHUNK_MODES:  # chunk-level projection has no query: DSKD's t2s/s2t pair only
+        kind = "dskd" if cfg.method == "chunk-projection" else "dskd_cma"
+        return build_projectors(kind, ds, dt).to(device), None, chunk_extras
     if cfg.method == "dwa-kd":
         return build_dwa_projectors(ds, dt).to(device), None, None
     # DSKDv2: "ideal" projectors from the two heads over the shared vocabulary (spec/other_methods.md step 1).
@@ -475,6 +517,8 @@ def run(cfg: DistillConfig) -> Path:
         raise ConfigError(f"{out} already holds checkpoints ({checkpoints[-1].name}). Pass --resume to continue, "
                           "or choose another --out.")
     resume_from = checkpoints[-1] if cfg.resume and checkpoints else None
+    # --init-from: a fresh run that starts from another run's last checkpoint (ignored once this run has its own).
+    init_from = list_checkpoints(Path(cfg.init_from))[-1] if cfg.init_from and resume_from is None else None
     seed_everything(cfg.seed + rank)
 
     # Teacher side (store or model) and the student.
@@ -482,7 +526,7 @@ def run(cfg: DistillConfig) -> Path:
     tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
     student_side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
     plain_collate = Collate(student_side.pad_id, teacher.pad_id)
-    student = build_student(cfg, device, resume_from)
+    student = build_student(cfg, device, resume_from or init_from)
     ds = _hf(student).get_input_embeddings().weight.shape[1]
 
     # Projectors (DSKD family), discriminator (CMA-GA), optimizers, schedule.
@@ -499,19 +543,29 @@ def run(cfg: DistillConfig) -> Path:
                                   weight_decay=cfg.weight_decay)
     n_rank = len(DistillDataset(source, student_side, cfg.seed, 0, rank, world))
     spe = _steps_per_epoch(n_rank, cfg)
-    total_steps = min(cfg.max_steps, spe * cfg.epochs) if cfg.max_steps else spe * cfg.epochs
-    scheduler = cosine_schedule(optimizer, total_steps, cfg.warmup_steps, cfg.min_lr)
+    run_steps = min(cfg.max_steps, spe * cfg.epochs) if cfg.max_steps else spe * cfg.epochs
+    # Step numbers continue across --init-from runs: this run does steps start_step + 1 .. start_step + run_steps.
+    start_step = (int(peek_trainer_state(resume_from).get("start_step", 0)) if resume_from is not None
+                  else int(peek_trainer_state(init_from)["step"]) if init_from is not None else 0)
+    total_steps = start_step + run_steps
+    scheduler = cosine_schedule(optimizer, cfg.schedule_steps or total_steps, cfg.warmup_steps, cfg.min_lr)
     modules = {"projectors": projectors, "discriminator": disc}
     optimizers = {"student": optimizer, "discriminator": disc_opt}
 
-    state = {"step": 0, "epoch": 0, "position": 0, "micro_step": 0, "best": None}
+    state = {"step": start_step, "start_step": start_step, "epoch": 0, "position": 0, "micro_step": 0, "best": None}
     if resume_from is not None:
         state.update(load_checkpoint(resume_from, modules=modules, optimizers=optimizers, scheduler=scheduler))
         if rank == 0:
             print(f"resuming from {resume_from} (step {state['step']}, epoch {state['epoch']}, "
                   f"position {state['position']})")
+    elif init_from is not None:
+        before = load_checkpoint(init_from, modules=modules, optimizers=optimizers, scheduler=scheduler)
+        state["micro_step"] = before["micro_step"]  # keeps CMA-GA's every-k discriminator rhythm
+        if rank == 0:
+            print(f"starting from {init_from} (step {start_step}; this run's data from its first example)")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        (out / DONE).unlink(missing_ok=True)
         save_config(cfg, out / RESOLVED_CONFIG)
     metrics = MetricsLogger(out / "metrics.jsonl", enabled=rank == 0,
                             truncate_after_step=state["step"] if resume_from is not None else None,
@@ -531,7 +585,7 @@ def run(cfg: DistillConfig) -> Path:
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"distill {cfg.method}", unit="step",
+    bar = tqdm(total=run_steps, initial=state["step"] - start_step, desc=f"distill {cfg.method}", unit="step",
                disable=None if (cfg.progress and rank == 0) else True)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     while state["step"] < total_steps and state["epoch"] < cfg.epochs:
@@ -601,6 +655,7 @@ def run(cfg: DistillConfig) -> Path:
         for name, module in modules.items():
             if module is not None:
                 save_safetensors(module, out / f"{name}.safetensors")
+        write_json_atomic(out / DONE, {"step": state["step"], "method": cfg.method})
         print(f"{out}: student after {state['step']} steps ({cfg.method}).")
     if world > 1:
         torch.distributed.barrier()

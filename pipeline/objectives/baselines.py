@@ -329,6 +329,7 @@ def mined_loss(
     kd_rate: float = 0.5,
     tau: float = 2.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ce_labels: Tensor | None = None,
 ) -> BaselineOutput:
     """MinED (spec/other_methods.md "Baselines"), all terms token sums.
 
@@ -343,7 +344,7 @@ def mined_loss(
     """
     ms = labels != -100  # [B, S]
     batch, seq, vocab = student_logits.shape
-    ce_student = cross_entropy_sum(student_logits, labels)
+    ce_student = cross_entropy_sum(student_logits, labels if ce_labels is None else ce_labels)
 
     b_idx, t_pos, s_pos = (x.to(labels.device) for x in pairs.flat())  # [P] each
     token_map = token_map.to(labels.device)
@@ -391,6 +392,7 @@ def uld_loss(
     teacher_head: TeacherHead,
     kd_rate: float = 0.5,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ce_labels: Tensor | None = None,
 ) -> BaselineOutput:
     """Universal Logit Distillation (spec/other_methods.md "Baselines"; Boizard et al., arXiv 2402.12030).
 
@@ -401,7 +403,7 @@ def uld_loss(
     Teacher logits are rebuilt from the hidden states chunk_tokens rows at a time; gradient into Zs only.
     Shapes: Zs [B,S,Vs], y [B,S], Ht [B,T,dt], yt [B,T].
     """
-    ce_student = cross_entropy_sum(student_logits, labels)
+    ce_student = cross_entropy_sum(student_logits, labels if ce_labels is None else ce_labels)
     s_rows, t_rows = _response_rows(labels), _response_rows(teacher_labels)
     b_s, b_t = [], []
     for b, (s, t) in enumerate(zip(s_rows, t_rows)):

@@ -2,6 +2,9 @@
 
 The math is spec/dskd.md; this module follows it step by step ("reference mode"). Every loss term is a token
 SUM; the stage divides the step total once by the supervised student tokens of the whole step.
+Like every loss of pipeline/objectives, they take `ce_labels`: the labels of the student's own CE term when they
+differ from `labels` (on-policy rounds pass -100 on rows that are student samples: the KD terms use those rows,
+the CE stays on gold data). Default: `labels`.
 Ref: Zhang et al., EMNLP 2024, arXiv 2406.17328.
 """
 
@@ -261,6 +264,7 @@ def dskd_same_vocab_loss(
     tau: float = 2.0,
     teacher_temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ce_labels: Tensor | None = None,
 ) -> DSKDOutput:
     """DSKD with a shared vocabulary and tokenization (spec/dskd.md "DSKD, same vocabulary").
 
@@ -272,7 +276,7 @@ def dskd_same_vocab_loss(
     div = get_divergence(divergence)
     ms = labels != -100  # [B, S]
     y = labels[ms]  # [Ns]
-    ce_student = cross_entropy_sum(student_logits, labels)
+    ce_student = cross_entropy_sum(student_logits, labels if ce_labels is None else ce_labels)
 
     ws = student_head.detach()  # the t2s branch must not train the student's head
     ht2s = _apply(projectors.t2s, teacher_hidden.detach()[ms])  # [Ns, ds]
@@ -331,13 +335,14 @@ def _scalar_std_normalise(x: Tensor) -> Tensor:
 class CrossModelAttention:
     """DSKD-CMA steps 1-4 for one batch, shared by every method built on the cross-model attention.
 
-    queries [B,S,2dt] (with grad into the query projector), keys [B,T,2dt] (no parameters), a_t2s [B,S,T] (softmax
+    queries [B,S,2dt] (with grad into the query projector; None in the chunk-level projection ablation), keys
+    [B,T,2dt] (no parameters; None likewise), a_t2s [B,S,T] (softmax
     over teacher positions), a_s2t [B,T,S] (over student positions), v_t2s [B,T,ds], v_s2t [B,S,dt], the normalised
     teacher target embeddings e_tg [B,T,dt] and hidden states ht_norm [B,T,dt], and the two response masks.
     """
 
-    queries: Tensor
-    keys: Tensor
+    queries: Tensor | None
+    keys: Tensor | None
     a_t2s: Tensor
     a_s2t: Tensor
     v_t2s: Tensor
@@ -366,6 +371,8 @@ def cross_model_attention(
     teacher_embed: Tensor,
     projectors: Projectors,
     teacher_embed_scale: float = 1.0,
+    chunks: Tensor | None = None,
+    chunk_mode: str | None = None,
 ) -> CrossModelAttention:
     """spec/dskd.md "DSKD-CMA" steps 1-4.
 
@@ -373,33 +380,69 @@ def cross_model_attention(
     2. K = Kin / std(Kin), Etg~ = Etg / std(Etg), Ht~ = Ht / std(Ht) (one unbiased scalar std each).
     3. Q = query(Qin), Vt2s = t2s(Ht~ + Etg~), Vs2t = s2t(Hs).
     4. A = Q K^T / sqrt(2 dt) (fp32) - 1e5 where not (ms_i and mt_j); a_t2s = softmax_j(A), a_s2t = softmax_i(A^T).
+
+    The two ablations of spec/cma_ga.md ("Probes and heatmaps") replace step 4; `chunks` [B,S,T] bool is the
+    ground-truth chunk alignment of the label positions (pipeline/probes.chunk_alignment):
+    - chunk_mode "attention": A additionally gets -1e5 outside the token's chunk, in each softmax's own direction;
+      a row (or column) with no chunk (a truncated tail) keeps its plain CMA attention.
+    - chunk_mode "projection": no query and no keys; a_t2s[i] is the uniform average over i's chunk (a_s2t[j]
+      over j's chunk); a row with no chunk averages uniformly over the other side's response positions.
     """
-    if projectors.query is None:
+    if chunk_mode not in (None, "attention", "projection"):
+        raise ValueError(f"chunk_mode {chunk_mode!r}: expected None, 'attention' or 'projection'")
+    if chunk_mode is not None and chunks is None:
+        raise ValueError(f"chunk_mode {chunk_mode!r} needs the chunk alignment `chunks` [B, S, T]")
+    if projectors.query is None and chunk_mode != "projection":
         raise ValueError("cross-model attention needs projectors with a query; build them with "
                          "build_projectors('dskd_cma', ...)")
     ms = labels != -100  # [B, S]
     mt = teacher_labels != -100  # [B, T]
     dt = teacher_hidden.shape[-1]
+    allowed = ms[:, :, None] & mt[:, None, :]  # [B, S, T]: response positions on both axes
 
     # Steps 1-2: index embeddings and scalar std normalisation.
-    q_in, _ = _index_embeddings(student_embed, input_ids, labels, ms)  # [B, S, 2ds]
+    q_in = _index_embeddings(student_embed, input_ids, labels, ms)[0] if chunk_mode != "projection" else None
     k_in, e_tg = _index_embeddings(teacher_embed, teacher_input_ids, teacher_labels, mt, teacher_embed_scale)
-    keys = _scalar_std_normalise(k_in)  # [B, T, 2dt]
+    keys = _scalar_std_normalise(k_in) if chunk_mode != "projection" else None  # [B, T, 2dt]
     e_tg = _scalar_std_normalise(e_tg)  # [B, T, dt]
     ht_norm = _scalar_std_normalise(teacher_hidden.detach())  # [B, T, dt]; the teacher is frozen
 
     # Step 3: projections; attention math in fp32.
-    queries = _apply(projectors.query, q_in).float()  # [B, S, 2dt]
     v_t2s = _apply(projectors.t2s, ht_norm + e_tg).float()  # [B, T, ds]
     v_s2t = _apply(projectors.s2t, student_hidden).float()  # [B, S, dt]
+    if chunk_mode == "projection":
+        a_t2s, a_s2t = _chunk_average(chunks, allowed)
+        return CrossModelAttention(None, None, a_t2s, a_s2t, v_t2s, v_s2t, e_tg, ht_norm, ms, mt)
+    queries = _apply(projectors.query, q_in).float()  # [B, S, 2dt]
 
     # Step 4: one shared score matrix, response positions on both axes only.
     scores = queries @ keys.transpose(-1, -2) / math.sqrt(2 * dt)  # [B, S, T]
-    allowed = ms[:, :, None] & mt[:, None, :]  # [B, S, T]
     scores = scores + (~allowed).float() * MASK_LOGIT
+    scores_s2t = scores.transpose(-1, -2)  # [B, T, S]
+    if chunk_mode == "attention":
+        # Only rows (columns) that have a chunk are confined: adding -1e5 to a whole row would round its fp32
+        # scores to multiples of 1/128 instead of leaving the plain CMA row.
+        chunks = chunks.bool()
+        scores = scores + (chunks.any(-1, keepdim=True) & ~chunks).float() * MASK_LOGIT
+        chunks_t = chunks.transpose(-1, -2)
+        scores_s2t = scores_s2t + (chunks_t.any(-1, keepdim=True) & ~chunks_t).float() * MASK_LOGIT
     a_t2s = torch.softmax(scores, dim=-1)  # [B, S, T], over teacher positions
-    a_s2t = torch.softmax(scores.transpose(-1, -2), dim=-1)  # [B, T, S], over student positions
+    a_s2t = torch.softmax(scores_s2t, dim=-1)  # [B, T, S], over student positions
     return CrossModelAttention(queries, keys, a_t2s, a_s2t, v_t2s, v_s2t, e_tg, ht_norm, ms, mt)
+
+
+def _chunk_average(chunks: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+    """(a_t2s [B,S,T], a_s2t [B,T,S]) of the chunk-level projection ablation: uniform weights over the row's chunk,
+    or over the response positions where the row has no chunk (uniform over everything for masked rows, which no
+    loss term reads)."""
+    chunks = chunks.bool() & allowed
+
+    def rows(c: Tensor, a: Tensor) -> Tensor:  # [B, R, C] bool -> row-normalised fp32 weights
+        w = torch.where(c.any(-1, keepdim=True), c, a).float()  # the chunk, else the response positions
+        w = torch.where(w.sum(-1, keepdim=True) > 0, w, torch.ones_like(w))  # masked rows: uniform
+        return w / w.sum(-1, keepdim=True)
+
+    return rows(chunks, allowed), rows(chunks.transpose(-1, -2), allowed.transpose(-1, -2))
 
 
 def dskd_cma_loss(
@@ -421,6 +464,9 @@ def dskd_cma_loss(
     teacher_temperature: float = 1.0,
     teacher_embed_scale: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunks: Tensor | None = None,
+    chunk_mode: str | None = None,
+    ce_labels: Tensor | None = None,
 ) -> DSKDOutput:
     """DSKD-CMA (spec/dskd.md "DSKD-CMA", steps 1-7), all terms token sums.
 
@@ -433,12 +479,15 @@ def dskd_cma_loss(
     6. Zs2t = (a_s2t Vs2t) Wt^T (no bias); KD_s2t = sum_mt FKL(Zt || Zs2t; tau) over the full teacher vocabulary.
     7. L = (1 - lambda) CE_s + lambda (CE_t2s + KD_t2s + KD_s2t).
     Shapes: Hs [B,S,ds], Zs [B,S,Vs], y/x [B,S], Es/Ws [Vs,ds]; xt/yt [B,T], Ht [B,T,dt], Et [Vt,dt].
+    `chunks` [B,S,T] and `chunk_mode` ("attention" | "projection"): the chunk-level ablations of step 4 (see
+    cross_model_attention); steps 5-7 are unchanged.
     """
     div = get_divergence(divergence)
     ht = teacher_hidden.detach()  # the teacher is frozen (cached states)
-    ce_student = cross_entropy_sum(student_logits, labels)
+    ce_student = cross_entropy_sum(student_logits, labels if ce_labels is None else ce_labels)
     cma = cross_model_attention(student_hidden, labels, input_ids, student_embed, teacher_input_ids, teacher_labels,
-                                teacher_hidden, teacher_embed, projectors, teacher_embed_scale)  # steps 1-4
+                                teacher_hidden, teacher_embed, projectors, teacher_embed_scale, chunks,
+                                chunk_mode)  # steps 1-4
     ms, mt, a_t2s, a_s2t = cma.student_mask, cma.teacher_mask, cma.a_t2s, cma.a_s2t
 
     # Step 5: teacher -> student, only the supervised student rows need logits.

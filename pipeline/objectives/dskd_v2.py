@@ -205,6 +205,7 @@ def dskd_v2_same_vocab_loss(
     tau: float = 2.0,
     teacher_temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ce_labels: Tensor | None = None,
 ) -> DSKDOutput:
     """DSKDv2 with a shared vocabulary and tokenization (spec/other_methods.md DSKDv2 step 2).
 
@@ -218,7 +219,7 @@ def dskd_v2_same_vocab_loss(
     """
     ms = labels != -100  # [B, S]
     n = ms.sum()
-    ce_student = cross_entropy_sum(student_logits, labels)
+    ce_student = cross_entropy_sum(student_logits, labels if ce_labels is None else ce_labels)
     ht = teacher_hidden.detach()[ms]  # [Ns, dt], the teacher is frozen
     with torch.no_grad():
         a = teacher_argmax(ht, teacher_head, chunk_tokens)  # [Ns]
@@ -255,6 +256,7 @@ def dskd_v2_eta_loss(
     tau: float = 2.0,
     teacher_temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ce_labels: Tensor | None = None,
 ) -> DSKDOutput:
     """DSKDv2 with Exact Token Alignment (spec/other_methods.md DSKDv2 step 3).
 
@@ -270,7 +272,7 @@ def dskd_v2_eta_loss(
     """
     ms = labels != -100  # [B, S]
     n = ms.sum()
-    ce_student = cross_entropy_sum(student_logits, labels)
+    ce_student = cross_entropy_sum(student_logits, labels if ce_labels is None else ce_labels)
     b, ti, sj = pairs.to(student_logits.device).flat()  # [P] each
     ht = teacher_hidden.detach()[b, ti]  # [P, dt], the teacher is frozen
     with torch.no_grad():

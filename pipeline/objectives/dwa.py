@@ -440,6 +440,7 @@ def dwa_kd_loss(
     band_entropy_scale: float = BAND_ENTROPY_SCALE,
     band_penalty: float = BAND_PENALTY,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ce_labels: Tensor | None = None,
 ) -> DWAOutput:
     """DWA-KD on DSKD-CMA (module docstring), all terms token sums.
 
@@ -455,7 +456,7 @@ def dwa_kd_loss(
     """
     bsz = labels.shape[0]
     ht = teacher_hidden.detach()  # the teacher is frozen (cached states)
-    ce_student = cross_entropy_sum(student_logits, labels)
+    ce_student = cross_entropy_sum(student_logits, labels if ce_labels is None else ce_labels)
     cma = cross_model_attention(student_hidden, labels, input_ids, student_embed, teacher_input_ids, teacher_labels,
                                 teacher_hidden, teacher_embed, projectors, teacher_embed_scale)  # DSKD-CMA 1-4
     ms, mt, a_t2s, a_s2t = cma.student_mask, cma.teacher_mask, cma.a_t2s, cma.a_s2t

@@ -72,7 +72,8 @@ def _metrics(out):
 @pytest.mark.parametrize("method,store", [("sft", None), ("kd", "store_g"), ("dskd", "store_g"),
                                           ("dskd-cma", "store_q"), ("cma-ga", "store_q"), ("dskd-v2", "store_g"),
                                           ("dskd-v2-eta", "store_l"), ("dwa-kd", "store_q"), ("uld", "store_q"),
-                                          ("mined", "store_l")])
+                                          ("mined", "store_l"), ("chunk-attention", "store_q"),
+                                          ("chunk-projection", "store_l")])
 def test_one_step_per_method_changes_the_student(env, method, store, monkeypatch):
     monkeypatch.setattr(distill, "TOKEN_MAP_CACHE", env["tmp"] / "token_maps")  # MinED's cache: not the user's
     cfg = _cfg(env, f"one_{method}", method=method, cache=str(env[store]) if store else "", max_steps=1,
@@ -83,7 +84,8 @@ def test_one_step_per_method_changes_the_student(env, method, store, monkeypatch
     assert m["step"] == 1 and m["ce_student"] > 0 and 0 <= m["loader_wait_frac"] < 1 and m["tokens_per_s"] > 0
     if method != "sft":
         assert (out / "tokenizer.json").exists() and (out / "distill_config.json").exists()
-    if method in ("dskd", "dskd-cma", "cma-ga", "dskd-v2", "dskd-v2-eta", "dwa-kd"):
+    if method in ("dskd", "dskd-cma", "cma-ga", "dskd-v2", "dskd-v2-eta", "dwa-kd", "chunk-attention",
+                  "chunk-projection"):
         assert {"ce_t2s", "kd_t2s", "kd_s2t", "t2s_acc", "s2t_acc"} <= m.keys()
         assert (out / "projectors.safetensors").exists()
     if method == "dwa-kd":
@@ -92,6 +94,22 @@ def test_one_step_per_method_changes_the_student(env, method, store, monkeypatch
         assert m["kd"] > 0
     if method == "cma-ga":
         assert {"l_d", "l_g", "d_acc_real", "d_acc_fake", "attention_entropy"} <= m.keys()
+
+
+def test_chunk_extras_align_label_positions(env):
+    """Teacher and student with the same tokenizer: every response token is its own chunk, so the chunk matrix
+    of each example is the identity on response positions (a shift of one position would break it)."""
+    cfg = _cfg(env, "chunks", method="chunk-attention", cache=str(env["store_g"]))
+    teacher, source = distill.open_teacher(cfg, "cpu")
+    tok = load_tokenizer(str(env["student"]))
+    side = Side(tok, eos_token_id(tok), pad_token_id(tok), 256, 64)
+    ds = DistillDataset(source, side, seed=0, epoch=0)
+    batch = Collate(side.pad_id, teacher.pad_id, distill.chunk_extras)([ds[i] for i in range(4)])
+    chunks, ms = batch["chunks"], batch["labels"] != -100
+    assert chunks.shape == (4, batch["labels"].shape[1], batch["teacher_labels"].shape[1])
+    for b in range(4):
+        assert torch.equal(chunks[b], torch.diag(ms[b]))
+    assert int(ms.sum()) > 20
 
 
 def test_cma_ga_generator_moves_the_query_and_the_discriminator_is_stepped(env):

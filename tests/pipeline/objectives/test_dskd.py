@@ -11,6 +11,7 @@ from dskd_pipe.pipeline.objectives.dskd import (
     TeacherHead,
     build_projectors,
     chunked_fkl_over_head,
+    cross_model_attention,
     dskd_cma_loss,
     dskd_same_vocab_loss,
     teacher_logits,
@@ -145,7 +146,8 @@ def _ref_divergence(name, zs, zt, tau):
     raise KeyError(name)
 
 
-def reference_cma(b, proj, divergence="fkl", kd_rate=0.5, tau=2.0, t_temp=1.0, embed_scale=1.0):
+def reference_cma(b, proj, divergence="fkl", kd_rate=0.5, tau=2.0, t_temp=1.0, embed_scale=1.0, chunks=None,
+                  chunk_mode=None):
     x, y, xt, yt = b["x"], b["y"], b["xt"], b["yt"]
     ms, mt = y != -100, yt != -100
     es, et = b["Es"].detach(), b["Et"].detach() * embed_scale
@@ -160,15 +162,26 @@ def reference_cma(b, proj, divergence="fkl", kd_rate=0.5, tau=2.0, t_temp=1.0, e
     etg = etg / etg.std()
     ht = b["Ht"].detach() / b["Ht"].detach().std()
     # 3.
-    q = proj.query(q_in)
     v_t2s = proj.t2s(ht + etg)
     v_s2t = proj.s2t(b["Hs"])
     # 4.
     dt = b["Ht"].shape[-1]
-    a = q @ k.transpose(1, 2) / math.sqrt(2 * dt)
-    allowed = (ms[:, :, None] & mt[:, None, :]).float()
-    a = a + (1.0 - allowed) * -1e5
-    a_t2s, a_s2t = a.softmax(-1), a.transpose(1, 2).softmax(-1)
+    if chunk_mode == "projection":  # spec/cma_ga.md ablation: uniform average over the token's chunk, no Q/K
+        q = None
+        a_t2s = _uniform_rows(chunks, ms, mt)
+        a_s2t = _uniform_rows(chunks.transpose(1, 2), mt, ms)
+    else:
+        q = proj.query(q_in)
+        a = q @ k.transpose(1, 2) / math.sqrt(2 * dt)
+        allowed = (ms[:, :, None] & mt[:, None, :]).float()
+        a = a + (1.0 - allowed) * -1e5
+        a_s2t = a.transpose(1, 2).clone()
+        if chunk_mode == "attention":  # spec/cma_ga.md ablation: CMA logits outside the chunk set to -1e5
+            for i, r in zip(*torch.nonzero(chunks.any(-1), as_tuple=True)):
+                a[i, r] = a[i, r] + (~chunks[i, r]).float() * -1e5
+            for i, c in zip(*torch.nonzero(chunks.any(1), as_tuple=True)):
+                a_s2t[i, c] = a_s2t[i, c] + (~chunks[i, :, c]).float() * -1e5
+        a_t2s, a_s2t = a.softmax(-1), a_s2t.softmax(-1)
     # 5.
     zt2s = (a_t2s @ v_t2s) @ ws.T  # [B, S, Vs]
     ce_t2s = F.cross_entropy(zt2s[ms], y[ms], reduction="sum")
@@ -188,13 +201,27 @@ def reference_cma(b, proj, divergence="fkl", kd_rate=0.5, tau=2.0, t_temp=1.0, e
         for s in range(x.shape[1]):
             if ms[i, s]:
                 row = a_t2s[i, s][mt[i]]
-                ent.append(-(row * row.log()).sum())
+                ent.append(-torch.special.xlogy(row, row).sum())
     return dict(
         ce_student=ce_s, ce_t2s=ce_t2s, kd_t2s=kd_t2s, kd_s2t=kd_s2t,
         loss=(1 - kd_rate) * ce_s + kd_rate * (ce_t2s + kd_t2s + kd_s2t),
         t2s_correct=sel.sum(), s2t_correct=((zs2t.argmax(-1) == yt) & mt).sum(),
         attention_entropy=torch.stack(ent).mean(), queries=q, keys=k,
     )
+
+
+def _uniform_rows(chunks, row_mask, col_mask):
+    """Row by row: 1/|chunk| on the row's chunk; a response row without a chunk: uniform over response columns."""
+    out = torch.zeros(chunks.shape)
+    for i in range(chunks.shape[0]):
+        for r in range(chunks.shape[1]):
+            cols = chunks[i, r] & col_mask[i] if row_mask[i, r] else torch.zeros_like(col_mask[i])
+            if not cols.any() and row_mask[i, r]:
+                cols = col_mask[i]
+            if not cols.any():  # a prompt/pad row: read by no loss term
+                cols = torch.ones_like(cols)
+            out[i, r, cols] = 1.0 / int(cols.sum())
+    return out
 
 
 def make_batch(seed=2, vs=5, vt=7, ds=4, dt=6, s=7, t=8):
@@ -385,3 +412,71 @@ def test_same_vocab_matches_reference_and_routes_gradients():
         got = _grads(getattr(out, term), params)
         assert {name for name, nonzero in got.items() if nonzero} == receivers, term
     assert not _grads(out.ce_t2s, {"Ws": ws})["Ws"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The chunk-level ablations of spec/cma_ga.md (chunk-level attention, chunk-level projection)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _chunks(b):
+    """A hand-made chunk alignment of make_batch's response positions: example 0 pairs student 2-3 with teacher 3,
+    student 4 with teacher 4-5, student 5-6 with teacher 6-7; example 1 pairs student 3 with teacher 2-3 and
+    leaves student 4-5 / teacher 4-5 without a chunk (a truncated tail)."""
+    c = torch.zeros(2, b["y"].shape[1], b["yt"].shape[1], dtype=torch.bool)
+    c[0, 2:4, 3] = True
+    c[0, 4, 4:6] = True
+    c[0, 5:7, 6:8] = True
+    c[1, 3, 2:4] = True
+    return c
+
+
+@pytest.mark.parametrize("chunk_mode", ["attention", "projection"])
+def test_chunk_ablations_match_reference(chunk_mode):
+    b = make_batch()
+    proj = _proj() if chunk_mode == "attention" else build_projectors("dskd", 4, 6)
+    chunks = _chunks(b)
+    out = run_cma(b, proj, chunks=chunks, chunk_mode=chunk_mode, chunk_tokens=3)
+    ref = reference_cma(b, proj, chunks=chunks, chunk_mode=chunk_mode)
+    for name in ["ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "loss", "attention_entropy"]:
+        torch.testing.assert_close(getattr(out, name), ref[name].float(), msg=name)
+    params = {"t2s": proj.t2s.weight, "s2t": proj.s2t.weight, "Hs": b["Hs"]}
+    got = torch.autograd.grad(out.loss, list(params.values()), retain_graph=True)  # Zs = Hs Ws^T is shared
+    want = torch.autograd.grad(ref["loss"], list(params.values()))
+    for name, g, w in zip(params, got, want):
+        torch.testing.assert_close(g, w, msg=name)
+    if chunk_mode == "projection":
+        assert out.queries is None and out.keys is None
+
+
+def test_chunk_attention_stays_inside_the_chunk_and_falls_back_to_cma_without_one():
+    b, proj = make_batch(), _proj()
+    chunks = _chunks(b)
+    cma = cross_model_attention(b["Hs"], b["y"], b["x"], b["Es"], b["xt"], b["yt"], b["Ht"], b["Et"], proj)
+    att = cross_model_attention(b["Hs"], b["y"], b["x"], b["Es"], b["xt"], b["yt"], b["Ht"], b["Et"], proj,
+                                chunks=chunks, chunk_mode="attention")
+    ms = b["y"] != -100
+    with_chunk = ms & chunks.any(-1)
+    inside = (att.a_t2s * chunks.float()).sum(-1)
+    torch.testing.assert_close(inside[with_chunk], torch.ones(int(with_chunk.sum())))
+    without = ms & ~chunks.any(-1)  # example 1, student 4-5: plain CMA attention
+    assert int(without.sum()) == 2
+    torch.testing.assert_close(att.a_t2s[without], cma.a_t2s[without])
+
+
+def test_chunk_projection_averages_uniformly_and_needs_no_query():
+    b = make_batch()
+    proj = build_projectors("dskd", 4, 6)  # no query projector at all
+    chunks = _chunks(b)
+    att = cross_model_attention(b["Hs"], b["y"], b["x"], b["Es"], b["xt"], b["yt"], b["Ht"], b["Et"], proj,
+                                chunks=chunks, chunk_mode="projection")
+    torch.testing.assert_close(att.a_t2s[0, 5], torch.tensor([0, 0, 0, 0, 0, 0, 0.5, 0.5]))
+    torch.testing.assert_close(att.a_s2t[0, 3], torch.tensor([0, 0, 0.5, 0.5, 0, 0, 0]))
+    mt1 = (b["yt"][1] != -100).float()
+    torch.testing.assert_close(att.a_t2s[1, 4], mt1 / mt1.sum())  # no chunk: uniform over response columns
+    with pytest.raises(ValueError, match="needs the chunk alignment"):
+        cross_model_attention(b["Hs"], b["y"], b["x"], b["Es"], b["xt"], b["yt"], b["Ht"], b["Et"], proj,
+                              chunk_mode="projection")
+    with pytest.raises(ValueError, match="chunk_mode"):
+        cross_model_attention(b["Hs"], b["y"], b["x"], b["Es"], b["xt"], b["yt"], b["Ht"], b["Et"], proj,
+                              chunks=chunks, chunk_mode="tokens")
