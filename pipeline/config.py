@@ -257,5 +257,31 @@ class ProbeConfig:
     device: str = ""  # "" = cuda when available, else cpu
 
 
-__all__ = ["CacheConfig", "ScoreConfig", "DistillConfig", "ProbeConfig", "ConfigError", "load_config", "save_config",
-           "config_to_dict", "require", "field"]
+@dataclass(frozen=True)
+class OnPolicyConfig:
+    """`dskd-pipe on-policy`: distillation in refresh rounds on student samples (spec/other_methods.md, DSKDv2
+    step 4), with the teacher never beside the student: each step runs in its own process.
+
+    Phase 0 trains `start_epochs` on the gold store; each round r then lets the latest student answer a seeded
+    `share` of the gold prompts, caches the teacher over those samples into a new store, and trains
+    `epochs_per_round` on the union (KD on samples, CE on gold only), continuing weights, optimizer and schedule.
+    """
+
+    distill: str = ""  # the distill config of every round: method, student, data, cache and hyper-parameters
+    out: str = ""
+    teacher: str = ""  # the teacher for the sample stores; "" = the path recorded in the gold store
+    rounds: int = 2  # refresh rounds after phase 0
+    share: float = 0.5  # share of the gold prompts the student answers in each round (the spec's probability)
+    start_epochs: int = 3  # epochs on the gold store before the first refresh (the spec's N)
+    epochs_per_round: int = 1
+    temperature: float = 1.0  # student sampling
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    generate_batch_size: int = 16
+    teacher_device: str = ""  # the cache-teacher process: "" = cuda when available (a GPU of its own), else cpu
+    teacher_dtype: str = ""  # "" = the gold store's dtype (the union must hold one dtype)
+    batch_tokens: int = 8192  # cache-teacher tokens per forward
+
+
+__all__ = ["CacheConfig", "ScoreConfig", "DistillConfig", "ProbeConfig", "OnPolicyConfig", "ConfigError",
+           "load_config", "save_config", "config_to_dict", "require", "field"]

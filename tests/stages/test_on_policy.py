@@ -1,0 +1,137 @@
+"""stages/on_policy.py: refresh rounds on student samples, each step its own process; CE stays on gold data;
+one LR schedule and one step count across rounds; a rerun keeps finished steps; other settings are refused."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dskd_pipe.cache.reader import open_store
+from dskd_pipe.cache.streaming import Collate, DistillDataset, Side, StoreSource, UnionSource
+from dskd_pipe.pipeline.config import CacheConfig, ConfigError, DistillConfig, OnPolicyConfig, load_config
+from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id, save_tiny_model
+from dskd_pipe.stages import distill, on_policy
+
+TOK = "tests/fixtures/tokenizers"
+DATA = str(Path("tests/fixtures/data/dolly_train_40.jsonl").resolve())
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from dskd_pipe.stages.cache_teacher import run as cache
+
+    tmp = tmp_path_factory.mktemp("on_policy")
+    qwen, gpt2 = load_tokenizer(f"{TOK}/qwen2"), load_tokenizer(f"{TOK}/gpt2")
+    teacher = save_tiny_model(tmp / "teacher", "qwen2", qwen, d_model=32, layers=1)
+    student = save_tiny_model(tmp / "student", "gpt2", gpt2, d_model=32, layers=1, seed=2)
+    store = cache(CacheConfig(teacher=str(teacher), data=DATA, out=str(tmp / "gold.zarr"), limit=8, max_length=64,
+                              max_prompt_length=48, device="cpu"))
+    distill_toml = tmp / "distill.toml"
+    distill_toml.write_text(f'''
+method = "dskd-v2-eta"
+student = "{student}"
+cache = "{store}"
+data = "{DATA}"
+out = "{tmp / 'unused'}"
+limit = 8
+max_length = 64
+max_prompt_length = 48
+micro_batch_size = 2
+grad_accum = 2
+warmup_steps = 1
+num_workers = 0
+progress = false
+device = "cpu"
+seed = 3
+''')
+    return {"tmp": tmp, "teacher": teacher, "student": student, "store": store, "distill": distill_toml}
+
+
+def _metrics(folder):
+    return [json.loads(ln) for ln in (Path(folder) / "metrics.jsonl").read_text().splitlines() if "loss" in ln]
+
+
+def test_round_prompts_and_schedule_are_fixed_by_the_settings():
+    a = on_policy.round_prompts(40, 0.5, 3, 1)
+    assert a == on_policy.round_prompts(40, 0.5, 3, 1) and len(a) == 20 and a == sorted(set(a))
+    assert a != on_policy.round_prompts(40, 0.5, 3, 2)  # each round draws its own prompts
+    assert len(on_policy.round_prompts(40, 0.01, 3, 1)) == 1
+    base = DistillConfig(micro_batch_size=2, grad_accum=2)
+    cfg = OnPolicyConfig(rounds=2, start_epochs=3, epochs_per_round=1)
+    # gold 8 -> 2 steps/epoch x 3; round 1: 12 examples -> 3 steps; round 2: 16 -> 4 steps
+    assert on_policy.schedule_steps(8, 4, cfg, base) == 6 + 3 + 4
+
+
+def test_samples_feed_kd_terms_only(env):
+    """A sample row adds its KD terms but no student CE: the same batch marked gold has the same KD terms and a
+    larger CE."""
+    cfg = load_config(DistillConfig, env["distill"], {"method": "dskd-cma"})
+    teacher, _ = distill.open_teacher(cfg, "cpu")
+    gold = StoreSource(open_store(env["store"]), limit=4)
+    source = UnionSource(gold, [StoreSource(open_store(env["store"]), limit=2)])  # the store stands in for samples
+    assert len(source) == 6 and not source.item(5)["gold"] and source.item(3)["gold"]
+    tok = load_tokenizer(str(env["student"]))
+    side = Side(tok, eos_token_id(tok), pad_token_id(tok), 48, 64)
+    items = [DistillDataset(source, side)[k] for k in range(6)]
+    items = [it for it in items if it["gold"]][:1] + [it for it in items if not it["gold"]][:1]
+    batch = Collate(side.pad_id, teacher.pad_id)(items)
+    assert batch["gold"].tolist() == [True, False]
+    as_gold = dict(batch, gold=torch.ones(2, dtype=torch.bool))
+    student = distill.build_student(cfg, "cpu").eval()  # no dropout: the two calls must see one function
+    projectors, _, _ = distill.build_method_parts(cfg, teacher, tok, student, 32, "cpu")
+    _, mixed = distill.micro_batch_loss(cfg, batch, student, teacher, projectors)
+    _, both = distill.micro_batch_loss(cfg, as_gold, student, teacher, projectors)
+    for name in ("kd_t2s", "kd_s2t", "ce_t2s"):
+        torch.testing.assert_close(mixed[name], both[name])
+    row0 = dict(batch, **{k: batch[k][:1] for k in batch if k != "teacher_hidden"},
+                teacher_hidden=batch["teacher_hidden"][:1])
+    _, gold_only = distill.micro_batch_loss(cfg, row0, student, teacher, projectors)
+    torch.testing.assert_close(mixed["ce_student"], gold_only["ce_student"])  # CE of the gold row only
+    assert float(both["ce_student"]) > float(mixed["ce_student"]) > 0
+
+
+def test_rounds_end_to_end_then_rerun_keeps_everything(env, capsys):
+    out = env["tmp"] / "run"
+    cfg = OnPolicyConfig(distill=str(env["distill"]), out=str(out), rounds=1, share=0.5, start_epochs=1,
+                         epochs_per_round=1, max_new_tokens=6, generate_batch_size=4, teacher_device="cpu")
+    student = on_policy.run(cfg)
+    assert student == out / "round-1" / "student" and (student / distill.DONE).is_file()
+
+    samples = [json.loads(ln) for ln in (out / "round-1" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all("original_output" in s for s in samples)
+    store = open_store(str(out / "round-1" / "samples.zarr"))
+    gold = open_store(env["store"])
+    assert store.manifest.complete and 1 <= len(store) <= 4  # empty samples are skipped and counted
+    assert store.manifest.fingerprints["teacher"] == gold.manifest.fingerprints["teacher"]
+    assert store.read(0)["prompt"] == samples[0]["prompt"] and store.read(0)["response"] == samples[0]["output"]
+
+    # One step count and one cosine schedule over both phases: 8 gold -> 2 steps; 8 + 4 -> 3 steps.
+    m0, m1 = _metrics(out / "round-0" / "student"), _metrics(student)
+    assert [m["step"] for m in m0] == [1, 2] and [m["step"] for m in m1] == [3, 4, 5]
+    total = json.loads((out / on_policy.DONE).read_text())["schedule_steps"]
+    assert total == 5
+    lr, floor = 5e-4, 1e-7 / 5e-4
+    for m in m0[1:] + m1:  # after the 1-step warm-up: the cosine of the whole run
+        k = m["step"] - 1
+        want = lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (k - 1) / (total - 1))))
+        assert m["lr"] == pytest.approx(want, rel=1e-6)
+    before = (student / "model.safetensors").stat().st_mtime_ns
+
+    capsys.readouterr()
+    assert on_policy.run(cfg) == student
+    said = capsys.readouterr().out
+    assert said.count("kept") == 4 and "dskd-pipe" not in said  # nothing re-run
+    assert (student / "model.safetensors").stat().st_mtime_ns == before
+
+    with pytest.raises(ConfigError, match="other settings.*share"):
+        on_policy.run(OnPolicyConfig(**{**cfg.__dict__, "share": 0.25}))
+
+
+def test_bad_settings_are_refused_together(env, tmp_path):
+    bad = tmp_path / "sft.toml"
+    bad.write_text(env["distill"].read_text().replace('method = "dskd-v2-eta"', 'method = "sft"\nmax_steps = 3'))
+    with pytest.raises(ConfigError) as e:
+        on_policy.run(OnPolicyConfig(distill=str(bad), out=str(tmp_path / "o"), share=1.5))
+    text = str(e.value)
+    assert "sft uses no teacher" in text and "max_steps" in text and "--share" in text
