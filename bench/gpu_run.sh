@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one go, on a lent machine (python 3.12, torch preinstalled; zarr & co. carried as wheels in
-# .whl/). Results land in $OUT (or bench/results). Usage: bash bench/gpu_run.sh [all|s2t|distill|capture|store]
+# .whl/). Results land in $OUT (or bench/results). Usage: bash bench/gpu_run.sh [all|s2t|distill|capture|store|methods]
 set -uo pipefail
 what=${1:-all}
 res=${OUT:-bench/results}
@@ -24,6 +24,13 @@ if [[ $what == all || $what == distill ]]; then
   timeout 420 python3 bench/distill_offline_vs_online.py --teacher-shape qwen1.5-1.8b --student-shape gpt2 --device cuda \
     --limit 256 --max-length 512 --micro-batch-size 4 --grad-accum 8 --steps 6 --num-workers 4 --out "$res" \
     || echo "distill bench failed"
+fi
+if [[ $what == all || $what == methods ]]; then
+  # every distill method vs dskd-cma: Qwen1.5-1.8B -> GPT-2 and GPT-2 1.5B -> GPT-2 shapes, batch 4 x 512 (issue 5);
+  # a dedicated GPU: isolated timing (one process per method) fits the time limit, paired would double the set-ups
+  timeout 570 python3 bench/methods.py --shape gpu --device cuda --timing isolated --work /tmp/methods_bench \
+    --out "$res" \
+    || echo "methods bench failed"
 fi
 if [[ $what == all || $what == store ]]; then
   timeout 400 python3 bench/store_read.py --gb 4 --dir /tmp/store_bench --out "$res/store_read-gpu-host.json" \

@@ -60,6 +60,18 @@ def cache_teacher(config_path, **flags) -> None:
     run(load_config(CacheConfig, config_path, flags))
 
 
+@main.command("convert-gguf")
+@click.argument("src")
+@click.option("--out", default=None, help="Output model folder (default: the shared cache, "
+              "$DSKD_PIPE_CACHE/gguf/<sha256 prefix>, which .gguf paths given to any stage also use).")
+def convert_gguf_cmd(src, out) -> None:
+    """Dequantise a GGUF file (or a packaged model: smollm2, gemma3-270m) into a normal model folder, once."""
+    from dskd_pipe.pipeline.gguf import convert_gguf, converted_folder, resolve_gguf_source
+
+    folder = convert_gguf(resolve_gguf_source(src), out) if out else converted_folder(src)
+    click.echo(f"model folder: {folder}")
+
+
 @main.command("cache-info")
 @click.argument("store")
 def cache_info(store) -> None:
@@ -91,10 +103,13 @@ def cache_verify(store) -> None:
 @click.option("--config", "config_path", default=None, help="TOML/JSON config (configs/*.toml, or a run's "
               "distill_config.json).")
 @click.option("--cache", default=None, help="Teacher-state store (offline distillation).")
+@click.option("--sample-cache", "sample_caches", multiple=True, help="Store of student samples (on-policy); repeat "
+              "for several. KD only: the student's CE stays on --cache's gold data.")
 @click.option("--teacher", default=None, help="Teacher model run on the fly instead of --cache (online).")
 @click.option("--student", default=None, help="Student model: hub id or local folder.")
 @click.option("--method", type=click.Choice(["sft", "kd", "dskd", "dskd-cma", "cma-ga", "dskd-v2", "dskd-v2-eta",
-                                                "dwa-kd", "mined", "uld"]), default=None)
+                                                "dwa-kd", "mined", "uld", "chunk-attention", "chunk-projection"]),
+              default=None)
 @click.option("--data", default=None, help="Training data: the file the store was built from.")
 @click.option("--out", default=None, help="Output folder: an HF model folder + projectors, metrics, checkpoints.")
 @click.option("--dev-data", default=None, help="Dev set: dev loss (and --dev-rouge) each epoch keeps out/best.")
@@ -122,6 +137,9 @@ def cache_verify(store) -> None:
 @click.option("--disc-lr", type=float, default=None)
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0 = epoch ends only).")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint in --out.")
+@click.option("--init-from", default=None, help="Start from another run's last checkpoint (weights, optimizer, "
+              "step): the next on-policy round.")
+@click.option("--schedule-steps", type=int, default=None, help="Length of the LR schedule (0 = this run's steps).")
 @click.option("--seed", type=int, default=None)
 @click.option("--num-workers", type=int, default=None)
 @click.option("--device", default=None)
@@ -215,11 +233,31 @@ def demo(out, size, config_path, fresh, progress) -> None:
     """Cache a tiny SFT'd Qwen2 teacher, distil a tiny GPT-2 student (sft, cma-ga), score all: the whole job."""
     from dskd_pipe.stages.demo import run
 
-    result = run(out, size=size, config=config_path, fresh=fresh, progress=progress)
+    _show(run(out, size=size, config=config_path, fresh=fresh, progress=progress))
+
+
+def _show(result: dict) -> None:
+    """The summary table of a recipe (or demo) run, then where every output lies."""
     click.echo("\n" + result["table"], nl=False)
     click.echo("\nwhere everything lies:")
     for name, path in result["paths"].items():
         click.echo(f"  {name:15s} {path}")
+
+
+# --- recipe (stages/recipe.py) ---
+@main.command("recipe")
+@click.argument("config")
+@click.option("--size", default=None, help="The config's table to run (e.g. cpu or gpu; default: its first).")
+@click.option("--out", required=True, help="Output folder; a rerun reuses finished steps.")
+@click.option("--data-root", default=None, help="Folder holding the config's relative data paths (default: the "
+              "files shipped in configs/data).")
+@click.option("--fresh", is_flag=True, help="Remove this recipe's outputs in --out first.")
+@click.option("--progress/--no-progress", default=True, help="The stages' progress bars on stderr.")
+def recipe(config, size, out, data_root, fresh, progress) -> None:
+    """A whole experiment from one config: models -> teacher SFT -> cache -> methods x seeds -> score, summary."""
+    from dskd_pipe.stages.recipe import run
+
+    _show(run(config, size=size, out=out, data_root=data_root, fresh=fresh, progress=progress))
 
 
 # --- probe (stages/probe.py) ---
@@ -245,3 +283,33 @@ def probe(config_path, run_dir, heatmaps, **flags) -> None:
             raise ConfigError(f"--heatmaps '{heatmaps}': expected example indices like 0,3,7.") from None
     flags["run"] = run_dir
     run(load_config(ProbeConfig, config_path, flags))
+
+
+# --- on-policy (stages/on_policy.py) ---
+@main.command("on-policy")
+@click.option("--config", "config_path", default=None, help="TOML/JSON config (or an on_policy.json).")
+@click.option("--distill", "distill_config", default=None, help="The distill config every round uses (method, "
+              "student, data, cache = the gold store, hyper-parameters).")
+@click.option("--out", default=None, help="Output folder: round-0/, round-1/, ...; a rerun keeps finished steps.")
+@click.option("--teacher", default=None, help="Teacher for the sample stores (default: the gold store's).")
+@click.option("--rounds", type=int, default=None, help="Refresh rounds after the first phase.")
+@click.option("--share", type=float, default=None, help="Share of the gold prompts the student answers per round.")
+@click.option("--start-epochs", type=int, default=None, help="Epochs on gold data before the first round.")
+@click.option("--epochs-per-round", type=int, default=None)
+@click.option("--temperature", type=float, default=None, help="Student sampling temperature.")
+@click.option("--top-p", type=float, default=None)
+@click.option("--max-new-tokens", type=int, default=None)
+@click.option("--teacher-device", default=None, help="Device of the cache-teacher process (its own GPU if you like).")
+@click.option("--teacher-dtype", default=None, help="Default: the gold store's dtype.")
+def on_policy(config_path, distill_config, **flags) -> None:
+    """Distil in refresh rounds on the student's own samples (DSKDv2 on-policy), the teacher in its own process."""
+    from dskd_pipe.pipeline.config import OnPolicyConfig, load_config
+    from dskd_pipe.stages.on_policy import StepFailed, run
+
+    flags["distill"] = distill_config
+    try:
+        student = run(load_config(OnPolicyConfig, config_path, flags))
+    except StepFailed as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"student: {student}")

@@ -1,6 +1,7 @@
 """Loading models and tokenizers, the parts of a model the store keeps, and tiny models for tests and the demo.
 
-MODEL arguments are a hub id or a local folder. `trust_remote_code` is off unless asked for; weights are loaded
+MODEL arguments are a hub id, a local folder, or a `.gguf` file (converted once into a cached folder by
+`pipeline/gguf.py`, which needs the `gguf` extra). `trust_remote_code` is off unless asked for; weights are loaded
 from safetensors when the checkpoint has them.
 """
 from __future__ import annotations
@@ -25,9 +26,19 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _gguf_folder(name_or_path: str) -> str:
+    """A path ending in .gguf -> its converted folder (converted once, cached; pipeline/gguf.py)."""
+    if str(name_or_path).endswith(".gguf"):
+        from dskd_pipe.pipeline.gguf import converted_folder
+
+        return str(converted_folder(name_or_path))
+    return name_or_path
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    name_or_path = _gguf_folder(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -44,6 +55,7 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, device: 
     """A causal LM in eval mode on `device`, in `dtype` (default: bf16 on GPU, fp32 on CPU)."""
     from transformers import AutoModelForCausalLM
 
+    name_or_path = _gguf_folder(name_or_path)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     try:

@@ -6,7 +6,8 @@ import pytest
 from dskd_pipe.pipeline.config import CacheConfig, DistillConfig, ScoreConfig, load_config
 
 CONFIGS = sorted(p.name for p in resources.files("dskd_pipe.configs").iterdir()
-                 if p.name.endswith(".toml") and p.name != "demo.toml")  # demo.toml: tests/stages/test_demo.py
+                 if p.name.endswith(".toml") and p.name != "demo.toml"  # demo.toml: tests/stages/test_demo.py
+                 and not p.name.startswith("real_"))  # recipe files (stages/recipe.py): tests/stages/test_recipe.py
 
 
 def stage_of(name: str):

@@ -1,4 +1,5 @@
-"""stages/demo.py: the whole job at --size tiny (< 60 s on a 2-core CPU), its reuse on a rerun, its config checks."""
+"""stages/demo.py (configs/demo.toml through stages/recipe.py): the whole job at --size tiny (< 60 s on a 2-core
+CPU), its reuse on a rerun, its config checks."""
 from __future__ import annotations
 
 import json
@@ -41,8 +42,8 @@ def test_demo_tiny_end_to_end_then_reuses_finished_steps(tmp_path):
 
 
 def test_other_size_in_the_same_folder_is_refused(tmp_path):
-    (tmp_path / "demo.json").write_text(json.dumps({"size": "tiny", "settings": {}}))
-    with pytest.raises(ConfigError, match=r"holds a demo with other settings \(size tiny\)\. Pass --fresh"):
+    (tmp_path / "recipe.json").write_text(json.dumps({"config": "demo.toml", "size": "tiny", "settings": {}}))
+    with pytest.raises(ConfigError, match=r"holds a run with other settings \(demo.toml, size tiny\)\. Pass --fresh"):
         demo.run(tmp_path, size="small")
 
 
@@ -54,5 +55,5 @@ def test_demo_config_problems_are_reported_together(tmp_path):
         demo.load_demo_config("odd", bad)
     msg = str(e.value)
     assert "[odd.models] teacher_d_model: expected a positive integer, found 0." in msg
-    assert "[odd.distill] 'out' is set by the demo; remove it." in msg
+    assert "[odd.distill] 'out' is set by the recipe; remove it." in msg
     assert "[odd.distill] key 'lr': expected a number, found 'fast'." in msg

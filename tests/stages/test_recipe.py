@@ -1,0 +1,203 @@
+"""stages/recipe.py: a tiny recipe with two methods x two training seeds and two evaluation sets, its summary over
+seeds and reuse on a rerun; data paths under --data-root; config problems reported together; the shipped recipes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from dskd_pipe.pipeline.cli import main
+from dskd_pipe.pipeline.config import ConfigError
+from dskd_pipe.stages import recipe
+
+TINY = """
+[t]
+methods = ["sft", "dskd-cma"]
+seeds = [1, 2]
+
+[t.models]
+teacher = "tiny"
+teacher_arch = "llama"
+teacher_tokenizer = "qwen2"
+teacher_d_model = 32
+teacher_layers = 1
+teacher_heads = 2
+student = "tiny"
+student_arch = "gpt2"
+student_tokenizer = "gpt2"
+student_d_model = 32
+student_layers = 1
+student_heads = 2
+
+[t.data]
+train = "train.jsonl"
+eval = ["dolly=dolly.jsonl", "other=other.jsonl"]
+
+[t.cache]
+limit = 4
+max_prompt_length = 48
+max_length = 64
+batch_tokens = 512
+dtype = "float32"
+
+[t.distill]
+limit = 4
+max_prompt_length = 48
+max_length = 64
+epochs = 1
+max_steps = 1
+micro_batch_size = 4
+grad_accum = 1
+num_workers = 0
+dtype = "float32"
+
+[t.score]
+limit = 2
+seeds = [10, 20]
+max_new_tokens = 4
+max_prompt_length = 48
+batch_size = 2
+"""
+
+
+@pytest.fixture()
+def data_root(tmp_path):
+    """--data-root with a train file and two evaluation sets, cut from the shipped Dolly slices."""
+    root = tmp_path / "data"
+    root.mkdir()
+    train = recipe.shipped("data", "dolly_train_200.jsonl").read_text().splitlines()
+    test = recipe.shipped("data", "dolly_test_50.jsonl").read_text().splitlines()
+    (root / "train.jsonl").write_text("\n".join(train[:8]) + "\n")
+    (root / "dolly.jsonl").write_text("\n".join(test[:4]) + "\n")
+    (root / "other.jsonl").write_text("\n".join(test[10:14]) + "\n")
+    return root
+
+
+def test_tiny_recipe_trains_every_method_and_seed_then_reuses_them(tmp_path, data_root):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    out = tmp_path / "run"
+    args = ["recipe", str(config), "--out", str(out), "--data-root", str(data_root), "--no-progress"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    # No [t.teacher_sft] table: the tiny teacher is cached as built.
+    assert "no [t.teacher_sft] table: the teacher is used as given" in result.output
+    assert not (out / "teacher").exists() and (out / "models" / "teacher-init" / "model.safetensors").is_file()
+    for name in ("sft-seed1", "sft-seed2", "dskd-cma-seed1", "dskd-cma-seed2"):
+        assert (out / "students" / name / "model.safetensors").is_file(), name
+    seeds = {json.loads((out / "students" / n / "distill_config.json").read_text())["config"]["seed"]
+             for n in ("dskd-cma-seed1", "dskd-cma-seed2")}
+    assert seeds == {1, 2}
+    report = json.loads((out / "score" / "report.json").read_text())
+    assert set(report["models"]) == {"teacher", "sft-seed1", "sft-seed2", "dskd-cma-seed1", "dskd-cma-seed2"}
+    assert report["sets"] == ["dolly", "other"]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["rows"]) == ["dolly", "other", "Average"]
+    cell = summary["rows"]["dolly"]["dskd-cma"]
+    per_seed = [report["models"][f"dskd-cma-seed{s}"]["sets"]["dolly"]["mean"] for s in (1, 2)]
+    assert cell["per_seed"] == {"1": per_seed[0], "2": per_seed[1]}
+    assert cell["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert cell["std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2)
+    assert summary["rows"]["dolly"]["teacher"]["mean"] == report["models"]["teacher"]["sets"]["dolly"]["mean"]
+    assert "| Set | n | teacher | sft | dskd-cma |" in result.output
+    assert "mean ± std over training seeds 1, 2" in (out / "summary.md").read_text()
+    steps = [json.loads(line)["step"] for line in (out / "timings.jsonl").read_text().splitlines()]
+    assert steps == ["models", "cache", "distill sft-seed1", "distill sft-seed2", "distill dskd-cma-seed1",
+                     "distill dskd-cma-seed2", "score"]
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("finished before, kept") == 4 and "already complete" in again.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == mtimes
+    # Another data root is another run: refused in the same folder.
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    for f in data_root.iterdir():
+        (other / f.name).write_text(f.read_text())
+    refused = CliRunner().invoke(main, [*args[:4], "--data-root", str(other)])
+    assert refused.exit_code == 2
+    assert f"{out} holds a run with other settings (tiny.toml, size t). Pass --fresh" in refused.output
+
+
+def test_missing_data_names_the_data_root(tmp_path, data_root):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    (data_root / "other.jsonl").unlink()
+    with pytest.raises(ConfigError, match=rf"data file\(s\) not found under --data-root {data_root}: "
+                                          rf"{data_root / 'other.jsonl'}\. Pass --data-root FOLDER"):
+        recipe.run(config, out=tmp_path / "run", data_root=data_root)
+    with pytest.raises(ConfigError, match=r"not found among the shipped files \(configs/data\)"):
+        recipe.run(config, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_problems_are_reported_together(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("""
+[x]
+methods = ["sft", "magic"]
+seeds = [1, 1]
+extra = 3
+[x.models]
+teacher = "gemma3-270m"
+teacher_layers = 2
+student = "tiny"
+student_arch = "rnn"
+student_tokenizer = "gpt2"
+student_d_model = 0
+student_layers = 1
+student_heads = 1
+colour = "red"
+[x.data]
+eval = ["dolly.jsonl"]
+[x.distill]
+seed = 3
+lr = "fast"
+[x.score]
+out = "here"
+""")
+    with pytest.raises(ConfigError) as e:
+        recipe.load_recipe_config(bad, "x")
+    msg = str(e.value)
+    for line in (
+        ": unknown key or table [x.extra] (known: methods, seeds, models, data, teacher_sft, cache, distill, score).",
+        "[x] methods: expected a list of sft, ",
+        "[x] seeds: expected a list of distinct integers, found [1, 1].",
+        "[x.models] unknown key 'colour'",
+        "[x.models] teacher_layers: only for teacher = \"tiny\"; remove it.",
+        "[x.models] student_arch: expected one of gpt2, llama, qwen2, gemma3, found 'rnn'.",
+        "[x.models] student_d_model: expected a positive integer, found 0.",
+        "[x.data] train: expected a data file, found None.",
+        "[x.data] eval: expected a list of \"NAME=FILE\", found ['dolly.jsonl'].",
+        "[x.distill] 'seed' is set by the recipe; remove it.",
+        "[x.distill] key 'lr': expected a number, found 'fast'.",
+        "[x.score] 'out' is set by the recipe; remove it.",
+    ):
+        assert line in msg, line
+    assert all(text.startswith(f"{bad}: ") for text in msg.splitlines())
+    with pytest.raises(ConfigError, match=r"bad.toml: no \[gpu\] table \(found: x\)\. Choose --size x\."):
+        recipe.load_recipe_config(bad, "gpu")
+    with pytest.raises(ConfigError, match=r"nope: no such recipe file"):
+        recipe.load_recipe_config("nope")
+
+
+def test_shipped_recipes_load():
+    assert recipe.config_path("real_gemma3_smollm2") == recipe.shipped("real_gemma3_smollm2.toml")
+    size, cpu = recipe.load_recipe_config("real_gemma3_smollm2")
+    assert size == "cpu" and cpu["teacher_sft"] is not None
+    assert (cpu["methods"], cpu["seeds"]) == (["sft", "dskd-cma", "cma-ga"], [1, 2, 3])
+    assert (cpu["models"]["teacher"], cpu["models"]["student"]) == ("gemma3-270m", "smollm2")
+    for value in (cpu["data"]["train"], *(s.split("=", 1)[1] for s in cpu["data"]["eval"])):
+        assert recipe.shipped("data", value).is_file(), value
+    _, gpu = recipe.load_recipe_config("real_gemma3_smollm2.toml", "gpu")
+    assert gpu["data"]["train"] == "dolly-minillm/train.jsonl" and gpu["seeds"] == [1, 2, 3]
+    # The published DSKD-CMA-GA optimisation (configs/qwen1.5-1.8b_gpt2_cma_ga.toml), batch 32.
+    d = gpu["distill"]
+    assert (d["lr"], d["projector_lr"], d["epochs"], d["micro_batch_size"] * d["grad_accum"]) == (5e-4, 1e-3, 20, 32)
+    assert recipe.resolve_data("dolly-minillm/train.jsonl", "/data") == "/data/dolly-minillm/train.jsonl"
+    assert recipe.resolve_data("/abs/train.jsonl", "/data") == "/abs/train.jsonl"
+    for size in ("small", "tiny"):
+        assert recipe.load_recipe_config("demo", size)[1]["methods"] == ["sft", "cma-ga"]
