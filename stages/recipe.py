@@ -7,8 +7,9 @@ Steps (the same for `dskd-pipe demo`, which is configs/demo.toml through this ru
        [SIZE.teacher_sft] table; without one the teacher is used as given
     3. cache-teacher over the train data -> teacher.zarr (skipped when every method is `sft`)
     4. distil the student with every method x every training seed
-    5. score the teacher and every student on every evaluation set (ROUGE-L, the published protocol with the
-       size's [SIZE.score] changes), then a summary: mean ± std over training seeds per method and set
+    5. score the teacher, the student as it started (`student-init`: what distillation has to improve on) and
+       every trained student on every evaluation set (ROUGE-L, the published protocol with the size's
+       [SIZE.score] changes), then a summary: mean ± std over training seeds per method and set
 
 A config file holds one table per size. Each size table holds:
     methods = [...]          distill methods (stages/distill.METHODS)
@@ -47,6 +48,7 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
+from dskd_pipe.cache.format import MANIFEST
 from dskd_pipe.pipeline.config import (CacheConfig, ConfigError, DistillConfig, ScoreConfig, config_to_dict,
                                        load_config)
 
@@ -63,6 +65,7 @@ PATH_KEYS = {
 OUTPUTS = ("recipe.json", "models", "teacher", "teacher.zarr", "students", "score", "summary.md", "summary.json",
            "timings.jsonl")
 STEPS = 5
+INIT = "student-init"  # score label of the student before training
 
 
 def shipped(*parts: str) -> Path:
@@ -276,10 +279,11 @@ def student_name(method: str, seed: int, seeds: list[int]) -> str:
 
 
 def summarise_over_seeds(report: dict, methods: list[str], seeds: list[int]) -> dict:
-    """Per set (and the all-set average): the teacher's mean ± std over sampling seeds, and per method the mean ±
-    std (population) over training seeds of each student's mean over sampling seeds; one training seed: the
-    score report's mean ± std over sampling seeds."""
-    groups = {"teacher": ["teacher"], **{m: [student_name(m, s, seeds) for s in seeds] for m in methods}}
+    """Per set (and the all-set average): the teacher's (and the initial student's) mean ± std over sampling seeds,
+    and per method the mean ± std (population) over training seeds of each student's mean over sampling seeds; one
+    training seed: the score report's mean ± std over sampling seeds."""
+    groups = {"teacher": ["teacher"], **({INIT: [INIT]} if INIT in report["models"] else {}),
+              **{m: [student_name(m, s, seeds) for s in seeds] for m in methods}}
     rows = {}
     for key in [*report["sets"], "Average"]:
         row = {}
@@ -355,9 +359,10 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
     store = None
     if any(m != "sft" for m in methods):
         t0 = _step(3, "cache-teacher: the teacher's hidden states over the train data")
+        finished = (out / "teacher.zarr" / MANIFEST).is_file()  # cache_teacher checks it against these inputs
         store = cache_teacher.run(load_config(CacheConfig, None, {
             **settings["cache"], "teacher": str(teacher), "data": train, "out": str(out / "teacher.zarr")}))
-        _done(out, "cache", t0, f"store: {store}")
+        _done(out, "cache", t0, f"store: {store}", finished)
     else:
         print(f"[recipe {3}/{STEPS}] every method is sft: no teacher store", flush=True)
 
@@ -374,12 +379,12 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
             students[name] = _best(folder)
             _done(out, f"distill {name}", t0, f"student ({name}): {students[name]}", reused)
 
-    t0 = _step(5, f"score the teacher and {len(students)} student(s) on {', '.join(s.split('=')[0] for s in data['eval'])}"
+    t0 = _step(5, f"score the teacher, the initial student and {len(students)} trained student(s) on {', '.join(s.split('=')[0] for s in data['eval'])}"
                " (ROUGE-L)")
     # The published protocol (configs/score_default.toml) with this size's changes.
     score_dir = score.run(load_config(ScoreConfig, "score_default", {
         **settings["score"], "progress": progress, "out": str(out / "score"), "data": tuple(data["eval"]),
-        "models": (f"teacher={teacher}", *(f"{n}={p}" for n, p in students.items()))}))
+        "models": (f"teacher={teacher}", f"{INIT}={student_init}", *(f"{n}={p}" for n, p in students.items()))}))
     report = json.loads((score_dir / "report.json").read_text())
     summary = summarise_over_seeds(report, methods, seeds)
     table = summary_markdown(summary)

@@ -33,7 +33,7 @@ def _masked_log_probs(student_logits: Tensor, teacher_logits: Tensor, mask: Tens
 
 def _plogp_ratio(p: Tensor, log_p: Tensor, log_r: Tensor) -> Tensor:
     """sum_v p_v (log p_v - log r_v) per row, with 0 log 0 = 0 (zero-probability tokens add nothing)."""
-    terms = torch.where(p > 0, p * (log_p - log_r), torch.zeros_like(p))
+    terms = torch.where(p > 0, p * (log_p - log_r), 0.0)  # a scalar 0: no [M, V] zeros tensor to allocate
     return terms.sum(-1)  # [M]
 
 

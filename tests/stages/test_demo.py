@@ -24,10 +24,10 @@ def test_demo_tiny_end_to_end_then_reuses_finished_steps(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(main, ["demo", "--out", str(out), "--size", "tiny", "--no-progress"])
     assert result.exit_code == 0, result.output
-    for line in ("| teacher | sft | cma-ga |", "where everything lies:", str(out / "teacher.zarr")):
+    for line in ("| teacher | student-init | sft | cma-ga |", "where everything lies:", str(out / "teacher.zarr")):
         assert line in result.output
     report = json.loads((out / "score" / "report.json").read_text())
-    assert set(report["models"]) == {"teacher", "sft", "cma-ga"}
+    assert set(report["models"]) == {"teacher", "student-init", "sft", "cma-ga"}
     for folder in ("models/teacher-init", "models/student-init", "teacher", "students/sft", "students/cma-ga"):
         assert (out / folder / "model.safetensors").is_file(), folder
     # The cma-ga student learnt from the Qwen-tokenised store: its projectors and discriminator are saved.

@@ -90,7 +90,8 @@ def test_tiny_recipe_trains_every_method_and_seed_then_reuses_them(tmp_path, dat
              for n in ("dskd-cma-seed1", "dskd-cma-seed2")}
     assert seeds == {1, 2}
     report = json.loads((out / "score" / "report.json").read_text())
-    assert set(report["models"]) == {"teacher", "sft-seed1", "sft-seed2", "dskd-cma-seed1", "dskd-cma-seed2"}
+    assert set(report["models"]) == {"teacher", "student-init", "sft-seed1", "sft-seed2", "dskd-cma-seed1",
+                                     "dskd-cma-seed2"}
     assert report["sets"] == ["dolly", "other"]
 
     summary = json.loads((out / "summary.json").read_text())
@@ -101,7 +102,10 @@ def test_tiny_recipe_trains_every_method_and_seed_then_reuses_them(tmp_path, dat
     assert cell["mean"] == pytest.approx(sum(per_seed) / 2)
     assert cell["std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2)
     assert summary["rows"]["dolly"]["teacher"]["mean"] == report["models"]["teacher"]["sets"]["dolly"]["mean"]
-    assert "| Set | n | teacher | sft | dskd-cma |" in result.output
+    # The student as it started: the row that distillation has to improve on.
+    init = summary["rows"]["other"]["student-init"]
+    assert (init["mean"], init["n_models"]) == (report["models"]["student-init"]["sets"]["other"]["mean"], 1)
+    assert "| Set | n | teacher | student-init | sft | dskd-cma |" in result.output
     assert "mean ± std over training seeds 1, 2" in (out / "summary.md").read_text()
     steps = [json.loads(line)["step"] for line in (out / "timings.jsonl").read_text().splitlines()]
     assert steps == ["models", "cache", "distill sft-seed1", "distill sft-seed2", "distill dskd-cma-seed1",
@@ -112,6 +116,8 @@ def test_tiny_recipe_trains_every_method_and_seed_then_reuses_them(tmp_path, dat
     assert again.exit_code == 0, again.output
     assert again.output.count("finished before, kept") == 4 and "already complete" in again.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == mtimes
+    rerun = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()][len(steps):]
+    assert [(t["step"], t["reused"]) for t in rerun[1:-1]] == [(s, True) for s in steps[1:-1]]  # store, students
     # Another data root is another run: refused in the same folder.
     other = tmp_path / "elsewhere"
     other.mkdir()
