@@ -1,5 +1,6 @@
 """Round trip through a store built by cache-teacher: ids, offsets, hidden exact; logits rebuilt equal the teacher's."""
 import json
+import re
 import pickle
 
 import numpy as np
@@ -101,3 +102,42 @@ def test_unfinished_store_refused(gpt2_store, tmp_path):
         open_store(str(copy))
     with pytest.raises(StoreError, match="no such store"):
         open_store(str(tmp_path / "nope.zarr"))
+
+
+def _chunk_range(store, i: int, c: int) -> set[int]:
+    _, start, n, _ = store.locate(i)
+    return set(range(start // c, (start + n - 1) // c + 1))
+
+
+def test_every_read_checks_its_chunks(gpt2_store, tmp_path):
+    """A flipped byte, a short chunk file and a missing one each fail the read that touches them, naming the file;
+    examples elsewhere still read. (cache-verify finds the same over the whole store: tests/cache/test_verify.py.)"""
+    import shutil
+
+    copy = tmp_path / "c.zarr"
+    shutil.copytree(gpt2_store, copy)
+    store = open_store(str(copy))
+    c = store.manifest.chunk_tokens
+    # Three examples of part 0, each damaged in a chunk that only it touches (the middle of its own range).
+    ranges = {i: _chunk_range(store, i, c) for i in range(len(store)) if store.locate(i)[0] == 0}
+    own = {i: sorted(r - set().union(*(o for j, o in ranges.items() if j != i))) for i, r in ranges.items()}
+    victims = [i for i in ranges if own[i]][:3]
+    assert len(victims) == 3, "the fixture store should have examples with chunks of their own"
+    chunk_dir = copy / "parts" / "part-00000" / "hidden" / "c"
+    files = [chunk_dir / str(own[i][len(own[i]) // 2]) / "0" for i in victims]
+    data = bytearray(files[0].read_bytes())
+    data[len(data) // 2] ^= 0x01
+    files[0].write_bytes(bytes(data))
+    files[1].write_bytes(files[1].read_bytes()[:-10])
+    files[2].unlink()
+
+    messages = [f"({files[0]}) is corrupt (crc32c mismatch)", f"({files[1]}) has ", f"chunk file {files[2]} is missing"]
+    for i, message in zip(victims, messages):
+        with pytest.raises(StoreError, match=re.escape(message)):
+            store.read(i)
+    damaged = {int(f.parent.name) for f in files}
+    intact = [i for i in ranges if not ranges[i] & damaged]
+    assert intact
+    clean = open_store(str(gpt2_store))
+    for i in intact:
+        assert torch.equal(store.read(i)["hidden"], clean.read(i)["hidden"])
