@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import socket
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -84,29 +85,55 @@ def read_manifest_file(path: Path) -> Manifest | None:
     return Manifest.from_dict(json.loads(path.read_text()), where=str(path))
 
 
+CREATE_LOCK = "create.lock"
+
+
 def open_for_writing(out: str, manifest: Manifest, config: dict) -> tuple[Path, Manifest]:
     """Create the store or reopen an unfinished/finished one built from the same inputs and settings.
 
     Returns (root, manifest on disk). A finished store has `complete` True and needs no work.
+    Shard processes started together on a new folder all pass through one creation lock: the first creates the
+    store (manifest, root and part groups, config), the others wait for it and then open the same store; Zarr's
+    group creation is not safe against a concurrent creator (ContainsGroupError), so nothing is created outside it.
     """
     root = local_root(out)
     if root.exists() and not root.is_dir():
         raise StoreError(f"{root}: exists and is not a folder. Pass a new --out.")
-    existing = read_manifest_file(root / MANIFEST) or read_manifest_file(root / PARTIAL_MANIFEST)
-    if existing is None:
-        if root.exists() and any(root.iterdir()):
-            raise StoreError(f"{root}: exists, is not empty and holds no store manifest. Pass a new --out.")
-        root.mkdir(parents=True, exist_ok=True)
-        zarr.open_group(str(root), mode="a")
-        atomic_write_json(root / PARTIAL_MANIFEST, manifest.to_dict())
-        atomic_write_json(root / CONFIG, {"stage": "CacheConfig", "config": config})
-        return root, manifest
+    done = read_manifest_file(root / MANIFEST)
+    if done is not None and done.complete:  # finished: nothing to create or lock (the folder may be read-only)
+        return root, _same_settings(root, done, manifest)
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / CREATE_LOCK
+    wait_for_lock(lock, f"the store {root}")
+    try:
+        existing = read_manifest_file(root / MANIFEST) or read_manifest_file(root / PARTIAL_MANIFEST)
+        if existing is None:
+            others = [p.name for p in root.iterdir() if p.name != CREATE_LOCK and not p.name.endswith(".tmp")]
+            if others:
+                raise StoreError(f"{root}: exists, is not empty and holds no store manifest. Pass a new --out.")
+            atomic_write_json(root / PARTIAL_MANIFEST, manifest.to_dict())
+            atomic_write_json(root / CONFIG, {"stage": "CacheConfig", "config": config})
+            existing = manifest
+        else:
+            _same_settings(root, existing, manifest)
+        if not existing.complete:
+            # Idempotent: a creator killed half-way leaves a manifest whose groups the next process completes.
+            group = zarr.open_group(str(root), mode="a")
+            for i in range(existing.n_parts):
+                group.require_group(part_name(i))
+    finally:
+        release_lock(lock)
+    return root, existing
+
+
+def _same_settings(root: Path, existing: Manifest, manifest: Manifest) -> Manifest:
+    """`existing` if the store on disk was started from the same inputs and settings, else a StoreError."""
     check_compatible(existing, manifest.fingerprints, store=str(root))
     for key in ("hidden_dtype", "d_model", "topk", "chunk_tokens", "compression", "n_parts"):
         if getattr(existing, key) != getattr(manifest, key):
             raise StoreError(f"{root} was started with {key}={getattr(existing, key)}, not {getattr(manifest, key)}. "
                              f"Pass the same setting to finish it, or build a new store.")
-    return root, existing
+    return existing
 
 
 def write_shared(root: Path, head: dict, embed: dict, tokenizer, teacher_config: dict,
@@ -173,6 +200,18 @@ def acquire_lock(path: Path, what: str) -> None:
             f.write(me)
         return
     raise StoreError(f"{what}: could not take the lock file {path}.")
+
+
+def wait_for_lock(path: Path, what: str, timeout_s: float = 300.0) -> None:
+    """acquire_lock, waiting while a live process holds the lock (creation takes well under a second)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return acquire_lock(path, what)
+        except StoreError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def release_lock(path: Path) -> None:

@@ -94,3 +94,36 @@ def test_disk_full_names_store_and_part_and_keeps_progress(tmp_path, monkeypatch
             raise
     assert (tmp_path / part_name(0) / PROGRESS).read_text() == before
     assert not (tmp_path / part_name(0) / "lock").exists()
+
+
+def test_shard_processes_starting_together_share_one_new_store(tmp_path):
+    """cache-teacher --shard i/N started at the same moment on a new --out: each creates or joins the same store.
+    (A creator used to make the folder non-empty before its manifest existed, so a joiner found 'a folder that is
+    not empty and holds no manifest' and quit.) Forked processes released together, many times over."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    for attempt in range(12):
+        root = tmp_path / f"s{attempt}.zarr"
+        start = ctx.Barrier(4)
+        results = ctx.Queue()
+
+        def join(k):
+            start.wait()
+            try:
+                _, m = W.open_for_writing(str(root), _manifest(), {"shard": k})
+                results.put(("ok", m.to_dict()))
+            except Exception as e:  # reported to the parent
+                results.put(("error", f"{type(e).__name__}: {e}"))
+
+        procs = [ctx.Process(target=join, args=(k,)) for k in range(4)]
+        for p in procs:
+            p.start()
+        got = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join()
+        assert [r for r in got if r[0] == "error"] == []
+        assert all(r[1] == _manifest().to_dict() for r in got)
+        assert json.loads((root / "manifest.partial.json").read_text()) == _manifest().to_dict()
+        assert (root / "zarr.json").is_file() and (root / "config.json").is_file()
+        assert not [p.name for p in root.iterdir() if p.name.endswith(".tmp")]

@@ -94,7 +94,9 @@ def test_two_shard_processes_equal_one_process(teacher, clean_store, tmp_path):
     procs = [subprocess.Popen([DSKD, *map(str, cache_args(teacher, out, DATA, "--shard", f"{i}/2"))],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [p.communicate()[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    failed = [f"shard {i}/2 exited {p.returncode}:\n{out_}" for i, (p, out_) in enumerate(zip(procs, outputs))
+              if p.returncode != 0]
+    assert not failed, "\n".join(failed)
     store = open_store(str(out))
     assert store.manifest.n_parts == 2 and {store.locate(i)[0] for i in range(40)} == {0, 1}
     assert store.locate(3)[0] == 1
