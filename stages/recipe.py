@@ -379,8 +379,8 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
             students[name] = _best(folder)
             _done(out, f"distill {name}", t0, f"student ({name}): {students[name]}", reused)
 
-    t0 = _step(5, f"score the teacher, the initial student and {len(students)} trained student(s) on {', '.join(s.split('=')[0] for s in data['eval'])}"
-               " (ROUGE-L)")
+    sets = ", ".join(s.split("=")[0] for s in data["eval"])
+    t0 = _step(5, f"score the teacher, the initial student and {len(students)} trained student(s) on {sets} (ROUGE-L)")
     # The published protocol (configs/score_default.toml) with this size's changes.
     score_dir = score.run(load_config(ScoreConfig, "score_default", {
         **settings["score"], "progress": progress, "out": str(out / "score"), "data": tuple(data["eval"]),
