@@ -112,12 +112,13 @@ def open_for_writing(out: str, manifest: Manifest, config: dict) -> tuple[Path, 
             if others:
                 raise StoreError(f"{root}: exists, is not empty and holds no store manifest. Pass a new --out.")
             atomic_write_json(root / PARTIAL_MANIFEST, manifest.to_dict())
-            atomic_write_json(root / CONFIG, {"stage": "CacheConfig", "config": config})
             existing = manifest
         else:
             _same_settings(root, existing, manifest)
         if not existing.complete:
-            # Idempotent: a creator killed half-way leaves a manifest whose groups the next process completes.
+            # Idempotent: what a creator killed half-way did not write, the next process writes.
+            if not (root / CONFIG).is_file():
+                atomic_write_json(root / CONFIG, {"stage": "CacheConfig", "config": config})
             group = zarr.open_group(str(root), mode="a")
             for i in range(existing.n_parts):
                 group.require_group(part_name(i))

@@ -127,3 +127,15 @@ def test_shard_processes_starting_together_share_one_new_store(tmp_path):
         assert json.loads((root / "manifest.partial.json").read_text()) == _manifest().to_dict()
         assert (root / "zarr.json").is_file() and (root / "config.json").is_file()
         assert not [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_creator_killed_after_its_manifest_is_completed_by_the_next_run(tmp_path):
+    """Only the partial manifest was written (a kill -9 right after it): the next open writes the rest."""
+    root = tmp_path / "k.zarr"
+    root.mkdir()
+    W.atomic_write_json(root / "manifest.partial.json", _manifest().to_dict())
+    _, m = W.open_for_writing(str(root), _manifest(), {"shard": 0})
+    assert m.to_dict() == _manifest().to_dict()
+    assert (root / "zarr.json").is_file() and (root / "config.json").is_file()
+    assert (root / part_name(0) / "zarr.json").is_file()
+    W.PartWriter(root, 0, m, background=False).close()
