@@ -23,6 +23,7 @@ from dskd_pipe.pipeline.objectives.dwa import (
     response_order,
     soft_dtw,
     student_entropy_weights,
+    _entropy,
     teacher_confidence_weights,
 )
 
@@ -349,3 +350,16 @@ def test_dwa_bf16_models_fp32_projectors_run():
     assert out.loss.dtype == torch.float32
     out.loss.backward()
     assert proj.embed.weight.grad is not None and b["Es"].grad.dtype == torch.bfloat16
+
+
+def test_entropy_equals_minus_sum_p_log_p_with_zero_probabilities():
+    torch.manual_seed(0)
+    z = torch.randn(6, 5000) * 4
+    z[0, :2500] = float("-inf")  # masked entries: probability 0, no contribution
+    z[1] = 0.0  # uniform: log V
+    p = torch.softmax(z.double(), -1)
+    ref = -torch.where(p > 0, p * torch.log_softmax(z.double(), -1), torch.zeros_like(p)).sum(-1)
+    got = _entropy(z)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    assert abs(float(got[1]) - math.log(5000)) < 1e-4
