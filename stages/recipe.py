@@ -282,8 +282,7 @@ def summarise_over_seeds(report: dict, methods: list[str], seeds: list[int]) -> 
     """Per set (and the all-set average): the teacher's (and the initial student's) mean ± std over sampling seeds,
     and per method the mean ± std (population) over training seeds of each student's mean over sampling seeds; one
     training seed: the score report's mean ± std over sampling seeds."""
-    groups = {"teacher": ["teacher"], **({INIT: [INIT]} if INIT in report["models"] else {}),
-              **{m: [student_name(m, s, seeds) for s in seeds] for m in methods}}
+    groups = {"teacher": ["teacher"], INIT: [INIT], **{m: [student_name(m, s, seeds) for s in seeds] for m in methods}}
     rows = {}
     for key in [*report["sets"], "Average"]:
         row = {}
@@ -359,9 +358,10 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
     store = None
     if any(m != "sft" for m in methods):
         t0 = _step(3, "cache-teacher: the teacher's hidden states over the train data")
-        finished = (out / "teacher.zarr" / MANIFEST).is_file()  # cache_teacher checks it against these inputs
+        store_dir = out / "teacher.zarr"
+        finished = (store_dir / MANIFEST).is_file()  # written last; cache_teacher checks it against these inputs
         store = cache_teacher.run(load_config(CacheConfig, None, {
-            **settings["cache"], "teacher": str(teacher), "data": train, "out": str(out / "teacher.zarr")}))
+            **settings["cache"], "teacher": str(teacher), "data": train, "out": str(store_dir)}))
         _done(out, "cache", t0, f"store: {store}", finished)
     else:
         print(f"[recipe {3}/{STEPS}] every method is sft: no teacher store", flush=True)

@@ -147,7 +147,7 @@ class _SoftDTW(torch.autograd.Function):
         bsz, last1, width, _ = weights.shape
         grad = torch.zeros(bsz, last1, width, dtype=weights.dtype, device=weights.device)  # E on the diagonals
         b = torch.arange(bsz, device=weights.device)
-        grad[b, (lx + ly).clamp(max=last1 - 1), lx] = grad_value.float() * has_both
+        grad[b, lx + ly, lx] = grad_value.float() * has_both  # E[n_b, m_b]; last1 - 1 = max(lx + ly)
         for dd in range(last1 - 1, 1, -1):
             e = grad[:, dd]  # complete: every cell it feeds lies on a later diagonal
             grad[:, dd - 2, :-1] += e[:, 1:] * weights[:, dd, 1:, 0]  # to R[i-1, j-1]
