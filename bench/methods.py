@@ -1,15 +1,15 @@
 """Per method: seconds per optimizer step and peak memory relative to `dskd-cma` on the same batches, in one run
 (issue 5; DWA-KD reports about 1.3x the time of DSKD, the goal is to stay under that).
 
-Every method of `stages.distill.METHODS` (the tuple is iterated, so a new method is picked up without editing this
-file) runs through the distill stage's own code: `open_teacher`, `build_student`, `build_method_parts`,
-`Collate(..., extras)`, `accumulate_gradients` (-> `micro_batch_loss`), gradient clipping, AdamW and the schedule.
+Every method of `pipeline.methods.METHODS` (the table is iterated, so a new method is picked up without editing this
+file) runs through the distill stage's own code: `open_teacher`, `build_student`, the method's parts and collate
+extras, `accumulate_gradients` (-> `micro_batch_loss`), gradient clipping, AdamW and the schedule.
 All methods see the same examples in the same order, the same teacher-state store (built once per pair by the real
 `cache-teacher` stage) and the same student initialisation. Each method runs in its own spawned processes.
 
 Two pairs: "cross" (a Qwen2-architecture teacher with the Qwen tokenizer -> a GPT-2 student) for every method that
 handles different vocabularies, and "same" (a larger GPT-2 teacher with the student's tokenizer) for the
-same-vocabulary methods (`distill.SAME_VOCAB`: kd, dskd, dskd-v2). `dskd-cma` runs on both pairs, and every ratio is
+same-vocabulary methods (`Method.same_vocabulary`: kd, dskd, dskd-v2). `dskd-cma` runs on both pairs, and every ratio is
 taken against `dskd-cma` on the pair the method ran on (the JSON names the pair of each ratio).
 
 Per method and pair:
@@ -135,10 +135,10 @@ def build_model(shape: str, folder: Path, seed: int) -> Path:
 def plan_runs(methods: list[str], all_pairs: bool) -> list[tuple[str, str]]:
     """(method, pair) in METHODS order: same-vocabulary methods on "same", the others on "cross" (every method on
     both with `all_pairs`); the baseline on every pair that another method uses (on "cross" when alone)."""
-    from dskd_pipe.stages.distill import SAME_VOCAB
+    from dskd_pipe.pipeline.methods import METHODS
 
     def pairs(m):
-        return ["cross", "same"] if all_pairs else ["same"] if m in SAME_VOCAB else ["cross"]
+        return ["cross", "same"] if all_pairs else ["same"] if METHODS[m].same_vocabulary else ["cross"]
 
     used = {pair for m in methods if m != BASELINE for pair in pairs(m)} or {"cross"}
     return [(m, pair) for m in methods for pair in (sorted(used) if m == BASELINE else pairs(m))]
@@ -187,10 +187,11 @@ class MethodRun:
         from dskd_pipe.pipeline.config import DistillConfig
         from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id
         from dskd_pipe.pipeline.training import cosine_schedule, param_groups, seed_everything
+        from dskd_pipe.pipeline import methods
         from dskd_pipe.stages import distill
 
         if spec.get("token_map_cache"):
-            distill.TOKEN_MAP_CACHE = Path(spec["token_map_cache"])
+            methods.TOKEN_MAP_CACHE = Path(spec["token_map_cache"])
         self.distill = distill
         self.cuda = spec["device"].startswith("cuda")
         self.n_steps = spec["warmup"] + spec["steps"]
@@ -200,6 +201,7 @@ class MethodRun:
             grad_accum=spec["grad_accum"], max_steps=self.n_steps, epochs=1000, device=spec["device"], num_workers=0,
             progress=False, seed=0, divergence=spec["divergence"])
         distill.check_config(cfg)
+        cfg = self.cfg = methods.resolve(cfg)
         self.device = device = cfg.device
         t_setup = time.perf_counter()
         seed_everything(cfg.seed)  # as distill.run: the same student and projector init for every method
@@ -207,18 +209,11 @@ class MethodRun:
         tok = load_tokenizer(cfg.student)
         side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
         self.student = distill.build_student(cfg, device)
-        ds = distill._hf(self.student).get_input_embeddings().weight.shape[1]
         t_parts = time.perf_counter()
-        self.projectors, self.token_map, extras = distill.build_method_parts(cfg, self.teacher, tok,
-                                                                             distill._hf(self.student), ds, device)
+        self.parts = methods.build_parts(cfg, self.teacher, tok, distill._hf(self.student), device)
         self.parts_s = time.perf_counter() - t_parts
-        collate = Collate(side.pad_id, self.teacher.pad_id, extras)
-        self.disc = self.disc_opt = None
-        if cfg.method == "cma-ga":
-            from dskd_pipe.pipeline.objectives.cma_ga import build_discriminator, build_discriminator_optimizer
-
-            self.disc = build_discriminator(2 * self.teacher.head.weight.shape[1]).to(device)
-            self.disc_opt = build_discriminator_optimizer(self.disc, lr=cfg.disc_lr)
+        collate = Collate(side.pad_id, self.teacher.pad_id, methods.collate_extras(cfg, self.teacher, tok))
+        self.projectors = self.parts.projectors
         extra = [(self.projectors, cfg.projector_lr)] if self.projectors is not None else []
         self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.lr, cfg.weight_decay, extra), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
@@ -245,11 +240,9 @@ class MethodRun:
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
         batches = [{name: v.to(self.device, non_blocking=True) for name, v in b.items()} for b in self.batches[which]]
-        ga_active = cfg.method == "cma-ga" and self.k >= cfg.ga_start_step
-        aux = {"step": self.k, "progress": self.k / self.n_steps, "token_map": self.token_map}
-        sums, n_step = distill.accumulate_gradients(cfg, batches, self.student, self.teacher, self.projectors,
-                                                    self.disc, self.disc_opt, ga_active, self.micro_step, 1,
-                                                    self.device, self.trainable, aux)
+        sums, n_step = distill.accumulate_gradients(cfg, batches, self.student, self.teacher, self.parts, 1,
+                                                    self.device, self.trainable, step=self.k,
+                                                    progress=self.k / self.n_steps, micro_step=self.micro_step)
         self.micro_step += len(batches)
         self.k += 1
         if cfg.max_grad_norm > 0:
@@ -517,7 +510,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="cpu", choices=sorted(PRESETS), help="Models and batch preset.")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--methods", default="", help="Comma list (default: all of distill.METHODS); "
+    p.add_argument("--methods", default="", help="Comma list (default: all of pipeline.methods.METHODS); "
                    f"{BASELINE} is always added as the baseline.")
     p.add_argument("--all-pairs", action="store_true", help="Run every method on both pairs (errors recorded).")
     p.add_argument("--steps", type=int, help="Timed optimizer steps; default from the preset.")
@@ -551,7 +544,7 @@ def main(argv=None) -> dict:
 
     from dskd_pipe.pipeline.config import CacheConfig
     from dskd_pipe.stages.cache_teacher import run as cache_teacher
-    from dskd_pipe.stages.distill import METHODS
+    from dskd_pipe.pipeline.methods import METHODS
 
     preset = dict(PRESETS[args.shape])
     for key in ("steps", "batches", "warmup", "repeats", "micro_batch_size", "grad_accum", "max_length"):
@@ -560,7 +553,7 @@ def main(argv=None) -> dict:
     chosen = [m.strip() for m in args.methods.split(",") if m.strip()] or list(METHODS)
     unknown = [m for m in chosen if m not in METHODS]
     if unknown:
-        p.error(f"--methods: unknown {', '.join(unknown)}; distill.METHODS has {', '.join(METHODS)}")
+        p.error(f"--methods: unknown {', '.join(unknown)}; pipeline.methods.METHODS has {', '.join(METHODS)}")
     methods = [m for m in METHODS if m in chosen or m == BASELINE]  # METHODS order
     plan = plan_runs(methods, args.all_pairs)
     if args.cpu_malloc == "keep" and args.isolation != "spawn":

@@ -78,7 +78,7 @@ class DistillConfig:
     # responses. KD terms use them; the student's own CE stays on the gold data of `cache`.
     sample_caches: tuple[str, ...] = ()
     student: str = ""
-    method: str = "dskd-cma"  # one of stages/distill.METHODS (README "Methods")
+    method: str = "dskd-cma"  # one of pipeline/methods.METHODS (README "Methods")
     data: str = ""
     out: str = ""
     dev_data: str = ""  # "" = no dev evaluation; else the student's dev loss each epoch keeps the best model
@@ -93,7 +93,7 @@ class DistillConfig:
     micro_batch_size: int = 4
     grad_accum: int = 8
     lr: float = 5e-4
-    projector_lr: float = 1e-3
+    projector_lr: float | None = None  # None = the method's published value (pipeline/methods.py; DSKD: 1e-3)
     weight_decay: float = 0.01
     warmup_steps: int = 0
     min_lr: float = 1e-7

@@ -1,5 +1,7 @@
-"""`dskd-pipe distill`: train a student from the teacher-state store (or a teacher run online) with SFT, vanilla KD,
-DSKD, DSKD-CMA or DSKD-CMA-GA (spec/dskd.md, spec/cma_ga.md).
+"""`dskd-pipe distill`: train a student from the teacher-state store (or a teacher run online) with one of the methods
+of pipeline/methods.py (SFT, vanilla KD, DSKD, DSKD-CMA, DSKD-CMA-GA, ...; spec/dskd.md, spec/cma_ga.md).
+
+The loop below never names a method: it asks the method's entry for its parts, collate extras, loss and metrics.
 
 Offline (--cache) and online (--teacher) share one path: the same dataset and collate build the teacher view; the
 teacher's hidden states come from the store or from the teacher model, its head and embeddings from the store or
@@ -24,31 +26,16 @@ from dskd_pipe.cache.streaming import (Collate, DistillDataset, Side, StoreSourc
                                        make_loader)
 from dskd_pipe.pipeline.config import ConfigError, DistillConfig, require, save_config
 from dskd_pipe.pipeline.data import TEMPLATE_ID, file_fingerprint, load_examples
+from dskd_pipe.pipeline.methods import METHODS, LossInputs, MethodParts, build_parts, collate_extras, resolve
 from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
                                        load_causal_lm, load_tokenizer, logit_transform, pad_token_id)
 from dskd_pipe.pipeline.objectives.divergences import DIVERGENCES, cross_entropy_sum
-from dskd_pipe.pipeline.alignment import (EtaPairs, TokenStrings, eta_pairs_for_batch,
-                                          teacher_to_student_token_map, vocab_overlap)
-from dskd_pipe.pipeline.objectives.baselines import mined_loss, mined_pairs_for_batch, mined_token_map, uld_loss
-from dskd_pipe.pipeline.objectives.dskd import (TeacherHead, build_projectors, dskd_cma_loss, dskd_same_vocab_loss,
-                                                teacher_logits)
-from dskd_pipe.pipeline.objectives.dskd_v2 import (dskd_v2_eta_loss, dskd_v2_same_vocab_loss,
-                                                   ideal_projector_init)
-from dskd_pipe.pipeline.objectives.dwa import build_dwa_projectors, dtw_gamma, dwa_kd_loss, kd_warmup
-from dskd_pipe.pipeline.probes import chunk_alignment, label_offsets
+from dskd_pipe.pipeline.objectives.dskd import TeacherHead
 from dskd_pipe.pipeline.training import (MetricsLogger, cosine_schedule, list_checkpoints, load_checkpoint,
                                          param_groups, peek_trainer_state, rng_state, save_checkpoint,
                                          save_safetensors, seed_everything, set_rng_state, write_json_atomic)
 
-METHODS = ("sft", "kd", "dskd", "dskd-cma", "cma-ga", "dskd-v2", "dskd-v2-eta", "dwa-kd", "mined", "uld",
-           "chunk-attention", "chunk-projection")
-# The two ablations of spec/cma_ga.md: DSKD-CMA with its attention confined to (or replaced by a uniform average
-# over) the ground-truth chunk of each token (pipeline/probes.chunk_alignment).
-CHUNK_MODES = {"chunk-attention": "attention", "chunk-projection": "projection"}
-SAME_VOCAB = ("kd", "dskd", "dskd-v2")
 DIE_AT_STEP_ENV = "DSKD_PIPE_TEST_DIE_AT_STEP"  # tests: os._exit(137) right after the checkpoint of this step
-# MinED's token map is computed once per tokenizer pair (about 30 s for Qwen -> GPT-2 on 2 cores) and kept here.
-TOKEN_MAP_CACHE = Path(os.environ.get("DSKD_PIPE_CACHE", Path.home() / ".cache" / "dskd-pipe"))
 RESOLVED_CONFIG = "distill_config.json"  # not config.json: that name is the student's HF config
 DONE = "distill_done.json"  # written last: the folder holds a finished student
 
@@ -65,7 +52,8 @@ def check_config(cfg: DistillConfig) -> None:
         problems.append(f"--method '{cfg.method}': choose one of {', '.join(METHODS)}.")
     if cfg.divergence not in DIVERGENCES:
         problems.append(f"--divergence '{cfg.divergence}': choose one of {', '.join(DIVERGENCES)}.")
-    if bool(cfg.cache) == bool(cfg.teacher) and cfg.method != "sft":
+    uses_teacher = cfg.method not in METHODS or METHODS[cfg.method].uses_teacher
+    if bool(cfg.cache) == bool(cfg.teacher) and uses_teacher:
         problems.append("pass exactly one of --cache STORE (offline) or --teacher MODEL (online).")
     for name in ("micro_batch_size", "grad_accum", "epochs", "disc_every"):
         if getattr(cfg, name) < 1:
@@ -74,9 +62,9 @@ def check_config(cfg: DistillConfig) -> None:
         problems.append(f"--kd-rate must be in [0, 1], found {cfg.kd_rate}.")
     if cfg.dtype not in ("", "bfloat16", "float32"):
         problems.append(f"--dtype '{cfg.dtype}': choose bfloat16 or float32 (or leave empty).")
-    if cfg.sample_caches and (not cfg.cache or cfg.method == "sft"):
+    if cfg.sample_caches and (not cfg.cache or not uses_teacher):
         problems.append("--sample-cache (student samples, KD terms only) needs --cache with the gold data and a KD "
-                        f"method, not {'--method sft' if cfg.method == 'sft' else 'online --teacher'}.")
+                        f"method, not {'online --teacher' if uses_teacher else f'--method {cfg.method}'}.")
     if cfg.init_from and not list_checkpoints(Path(cfg.init_from)):
         problems.append(f"--init-from {cfg.init_from}: no checkpoint there (a distill output folder holds "
                         "checkpoints/step-N).")
@@ -242,112 +230,30 @@ def _check_same_tokenisation(batch: dict, method: str) -> None:
 # One micro-batch
 # ---------------------------------------------------------------------------------------------------------------
 
-def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher, projectors, disc=None,
-                     disc_opt=None, ga_active: bool = False, disc_step: bool = False, world: int = 1,
-                     aux: dict | None = None):
-    """(student-side loss SUM with grad, dict of detached sums/counts for the log).
+def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher, parts: MethodParts, *,
+                     step: int = 0, progress: float = 0.0, micro_step: int = 0,
+                     world: int = 1) -> tuple[torch.Tensor, dict]:
+    """(student-side loss SUM with grad, dict of detached sums/counts for the log) of one micro-batch.
 
-    `aux` carries what some methods need besides the batch: "progress" (step / total steps: DWA-KD's gamma),
-    "step" (DWA-KD's KD warm-up) and "token_map" (DSKDv2-ETA's teacher-to-student ids).
-
-    CMA-GA: when `disc_step`, D is stepped first on detached response keys/queries (its own optimizer); the
-    generator term lambda_GA * L_G * n_s then joins the student-side sum (spec/cma_ga.md steps 3-5).
+    The student's forward, then the method's loss (pipeline/methods.py). step: optimizer steps done before this
+    one; progress: step / total steps; micro_step: micro-batches done before this one.
     """
+    method = METHODS[cfg.method]
     hs, zs = student_forward(student, batch)
-    labels = batch["labels"]
-    n_s = (labels != -100).sum()
-    logs: dict[str, torch.Tensor] = {"n_student": n_s.float()}
-    gold = batch.get("gold")
-    # Student samples (on-policy stores): their rows feed the KD terms only; the student's CE stays on gold data.
-    ce_labels = None if gold is None or bool(gold.all()) else labels.masked_fill(~gold[:, None], -100)
-    if cfg.method == "sft":
-        ce = cross_entropy_sum(zs, labels if ce_labels is None else ce_labels)
-        logs["ce_student"] = ce.detach()
-        return ce, logs
-    ht = teacher.hidden(batch)
-    aux = aux or {}
-    if cfg.method in SAME_VOCAB:
+    ht = None
+    if method.uses_teacher:
+        ht = teacher.hidden(batch)
+    if method.same_vocabulary:
         _check_same_tokenisation(batch, cfg.method)
-    if cfg.method == "mined":
-        pairs = EtaPairs(batch["align_teacher_pos"], batch["align_student_pos"])
-        out = mined_loss(zs, labels, ht, batch["teacher_labels"], teacher.head, pairs, aux["token_map"],
-                         kd_rate=cfg.kd_rate, tau=cfg.kd_temperature, ce_labels=ce_labels)
-        logs.update(ce_student=out.ce_student.detach(), kd=out.kd.detach())
-        return out.loss, logs
-    if cfg.method == "uld":
-        out = uld_loss(zs, labels, ht, batch["teacher_labels"], teacher.head, kd_rate=cfg.kd_rate,
-                       ce_labels=ce_labels)
-        logs.update(ce_student=out.ce_student.detach(), kd=out.kd.detach())
-        return out.loss, logs
-    if cfg.method == "kd":
-        ms = labels != -100
-        zt = teacher_logits(ht[ms], teacher.head)  # [Ns, Vt]
-        v = min(zt.shape[-1], zs.shape[-1])  # padded vocabularies: compare the shared ids only
-        ce = cross_entropy_sum(zs, labels if ce_labels is None else ce_labels)
-        kd = DIVERGENCES[cfg.divergence](zs[ms][:, :v], zt[:, :v], torch.ones_like(labels[ms], dtype=torch.bool),
-                                         tau=cfg.kd_temperature)
-        logs.update(ce_student=ce.detach(), kd=kd.detach())
-        return (1.0 - cfg.kd_rate) * ce + cfg.kd_rate * kd, logs
-    ws = _hf(student).get_output_embeddings().weight
-    common = dict(divergence=cfg.divergence, kd_rate=cfg.kd_rate, tau=cfg.kd_temperature,
-                  teacher_temperature=cfg.teacher_temperature, ce_labels=ce_labels)
-    if cfg.method == "dskd":
-        out = dskd_same_vocab_loss(hs, zs, labels, ws, ht, teacher.head, projectors, **common)
-    elif cfg.method == "dskd-v2":
-        out = dskd_v2_same_vocab_loss(hs, zs, labels, ws, ht, teacher.head, projectors, **common)
-    elif cfg.method == "dskd-v2-eta":
-        pairs = EtaPairs(batch["align_teacher_pos"], batch["align_student_pos"])
-        out = dskd_v2_eta_loss(hs, zs, labels, ws, ht, teacher.head, projectors, pairs, aux["token_map"], **common)
-    elif cfg.method == "dwa-kd":
-        es = _hf(student).get_input_embeddings().weight  # live: the embedding Soft-DTW trains it
-        out = dwa_kd_loss(hs, zs, labels, batch["input_ids"], es, ws, batch["teacher_input_ids"],
-                          batch["teacher_labels"], ht, teacher.embed, teacher.head, projectors,
-                          gamma=dtw_gamma(aux.get("progress", 0.0), cfg.dtw_gamma_start, cfg.dtw_gamma_end),
-                          kd_scale=kd_warmup(aux.get("step", 0), cfg.kd_warmup_steps),
-                          teacher_embed_scale=teacher.embed_scale, **common)
-    else:  # dskd-cma, cma-ga and the chunk-level ablations
-        es = _hf(student).get_input_embeddings().weight
-        out = dskd_cma_loss(hs, zs, labels, batch["input_ids"], es, ws, batch["teacher_input_ids"],
-                            batch["teacher_labels"], ht, teacher.embed, teacher.head, projectors,
-                            teacher_embed_scale=teacher.embed_scale, chunks=batch.get("chunks"),
-                            chunk_mode=CHUNK_MODES.get(cfg.method), **common)
-    loss = out.loss
-    for name in ("ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "t2s_correct", "s2t_correct", "n_teacher"):
-        logs[name] = getattr(out, name).detach().float()
-    for name in ("dtw", "dtw_hidden", "dtw_embed"):  # DWA-KD
-        if getattr(out, name, None) is not None:
-            logs[name] = getattr(out, name).detach().float()
-    if out.attention_entropy is not None:
-        logs["attention_entropy_sum"] = out.attention_entropy.detach() * n_s  # token-weighted over micro-batches
-    if cfg.method == "cma-ga" and ga_active:
-        from dskd_pipe.pipeline.objectives.cma_ga import (discriminator_accuracy, discriminator_loss,
-                                                          generator_loss, generator_term, response_tokens)
-
-        kr, qr = response_tokens(out.keys, out.queries, out.teacher_mask, out.student_mask)
-        if disc_step:
-            l_d = discriminator_loss(disc, kr, qr)  # inputs detached inside: trains D only
-            disc_opt.zero_grad(set_to_none=True)
-            l_d.backward()
-            if world > 1:
-                for p in disc.parameters():
-                    if p.grad is not None:
-                        _all_reduce(p.grad, world).div_(world)
-            disc_opt.step()
-            logs["l_d"] = l_d.detach()
-            logs["d_steps"] = torch.ones((), device=l_d.device)
-        l_g = generator_loss(disc, qr)  # gradient into the query projector only
-        loss = loss + generator_term(l_g, n_s, cfg.lambda_ga)
-        acc_real, acc_fake = discriminator_accuracy(disc, kr, qr)  # NaN for a side with no tokens
-        n_kr, n_qr = float(kr.shape[0]), float(qr.shape[0])
-        logs.update(l_g_sum=l_g.detach() * n_s,
-                    d_acc_real_sum=torch.nan_to_num(acc_real) * n_kr, d_real_n=torch.tensor(n_kr),
-                    d_acc_fake_sum=torch.nan_to_num(acc_fake) * n_qr, d_fake_n=torch.tensor(n_qr))
-    return loss, logs
+    inputs = LossInputs(cfg, batch, _hf(student), hs, zs, ht, teacher, parts, step=step, progress=progress,
+                        micro_step=micro_step, world=world)
+    loss, terms = method.loss(inputs)
+    return loss, {"n_student": inputs.n_student.float(), **terms}
 
 
-def accumulate_gradients(cfg: DistillConfig, micro: list[dict], student, teacher: Teacher, projectors, disc,
-                         disc_opt, ga_active: bool, micro_step: int, world: int, device: str,
-                         trainable: list[torch.nn.Parameter], aux: dict | None = None) -> tuple[dict, torch.Tensor]:
+def accumulate_gradients(cfg: DistillConfig, micro: list[dict], student, teacher: Teacher, parts: MethodParts,
+                         world: int, device: str, trainable: list[torch.nn.Parameter], *, step: int = 0,
+                         progress: float = 0.0, micro_step: int = 0) -> tuple[dict, torch.Tensor]:
     """Forward/backward every micro-batch of one optimizer step; (summed logs, the step's token count).
 
     Reduction (spec/dskd.md): every term is a sum; the step's total is divided by its GLOBAL supervised student
@@ -358,8 +264,8 @@ def accumulate_gradients(cfg: DistillConfig, micro: list[dict], student, teacher
     sums: dict[str, torch.Tensor] = {}
     for k, b in enumerate(micro):
         with _autocast(device, cfg):
-            loss, logs = micro_batch_loss(cfg, b, student, teacher, projectors, disc, disc_opt, ga_active,
-                                          disc_step=(micro_step + k) % cfg.disc_every == 0, world=world, aux=aux)
+            loss, logs = micro_batch_loss(cfg, b, student, teacher, parts, step=step, progress=progress,
+                                          micro_step=micro_step + k, world=world)
         (loss / n_step).backward()
         for name, v in logs.items():
             sums[name] = sums.get(name, 0.0) + v.detach().float()
@@ -375,24 +281,9 @@ def accumulate_gradients(cfg: DistillConfig, micro: list[dict], student, teacher
 # Metrics, evaluation, outputs
 # ---------------------------------------------------------------------------------------------------------------
 
-def step_metrics(sums: dict, n_step: float) -> dict:
+def step_metrics(cfg: DistillConfig, sums: dict, n_step: float) -> dict:
     """Normalised terms of one optimizer step from the summed logs of its micro-batches (and ranks)."""
-    m = {}
-    for name in ("ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "kd", "dtw", "dtw_hidden", "dtw_embed"):
-        if name in sums:
-            m[name] = sums[name] / n_step
-    if "t2s_correct" in sums:
-        m["t2s_acc"] = sums["t2s_correct"] / max(1.0, n_step)
-        m["s2t_acc"] = sums["s2t_correct"] / max(1.0, sums.get("n_teacher", 1.0))
-    if "attention_entropy_sum" in sums:
-        m["attention_entropy"] = sums["attention_entropy_sum"] / n_step
-    if "l_g_sum" in sums:
-        m["l_g"] = sums["l_g_sum"] / n_step
-        m["d_acc_real"] = sums["d_acc_real_sum"] / max(1.0, sums["d_real_n"])
-        m["d_acc_fake"] = sums["d_acc_fake_sum"] / max(1.0, sums["d_fake_n"])
-    if "l_d" in sums:
-        m["l_d"] = sums["l_d"] / max(1.0, sums.get("d_steps", 1.0))
-    return m
+    return METHODS[cfg.method].metrics(sums, n_step)
 
 
 @torch.no_grad()
@@ -439,62 +330,6 @@ def save_student(student, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-class AlignmentExtras:
-    """Collate extra for cross-tokenizer methods that align token positions (DSKDv2-ETA's exact token alignment,
-    MinED's edit-distance DTW): the aligned label positions of a batch, built in the loader workers."""
-
-    def __init__(self, pairs_for_batch, teacher_tok, student_tok):
-        self.pairs_for_batch = pairs_for_batch
-        self.teacher = TokenStrings(teacher_tok)  # per-id string caches live as long as the collate
-        self.student = TokenStrings(student_tok)
-
-    def __call__(self, items, teacher_labels, student_labels) -> dict:
-        pairs = self.pairs_for_batch(teacher_labels, student_labels, self.teacher, self.student)
-        return {"align_teacher_pos": pairs.teacher_pos, "align_student_pos": pairs.student_pos}
-
-
-def chunk_extras(items, teacher_labels, student_labels) -> dict:
-    """Collate extra of the chunk-level ablations: "chunks" bool [B, S, T], the ground-truth chunk alignment of the
-    label positions of each example (pipeline/probes.chunk_alignment), padded to the batch's widths."""
-    width_s = max(len(r) for r in student_labels)
-    width_t = max(len(r) for r in teacher_labels)
-    chunks = torch.zeros(len(items), width_s, width_t, dtype=torch.bool)
-    for b, (it, t_lab, s_lab) in enumerate(zip(items, teacher_labels, student_labels)):
-        block = chunk_alignment(label_offsets(it["offsets"]), label_offsets(it["student_offsets"]),
-                                torch.tensor(t_lab) != -100, torch.tensor(s_lab) != -100)  # [S_b, T_b]
-        chunks[b, :block.shape[0], :block.shape[1]] = block
-    return {"chunks": chunks}
-
-
-def build_method_parts(cfg: DistillConfig, teacher: Teacher, student_tok, student, ds: int, device: str):
-    """(projectors or None, DSKDv2-ETA token map or None, collate extras or None) for the method."""
-    if cfg.method in ("sft", "kd", "uld"):
-        return None, None, None
-    if cfg.method == "mined":
-        token_map = mined_token_map(teacher.tokenizer, student_tok, cache_dir=TOKEN_MAP_CACHE).to(device)
-        return None, token_map, AlignmentExtras(mined_pairs_for_batch, teacher.tokenizer, student_tok)
-    dt = teacher.head.weight.shape[1]
-    if cfg.method in ("dskd", "dskd-cma", "cma-ga"):
-        kind = {"dskd": "dskd", "dskd-cma": "dskd_cma", "cma-ga": "dskd_cma_ga"}[cfg.method]
-        return build_projectors(kind, ds, dt).to(device), None, None
-    if cfg.method in CHUNK_MODES:  # chunk-level projection has no query: DSKD's t2s/s2t pair only
-        kind = "dskd" if cfg.method == "chunk-projection" else "dskd_cma"
-        return build_projectors(kind, ds, dt).to(device), None, chunk_extras
-    if cfg.method == "dwa-kd":
-        return build_dwa_projectors(ds, dt).to(device), None, None
-    # DSKDv2: "ideal" projectors from the two heads over the shared vocabulary (spec/other_methods.md step 1).
-    ws = student.get_output_embeddings().weight.detach()
-    top_k = cfg.overlap_top_k or None
-    if cfg.method == "dskd-v2":
-        v = min(ws.shape[0], teacher.head.weight.shape[0])  # padded vocabularies: the shared ids
-        t_ids = s_ids = torch.arange(v if top_k is None else min(v, top_k))
-        return ideal_projector_init(teacher.head.weight, ws, t_ids, s_ids).to(device), None, None
-    t_ids, s_ids = vocab_overlap(teacher.tokenizer, student_tok, top_k=top_k)
-    projectors = ideal_projector_init(teacher.head.weight, ws, t_ids, s_ids).to(device)
-    token_map = teacher_to_student_token_map(teacher.tokenizer, student_tok).to(device)
-    return projectors, token_map, AlignmentExtras(eta_pairs_for_batch, teacher.tokenizer, student_tok)
-
-
 def _autocast(device: str, cfg: DistillConfig):
     use = torch.device(device).type == "cuda" and cfg.dtype in ("", "bfloat16")
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use)
@@ -510,6 +345,7 @@ def _steps_per_epoch(n_rank: int, cfg: DistillConfig) -> int:
 
 def run(cfg: DistillConfig) -> Path:
     check_config(cfg)
+    cfg = resolve(cfg)  # the method's published defaults for options left unset
     rank, world, device = setup_distributed(cfg)
     out = Path(cfg.out)
     checkpoints = list_checkpoints(out)
@@ -527,17 +363,11 @@ def run(cfg: DistillConfig) -> Path:
     student_side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
     plain_collate = Collate(student_side.pad_id, teacher.pad_id)
     student = build_student(cfg, device, resume_from or init_from)
-    ds = _hf(student).get_input_embeddings().weight.shape[1]
 
-    # Projectors (DSKD family), discriminator (CMA-GA), optimizers, schedule.
-    projectors, token_map, extras = build_method_parts(cfg, teacher, tok, _hf(student), ds, device)
-    collate = Collate(student_side.pad_id, teacher.pad_id, extras)
-    disc = disc_opt = None
-    if cfg.method == "cma-ga":
-        from dskd_pipe.pipeline.objectives.cma_ga import build_discriminator, build_discriminator_optimizer
-
-        disc = build_discriminator(2 * teacher.head.weight.shape[1]).to(device)
-        disc_opt = build_discriminator_optimizer(disc, lr=cfg.disc_lr)
+    # The method's parts (projectors, a discriminator with its own optimizer, token maps), optimizer, schedule.
+    parts = build_parts(cfg, teacher, tok, _hf(student), device)
+    collate = Collate(student_side.pad_id, teacher.pad_id, collate_extras(cfg, teacher, tok))
+    projectors = parts.projectors
     extra = [(projectors, cfg.projector_lr)] if projectors is not None else []
     optimizer = torch.optim.AdamW(param_groups(student, cfg.lr, cfg.weight_decay, extra), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
@@ -549,8 +379,8 @@ def run(cfg: DistillConfig) -> Path:
                   else int(peek_trainer_state(init_from)["step"]) if init_from is not None else 0)
     total_steps = start_step + run_steps
     scheduler = cosine_schedule(optimizer, cfg.schedule_steps or total_steps, cfg.warmup_steps, cfg.min_lr)
-    modules = {"projectors": projectors, "discriminator": disc}
-    optimizers = {"student": optimizer, "discriminator": disc_opt}
+    modules = {"projectors": projectors, "discriminator": parts.discriminator}
+    optimizers = {"student": optimizer, "discriminator": parts.disc_optimizer}
 
     state = {"step": start_step, "start_step": start_step, "epoch": 0, "position": 0, "micro_step": 0, "best": None}
     if resume_from is not None:
@@ -608,10 +438,9 @@ def run(cfg: DistillConfig) -> Path:
                 micro.append({k: v.to(device, non_blocking=True) for k, v in b.items()})
             if not micro:
                 break
-            ga_active = cfg.method == "cma-ga" and state["step"] >= cfg.ga_start_step
-            aux = {"step": state["step"], "progress": state["step"] / max(1, total_steps), "token_map": token_map}
-            sums, n_step = accumulate_gradients(cfg, micro, student, teacher, projectors, disc, disc_opt, ga_active,
-                                                state["micro_step"], world, device, trainable, aux)
+            sums, n_step = accumulate_gradients(cfg, micro, student, teacher, parts, world, device, trainable,
+                                                step=state["step"], progress=state["step"] / max(1, total_steps),
+                                                micro_step=state["micro_step"])
             state["micro_step"] += len(micro)
             grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                          else torch.zeros(()))
@@ -628,7 +457,7 @@ def run(cfg: DistillConfig) -> Path:
             elapsed = time.perf_counter() - t0
             n_tokens = float(_all_reduce(torch.stack([b["attention_mask"].sum() for b in micro]).sum().float(), world))
             record = {"step": state["step"], "epoch": epoch, "loss": sums["loss"] / float(n_step),
-                      **step_metrics(sums, float(n_step)), "grad_norm": float(grad_norm),
+                      **step_metrics(cfg, sums, float(n_step)), "grad_norm": float(grad_norm),
                       "lr": step_lrs[0], "step_s": elapsed, "tokens_per_s": n_tokens / elapsed,
                       "loader_wait_frac": wait / elapsed, "supervised_tokens": float(n_step)}
             if projectors is not None:

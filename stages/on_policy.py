@@ -31,6 +31,7 @@ import numpy as np
 
 from dskd_pipe.pipeline.config import (ConfigError, DistillConfig, OnPolicyConfig, config_to_dict, load_config,
                                        require, save_config)
+from dskd_pipe.pipeline.methods import METHODS
 
 SETTINGS = "on_policy.json"
 DONE = "on_policy_done.json"
@@ -45,8 +46,9 @@ def check_config(cfg: OnPolicyConfig, base: DistillConfig) -> None:
     problems = []
     if not base.cache:
         problems.append(f"{cfg.distill}: on-policy rounds distil from a store: set `cache` (the gold store).")
-    if base.method == "sft":
-        problems.append(f"{cfg.distill}: method sft uses no teacher; choose a KD method (dskd-v2-eta, cma-ga, ...).")
+    if base.method in METHODS and not METHODS[base.method].uses_teacher:
+        problems.append(f"{cfg.distill}: method {base.method} uses no teacher; choose a KD method (dskd-v2-eta, "
+                        "cma-ga, ...).")
     if base.max_steps or base.init_from or base.sample_caches or base.schedule_steps:
         problems.append(f"{cfg.distill}: max_steps, init_from, sample_caches and schedule_steps are set by the "
                         "rounds; remove them.")
@@ -91,11 +93,12 @@ def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
 
 def _distill(round_cfg: DistillConfig, folder: Path, what: str) -> Path:
     """Train unless `folder` holds this very config's finished student; resume an unfinished one."""
+    from dskd_pipe.pipeline.methods import resolve
     from dskd_pipe.stages.distill import DONE as DISTILL_DONE, RESOLVED_CONFIG
 
     saved = folder / RESOLVED_CONFIG
     if (folder / DISTILL_DONE).is_file() and saved.is_file():
-        if json.loads(saved.read_text()).get("config") == config_to_dict(round_cfg):
+        if json.loads(saved.read_text()).get("config") == config_to_dict(resolve(round_cfg)):
             print(f"[on-policy] {what}: {folder} finished before, kept", flush=True)
             return folder
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ Steps (the same for `dskd-pipe demo`, which is configs/demo.toml through this ru
        [SIZE.score] changes), then a summary: mean ± std over training seeds per method and set
 
 A config file holds one table per size. Each size table holds:
-    methods = [...]          distill methods (stages/distill.METHODS)
+    methods = [...]          distill methods (pipeline/methods.METHODS)
     seeds = [...]            training seeds; each method is trained once per seed (default [42])
     [SIZE.models]            teacher, student (+ TINY_KEYS for "tiny")
     [SIZE.data]              train = FILE, eval = ["NAME=FILE", ...], dev = FILE (optional: keeps out/best)
@@ -251,13 +251,14 @@ def _model(out: Path, role: str, models: dict) -> tuple[Path | str, bool]:
 def _distill(cfg: DistillConfig) -> tuple[Path, bool]:
     """(folder, reused?): train unless `cfg.out` already holds the finished model of this very config; resume an
     unfinished one. `progress` does not count as a setting."""
+    from dskd_pipe.pipeline.methods import resolve
     from dskd_pipe.stages import distill
 
     out = Path(cfg.out)
     saved = out / distill.RESOLVED_CONFIG
     if saved.is_file():
         before = {k: v for k, v in json.loads(saved.read_text()).get("config", {}).items() if k != "progress"}
-        now = {k: v for k, v in config_to_dict(cfg).items() if k != "progress"}
+        now = {k: v for k, v in config_to_dict(resolve(cfg)).items() if k != "progress"}
         if before != now:
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise ConfigError(f"{out} was trained with other settings ({', '.join(changed)}). Pass --fresh to start "

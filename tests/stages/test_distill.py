@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from dskd_pipe.cache.format import StoreError
 from dskd_pipe.cache.streaming import Collate, DistillDataset, Side
 from dskd_pipe.pipeline.config import CacheConfig, ConfigError, DistillConfig
+from dskd_pipe.pipeline import methods
+from dskd_pipe.pipeline.methods import MethodParts
 from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id, save_tiny_model
 from dskd_pipe.pipeline.objectives.dskd import build_projectors
 from dskd_pipe.stages import distill
@@ -75,7 +77,7 @@ def _metrics(out):
                                           ("mined", "store_l"), ("chunk-attention", "store_q"),
                                           ("chunk-projection", "store_l")])
 def test_one_step_per_method_changes_the_student(env, method, store, monkeypatch):
-    monkeypatch.setattr(distill, "TOKEN_MAP_CACHE", env["tmp"] / "token_maps")  # MinED's cache: not the user's
+    monkeypatch.setattr(methods, "TOKEN_MAP_CACHE", env["tmp"] / "token_maps")  # MinED's cache: not the user's
     cfg = _cfg(env, f"one_{method}", method=method, cache=str(env[store]) if store else "", max_steps=1,
                divergence="srkl" if method in ("kd", "dwa-kd") else "fkl")
     out = distill.run(cfg)
@@ -96,6 +98,39 @@ def test_one_step_per_method_changes_the_student(env, method, store, monkeypatch
         assert {"l_d", "l_g", "d_acc_real", "d_acc_fake", "attention_entropy"} <= m.keys()
 
 
+def test_a_new_method_is_one_entry(env, monkeypatch):
+    """The loop asks the method's entry for everything: a method that exists only as an entry of METHODS trains,
+    with its own trained part (saved, at the projector lr), its collate extra and its own log terms."""
+    from dskd_pipe.pipeline.objectives.divergences import cross_entropy_sum
+
+    def parts(cfg, teacher, student_tok, student, device):
+        torch.manual_seed(5)
+        return MethodParts(projectors=torch.nn.Linear(32, teacher.head.weight.shape[1], bias=False))
+
+    def extras(teacher_tok, student_tok):
+        return lambda items, t_lab, s_lab: {"n_items": torch.tensor(len(items))}
+
+    def loss(x):  # CE plus a pull of the mean projected student state towards the mean teacher state
+        ce = cross_entropy_sum(x.logits, x.labels)
+        pull = ((x.parts.projectors(x.hidden.mean(1)) - x.teacher_hidden.mean(1)) ** 2).sum() * x.n_student
+        return ce + pull, {"ce_student": ce.detach(), "pull": pull.detach(), "items": x.batch["n_items"].float()}
+
+    def metrics(sums, n_step):
+        return {"ce_student": sums["ce_student"] / n_step, "pull": sums["pull"] / n_step, "items": sums["items"]}
+
+    toy = methods.Method("toy", "a test method", loss, metrics, build_parts=parts, collate_extras=extras,
+                         defaults={"projector_lr": 0.25})
+    monkeypatch.setitem(methods.METHODS, "toy", toy)
+    out = distill.run(_cfg(env, "toy", method="toy", cache=str(env["store_q"]), max_steps=2))
+    m = _metrics(out)
+    assert [r["step"] for r in m] == [1, 2] and all(r["items"] == 4 and r["pull"] > 0 for r in m)
+    assert m[0]["projector_lr"] == 0.25 and json.loads((out / "distill_config.json").read_text())[
+        "config"]["projector_lr"] == 0.25
+    torch.manual_seed(5)
+    init = torch.nn.Linear(32, 32, bias=False).weight.detach()
+    assert float((_weights(out, "projectors.safetensors")["weight"] - init).abs().max()) > 0
+
+
 def test_chunk_extras_align_label_positions(env):
     """Teacher and student with the same tokenizer: every response token is its own chunk, so the chunk matrix
     of each example is the identity on response positions (a shift of one position would break it)."""
@@ -104,7 +139,7 @@ def test_chunk_extras_align_label_positions(env):
     tok = load_tokenizer(str(env["student"]))
     side = Side(tok, eos_token_id(tok), pad_token_id(tok), 256, 64)
     ds = DistillDataset(source, side, seed=0, epoch=0)
-    batch = Collate(side.pad_id, teacher.pad_id, distill.chunk_extras)([ds[i] for i in range(4)])
+    batch = Collate(side.pad_id, teacher.pad_id, methods.chunk_extras)([ds[i] for i in range(4)])
     chunks, ms = batch["chunks"], batch["labels"] != -100
     assert chunks.shape == (4, batch["labels"].shape[1], batch["teacher_labels"].shape[1])
     for b in range(4):
@@ -134,7 +169,7 @@ def _grads(env, cfg, micro):
     student = distill.build_student(cfg, "cpu")
     projectors = build_projectors("dskd", 32, teacher.head.weight.shape[1])
     trainable = list(student.parameters()) + list(projectors.parameters())
-    distill.accumulate_gradients(cfg, micro, student, teacher, projectors, None, None, False, 0, 1, "cpu", trainable)
+    distill.accumulate_gradients(cfg, micro, student, teacher, MethodParts(projectors), 1, "cpu", trainable)
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trainable]
 
 

@@ -10,6 +10,7 @@ import torch
 from dskd_pipe.cache.reader import open_store
 from dskd_pipe.cache.streaming import Collate, DistillDataset, Side, StoreSource, UnionSource
 from dskd_pipe.pipeline.config import CacheConfig, ConfigError, DistillConfig, OnPolicyConfig, load_config
+from dskd_pipe.pipeline.methods import build_parts
 from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id, save_tiny_model
 from dskd_pipe.stages import distill, on_policy
 
@@ -79,14 +80,14 @@ def test_samples_feed_kd_terms_only(env):
     assert batch["gold"].tolist() == [True, False]
     as_gold = dict(batch, gold=torch.ones(2, dtype=torch.bool))
     student = distill.build_student(cfg, "cpu").eval()  # no dropout: the two calls must see one function
-    projectors, _, _ = distill.build_method_parts(cfg, teacher, tok, student, 32, "cpu")
-    _, mixed = distill.micro_batch_loss(cfg, batch, student, teacher, projectors)
-    _, both = distill.micro_batch_loss(cfg, as_gold, student, teacher, projectors)
+    parts = build_parts(cfg, teacher, tok, student, "cpu")
+    _, mixed = distill.micro_batch_loss(cfg, batch, student, teacher, parts)
+    _, both = distill.micro_batch_loss(cfg, as_gold, student, teacher, parts)
     for name in ("kd_t2s", "kd_s2t", "ce_t2s"):
         torch.testing.assert_close(mixed[name], both[name])
     row0 = dict(batch, **{k: batch[k][:1] for k in batch if k != "teacher_hidden"},
                 teacher_hidden=batch["teacher_hidden"][:1])
-    _, gold_only = distill.micro_batch_loss(cfg, row0, student, teacher, projectors)
+    _, gold_only = distill.micro_batch_loss(cfg, row0, student, teacher, parts)
     torch.testing.assert_close(mixed["ce_student"], gold_only["ce_student"])  # CE of the gold row only
     assert float(both["ce_student"]) > float(mixed["ce_student"]) > 0
 

@@ -1,0 +1,487 @@
+"""The distill methods, one entry each: what a method needs and which loss function it calls.
+
+A method is a `Method` record in `METHODS`. The training loop (stages/distill.py) asks the record and never names
+a method:
+
+- `uses_teacher` / `same_vocabulary`: whether it needs a teacher, and one that tokenises like the student;
+- `build_parts`: its trained parts besides the student (projectors, trained with the student's optimizer at
+  `projector_lr`; CMA-GA's discriminator with its own optimizer) and fixed tables (token maps);
+- `collate_extras`: per-batch alignment tensors built in the DataLoader workers (ETA / MinED pairs, chunks);
+- `loss`: a thin call of its loss function in pipeline/objectives/ (a function of tensors), returning the
+  micro-batch's student-side loss SUM and its log terms (detached sums and counts);
+- `metrics`: how the summed log terms of one optimizer step become the logged numbers;
+- `defaults`: published values of options the user left unset (`None` in DistillConfig), see `resolve`.
+
+Adding a method = one entry here + its loss function in pipeline/objectives/ + its test.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from dskd_pipe.pipeline.alignment import (EtaPairs, TokenStrings, eta_pairs_for_batch,
+                                          teacher_to_student_token_map, vocab_overlap)
+from dskd_pipe.pipeline.config import DistillConfig
+from dskd_pipe.pipeline.objectives.baselines import mined_loss, mined_pairs_for_batch, mined_token_map, uld_loss
+from dskd_pipe.pipeline.objectives.divergences import DIVERGENCES, cross_entropy_sum
+from dskd_pipe.pipeline.objectives.dskd import build_projectors, dskd_cma_loss, dskd_same_vocab_loss, teacher_logits
+from dskd_pipe.pipeline.objectives.dskd_v2 import dskd_v2_eta_loss, dskd_v2_same_vocab_loss, ideal_projector_init
+from dskd_pipe.pipeline.objectives.dwa import build_dwa_projectors, dtw_gamma, dwa_kd_loss, kd_warmup
+from dskd_pipe.pipeline.probes import chunk_alignment, label_offsets
+
+PROJECTOR_LR = 1e-3  # DSKD (spec/dskd.md "Published training setup"); DSKDv2 and DWA-KD build on its setup
+# MinED's token map is computed once per tokenizer pair (about 30 s for Qwen -> GPT-2 on 2 cores) and kept here.
+TOKEN_MAP_CACHE = Path(os.environ.get("DSKD_PIPE_CACHE", Path.home() / ".cache" / "dskd-pipe"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class MethodParts:
+    """What a method trains or looks up besides the student.
+
+    projectors: trained by the student's optimizer (own lr group); discriminator: trained by `disc_optimizer`;
+    token_map: a fixed teacher -> student id table [Vt] (DSKDv2-ETA, MinED).
+    """
+
+    projectors: nn.Module | None = None
+    discriminator: nn.Module | None = None
+    disc_optimizer: torch.optim.Optimizer | None = None
+    token_map: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """One micro-batch as a method's loss sees it.
+
+    batch: the collated micro-batch on the device; student: the transformers model (its embedding and head
+    weights); hidden Hs [B, S, ds] and logits Zs [B, S, Vs] from the student's forward; teacher_hidden Ht [B, T, dt]
+    (None for methods without a teacher); teacher: head (TeacherHead), embed [Vt, dt], embed_scale, tokenizer.
+    step: optimizer steps done before this one; progress: step / total steps; micro_step: micro-batches done
+    before this one (CMA-GA's every-k discriminator rhythm); world: number of processes.
+    """
+
+    cfg: DistillConfig
+    batch: dict
+    student: nn.Module
+    hidden: Tensor
+    logits: Tensor
+    teacher_hidden: Tensor | None
+    teacher: object
+    parts: MethodParts
+    step: int = 0
+    progress: float = 0.0
+    micro_step: int = 0
+    world: int = 1
+
+    @property
+    def labels(self) -> Tensor:
+        return self.batch["labels"]
+
+    @property
+    def ce_labels(self) -> Tensor | None:
+        """Labels of the student's own CE when they differ from `labels`: student samples of on-policy rounds
+        (gold False) feed the KD terms only, so their rows are -100 here. None = `labels`."""
+        gold = self.batch.get("gold")
+        if gold is None or bool(gold.all()):
+            return None
+        return self.labels.masked_fill(~gold[:, None], -100)
+
+    @property
+    def n_student(self) -> Tensor:
+        return (self.labels != -100).sum()
+
+
+LossFn = Callable[[LossInputs], tuple[Tensor, dict]]
+PartsFn = Callable[[DistillConfig, object, object, nn.Module, str], MethodParts]
+ExtrasFn = Callable[[object, object], Callable]
+MetricsFn = Callable[[dict, float], dict]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One distill method: see the module docstring."""
+
+    name: str
+    summary: str
+    loss: LossFn
+    metrics: MetricsFn
+    uses_teacher: bool = True
+    same_vocabulary: bool = False
+    build_parts: PartsFn | None = None  # (cfg, teacher, student tokenizer, student, device) -> MethodParts
+    collate_extras: ExtrasFn | None = None  # (teacher tokenizer, student tokenizer) -> Collate's extras
+    defaults: Mapping[str, object] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collate extras
+# ---------------------------------------------------------------------------------------------------------------
+
+class AlignmentExtras:
+    """Collate extra for cross-tokenizer methods that align token positions (DSKDv2-ETA's exact token alignment,
+    MinED's edit-distance DTW): the aligned label positions of a batch, built in the loader workers."""
+
+    def __init__(self, pairs_for_batch, teacher_tok, student_tok):
+        self.pairs_for_batch = pairs_for_batch
+        self.teacher = TokenStrings(teacher_tok)  # per-id string caches live as long as the collate
+        self.student = TokenStrings(student_tok)
+
+    def __call__(self, items, teacher_labels, student_labels) -> dict:
+        pairs = self.pairs_for_batch(teacher_labels, student_labels, self.teacher, self.student)
+        return {"align_teacher_pos": pairs.teacher_pos, "align_student_pos": pairs.student_pos}
+
+
+def chunk_extras(items, teacher_labels, student_labels) -> dict:
+    """Collate extra of the chunk-level ablations: "chunks" bool [B, S, T], the ground-truth chunk alignment of the
+    label positions of each example (pipeline/probes.chunk_alignment), padded to the batch's widths."""
+    width_s = max(len(r) for r in student_labels)
+    width_t = max(len(r) for r in teacher_labels)
+    chunks = torch.zeros(len(items), width_s, width_t, dtype=torch.bool)
+    for b, (it, t_lab, s_lab) in enumerate(zip(items, teacher_labels, student_labels)):
+        block = chunk_alignment(label_offsets(it["offsets"]), label_offsets(it["student_offsets"]),
+                                torch.tensor(t_lab) != -100, torch.tensor(s_lab) != -100)  # [S_b, T_b]
+        chunks[b, :block.shape[0], :block.shape[1]] = block
+    return {"chunks": chunks}
+
+
+def _eta_extras(teacher_tok, student_tok) -> AlignmentExtras:
+    return AlignmentExtras(eta_pairs_for_batch, teacher_tok, student_tok)
+
+
+def _mined_extras(teacher_tok, student_tok) -> AlignmentExtras:
+    return AlignmentExtras(mined_pairs_for_batch, teacher_tok, student_tok)
+
+
+def _chunk_extras(teacher_tok, student_tok):
+    return chunk_extras
+
+
+def _pairs(batch: dict) -> EtaPairs:
+    return EtaPairs(batch["align_teacher_pos"], batch["align_student_pos"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parts
+# ---------------------------------------------------------------------------------------------------------------
+
+def _dims(teacher, student: nn.Module) -> tuple[int, int]:
+    """(ds, dt): the student's and the teacher's hidden sizes."""
+    return student.get_input_embeddings().weight.shape[1], teacher.head.weight.shape[1]
+
+
+def _projectors(kind: str) -> PartsFn:
+    """DSKD's projectors: t2s and s2t, plus the CMA query projector for the CMA kinds (objectives/dskd.py)."""
+
+    def build(cfg, teacher, student_tok, student, device) -> MethodParts:
+        return MethodParts(projectors=build_projectors(kind, *_dims(teacher, student)).to(device))
+
+    return build
+
+
+def _cma_ga_parts(cfg, teacher, student_tok, student, device) -> MethodParts:
+    """DSKD-CMA's projectors and the discriminator over [K; Q] tokens (2 dt) with its own optimizer."""
+    from dskd_pipe.pipeline.objectives.cma_ga import build_discriminator, build_discriminator_optimizer
+
+    parts = _projectors("dskd_cma_ga")(cfg, teacher, student_tok, student, device)
+    parts.discriminator = build_discriminator(2 * teacher.head.weight.shape[1]).to(device)
+    parts.disc_optimizer = build_discriminator_optimizer(parts.discriminator, lr=cfg.disc_lr)
+    return parts
+
+
+def _dwa_parts(cfg, teacher, student_tok, student, device) -> MethodParts:
+    return MethodParts(projectors=build_dwa_projectors(*_dims(teacher, student)).to(device))
+
+
+def _v2_same_vocab_parts(cfg, teacher, student_tok, student, device) -> MethodParts:
+    """DSKDv2 "ideal" projectors from the two heads over the shared ids (spec/other_methods.md step 1)."""
+    ws = student.get_output_embeddings().weight.detach()
+    v = min(ws.shape[0], teacher.head.weight.shape[0])  # padded vocabularies: the shared ids
+    ids = torch.arange(v if not cfg.overlap_top_k else min(v, cfg.overlap_top_k))
+    return MethodParts(projectors=ideal_projector_init(teacher.head.weight, ws, ids, ids).to(device))
+
+
+def _v2_eta_parts(cfg, teacher, student_tok, student, device) -> MethodParts:
+    """DSKDv2 ideal projectors over the vocabulary overlap by token string, and the teacher -> student id map."""
+    ws = student.get_output_embeddings().weight.detach()
+    t_ids, s_ids = vocab_overlap(teacher.tokenizer, student_tok, top_k=cfg.overlap_top_k or None)
+    projectors = ideal_projector_init(teacher.head.weight, ws, t_ids, s_ids).to(device)
+    token_map = teacher_to_student_token_map(teacher.tokenizer, student_tok).to(device)
+    return MethodParts(projectors=projectors, token_map=token_map)
+
+
+def _mined_parts(cfg, teacher, student_tok, student, device) -> MethodParts:
+    """MinED's fixed teacher -> student map by minimum edit distance (cached in TOKEN_MAP_CACHE)."""
+    return MethodParts(token_map=mined_token_map(teacher.tokenizer, student_tok, cache_dir=TOKEN_MAP_CACHE).to(device))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Losses: each entry's call of its loss function in pipeline/objectives/
+# ---------------------------------------------------------------------------------------------------------------
+
+def _common(x: LossInputs) -> dict:
+    cfg = x.cfg
+    return dict(divergence=cfg.divergence, kd_rate=cfg.kd_rate, tau=cfg.kd_temperature,
+                teacher_temperature=cfg.teacher_temperature, ce_labels=x.ce_labels)
+
+
+def _head(x: LossInputs) -> Tensor:
+    return x.student.get_output_embeddings().weight
+
+
+def _embed(x: LossInputs) -> Tensor:
+    return x.student.get_input_embeddings().weight  # live: DSKD-CMA's query and DWA-KD's Soft-DTW train it
+
+
+def _dskd_logs(out, n_s: Tensor) -> dict:
+    """The DSKD family's term sums and counts for the step log."""
+    logs = {name: getattr(out, name).detach().float()
+            for name in ("ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "t2s_correct", "s2t_correct", "n_teacher")}
+    for name in ("dtw", "dtw_hidden", "dtw_embed"):  # DWA-KD
+        if getattr(out, name, None) is not None:
+            logs[name] = getattr(out, name).detach().float()
+    if out.attention_entropy is not None:
+        logs["attention_entropy_sum"] = out.attention_entropy.detach() * n_s  # token-weighted over micro-batches
+    return logs
+
+
+def sft_loss(x: LossInputs) -> tuple[Tensor, dict]:
+    ce = cross_entropy_sum(x.logits, x.labels if x.ce_labels is None else x.ce_labels)
+    return ce, {"ce_student": ce.detach()}
+
+
+def kd_loss(x: LossInputs) -> tuple[Tensor, dict]:
+    """Vanilla KD (same vocabulary): (1 - lambda) CE + lambda sum D(Zs, Zt) over the supervised positions."""
+    cfg, labels, zs = x.cfg, x.labels, x.logits
+    ms = labels != -100
+    zt = teacher_logits(x.teacher_hidden[ms], x.teacher.head)  # [Ns, Vt]
+    v = min(zt.shape[-1], zs.shape[-1])  # padded vocabularies: compare the shared ids only
+    ce = cross_entropy_sum(zs, labels if x.ce_labels is None else x.ce_labels)
+    kd = DIVERGENCES[cfg.divergence](zs[ms][:, :v], zt[:, :v], torch.ones_like(labels[ms], dtype=torch.bool),
+                                     tau=cfg.kd_temperature)
+    return (1.0 - cfg.kd_rate) * ce + cfg.kd_rate * kd, {"ce_student": ce.detach(), "kd": kd.detach()}
+
+
+def mined_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
+    out = mined_loss(x.logits, x.labels, x.teacher_hidden, x.batch["teacher_labels"], x.teacher.head,
+                     _pairs(x.batch), x.parts.token_map, kd_rate=x.cfg.kd_rate, tau=x.cfg.kd_temperature,
+                     ce_labels=x.ce_labels)
+    return out.loss, {"ce_student": out.ce_student.detach(), "kd": out.kd.detach()}
+
+
+def uld_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
+    out = uld_loss(x.logits, x.labels, x.teacher_hidden, x.batch["teacher_labels"], x.teacher.head,
+                   kd_rate=x.cfg.kd_rate, ce_labels=x.ce_labels)
+    return out.loss, {"ce_student": out.ce_student.detach(), "kd": out.kd.detach()}
+
+
+def dskd_loss(x: LossInputs) -> tuple[Tensor, dict]:
+    out = dskd_same_vocab_loss(x.hidden, x.logits, x.labels, _head(x), x.teacher_hidden, x.teacher.head,
+                               x.parts.projectors, **_common(x))
+    return out.loss, _dskd_logs(out, x.n_student)
+
+
+def dskd_v2_loss(x: LossInputs) -> tuple[Tensor, dict]:
+    out = dskd_v2_same_vocab_loss(x.hidden, x.logits, x.labels, _head(x), x.teacher_hidden, x.teacher.head,
+                                  x.parts.projectors, **_common(x))
+    return out.loss, _dskd_logs(out, x.n_student)
+
+
+def dskd_v2_eta_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
+    out = dskd_v2_eta_loss(x.hidden, x.logits, x.labels, _head(x), x.teacher_hidden, x.teacher.head,
+                           x.parts.projectors, _pairs(x.batch), x.parts.token_map, **_common(x))
+    return out.loss, _dskd_logs(out, x.n_student)
+
+
+def dwa_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
+    cfg, b = x.cfg, x.batch
+    out = dwa_kd_loss(x.hidden, x.logits, x.labels, b["input_ids"], _embed(x), _head(x), b["teacher_input_ids"],
+                      b["teacher_labels"], x.teacher_hidden, x.teacher.embed, x.teacher.head, x.parts.projectors,
+                      gamma=dtw_gamma(x.progress, cfg.dtw_gamma_start, cfg.dtw_gamma_end),
+                      kd_scale=kd_warmup(x.step, cfg.kd_warmup_steps), teacher_embed_scale=x.teacher.embed_scale,
+                      **_common(x))
+    return out.loss, _dskd_logs(out, x.n_student)
+
+
+def _cma_call(x: LossInputs, chunk_mode: str | None = None):
+    b = x.batch
+    return dskd_cma_loss(x.hidden, x.logits, x.labels, b["input_ids"], _embed(x), _head(x), b["teacher_input_ids"],
+                         b["teacher_labels"], x.teacher_hidden, x.teacher.embed, x.teacher.head, x.parts.projectors,
+                         teacher_embed_scale=x.teacher.embed_scale, chunks=b.get("chunks"), chunk_mode=chunk_mode,
+                         **_common(x))
+
+
+def dskd_cma_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
+    out = _cma_call(x)
+    return out.loss, _dskd_logs(out, x.n_student)
+
+
+def _chunk_loss(mode: str) -> LossFn:
+    """The two ablations of spec/cma_ga.md: DSKD-CMA with its attention confined to (or replaced by a uniform
+    average over) the ground-truth chunk of each token (pipeline/probes.chunk_alignment)."""
+
+    def loss(x: LossInputs) -> tuple[Tensor, dict]:
+        out = _cma_call(x, mode)
+        return out.loss, _dskd_logs(out, x.n_student)
+
+    return loss
+
+
+def cma_ga_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
+    """DSKD-CMA plus the adversarial key-query matching (spec/cma_ga.md steps 3-5).
+
+    From optimizer step `ga_start_step` on: every `disc_every`-th micro-step D is stepped first on the detached
+    response keys/queries (its own optimizer); the generator term lambda_GA * L_G * n_s then joins the student-side
+    sum.
+    """
+    from dskd_pipe.pipeline.objectives.cma_ga import (discriminator_accuracy, discriminator_loss, generator_loss,
+                                                      generator_term, response_tokens)
+
+    cfg, parts = x.cfg, x.parts
+    out = _cma_call(x)
+    n_s = x.n_student
+    loss, logs = out.loss, _dskd_logs(out, n_s)
+    if x.step < cfg.ga_start_step:
+        return loss, logs
+    disc = parts.discriminator
+    kr, qr = response_tokens(out.keys, out.queries, out.teacher_mask, out.student_mask)
+    if x.micro_step % cfg.disc_every == 0:
+        l_d = discriminator_loss(disc, kr, qr)  # inputs detached inside: trains D only
+        parts.disc_optimizer.zero_grad(set_to_none=True)
+        l_d.backward()
+        if x.world > 1:
+            import torch.distributed as dist
+
+            for p in disc.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.div_(x.world)
+        parts.disc_optimizer.step()
+        logs["l_d"] = l_d.detach()
+        logs["d_steps"] = torch.ones((), device=l_d.device)
+    l_g = generator_loss(disc, qr)  # gradient into the query projector only
+    loss = loss + generator_term(l_g, n_s, cfg.lambda_ga)
+    acc_real, acc_fake = discriminator_accuracy(disc, kr, qr)  # NaN for a side with no tokens
+    n_kr, n_qr = float(kr.shape[0]), float(qr.shape[0])
+    logs.update(l_g_sum=l_g.detach() * n_s,
+                d_acc_real_sum=torch.nan_to_num(acc_real) * n_kr, d_real_n=torch.tensor(n_kr),
+                d_acc_fake_sum=torch.nan_to_num(acc_fake) * n_qr, d_fake_n=torch.tensor(n_qr))
+    return loss, logs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Step metrics: the summed log terms of one optimizer step (all micro-batches and ranks) -> logged numbers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _per_token(*names: str) -> MetricsFn:
+    """Token sums divided by the step's supervised student tokens."""
+
+    def metrics(sums: dict, n_step: float) -> dict:
+        return {name: sums[name] / n_step for name in names if name in sums}
+
+    return metrics
+
+
+def _dskd_metrics(*extra: str) -> MetricsFn:
+    """The DSKD family: term means, projection accuracies, CMA's attention entropy."""
+    terms = _per_token("ce_student", "ce_t2s", "kd_t2s", "kd_s2t", *extra)
+
+    def metrics(sums: dict, n_step: float) -> dict:
+        m = terms(sums, n_step)
+        m["t2s_acc"] = sums["t2s_correct"] / max(1.0, n_step)
+        m["s2t_acc"] = sums["s2t_correct"] / max(1.0, sums.get("n_teacher", 1.0))
+        if "attention_entropy_sum" in sums:
+            m["attention_entropy"] = sums["attention_entropy_sum"] / n_step
+        return m
+
+    return metrics
+
+
+def _cma_ga_metrics(sums: dict, n_step: float) -> dict:
+    m = _dskd_metrics()(sums, n_step)
+    if "l_g_sum" in sums:
+        m["l_g"] = sums["l_g_sum"] / n_step
+        m["d_acc_real"] = sums["d_acc_real_sum"] / max(1.0, sums["d_real_n"])
+        m["d_acc_fake"] = sums["d_acc_fake_sum"] / max(1.0, sums["d_fake_n"])
+    if "l_d" in sums:
+        m["l_d"] = sums["l_d"] / max(1.0, sums.get("d_steps", 1.0))
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------------------------
+
+_DSKD_DEFAULTS = {"projector_lr": PROJECTOR_LR}
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("sft", "cross-entropy on the gold responses; no teacher", sft_loss, _per_token("ce_student"),
+           uses_teacher=False),
+    Method("kd", "vanilla KD over the shared vocabulary (same tokenizer)", kd_loss, _per_token("ce_student", "kd"),
+           same_vocabulary=True),
+    Method("dskd", "DSKD, same vocabulary (spec/dskd.md)", dskd_loss, _dskd_metrics(), same_vocabulary=True,
+           build_parts=_projectors("dskd"), defaults=_DSKD_DEFAULTS),
+    Method("dskd-cma", "DSKD with cross-model attention, any tokenizers (spec/dskd.md)", dskd_cma_method_loss,
+           _dskd_metrics(), build_parts=_projectors("dskd_cma"), defaults=_DSKD_DEFAULTS),
+    Method("cma-ga", "DSKD-CMA with adversarial key-query matching (spec/cma_ga.md)", cma_ga_method_loss,
+           _cma_ga_metrics, build_parts=_cma_ga_parts, defaults=_DSKD_DEFAULTS),
+    Method("dskd-v2", "DSKDv2, same vocabulary: ideal projectors, teacher-argmax targets", dskd_v2_loss,
+           _dskd_metrics(), same_vocabulary=True, build_parts=_v2_same_vocab_parts, defaults=_DSKD_DEFAULTS),
+    Method("dskd-v2-eta", "DSKDv2 with exact token alignment, any tokenizers", dskd_v2_eta_method_loss,
+           _dskd_metrics(), build_parts=_v2_eta_parts, collate_extras=_eta_extras, defaults=_DSKD_DEFAULTS),
+    Method("dwa-kd", "DSKD-CMA with entropy weights and Soft-DTW alignment", dwa_method_loss,
+           _dskd_metrics("dtw", "dtw_hidden", "dtw_embed"), build_parts=_dwa_parts, defaults=_DSKD_DEFAULTS),
+    Method("mined", "MinED: edit-distance token map and DTW alignment (baseline)", mined_method_loss,
+           _per_token("ce_student", "kd"), build_parts=_mined_parts, collate_extras=_mined_extras),
+    Method("uld", "ULD: sorted-probability distance (baseline)", uld_method_loss, _per_token("ce_student", "kd")),
+    # Chunk-level projection has no query: DSKD's t2s/s2t pair only.
+    Method("chunk-attention", "ablation: CMA attention confined to each token's ground-truth chunk",
+           _chunk_loss("attention"), _dskd_metrics(), build_parts=_projectors("dskd_cma"),
+           collate_extras=_chunk_extras, defaults=_DSKD_DEFAULTS),
+    Method("chunk-projection", "ablation: a uniform average over each token's ground-truth chunk, no attention",
+           _chunk_loss("projection"), _dskd_metrics(), build_parts=_projectors("dskd"),
+           collate_extras=_chunk_extras, defaults=_DSKD_DEFAULTS),
+)}
+
+
+def get_method(name: str) -> Method:
+    """The entry for `name`; a KeyError names the known methods."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def resolve(cfg: DistillConfig) -> DistillConfig:
+    """`cfg` with the method's published defaults filled into the options left unset (None)."""
+    method = METHODS.get(cfg.method)
+    fill = {}
+    for f in dataclasses.fields(cfg):
+        if getattr(cfg, f.name) is None and method is not None and f.name in method.defaults:
+            fill[f.name] = method.defaults[f.name]
+    if cfg.projector_lr is None and "projector_lr" not in fill:
+        fill["projector_lr"] = PROJECTOR_LR  # a method without projectors: the value is unused but concrete
+    return dataclasses.replace(cfg, **fill) if fill else cfg
+
+
+def build_parts(cfg: DistillConfig, teacher, student_tok, student: nn.Module, device: str) -> MethodParts:
+    """The method's parts (empty for methods without any): `student` is the transformers model."""
+    build = METHODS[cfg.method].build_parts
+    return MethodParts() if build is None else build(cfg, teacher, student_tok, student, device)
+
+
+def collate_extras(cfg: DistillConfig, teacher, student_tok):
+    """The method's Collate extras, or None."""
+    make = METHODS[cfg.method].collate_extras
+    return None if make is None else make(teacher.tokenizer, student_tok)
+
+
+__all__ = ["METHODS", "Method", "MethodParts", "LossInputs", "AlignmentExtras", "chunk_extras", "get_method",
+           "resolve", "build_parts", "collate_extras"]
