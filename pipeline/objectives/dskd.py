@@ -5,14 +5,20 @@ SUM; the stage divides the step total once by the supervised student tokens of t
 Like every loss of pipeline/objectives, they take `ce_labels`: the labels of the student's own CE term when they
 differ from `labels` (on-policy rounds pass -100 on rows that are student samples: the KD terms use those rows,
 the CE stays on gold data). Default: `labels`.
+
+Precision: the attention scores (softmax inputs) and every full-vocabulary term (teacher logits, t2s logits, the
+s2t forward KL) are computed in fp32 with autocast switched off around them, on every device (the released code
+computes the attention scores in fp32 too; under bf16 autocast a plain matmul would round them to bf16). The
+projections themselves follow the caller's autocast.
 Ref: Zhang et al., EMNLP 2024, arXiv 2406.17328.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -22,6 +28,14 @@ from dskd_pipe.pipeline.objectives.divergences import cross_entropy_sum, get_div
 
 MASK_LOGIT = -1e5  # additive attention mask of the reference code (not -inf: fully masked rows stay finite)
 DEFAULT_CHUNK_TOKENS = 1024  # rows of [chunk, Vt] fp32 logits: 1024 x 152k x 4 B = 0.6 GB for a Qwen teacher
+
+
+@contextmanager
+def fp32_region(device: torch.device | str) -> Iterator[None]:
+    """Autocast off for the enclosed ops: softmax inputs and full-vocabulary logits stay fp32 under bf16 autocast
+    (inputs must be cast with .float() inside; autocast would otherwise round a matmul's output to bf16)."""
+    with torch.autocast(torch.device(device).type, enabled=False):
+        yield
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -50,7 +64,8 @@ def teacher_logits(hidden: Tensor, head: TeacherHead) -> Tensor:
     Shapes: hidden [..., dt] -> [..., Vt].
     """
     weight = head.weight.detach().float()  # the teacher is frozen
-    z = hidden.float() @ weight.T  # [..., Vt]
+    with fp32_region(hidden.device):
+        z = hidden.float() @ weight.T  # [..., Vt]
     if head.bias is not None:
         z = z + head.bias.detach().float()
     if head.logit_scale != 1.0:
@@ -81,18 +96,19 @@ class _ChunkedFKL(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
         grad_hidden = torch.zeros_like(student_hidden, dtype=torch.float32) if need_grad else None
         argmax = torch.empty(student_hidden.shape[0], dtype=torch.long, device=student_hidden.device)
-        for start in range(0, student_hidden.shape[0], chunk_tokens):
-            rows = slice(start, start + chunk_tokens)
-            log_p = torch.log_softmax(teacher_logits(teacher_hidden[rows], head) / tau, dim=-1)  # [c, Vt]
-            zs = student_hidden[rows].float() @ head_weight.T  # [c, Vt]
-            if student_bias is not None:
-                zs = zs + student_bias
-            argmax[rows] = zs.argmax(-1)
-            log_q = torch.log_softmax(zs / tau, dim=-1)  # [c, Vt]
-            p = log_p.exp()
-            total += torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum()
-            if need_grad:
-                grad_hidden[rows] = ((log_q.exp() - p) / tau) @ head_weight  # [c, dt]
+        with fp32_region(student_hidden.device):
+            for start in range(0, student_hidden.shape[0], chunk_tokens):
+                rows = slice(start, start + chunk_tokens)
+                log_p = torch.log_softmax(teacher_logits(teacher_hidden[rows], head) / tau, dim=-1)  # [c, Vt]
+                zs = student_hidden[rows].float() @ head_weight.T  # [c, Vt]
+                if student_bias is not None:
+                    zs = zs + student_bias
+                argmax[rows] = zs.argmax(-1)
+                log_q = torch.log_softmax(zs / tau, dim=-1)  # [c, Vt]
+                p = log_p.exp()
+                total += torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum()
+                if need_grad:
+                    grad_hidden[rows] = ((log_q.exp() - p) / tau) @ head_weight  # [c, dt]
         ctx.save_for_backward(grad_hidden if need_grad else None)
         ctx.student_dtype = student_hidden.dtype
         ctx.mark_non_differentiable(argmax)
@@ -116,13 +132,16 @@ def chunked_fkl_over_head(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     student_uses_full_head: bool = False,
     return_argmax: bool = False,
+    student_head_bias: bool = False,
 ):
     """Forward KL over the full teacher vocabulary, summed over masked positions, built in chunks of rows.
 
     KL_i = sum_v P_iv (log P_iv - log Q_iv), P_i = softmax(Zt_i / tau), Q_i = softmax(Zs2t_i / tau), fp32, no tau^2,
     Zt = teacher_logits(teacher_hidden, head) (bias, scale and soft-cap included), and
-    Zs2t = student_in_teacher_space @ Wt^T (DSKD: no bias, no scale, no cap; Wt detached). With
-    student_uses_full_head=True the student side goes through the whole head like the teacher instead.
+    Zs2t = student_in_teacher_space @ Wt^T (DSKD-CMA: no bias, no scale, no cap; Wt detached). With
+    student_head_bias=True, Zs2t = student_in_teacher_space @ Wt^T + b (the head's nn.Linear as a module: what the
+    released same-vocabulary DSKD calls, `teacher_model.lm_head(s2t_hiddens)`). With student_uses_full_head=True
+    the student side goes through the whole head like the teacher instead (bias, scale and soft-cap).
 
     At most ``chunk_tokens`` rows of [*, Vt] fp32 logits exist at any time, in forward and in backward.
     Gradient flows into student_in_teacher_space only.
@@ -139,7 +158,8 @@ def chunked_fkl_over_head(
         total, argmax = _chunked_fkl_full_head(ht, hs, head, tau, chunk_tokens)
     else:
         weight = head.weight.detach().float()  # [Vt, dt], frozen teacher head
-        total, argmax = _ChunkedFKL.apply(ht, hs, weight, None, head, tau, chunk_tokens)
+        bias = head.bias.detach().float() if student_head_bias and head.bias is not None else None
+        total, argmax = _ChunkedFKL.apply(ht, hs, weight, bias, head, tau, chunk_tokens)
     return (total, argmax) if return_argmax else total
 
 
@@ -157,7 +177,8 @@ def _chunked_fkl_full_head(ht: Tensor, hs: Tensor, head: TeacherHead, tau: float
     argmax = []
     for start in range(0, hs.shape[0], chunk_tokens):
         ht_c, hs_c = ht[start : start + chunk_tokens], hs[start : start + chunk_tokens]
-        total = total + checkpoint(chunk_loss, ht_c, hs_c, use_reentrant=False)
+        with fp32_region(hs.device):  # teacher_logits is fp32 already; the softmaxes and the sum stay so
+            total = total + checkpoint(chunk_loss, ht_c, hs_c, use_reentrant=False)
         with torch.no_grad():
             argmax.append(teacher_logits(hs_c, head).argmax(-1))
     argmax = torch.cat(argmax) if argmax else torch.empty(0, dtype=torch.long, device=hs.device)
@@ -265,12 +286,18 @@ def dskd_same_vocab_loss(
     teacher_temperature: float = 1.0,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ce_labels: Tensor | None = None,
+    t2s_teacher_temperature: bool = False,
 ) -> DSKDOutput:
     """DSKD with a shared vocabulary and tokenization (spec/dskd.md "DSKD, same vocabulary").
 
-    Zt2s = t2s(Ht) Ws^T (Ws detached);  CE_t2s = sum_ms CE(Zt2s, y);  KD_t2s = sum_ms D(Zs, stopgrad(Zt2s) / T_t; tau)
-    Zs2t = s2t(Hs) Wt^T (Wt detached, Hs not);  KD_s2t = sum_ms FKL(Zt || Zs2t; tau), Zt = rebuilt teacher logits.
+    Zt2s = t2s(Ht) Ws^T (Ws detached, fp32);  CE_t2s = sum_ms CE(Zt2s, y);  KD_t2s = sum_ms D(Zs, stopgrad(Zt2s); tau)
+    Zs2t = s2t(Hs) Wt^T + bt (the teacher head as a module: weight and bias, detached; Hs not);
+    KD_s2t = sum_ms FKL(Zt || Zs2t; tau), Zt = rebuilt teacher logits.
     L = (1 - lambda) CE_s + lambda (CE_t2s + KD_t2s + KD_s2t).
+    As the released dual_space_kd.py: the t2s target is NOT divided by the teacher temperature (its CMA criterion
+    does divide; both agree at the published T_t = 1); with t2s_teacher_temperature=True it is, KD_t2s =
+    sum_ms D(Zs, stopgrad(Zt2s) / T_t; tau) (option --same-vocab-teacher-temperature). The s2t logits keep the
+    head's bias like the release's `teacher_model.lm_head(s2t_hiddens)` (GPT-2 and Llama heads have none).
     Shapes: Hs [B,S,ds], Zs [B,S,V], y [B,S], Ws [V,ds], Ht [B,S,dt], head weight [V,dt].
     """
     div = get_divergence(divergence)
@@ -280,14 +307,17 @@ def dskd_same_vocab_loss(
 
     ws = student_head.detach()  # the t2s branch must not train the student's head
     ht2s = _apply(projectors.t2s, teacher_hidden.detach()[ms])  # [Ns, ds]
-    zt2s = ht2s.to(ws.dtype) @ ws.T  # [Ns, V]
+    with fp32_region(ht2s.device):
+        zt2s = ht2s.float() @ ws.float().T  # [Ns, V]
     ce_t2s = cross_entropy_sum(zt2s, y)
     all_rows = torch.ones_like(y, dtype=torch.bool)
-    kd_t2s = div(student_logits[ms], zt2s.detach() / teacher_temperature, all_rows, tau=tau)
+    target = zt2s.detach() / teacher_temperature if t2s_teacher_temperature else zt2s.detach()
+    kd_t2s = div(student_logits[ms], target, all_rows, tau=tau)
 
     hs2t = _apply(projectors.s2t, student_hidden)  # [B, S, dt]
     kd_s2t, s2t_argmax = chunked_fkl_over_head(
-        teacher_hidden, hs2t, teacher_head, ms, tau=tau, chunk_tokens=chunk_tokens, return_argmax=True
+        teacher_hidden, hs2t, teacher_head, ms, tau=tau, chunk_tokens=chunk_tokens, return_argmax=True,
+        student_head_bias=True,
     )
     with torch.no_grad():
         t2s_correct = (zt2s.argmax(-1) == y).sum()
@@ -325,10 +355,11 @@ def _index_embeddings(embed: Tensor, ids: Tensor, labels: Tensor, mask: Tensor, 
     return torch.cat([e_in, e_tg], dim=-1), e_tg  # [B, L, 2d], [B, L, d]
 
 
-def _scalar_std_normalise(x: Tensor) -> Tensor:
-    """Step 2: x / std(x), ONE unbiased std over the whole padded tensor (prompt and pad positions included)."""
+def _scalar_std_normalise(x: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Step 2: x / std(x), ONE unbiased std over every entry of x at the `valid` positions [B, L] (prompt and
+    response tokens; pads excluded), or over the whole padded tensor when `valid` is None (the released code)."""
     x = x.float()
-    return x / x.std()
+    return x / (x.std() if valid is None else x[valid.bool()].std())
 
 
 @dataclass
@@ -373,11 +404,17 @@ def cross_model_attention(
     teacher_embed_scale: float = 1.0,
     chunks: Tensor | None = None,
     chunk_mode: str | None = None,
+    teacher_attention_mask: Tensor | None = None,
 ) -> CrossModelAttention:
     """spec/dskd.md "DSKD-CMA" steps 1-4.
 
     1. Qin = [Es[x~]; Es[y~]], Kin = [Et[xt~]; Et[yt~]], Etg = Et[yt~] (detached; id 0 where masked).
-    2. K = Kin / std(Kin), Etg~ = Etg / std(Etg), Ht~ = Ht / std(Ht) (one unbiased scalar std each).
+    2. K = Kin / std(Kin), Etg~ = Etg / std(Etg), Ht~ = Ht / std(Ht): one unbiased scalar std each, over the
+       teacher's real tokens (teacher_attention_mask [B, T], prompt and response; pads excluded), so that the loss
+       does not depend on how much padding the batch has. With teacher_attention_mask=None the std is taken over the
+       whole padded tensor as in the released code (option --cma-std padded); the release pads every batch to
+       max_length (512) with the teacher's real states on the pads, which a store does not hold (1.7e-3 relative
+       change of the loss measured between the two on one batch).
     3. Q = query(Qin), Vt2s = t2s(Ht~ + Etg~), Vs2t = s2t(Hs).
     4. A = Q K^T / sqrt(2 dt) (fp32) - 1e5 where not (ms_i and mt_j); a_t2s = softmax_j(A), a_s2t = softmax_i(A^T).
 
@@ -403,9 +440,10 @@ def cross_model_attention(
     # Steps 1-2: index embeddings and scalar std normalisation.
     q_in = _index_embeddings(student_embed, input_ids, labels, ms)[0] if chunk_mode != "projection" else None
     k_in, e_tg = _index_embeddings(teacher_embed, teacher_input_ids, teacher_labels, mt, teacher_embed_scale)
-    keys = _scalar_std_normalise(k_in) if chunk_mode != "projection" else None  # [B, T, 2dt]
-    e_tg = _scalar_std_normalise(e_tg)  # [B, T, dt]
-    ht_norm = _scalar_std_normalise(teacher_hidden.detach())  # [B, T, dt]; the teacher is frozen
+    valid = teacher_attention_mask
+    keys = _scalar_std_normalise(k_in, valid) if chunk_mode != "projection" else None  # [B, T, 2dt]
+    e_tg = _scalar_std_normalise(e_tg, valid)  # [B, T, dt]
+    ht_norm = _scalar_std_normalise(teacher_hidden.detach(), valid)  # [B, T, dt]; the teacher is frozen
 
     # Step 3: projections; attention math in fp32.
     v_t2s = _apply(projectors.t2s, ht_norm + e_tg).float()  # [B, T, ds]
@@ -415,8 +453,9 @@ def cross_model_attention(
         return CrossModelAttention(None, None, a_t2s, a_s2t, v_t2s, v_s2t, e_tg, ht_norm, ms, mt)
     queries = _apply(projectors.query, q_in).float()  # [B, S, 2dt]
 
-    # Step 4: one shared score matrix, response positions on both axes only.
-    scores = queries @ keys.transpose(-1, -2) / math.sqrt(2 * dt)  # [B, S, T]
+    # Step 4: one shared score matrix, response positions on both axes only; fp32 under any autocast.
+    with fp32_region(queries.device):
+        scores = queries.float() @ keys.float().transpose(-1, -2) / math.sqrt(2 * dt)  # [B, S, T]
     scores = scores + (~allowed).float() * MASK_LOGIT
     scores_s2t = scores.transpose(-1, -2)  # [B, T, S]
     if chunk_mode == "attention":
@@ -467,11 +506,13 @@ def dskd_cma_loss(
     chunks: Tensor | None = None,
     chunk_mode: str | None = None,
     ce_labels: Tensor | None = None,
+    teacher_attention_mask: Tensor | None = None,
 ) -> DSKDOutput:
     """DSKD-CMA (spec/dskd.md "DSKD-CMA", steps 1-7), all terms token sums.
 
     1. Qin = [Es[x~]; Es[y~]], Kin = [Et[xt~]; Et[yt~]], Etg = Et[yt~] (detached; id 0 where masked).
-    2. K = Kin / std(Kin), Etg~ = Etg / std(Etg), Ht~ = Ht / std(Ht) (one unbiased scalar std each).
+    2. K = Kin / std(Kin), Etg~ = Etg / std(Etg), Ht~ = Ht / std(Ht) (one unbiased scalar std each, over the
+       positions of teacher_attention_mask; the whole padded tensor when None: see cross_model_attention).
     3. Q = query(Qin), Vt2s = t2s(Ht~ + Etg~), Vs2t = s2t(Hs).
     4. A = Q K^T / sqrt(2 dt) (fp32) - 1e5 where not (ms_i and mt_j); a_t2s = softmax_j(A), a_s2t = softmax_i(A^T).
     5. Zt2s = (a_t2s Vt2s) Ws^T; CE_t2s = sum_ms CE(Zt2s, y); acc = argmax Zt2s == y;
@@ -487,20 +528,22 @@ def dskd_cma_loss(
     ce_student = cross_entropy_sum(student_logits, labels if ce_labels is None else ce_labels)
     cma = cross_model_attention(student_hidden, labels, input_ids, student_embed, teacher_input_ids, teacher_labels,
                                 teacher_hidden, teacher_embed, projectors, teacher_embed_scale, chunks,
-                                chunk_mode)  # steps 1-4
+                                chunk_mode, teacher_attention_mask)  # steps 1-4
     ms, mt, a_t2s, a_s2t = cma.student_mask, cma.teacher_mask, cma.a_t2s, cma.a_s2t
 
     # Step 5: teacher -> student, only the supervised student rows need logits.
     ws = student_head.detach()  # the t2s branch must not train the student's head
-    ht2s = (a_t2s @ cma.v_t2s).to(ws.dtype)  # [B, S, ds], back to the model dtype
+    with fp32_region(a_t2s.device):  # fp32 weighted sums, as the release (its values are .float())
+        ht2s = (a_t2s @ cma.v_t2s).to(ws.dtype)  # [B, S, ds], back to the model dtype
+        hs2t = a_s2t @ cma.v_s2t  # [B, T, dt]
     y = labels[ms]  # [Ns]
-    zt2s = ht2s[ms] @ ws.T  # [Ns, Vs]
+    with fp32_region(ht2s.device):
+        zt2s = ht2s[ms].float() @ ws.float().T  # [Ns, Vs]
     ce_t2s = cross_entropy_sum(zt2s, y)
     acc = zt2s.detach().argmax(-1) == y  # [Ns]
     kd_t2s = div(student_logits[ms], zt2s.detach() / teacher_temperature, acc, tau=tau)
 
     # Step 6: student -> teacher over the full teacher vocabulary, chunked.
-    hs2t = a_s2t @ cma.v_s2t  # [B, T, dt]
     kd_s2t, s2t_argmax = chunked_fkl_over_head(
         ht, hs2t, teacher_head, mt, tau=tau, chunk_tokens=chunk_tokens, return_argmax=True
     )

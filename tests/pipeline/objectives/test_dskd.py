@@ -299,6 +299,66 @@ def test_cma_std_is_one_scalar_over_padded_tensor():
     torch.testing.assert_close(out2.ce_t2s, reference_cma(b2, proj)["ce_t2s"])
 
 
+def _valid_mask(labels, lengths):
+    """Attention mask [B, L] of sequences with the given real lengths (right padding)."""
+    return torch.arange(labels.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+
+
+def test_cma_std_over_valid_positions_is_padding_independent():
+    """Fidelity item 1: with the teacher's attention mask the three stds ignore pad rows, so padding the batch
+    further (with any teacher states on the pads) leaves every term unchanged; the std is over prompt AND response
+    rows (here hand-computed over the unpadded rows)."""
+    b, proj = make_batch(), _proj()
+    valid = _valid_mask(b["yt"], [8, 6])  # example 1 has two pad columns (labels -100 at 6, 7)
+    out = run_cma(b, proj, teacher_attention_mask=valid)
+    ht = b["Ht"].detach()
+    cma = cross_model_attention(b["Hs"], b["y"], b["x"], b["Es"], b["xt"], b["yt"], b["Ht"], b["Et"], proj,
+                                teacher_attention_mask=valid)
+    torch.testing.assert_close(cma.ht_norm, ht / ht[valid].std())
+    assert not torch.allclose(cma.ht_norm, ht / ht.std())  # the pad rows did move the padded std
+    # Four more pad columns with large states: nothing changes.
+    b2 = dict(b)
+    b2["Ht"] = torch.cat([ht, torch.full((2, 4, ht.shape[-1]), 30.0)], 1)
+    b2["xt"] = torch.cat([b["xt"], b["xt"][:, :4]], 1)
+    b2["yt"] = torch.cat([b["yt"], torch.full((2, 4), -100)], 1)
+    out2 = run_cma(b2, proj, teacher_attention_mask=torch.cat([valid, torch.zeros(2, 4, dtype=torch.bool)], 1))
+    for name in ["loss", "ce_t2s", "kd_t2s", "kd_s2t", "attention_entropy"]:
+        torch.testing.assert_close(getattr(out2, name), getattr(out, name), msg=name)
+    # Without the mask (--cma-std padded, the released code) the padded std is used and the loss moves.
+    assert not torch.allclose(run_cma(b2, proj).ce_t2s, out.ce_t2s)
+
+
+def test_cma_softmax_inputs_and_vocabulary_terms_are_fp32_under_autocast():
+    """Fidelity item 4: under bf16 autocast the scores Q.K^T, the t2s logits and the s2t forward KL stay fp32: the
+    attention equals softmax of the fp32 scores of the (autocast) queries and keys, and the vocabulary terms equal
+    their fp32 values from the same attention and values to fp32 rounding (bf16 would be off by ~1e-2)."""
+    b, proj = make_batch(), _proj()
+    for k in ["Hs", "Zs", "Ht"]:
+        b[k] = b[k].detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cma = cross_model_attention(b["Hs"], b["y"], b["x"], b["Es"], b["xt"], b["yt"], b["Ht"], b["Et"], proj)
+        out = run_cma(b, proj)
+    ms, mt = b["y"] != -100, b["yt"] != -100
+    scores = cma.queries.double() @ cma.keys.double().transpose(1, 2) / math.sqrt(12)
+    scores = scores + (~(ms[:, :, None] & mt[:, None, :])).double() * -1e5
+    # Response rows (a masked row's -1e5 offset rounds to 1/128 in fp32 anyway; no loss term reads those rows).
+    torch.testing.assert_close(cma.a_t2s.double()[ms], scores.softmax(-1)[ms], atol=1e-6, rtol=1e-5)
+    zt2s = ((cma.a_t2s.double() @ cma.v_t2s.double()) @ b["Ws"].detach().double().T)[ms]
+    torch.testing.assert_close(out.ce_t2s.double(), F.cross_entropy(zt2s, b["y"][ms], reduction="sum"),
+                               atol=1e-5, rtol=1e-5)
+    head = b["head"]
+    zs2t = ((cma.a_s2t.double() @ cma.v_s2t.double()) @ head.weight.detach().double().T)[mt]
+    zt = teacher_logits(b["Ht"][mt], head).double()
+    torch.testing.assert_close(out.kd_s2t.double(), _ref_divergence("fkl", zs2t, zt, 2.0).sum(), atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert teacher_logits(b["Ht"], head).dtype == torch.float32
+        torch.testing.assert_close(teacher_logits(b["Ht"], head), _no_autocast_logits(b["Ht"], head))
+
+
+def _no_autocast_logits(h, head):
+    return teacher_logits(h, head)
+
+
 def test_cma_masked_positions_get_no_attention():
     """Permuting teacher states among prompt/pad positions keeps the std and, with ~0 attention there, every term;
     changing the student's states at prompt/pad positions leaves every KD term unchanged."""
@@ -412,6 +472,52 @@ def test_same_vocab_matches_reference_and_routes_gradients():
         got = _grads(getattr(out, term), params)
         assert {name for name, nonzero in got.items() if nonzero} == receivers, term
     assert not _grads(out.ce_t2s, {"Ws": ws})["Ws"]
+
+
+def _same_vocab_batch(seed=9, v=5, ds=4, dt=6):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, v, (2, 5), generator=g)
+    y[:, :2] = -100
+    hs = torch.randn(2, 5, ds, generator=g, requires_grad=True)
+    ws = torch.randn(v, ds, generator=g)
+    ht = torch.randn(2, 5, dt, generator=g)
+    head = TeacherHead(torch.randn(v, dt, generator=g), torch.randn(v, generator=g))
+    return y, hs, ws, ht, head
+
+
+def test_same_vocab_s2t_logits_keep_the_head_bias():
+    """Fidelity item 3: Zs2t = s2t(Hs) Wt^T + bt, the teacher head as a module (released dual_space_kd.py)."""
+    y, hs, ws, ht, head = _same_vocab_batch()
+    torch.manual_seed(1)
+    proj = build_projectors("dskd", 4, 6)
+    out = dskd_same_vocab_loss(hs, hs @ ws.T, y, ws, ht, head, proj, chunk_tokens=3)
+    ms = y != -100
+    zs2t = (proj.s2t(hs) @ head.weight.T + head.bias)[ms]
+    zt = (ht @ head.weight.T + head.bias)[ms]
+    want = _ref_divergence("fkl", zs2t, zt, 2.0).sum()
+    torch.testing.assert_close(out.kd_s2t, want)
+    no_bias = _ref_divergence("fkl", (proj.s2t(hs) @ head.weight.T)[ms], zt, 2.0).sum()
+    assert not torch.allclose(out.kd_s2t, no_bias)
+    g_got = torch.autograd.grad(out.kd_s2t, hs)[0]
+    g_want = torch.autograd.grad(want, hs)[0]
+    torch.testing.assert_close(g_got, g_want)
+
+
+def test_same_vocab_t2s_target_ignores_teacher_temperature_unless_asked():
+    """Fidelity item 2: the released dual_space_kd.py does not divide the t2s target by the teacher temperature;
+    --same-vocab-teacher-temperature (t2s_teacher_temperature=True) does, like DSKD-CMA."""
+    y, hs, ws, ht, head = _same_vocab_batch()
+    torch.manual_seed(1)
+    proj = build_projectors("dskd", 4, 6)
+    ms = y != -100
+    zs = hs @ ws.T
+    zt2s = (proj.t2s(ht) @ ws.T).detach()[ms]
+    plain = dskd_same_vocab_loss(hs, zs, y, ws, ht, head, proj, teacher_temperature=3.0)
+    torch.testing.assert_close(plain.kd_t2s, _ref_divergence("fkl", zs[ms], zt2s, 2.0).sum())
+    scaled = dskd_same_vocab_loss(hs, zs, y, ws, ht, head, proj, teacher_temperature=3.0,
+                                  t2s_teacher_temperature=True)
+    torch.testing.assert_close(scaled.kd_t2s, _ref_divergence("fkl", zs[ms], zt2s / 3.0, 2.0).sum())
+    assert not torch.allclose(plain.kd_t2s, scaled.kd_t2s)
 
 
 # --------------------------------------------------------------------------------------------------------
