@@ -1,16 +1,28 @@
 """DSKD-CMA-GA: key-query matching by adversarial learning (spec/cma_ga.md).
 
-Ref: Tsiapali, Do, Knill, ICASSP 2026, arXiv 2603.22056. Implemented as the paper describes it, so that the
-adversarial term actually trains the query projector (the released code's term changes no parameter).
+Ref: Tsiapali, Do, Knill, ICASSP 2026, arXiv 2603.22056. Two modes (--ga-mode):
 
+"paper" (default): the method as the paper describes it, so that the queries are actually matched to the keys.
 Per micro-batch, from dskd_cma_loss: keys K [B,T,2dt] (no parameters) and queries Q = query(Qin) [B,S,2dt].
 1. Kr = K[mt], Qr = Q[ms] (response positions only; prompt/pad positions share the id-0 embedding).
-2. D: per-token discriminator, fp32 (build_discriminator).
-3. L_D = BCE(D(Kr.detach()), 1) + BCE(D(Qr.detach()), 0), each a mean; steps D only (its own optimizer).
+2. D: per-token discriminator, fp32 (build_discriminator), with its own optimizer.
+3. L_D = BCE(D(Kr.detach()), 1) + BCE(D(Qr.detach()), 0), each a mean; steps D only.
 4. L_G = BCE(D(Qr), 1), a mean over student response tokens; gradient into the queries only, D not stepped.
 5. Student-side total: L = L_DSKD-CMA + lambda_GA * L_G * n_s, where n_s is the micro-batch's supervised
    student token count, so that after the stage's division by the step's supervised student tokens L_G is a
    per-token mean on the same scale as CE (see generator_term).
+D always runs in fp32 with autocast off (its step and its use in L_G), whatever the models' precision.
+
+"released": the released DSKD-KQ code (dual_space_kd_with_cma_plus_kq_matching.py, adversarial type "gan"),
+reproduced exactly (released_kq_term). Its CMA function returns (..., queries, keys) but the caller unpacks
+(..., keys, queries), so the QUERIES enter as the "real" class, behind a gradient-reversal layer:
+    L_KQ = BCE(D(GRL(Q)), 1) + BCE(D(K), 0),
+each a mean over EVERY position of the padded batch (prompt and pad positions included, B*S and B*T of them).
+The query projector does get a gradient, -dBCE(D(Q), 1)/dW_q (it is pushed to make D call the queries "fake",
+like the keys), but D is given to no optimizer: it keeps its random initialisation for the whole run, so the
+queries are pushed against a fixed random function, not matched to the keys. The term is added to the loss as
+kq_rate * L_KQ before the release's division by its per-micro-batch token denominator, i.e. unscaled in the
+micro-batch SUM here (no n_s factor). Use it to compare with the published numbers on the same run.
 """
 
 from __future__ import annotations
@@ -21,7 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from dskd_pipe.pipeline.objectives.dskd import fp32_region
+
 GENERATOR_MODES = ("non_saturating", "gradient_reversal")
+GA_MODES = ("paper", "released")
 
 
 class HighwayGate(nn.Module):
@@ -76,9 +91,10 @@ def discriminator_loss(disc: nn.Module, keys_r: Tensor, queries_r: Tensor, norma
 
     Both inputs are detached here, so L_D trains D only. Shapes: Kr [Nt, 2dt], Qr [Ns, 2dt].
     """
-    real = _logits(disc, _prepare(keys_r.detach(), normalize_directions))  # [Nt]
-    fake = _logits(disc, _prepare(queries_r.detach(), normalize_directions))  # [Ns]
-    return _bce_mean(real, 1.0) + _bce_mean(fake, 0.0)
+    with fp32_region(keys_r.device):  # D's step is fp32 under any autocast (spec/cma_ga.md step 2)
+        real = _logits(disc, _prepare(keys_r.detach(), normalize_directions))  # [Nt]
+        fake = _logits(disc, _prepare(queries_r.detach(), normalize_directions))  # [Ns]
+        return _bce_mean(real, 1.0) + _bce_mean(fake, 0.0)
 
 
 def _bce_mean(logits: Tensor, target: float) -> Tensor:
@@ -118,10 +134,11 @@ def generator_loss(
     """
     if mode not in GENERATOR_MODES:
         raise ValueError(f"unknown generator mode {mode!r}; expected one of: {', '.join(GENERATOR_MODES)}")
-    q = _prepare(queries_r, normalize_directions)  # [Ns, 2dt]
-    if mode == "non_saturating":
-        return _bce_mean(_frozen_call(disc, q), 1.0)
-    return _bce_mean(_frozen_call(disc, _GradientReversal.apply(q)), 0.0)
+    with fp32_region(queries_r.device):
+        q = _prepare(queries_r, normalize_directions)  # [Ns, 2dt]
+        if mode == "non_saturating":
+            return _bce_mean(_frozen_call(disc, q), 1.0)
+        return _bce_mean(_frozen_call(disc, _GradientReversal.apply(q)), 0.0)
 
 
 def generator_term(l_g: Tensor, n_student_tokens, lambda_ga: float = 0.1) -> Tensor:
@@ -131,6 +148,24 @@ def generator_term(l_g: Tensor, n_student_tokens, lambda_ga: float = 0.1) -> Ten
     student tokens then leaves lambda_GA * L_G as a per-token mean, on the same scale as CE.
     """
     return lambda_ga * l_g * n_student_tokens
+
+
+def released_kq_term(disc: nn.Module, queries: Tensor, keys: Tensor, lambda_ga: float = 1.0) -> tuple[Tensor, Tensor]:
+    """--ga-mode released: (amount added to the micro-batch's student-side SUM, L_KQ), as the released DSKD-KQ code.
+
+    L_KQ = BCE(D(GRL(Q)), 1) + BCE(D(K), 0), each a mean over EVERY position of the padded tensors (Q [B,S,2dt],
+    K [B,T,2dt]; prompt and pad positions included). GRL is the identity forward and negates the gradient, so the
+    queries (hence the query projector) receive -lambda_GA dBCE(D(Q), 1)/dQ; K has no parameters. D is used as
+    is (fixed: never stepped; no gradient reaches its parameters here), in its current train/eval mode (the
+    release keeps dropout on while training), in fp32. The amount is lambda_GA * L_KQ, NOT multiplied by n_s:
+    the release adds kq_rate * L_KQ to a micro-batch loss that its token denominator then divides, which is
+    this SUM divided by the step's supervised tokens (module docstring).
+    """
+    with fp32_region(queries.device):
+        q = _GradientReversal.apply(queries.float()).reshape(-1, queries.shape[-1])  # [B*S, 2dt]
+        k = keys.detach().float().reshape(-1, keys.shape[-1])  # [B*T, 2dt]
+        l_kq = _bce_mean(_frozen_call(disc, q), 1.0) + _bce_mean(_frozen_call(disc, k), 0.0)
+    return lambda_ga * l_kq, l_kq
 
 
 @torch.no_grad()
@@ -144,8 +179,9 @@ def discriminator_accuracy(
     was_training = disc.training
     disc.eval()
     try:
-        real = _logits(disc, _prepare(keys_r, normalize_directions))
-        fake = _logits(disc, _prepare(queries_r, normalize_directions))
+        with fp32_region(keys_r.device):
+            real = _logits(disc, _prepare(keys_r, normalize_directions))
+            fake = _logits(disc, _prepare(queries_r, normalize_directions))
     finally:
         disc.train(was_training)
     return (real > 0).float().mean(), (fake < 0).float().mean()
@@ -159,6 +195,7 @@ def build_discriminator_optimizer(
 
 
 __all__ = [
+    "GA_MODES",
     "GENERATOR_MODES",
     "HighwayGate",
     "build_discriminator",
@@ -167,5 +204,6 @@ __all__ = [
     "discriminator_loss",
     "generator_loss",
     "generator_term",
+    "released_kq_term",
     "response_tokens",
 ]

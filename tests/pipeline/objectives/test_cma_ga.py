@@ -13,6 +13,7 @@ from dskd_pipe.pipeline.objectives.cma_ga import (
     discriminator_loss,
     generator_loss,
     generator_term,
+    released_kq_term,
     response_tokens,
 )
 from dskd_pipe.pipeline.objectives.dskd import TeacherHead, build_projectors, dskd_cma_loss
@@ -199,3 +200,55 @@ def test_discriminator_loss_moves_only_d_and_learns():
     assert discriminator_loss(disc, kr, qr).item() < loss_start
     acc_real, acc_fake = discriminator_accuracy(disc, kr, qr)
     assert (acc_real + acc_fake).item() / 2 > 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --ga-mode released (the released DSKD-KQ code) and fp32
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_released_kq_term_by_hand(disc):
+    """Fidelity item 5: L_KQ = BCE(D(Q), 1) + BCE(D(K), 0) over EVERY position (prompt and pads too), queries
+    behind a gradient reversal, added unscaled (lambda * L_KQ); D gets no gradient."""
+    disc.eval()
+    q = torch.randn(2, 5, 12, requires_grad=True)  # [B, S, 2dt], all positions
+    k = torch.randn(2, 7, 12)
+    term, l_kq = released_kq_term(disc, q, k, lambda_ga=0.3)
+    dq, dk = _by_hand(disc, q.reshape(-1, 12)), _by_hand(disc, k.reshape(-1, 12))
+    want = -torch.log(torch.sigmoid(dq)).mean() - torch.log(1 - torch.sigmoid(dk)).mean()
+    torch.testing.assert_close(l_kq, want)
+    torch.testing.assert_close(term, 0.3 * want)
+    (g_q,) = torch.autograd.grad(term, q, retain_graph=True)
+    (g_plain,) = torch.autograd.grad(-0.3 * torch.log(torch.sigmoid(dq)).mean(), q)
+    torch.testing.assert_close(g_q, -g_plain)  # reversed: the queries ASCEND BCE(D(Q), 1)
+    term.backward()
+    assert all(p.grad is None for p in disc.parameters())  # D is never trained in this mode
+
+
+def test_released_kq_term_keeps_dropout_in_train_mode(disc):
+    """The release calls D with its dropout on while training; the same RNG state gives the same draw."""
+    disc.train()
+    q, k = torch.randn(3, 4, 12), torch.randn(3, 6, 12)
+    torch.manual_seed(5)
+    first = released_kq_term(disc, q, k)[1]
+    torch.manual_seed(5)
+    assert released_kq_term(disc, q, k)[1] == first
+    disc.eval()
+    assert released_kq_term(disc, q, k)[1] != first
+
+
+def test_discriminator_runs_fp32_under_autocast(disc):
+    """Fidelity item 6: D's step (and L_G, accuracy) is fp32 under bf16 autocast: same numbers as without it."""
+    disc.eval()
+    k, q = torch.randn(6, 12), torch.randn(4, 12, requires_grad=True)
+    want_d, want_g = discriminator_loss(disc, k, q), generator_loss(disc, q)
+    want_kq = released_kq_term(disc, q[None], k[None])[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_d, got_g = discriminator_loss(disc, k, q), generator_loss(disc, q)
+        got_kq = released_kq_term(disc, q[None], k[None])[1]
+        acc = discriminator_accuracy(disc, k, q)
+        plain = F.binary_cross_entropy_with_logits(disc(k).squeeze(-1), torch.ones(6))  # what autocast gives
+    assert got_d.dtype == got_g.dtype == torch.float32
+    assert got_d == want_d and got_g == want_g and got_kq == want_kq
+    assert acc == discriminator_accuracy(disc, k, q)
+    assert plain != discriminator_loss(disc, k, q[:0])  # without the fp32 region D would run in bf16
