@@ -178,13 +178,24 @@ def vocab_overlap(teacher_tok, student_tok, top_k: Optional[int] = None, match: 
     return torch.tensor(t_ids, dtype=torch.long), torch.tensor(s_ids, dtype=torch.long)
 
 
-def teacher_to_student_token_map(teacher_tok, student_tok, match: str = "string") -> Tensor:
+UNMAPPED_CHOICES = ("drop", "unk")
+
+
+def teacher_to_student_token_map(teacher_tok, student_tok, match: str = "string", unmapped: str = "drop") -> Tensor:
     """LongTensor [len(teacher_tok)]: the student id with the same token string (vocab_key), -1 where none.
 
     The teacher's EOS maps to the student's EOS whatever their strings. Built from get_vocab(), so a missing
     string gives -1, never the unk id (convert_tokens_to_ids would silently return unk for Llama).
+    unmapped="unk" (--eta-unmapped unk) reproduces the released DSKDv2 ETA code instead, which looks the teacher's
+    token up with convert_tokens_to_ids and trains on whatever comes back: a missing string becomes the student's
+    unk id (GPT-2's unk is its EOS, so the t2s branch learns "end of text" there); -1 only for a student without one.
     """
-    table = torch.full((len(teacher_tok),), -1, dtype=torch.long)
+    if unmapped not in UNMAPPED_CHOICES:
+        raise AlignmentError(f"unknown unmapped={unmapped!r}; expected one of: {', '.join(UNMAPPED_CHOICES)}.")
+    fill = -1
+    if unmapped == "unk" and student_tok.unk_token_id is not None:
+        fill = int(student_tok.unk_token_id)
+    table = torch.full((len(teacher_tok),), fill, dtype=torch.long)
     t_ids, s_ids = vocab_overlap(teacher_tok, student_tok, match=match)
     table[t_ids] = s_ids
     table[int(teacher_tok.eos_token_id)] = int(student_tok.eos_token_id)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dskd_pipe.pipeline.alignment import (
+    AlignmentError,
     BYTE_LEVEL,
     SENTENCEPIECE,
     TokenStrings,
@@ -149,3 +150,22 @@ def test_token_map_never_unk(toks):
     assert table[g.get_vocab()["Ġthe"]] == l.get_vocab()["▁the"]
     assert table[g.get_vocab()["Ċ"]] == -1  # missing: -1, not Llama's unk id 0
     assert (table == l.unk_token_id).sum() == 0
+
+
+def test_token_map_unk_option_is_the_released_lookup(toks):
+    """Fidelity item 9: --eta-unmapped unk maps a teacher token with no student string to the student's unk id, as
+    the released ETA code's convert_tokens_to_ids does (GPT-2: its EOS, 50256); "drop" (default) gives -1."""
+    q, g = toks["qwen2"], toks["gpt2"]
+    dropped = teacher_to_student_token_map(q, g)
+    released = teacher_to_student_token_map(q, g, unmapped="unk")
+    missing = dropped == -1
+    assert missing.any() and (released[missing] == g.unk_token_id).all() and g.unk_token_id == g.eos_token_id
+    assert torch.equal(released[~missing], dropped[~missing])
+    # the released lookup, token by token, on a few missing and present ids
+    for t_id in missing.nonzero()[:5, 0].tolist() + [q.get_vocab()["Ġthe"]]:
+        want = g.convert_tokens_to_ids(q.convert_ids_to_tokens([t_id]))[0]
+        assert released[t_id] == want
+    # a student without an unk token (Qwen) keeps -1
+    assert (teacher_to_student_token_map(g, q, unmapped="unk") == -1).any()
+    with pytest.raises(AlignmentError, match="unknown unmapped='x'; expected one of: drop, unk"):
+        teacher_to_student_token_map(q, g, unmapped="x")

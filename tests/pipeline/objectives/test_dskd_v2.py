@@ -150,3 +150,67 @@ def test_gradient_routing(which):
     assert _grads(out.kd_t2s, [hs, ws, ht, wt, t2s]) == [True, False, False, False, False]
     assert _grads(out.kd_s2t, [hs, ws, ht, wt, t2s]) == [True, False, False, False, False]
     assert _grads(out.ce_student, [hs, ws, ht, wt, t2s]) == [True, False, False, False, False]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fidelity options (items 7-8): the weight of the per-micro-batch means and the released agreement test
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_mean_weight_scales_the_means_only():
+    """Item 7: the means are returned times w (default n_s; the release's per-micro-batch denominator with
+    --v2-mean-weighting micro-batch). Same vocabulary: only KD_t2s is a mean over its own positions."""
+    hs, ws, wt, zs, ht, labels, proj = _setup(same_vocab=True)
+    base = dskd_v2_same_vocab_loss(hs, zs, labels, ws, ht, TeacherHead(wt), proj, chunk_tokens=3)
+    n = int((labels != -100).sum())
+    heavy = dskd_v2_same_vocab_loss(hs, zs, labels, ws, ht, TeacherHead(wt), proj, chunk_tokens=3, mean_weight=20.0)
+    torch.testing.assert_close(heavy.kd_t2s, base.kd_t2s / n * 20.0)
+    torch.testing.assert_close(heavy.ce_t2s, base.ce_t2s)
+    torch.testing.assert_close(heavy.kd_s2t, base.kd_s2t)
+    hs, ws, wt, zs, ht, labels, proj, pairs, token_map = _eta_inputs()
+    args = (hs, zs, labels, ws, ht, TeacherHead(wt), proj, pairs, token_map)
+    base, heavy = dskd_v2_eta_loss(*args), dskd_v2_eta_loss(*args, mean_weight=20.0)
+    n = int((labels != -100).sum())
+    for name in ("ce_t2s", "kd_t2s", "kd_s2t"):
+        torch.testing.assert_close(getattr(heavy, name), getattr(base, name) / n * 20.0, msg=name)
+
+
+def test_agreement_threshold_reproduces_the_released_test():
+    """Item 8: by default the agreement mask always applies; with agreement_threshold (the release's
+    --t2s-agreement 1.0) it is dropped when |agree| / w > threshold, and KD_t2s = sum over ms / w (times w)."""
+    hs, ws, wt, zs, ht, labels, proj = _setup(same_vocab=True)
+    ms = labels != -100
+    head = TeacherHead(wt)
+    t_arg = (ht[ms] @ wt.T).argmax(-1)
+    zt2s = (proj.t2s(ht[ms]) @ ws.T).detach()
+    agree = int((zt2s.argmax(-1) == t_arg).sum())
+    all_rows = _kl(zt2s, zs[ms], 2.0, "fkl").sum()
+    masked = dskd_v2_same_vocab_loss(hs, zs, labels, ws, ht, head, proj, mean_weight=agree - 1.0)
+    released = dskd_v2_same_vocab_loss(hs, zs, labels, ws, ht, head, proj, mean_weight=agree - 1.0,
+                                       agreement_threshold=1.0)  # |agree| / w > 1: the release drops the mask
+    torch.testing.assert_close(released.kd_t2s, all_rows)
+    assert not torch.allclose(masked.kd_t2s, released.kd_t2s)
+    kept = dskd_v2_same_vocab_loss(hs, zs, labels, ws, ht, head, proj, mean_weight=float(agree),
+                                   agreement_threshold=1.0)  # ratio exactly 1: the mask stays
+    torch.testing.assert_close(kept.kd_t2s, masked.kd_t2s / (agree - 1.0) * agree)
+
+
+def test_v2_s2t_keeps_head_bias_and_t2s_ignores_teacher_temperature():
+    """The release's teacher_model.lm_head(s2t_hiddens) has the bias; its t2s target is not divided by T_t."""
+    hs, ws, wt, zs, ht, labels, proj = _setup(same_vocab=True)
+    ms = labels != -100
+    bias = torch.randn(wt.shape[0])
+    head = TeacherHead(wt, bias)
+    out = dskd_v2_same_vocab_loss(hs, zs, labels, ws, ht, head, proj, divergence="rkl", teacher_temperature=3.0)
+    s2t = head_columns(ws, proj.student_ids) @ proj.teacher_pinv
+    zs2t = hs[ms] @ s2t @ wt.detach().T + bias
+    zt = ht[ms] @ wt.detach().T + bias
+    torch.testing.assert_close(out.kd_s2t, _kl(zt, zs2t, 2.0, "rkl").sum(), atol=1e-5, rtol=1e-5)
+    fkl = dskd_v2_same_vocab_loss(hs, zs, labels, ws, ht, head, proj, divergence="fkl")
+    torch.testing.assert_close(fkl.kd_s2t, _kl(zt, zs2t, 2.0, "fkl").sum(), atol=1e-5, rtol=1e-5)
+    plain = dskd_v2_same_vocab_loss(hs, zs, labels, ws, ht, head, proj, teacher_temperature=3.0)
+    at_one = dskd_v2_same_vocab_loss(hs, zs, labels, ws, ht, head, proj)
+    scaled = dskd_v2_same_vocab_loss(hs, zs, labels, ws, ht, head, proj, teacher_temperature=3.0,
+                                     t2s_teacher_temperature=True)
+    torch.testing.assert_close(plain.kd_t2s, at_one.kd_t2s)
+    assert not torch.allclose(plain.kd_t2s, scaled.kd_t2s)
