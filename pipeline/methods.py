@@ -304,7 +304,7 @@ def dwa_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
     cfg, b = x.cfg, x.batch
     out = dwa_kd_loss(x.hidden, x.logits, x.labels, b["input_ids"], _embed(x), _head(x), b["teacher_input_ids"],
                       b["teacher_labels"], x.teacher_hidden, x.teacher.embed, x.teacher.head, x.parts.projectors,
-                      gamma=dtw_gamma(x.progress, cfg.dtw_gamma_start, cfg.dtw_gamma_end),
+                      gamma=dtw_gamma(x.step, start=cfg.dtw_gamma_start, end=cfg.dtw_gamma_end),
                       kd_scale=kd_warmup(x.step, cfg.kd_warmup_steps), teacher_embed_scale=x.teacher.embed_scale,
                       **_common(x))
     return out.loss, _dskd_logs(out, x.n_student)

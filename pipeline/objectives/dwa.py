@@ -1,16 +1,28 @@
 """DWA-KD: entropy-weighted dual-space KD plus Soft-DTW alignment, on top of DSKD-CMA (spec/other_methods.md).
 
-Ref: DWA-KD, arXiv 2602.21669. Per micro-batch, on the DSKD-CMA attention of spec/dskd.md steps 1-4:
+Ref: DWA-KD, arXiv 2602.21669; a public implementation, voluyen/dwa_mta code/criterions/dwa_kd.py ("the code",
+not confirmed as the authors'). Where the paper is explicit the default follows it, where it is silent the code;
+the other behaviour is an option in both cases. Per micro-batch, on the DSKD-CMA attention of spec/dskd.md 1-4:
 1. Entropy weights (detached, rescaled per sequence to sum to that sequence's response tokens):
-   student side w_i = H(softmax(Zs_i)) * max_v softmax(Zt2s_i / T_t)_v multiplies KD_t2s per token (no accuracy mask);
-   teacher side w_j = clamp(1 - H(softmax(Zt_j)) / log Vt, 0, 1) multiplies the s2t forward KL per token.
-2. Soft-DTW on the RESPONSE positions of both sequences (label != -100, packed left; never sliced from index 0):
-   hidden pair (Hs, t2s(Ht~)) and target-embedding pair (Es[y], embed(Etg~)); cost C_ij = 1 - cos(x_i, y_j);
-   band from a_t2s: C~_ij = C_ij + 1 outside |j - c_i| <= w_i; nDTW = sDTW(C~(X,Y)) - 0.5 [sDTW(C(X,X)) + sDTW(C(Y,Y))].
-3. L = (1 - lambda) CE + lambda (kd_scale (KD_t2s^w + KD_s2t^w) + CE_t2s) + 0.2 sum_b n_b L_DTW,b.
-Every term is a token SUM; the stage divides the step total once by the step's supervised student tokens. L_DTW,b
-(one number per sequence) is multiplied by n_b, the sequence's supervised student tokens, so after that division
-the DTW term is the token-weighted mean over sequences of L_DTW,b (the paper's batch mean when lengths are equal).
+   student side w_i = rescale(H(softmax(Zs_i)) * g_i), g_i = max_v softmax(Zt2s_i)_v (paper eq. 12), multiplies
+   KD_t2s per token (no accuracy mask); weights="released": w_i = rescale(H_i) * g_i as the code (H rescaled
+   first, then times g: about 1/mean(g) heavier). Teacher side w_j = rescale(clamp(1 - H(softmax(Zt_j)) / log Vt,
+   0, 1)) multiplies the s2t forward KL per token.
+2. Soft-DTW on the RESPONSE positions of both sequences (label != -100, packed left): hidden pair (Hs, t2s(Ht))
+   and target-embedding pair (Es[y], embed(Et[yt])), the teacher sides RAW as in paper and code (dtw_inputs=
+   "normalised": t2s(Ht~) and embed(Etg~), the CMA's std-normalised tensors); cost C_ij = 1 - cos(x_i, y_j);
+   band from a_t2s: C~_ij = C_ij + 1 outside |j - c_i| <= w_i; nDTW = sDTW(C~(X,Y)) - 0.5 [sDTW(C(X,X)) +
+   sDTW(C(Y,Y))]. dtw_positions="released": the code's positions instead, the first n_b positions of each
+   sequence from index 0 (prompt tokens included, n_b = its response length), band rows/columns likewise.
+3. L = (1 - lambda) CE + lambda (KD_t2s^w + KD_s2t^w + CE_t2s) + 0.2 DTW, where DTW = sum_b nDTW_b (hidden +
+   embedding) as the code: each sequence's nDTW counts once and the stage divides the step total by its supervised
+   student tokens (the paper does not say). dtw_reduction="tokens": sum_b n_b nDTW_b, each sequence weighted by
+   its response tokens (~n_b = 40x heavier, which gave grad norms ~60 at weight 0.2).
+KD warm-up (kd_scale = min(1, (step + 1) / 300) by default, kd_warmup_steps): the code ramps KD_t2s only;
+kd_warmup_terms="both" ramps KD_t2s and KD_s2t. Soft-DTW gamma: dtw_gamma, 2.0 -> 0.8 linearly over the first
+3,570 steps and 0.8 after (the code; the paper does not state gamma); anneal_steps = the run's steps spreads it
+over the whole run.
+Every term is a token SUM; the stage divides the step total once by the step's supervised student tokens.
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from dskd_pipe.pipeline.objectives.dskd import (
     Projectors,
     TeacherHead,
     cross_model_attention,
+    fp32_region,
     teacher_logits,
     _apply,
 )
@@ -45,8 +58,14 @@ BAND_ALPHA = 0.7  # a in the band centre c_i = a sum_j j A_ij + (1 - a) i m/n
 BAND_BASE_WIDTH = 5.0  # w_i = 5 + 2 H(A_i)
 BAND_ENTROPY_SCALE = 2.0
 BAND_PENALTY = 1.0  # added to C_ij outside the band
-GAMMA_START, GAMMA_END = 2.0, 0.8  # the paper does not state gamma; annealed linearly over training
+GAMMA_START, GAMMA_END = 2.0, 0.8  # the paper does not state gamma; the code anneals linearly, then holds
+GAMMA_ANNEAL_STEPS = 3570  # the code's dtw_gamma_steps
 KD_WARMUP_STEPS = 300
+WEIGHT_FORMS = ("paper", "released")
+DTW_INPUTS = ("raw", "normalised")
+DTW_POSITIONS = ("response", "released")
+DTW_REDUCTIONS = ("sequence", "tokens")
+KD_WARMUP_TERMS = ("t2s", "both")
 _BIG = 1e10  # "infinite" DP cell; finite so that exp(-_BIG / gamma) is exactly 0 and no inf - inf NaN appears
 
 
@@ -55,9 +74,15 @@ _BIG = 1e10  # "infinite" DP cell; finite so that exp(-_BIG / gamma) is exactly 
 # --------------------------------------------------------------------------------------------------------
 
 
-def dtw_gamma(progress: float, start: float = GAMMA_START, end: float = GAMMA_END) -> float:
-    """Soft-DTW temperature, linear from ``start`` (progress 0) to ``end`` (progress 1); progress = step / total."""
-    p = min(max(float(progress), 0.0), 1.0)
+def dtw_gamma(step: int, anneal_steps: int = GAMMA_ANNEAL_STEPS, start: float = GAMMA_START,
+              end: float = GAMMA_END) -> float:
+    """Soft-DTW temperature at optimizer step `step` (0-based): start + (end - start) * min(1, (step + 1) /
+    anneal_steps), as the code (2.0 -> 0.8 over 3,570 steps, then 0.8). Pass the run's total steps as anneal_steps
+    to spread the anneal over the whole run (--dtw-gamma-steps 0). The code counts micro-batches; its published
+    script uses no gradient accumulation, so they are optimizer steps there."""
+    if anneal_steps < 1:
+        raise ValueError(f"dtw_gamma: anneal_steps must be >= 1, got {anneal_steps}")
+    p = min(max(float(step + 1) / anneal_steps, 0.0), 1.0)
     return start + (end - start) * p
 
 
@@ -245,6 +270,17 @@ def attention_band(
 # --------------------------------------------------------------------------------------------------------
 
 
+def leading_order(mask: Tensor):
+    """The code's positions (dtw_positions="released"): the first n_b positions of each row, n_b = mask.sum(-1).
+
+    Same return as response_order: (index [B, Nmax] long, lengths [B]); index[b, k] = k.
+    """
+    lengths = mask.sum(-1)
+    nmax = int(lengths.max()) if mask.numel() else 0
+    index = torch.arange(nmax, device=mask.device).expand(mask.shape[0], nmax)
+    return index, lengths
+
+
 def response_order(mask: Tensor):
     """Positions where ``mask`` is true, packed left in their original order.
 
@@ -296,14 +332,19 @@ def rescale_per_sequence(weights: Tensor, seq_index: Tensor, n_seq: int) -> Tens
 
 
 @torch.no_grad()
-def student_entropy_weights(student_logits: Tensor, t2s_logits: Tensor, seq_index: Tensor, n_seq: int) -> Tensor:
-    """w_i = H(softmax(Zs_i)) * max_v softmax(Zt2s_i)_v, detached, rescaled per sequence (rescale_per_sequence).
-
-    Both distributions at temperature 1 (the model's own distribution; pass Zt2s / T_t for another teacher
-    temperature). Shapes: logits [M, Vs] (the supervised rows), seq_index [M]. Returns [M] fp32.
+def student_entropy_weights(student_logits: Tensor, t2s_logits: Tensor, seq_index: Tensor, n_seq: int,
+                            form: str = "paper") -> Tensor:
+    """Student-side KD_t2s weights, detached, per supervised row. H_i = H(softmax(Zs_i)), g_i = max_v softmax(Zt2s_i)_v:
+    form "paper" (eq. 12): w_i = rescale(H_i g_i); form "released" (the code): w_i = rescale(H_i) g_i.
+    rescale = rescale_per_sequence (each sequence's weights sum to its rows). Both distributions at temperature 1.
+    Shapes: logits [M, Vs] (the supervised rows), seq_index [M]. Returns [M] fp32.
     """
+    if form not in WEIGHT_FORMS:
+        raise ValueError(f"unknown weight form {form!r}; expected one of: {', '.join(WEIGHT_FORMS)}")
     z = t2s_logits.float()
     confidence = torch.exp(z.amax(-1) - torch.logsumexp(z, dim=-1))  # max_v softmax(z)_v, no [M, V] softmax kept
+    if form == "released":
+        return rescale_per_sequence(_entropy(student_logits), seq_index, n_seq) * confidence
     return rescale_per_sequence(_entropy(student_logits) * confidence, seq_index, n_seq)
 
 
@@ -438,10 +479,11 @@ def build_dwa_projectors(ds: int, dt: int) -> DWAProjectors:
 
 @dataclass
 class DWAOutput(DSKDOutput):
-    """DSKDOutput (kd_t2s and kd_s2t are the WEIGHTED sums) plus the Soft-DTW terms.
+    """DSKDOutput (kd_t2s and kd_s2t are the WEIGHTED sums, before the warm-up) plus the Soft-DTW terms.
 
-    dtw = sum_b n_b (nDTW_hidden,b + nDTW_embed,b) enters the loss times dtw_weight; dtw_hidden / dtw_embed are
-    the plain per-sequence sums sum_b nDTW_b (for the log). t2s_kd_tokens = n_student (no accuracy mask).
+    dtw = sum_b (nDTW_hidden,b + nDTW_embed,b) (times n_b with dtw_reduction="tokens") enters the loss times
+    dtw_weight; dtw_hidden / dtw_embed are the plain per-sequence sums sum_b nDTW_b (for the log).
+    t2s_kd_tokens = n_student (no accuracy mask).
     """
 
     dtw: Optional[Tensor] = None
@@ -479,6 +521,12 @@ def dwa_kd_loss(
     gamma: float = GAMMA_START,
     kd_scale: float = 1.0,
     divergence: str = "srkl",
+    weights: str = "paper",
+    dtw_inputs: str = "raw",
+    dtw_positions: str = "response",
+    dtw_reduction: str = "sequence",
+    kd_warmup_terms: str = "t2s",
+    teacher_attention_mask: Tensor | None = None,
     kd_rate: float = 0.5,
     dtw_weight: float = 0.2,
     tau: float = 2.0,
@@ -493,60 +541,79 @@ def dwa_kd_loss(
 ) -> DWAOutput:
     """DWA-KD on DSKD-CMA (module docstring), all terms token sums.
 
-    CMA steps 1-4 as dskd_cma_loss. Then, with ms / mt the supervised positions:
+    CMA steps 1-4 as dskd_cma_loss (teacher_attention_mask: the std positions, see cross_model_attention). Then,
+    with ms / mt the supervised positions:
     CE_t2s = sum_ms CE(Zt2s, y);  KD_t2s = sum_ms w^s_i D(Zs_i, stopgrad(Zt2s_i) / T_t; tau);
     KD_s2t = sum_mt w^t_j FKL(Zt_j || Zs2t_j; tau) (full teacher vocabulary, chunked);
-    DTW = sum_b n_b [nDTW(Hs, t2s(Ht~)) + nDTW(Es[y], embed(Etg~))]_b on response positions, banded by a_t2s;
-    L = (1 - lambda) CE_s + lambda (kd_scale (KD_t2s + KD_s2t) + CE_t2s) + dtw_weight DTW.
-    gamma: Soft-DTW temperature (dtw_gamma(progress)); kd_scale: KD ramp (kd_warmup(step), 1.0 without ramp).
+    DTW = sum_b [nDTW(Hs, t2s(Ht)) + nDTW(Es[y], embed(Et[yt]))]_b on response positions, banded by a_t2s;
+    L = (1 - lambda) CE_s + lambda (kd_scale KD_t2s + KD_s2t + CE_t2s) + dtw_weight DTW.
+    Options (module docstring; defaults = paper where explicit, else the code): weights "paper" | "released",
+    dtw_inputs "raw" | "normalised", dtw_positions "response" | "released", dtw_reduction "sequence" | "tokens"
+    (tokens: sum_b n_b nDTW_b), kd_warmup_terms "t2s" | "both" (both: kd_scale (KD_t2s + KD_s2t)).
+    gamma: Soft-DTW temperature (dtw_gamma(step)); kd_scale: KD ramp (kd_warmup(step), 1.0 without ramp).
     Gradients: student (CE, KD_t2s, KD_s2t via Hs, DTW via Hs and Es rows of the targets), query (CE_t2s, KD_s2t),
     t2s (CE_t2s, hidden DTW), s2t (KD_s2t), embed (embedding DTW). Nothing into the teacher tensors or either head.
     Shapes: Hs [B,S,ds], Zs [B,S,Vs], y/x [B,S], Es/Ws [Vs,ds]; xt/yt [B,T], Ht [B,T,dt], Et [Vt,dt].
     """
+    for name, value, choices in (("weights", weights, WEIGHT_FORMS), ("dtw_inputs", dtw_inputs, DTW_INPUTS),
+                                 ("dtw_positions", dtw_positions, DTW_POSITIONS),
+                                 ("dtw_reduction", dtw_reduction, DTW_REDUCTIONS),
+                                 ("kd_warmup_terms", kd_warmup_terms, KD_WARMUP_TERMS)):
+        if value not in choices:
+            raise ValueError(f"dwa_kd_loss: unknown {name} {value!r}; expected one of: {', '.join(choices)}")
     bsz = labels.shape[0]
     ht = teacher_hidden.detach()  # the teacher is frozen (cached states)
     ce_student = cross_entropy_sum(student_logits, labels if ce_labels is None else ce_labels)
     cma = cross_model_attention(student_hidden, labels, input_ids, student_embed, teacher_input_ids, teacher_labels,
-                                teacher_hidden, teacher_embed, projectors, teacher_embed_scale)  # DSKD-CMA 1-4
+                                teacher_hidden, teacher_embed, projectors, teacher_embed_scale,
+                                teacher_attention_mask=teacher_attention_mask)  # DSKD-CMA 1-4
     ms, mt, a_t2s, a_s2t = cma.student_mask, cma.teacher_mask, cma.a_t2s, cma.a_s2t
-    e_tg, ht_norm = cma.e_tg, cma.ht_norm
 
     # Teacher -> student, entropy-weighted (replaces the accuracy mask).
     ws = student_head.detach()  # the t2s branch must not train the student's head
-    ht2s = (a_t2s @ cma.v_t2s).to(ws.dtype)  # [B, S, ds]
+    with fp32_region(a_t2s.device):  # fp32 weighted sums and vocabulary logits, as dskd_cma_loss
+        ht2s = (a_t2s @ cma.v_t2s).to(ws.dtype)  # [B, S, ds]
+        hs2t = a_s2t @ cma.v_s2t  # [B, T, dt]
+        zt2s = ht2s[ms].float() @ ws.float().T  # [Ns, Vs]
     y = labels[ms]  # [Ns]
-    zt2s = ht2s[ms] @ ws.T  # [Ns, Vs]
     ce_t2s = cross_entropy_sum(zt2s, y)
     zs_rows = student_logits[ms]  # [Ns, Vs]
     seq_s = ms.nonzero(as_tuple=True)[0]  # [Ns], row-major like boolean indexing
-    target = zt2s.detach() / teacher_temperature
-    w_s = student_entropy_weights(zs_rows, target, seq_s, bsz)  # [Ns], detached
-    kd_t2s = (w_s * divergence_rows(divergence, zs_rows, target, tau=tau)).sum()
+    w_s = student_entropy_weights(zs_rows, zt2s.detach(), seq_s, bsz, weights)  # [Ns], detached
+    kd_t2s = (w_s * divergence_rows(divergence, zs_rows, zt2s.detach() / teacher_temperature, tau=tau)).sum()
 
     # Student -> teacher, full teacher vocabulary, chunked, weighted per row.
-    hs2t = a_s2t @ cma.v_s2t  # [B, T, dt]
     kl_rows, s2t_argmax, t_entropy = chunked_fkl_rows_over_head(ht, hs2t, teacher_head, mt, tau, chunk_tokens)
     seq_t = mt.nonzero(as_tuple=True)[0]  # [Nt]
     w_t = teacher_confidence_weights(t_entropy, teacher_head.weight.shape[0], seq_t, bsz)  # [Nt], detached
     kd_s2t = (w_t * kl_rows).sum()
 
-    # Soft-DTW on response positions only (packed left; prompt and pad positions never enter).
-    s_idx, n_s = response_order(ms)  # [B, Ns_max], [B]
-    t_idx, n_t = response_order(mt)  # [B, Nt_max], [B]
+    # Soft-DTW on response positions (packed left; prompt and pad positions never enter), or the code's positions.
+    order = response_order if dtw_positions == "response" else leading_order
+    s_idx, n_s = order(ms)  # [B, Ns_max], [B]
+    t_idx, n_t = order(mt)  # [B, Nt_max], [B]
+    if dtw_inputs == "raw":  # the teacher's own states and target embeddings, as paper and code
+        ht_in = ht  # [B, T, dt]
+        yt = torch.where(mt, teacher_labels, torch.zeros_like(teacher_labels))
+        e_in = teacher_embed.detach()[yt] * teacher_embed_scale  # [B, T, dt]
+    else:
+        ht_in, e_in = cma.ht_norm, cma.e_tg  # the CMA's std-normalised tensors
     x_hidden = gather_rows(student_hidden, s_idx)  # [B, Ns_max, ds]
-    y_hidden = _apply(projectors.t2s, gather_rows(ht_norm, t_idx))  # [B, Nt_max, ds], shared t2s projector
+    y_hidden = _apply(projectors.t2s, gather_rows(ht_in, t_idx))  # [B, Nt_max, ds], shared t2s projector
     targets = torch.where(ms, labels, torch.zeros_like(labels))
     x_embed = gather_rows(student_embed[targets], s_idx)  # [B, Ns_max, ds], NOT detached: trains Es rows
-    y_embed = _apply(projectors.embed, gather_rows(e_tg, t_idx))  # [B, Nt_max, ds]
+    y_embed = _apply(projectors.embed, gather_rows(e_in, t_idx))  # [B, Nt_max, ds]
     attn = gather_rows(a_t2s.detach(), s_idx)  # [B, Ns_max, T]
     attn = attn.gather(2, t_idx[:, None, :].expand(-1, attn.shape[1], -1))  # [B, Ns_max, Nt_max]
     outside = attention_band(attn, n_s, n_t, band_alpha, band_base_width, band_entropy_scale)
     nd_hidden, nd_embed = _normalized_soft_dtw_pairs(
         [(x_hidden, y_hidden), (x_embed, y_embed)], gamma, n_s, n_t, outside, band_penalty
     )
-    dtw = (n_s.float() * (nd_hidden + nd_embed)).sum()  # per-sequence nDTW scaled by its response tokens
+    per_sequence = nd_hidden + nd_embed  # [B]
+    dtw = (per_sequence if dtw_reduction == "sequence" else n_s.float() * per_sequence).sum()
 
-    loss = (1.0 - kd_rate) * ce_student + kd_rate * (kd_scale * (kd_t2s + kd_s2t) + ce_t2s) + dtw_weight * dtw
+    ramped = kd_scale * (kd_t2s + kd_s2t) if kd_warmup_terms == "both" else kd_scale * kd_t2s + kd_s2t
+    loss = (1.0 - kd_rate) * ce_student + kd_rate * (ramped + ce_t2s) + dtw_weight * dtw
 
     with torch.no_grad():
         t2s_correct = (zt2s.argmax(-1) == y).sum()

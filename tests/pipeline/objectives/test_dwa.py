@@ -119,8 +119,13 @@ def test_attention_band_by_hand():
 
 
 def test_gamma_and_warmup_schedules():
-    assert dtw_gamma(0.0) == 2.0 and dtw_gamma(1.0) == pytest.approx(0.8) and dtw_gamma(0.5) == pytest.approx(1.4)
-    assert dtw_gamma(-1.0) == 2.0 and dtw_gamma(3.0) == pytest.approx(0.8)
+    # item 15: the code's schedule, 2.0 -> 0.8 over 3,570 steps (step + 1), then 0.8
+    assert dtw_gamma(0) == pytest.approx(2.0 - 1.2 / 3570) and dtw_gamma(3569) == pytest.approx(0.8)
+    assert dtw_gamma(1784) == pytest.approx(1.4) and dtw_gamma(10**6) == pytest.approx(0.8)
+    assert dtw_gamma(4, anneal_steps=10) == pytest.approx(1.4)  # over the whole run: the run's steps
+    assert dtw_gamma(0, 1, start=3.0, end=1.0) == 1.0
+    with pytest.raises(ValueError, match="anneal_steps must be >= 1, got 0"):
+        dtw_gamma(0, 0)
     assert kd_warmup(0, 300) == pytest.approx(1 / 300) and kd_warmup(299, 300) == 1.0 and kd_warmup(10**6) == 1.0
     assert kd_warmup(0, 0) == 1.0
 
@@ -242,16 +247,24 @@ def test_dwa_terms_and_combination():
     for name in ["ce_student", "ce_t2s", "attention_entropy", "queries", "keys", "s2t_correct", "t2s_correct"]:
         torch.testing.assert_close(getattr(out, name), getattr(cma, name), msg=name)
     assert out.t2s_kd_tokens == out.n_student
-    # weights sum to the token counts, so with the published weights the KD sums stay on a per-token scale
-    torch.testing.assert_close(out.loss, 0.5 * out.ce_student + 0.5 * (0.5 * (out.kd_t2s + out.kd_s2t) + out.ce_t2s)
+    # weights sum to the token counts, so with the published weights the KD sums stay on a per-token scale;
+    # the warm-up ramps KD_t2s only (item 16, the code), and the DTW term is sum_b nDTW_b (item 11)
+    torch.testing.assert_close(out.loss, 0.5 * out.ce_student + 0.5 * (0.5 * out.kd_t2s + out.kd_s2t + out.ce_t2s)
+                               + 0.2 * out.dtw)
+    torch.testing.assert_close(out.dtw, out.dtw_hidden + out.dtw_embed)
+    both = run_dwa(b, proj, gamma=1.0, kd_scale=0.5, chunk_tokens=3, kd_warmup_terms="both")
+    torch.testing.assert_close(both.loss, 0.5 * out.ce_student + 0.5 * (0.5 * (out.kd_t2s + out.kd_s2t) + out.ce_t2s)
                                + 0.2 * out.dtw)
     ms = b["y"] != -100
     n_s = ms.sum(1).float()
-    # dtw = sum_b n_b nDTW_b; with a single sequence it is n * (hidden + embed)
+    # dtw_reduction="tokens": sum_b n_b nDTW_b; with a single sequence it is n * (hidden + embed)
     one = dict(b, **{k: b[k][:1] for k in ["x", "y", "xt", "yt", "Ht", "Hs"]})
     one["Zs"] = one["Hs"] @ b["Ws"].T
-    out1 = run_dwa(one, proj, gamma=1.0)
+    out1 = run_dwa(one, proj, gamma=1.0, dtw_reduction="tokens")
     torch.testing.assert_close(out1.dtw, n_s[0] * (out1.dtw_hidden + out1.dtw_embed))
+    tokens = run_dwa(b, proj, gamma=1.0, dtw_reduction="tokens")
+    per_seq = run_dwa(b, proj, gamma=1.0)
+    assert not torch.allclose(tokens.dtw, per_seq.dtw)
     assert all(torch.isfinite(getattr(out, n)) for n in ["loss", "kd_t2s", "kd_s2t", "dtw"])
     assert set(out.log_dict()) >= {"loss", "dtw", "dtw_hidden", "dtw_embed", "kd_t2s", "kd_s2t"}
 
@@ -363,3 +376,106 @@ def test_entropy_equals_minus_sum_p_log_p_with_zero_probabilities():
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
     assert abs(float(got[1]) - math.log(5000)) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fidelity options (items 11-16): per-sequence reduction, weight forms, raw DTW inputs, the code's positions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _ref_ndtw(x, y, attn, gamma):
+    """nDTW of one pair written out: cosine costs, the band from the renormalised attention rows, per-cell sDTW."""
+    def cost(a, c):
+        return 1 - F.cosine_similarity(a[:, None, :].double(), c[None, :, :].double(), dim=-1)
+    a = attn.double() / attn.double().sum(-1, keepdim=True)
+    n, m = a.shape
+    j = torch.arange(m, dtype=torch.float64)
+    centre = 0.7 * (a * j).sum(-1) + 0.3 * torch.arange(n, dtype=torch.float64) * m / n
+    width = 5 + 2 * -(torch.special.xlogy(a, a)).sum(-1)
+    cxy = cost(x, y) + ((j[None, :] - centre[:, None]).abs() > width[:, None]).double()
+    return _ref_soft_dtw(cxy, gamma) - 0.5 * (_ref_soft_dtw(cost(x, x), gamma) + _ref_soft_dtw(cost(y, y), gamma))
+
+
+def _ref_dtw_terms(b, proj, gamma, inputs, positions):
+    from dskd_pipe.pipeline.objectives.dskd import cross_model_attention
+
+    cma = cross_model_attention(b["Hs"], b["y"], b["x"], b["Es"], b["xt"], b["yt"], b["Ht"], b["Et"], proj)
+    ms, mt = b["y"] != -100, b["yt"] != -100
+    etg = b["Et"].detach()[torch.where(mt, b["yt"], 0)]
+    ht = b["Ht"].detach()
+    h_in, e_in = (ht, etg) if inputs == "raw" else (ht / ht.std(), etg / etg.std())
+    hidden, embed = [], []
+    for i in range(b["y"].shape[0]):
+        si = ms[i].nonzero()[:, 0] if positions == "response" else torch.arange(int(ms[i].sum()))
+        ti = mt[i].nonzero()[:, 0] if positions == "response" else torch.arange(int(mt[i].sum()))
+        attn = cma.a_t2s.detach()[i][si][:, ti]
+        hidden.append(_ref_ndtw(b["Hs"][i, si], proj.t2s(h_in[i, ti]), attn, gamma))
+        es_y = b["Es"][torch.where(ms[i], b["y"][i], 0)]
+        embed.append(_ref_ndtw(es_y[si], proj.embed(e_in[i, ti]), attn, gamma))
+    return torch.stack(hidden), torch.stack(embed)
+
+
+@pytest.mark.parametrize("inputs", ["raw", "normalised"])
+@pytest.mark.parametrize("positions", ["response", "released"])
+def test_dtw_inputs_and_positions_match_a_reference(inputs, positions):
+    """Items 13-14: raw teacher inputs (paper and code) or the CMA's std-normalised ones; response positions
+    (default) or the code's first n_b positions from index 0. Per-sequence nDTW summed (item 11)."""
+    b, proj = make_batch(), _proj()
+    out = run_dwa(b, proj, gamma=0.7, dtw_inputs=inputs, dtw_positions=positions)
+    ref_h, ref_e = _ref_dtw_terms(b, proj, 0.7, inputs, positions)
+    torch.testing.assert_close(out.dtw_hidden.double(), ref_h.sum(), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.dtw_embed.double(), ref_e.sum(), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.dtw.double(), (ref_h + ref_e).sum(), atol=4e-5, rtol=2e-5)
+
+
+def test_raw_dtw_inputs_see_the_teacher_scale_and_the_code_positions_see_the_prompt():
+    b, proj = make_batch(), _proj()
+    scaled = dict(b, Ht=b["Ht"].detach() * 3.0)
+    for inputs, invariant in [("normalised", True), ("raw", False)]:
+        a = run_dwa(b, proj, dtw_inputs=inputs).dtw_hidden
+        c = run_dwa(scaled, proj, dtw_inputs=inputs).dtw_hidden
+        assert torch.allclose(a, c, atol=1e-5) == invariant, inputs
+    hs = b["Hs"].detach().clone()
+    hs[0, 0] += 10.0  # a prompt position of example 0 (its labels start at 2)
+    moved = dict(b, Hs=hs, Zs=hs @ b["Ws"].T)
+    assert torch.allclose(run_dwa(moved, proj).dtw_hidden, run_dwa(b, proj).dtw_hidden)
+    assert not torch.allclose(run_dwa(moved, proj, dtw_positions="released").dtw_hidden,
+                              run_dwa(b, proj, dtw_positions="released").dtw_hidden)
+
+
+def test_student_weight_forms_by_hand():
+    """Item 12: paper eq. 12 rescales H*g per sequence; the code rescales H, then multiplies by g."""
+    seq = torch.tensor([0, 0, 1])
+    zs = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)], [0.0, 0.0]])  # H = log 2, H(0.25, 0.75), log 2
+    zt2s = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0], [0.0, 0.0]])  # g = 0.75, 0.5, 0.5
+    h = torch.tensor([math.log(2.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), math.log(2.0)])
+    g = torch.tensor([0.75, 0.5, 0.5])
+    paper = student_entropy_weights(zs, zt2s, seq, 2)
+    hg = h * g
+    torch.testing.assert_close(paper, torch.cat([hg[:2] * 2 / hg[:2].sum(), torch.ones(1)]))
+    released = student_entropy_weights(zs, zt2s, seq, 2, form="released")
+    torch.testing.assert_close(released, torch.cat([h[:2] * 2 / h[:2].sum(), torch.ones(1)]) * g)
+    with pytest.raises(ValueError, match="unknown weight form 'x'; expected one of: paper, released"):
+        student_entropy_weights(zs, zt2s, seq, 2, form="x")
+    b, proj = make_batch(), _proj()
+    ms = b["y"] != -100
+    out_p, out_r = run_dwa(b, proj), run_dwa(b, proj, weights="released")
+    rows = divergence_rows("srkl", b["Zs"][ms], out_p_target(b, proj)[ms])
+    seq = ms.nonzero()[:, 0]
+    for out, form in [(out_p, "paper"), (out_r, "released")]:
+        w = student_entropy_weights(b["Zs"][ms], out_p_target(b, proj)[ms], seq, 2, form=form)
+        torch.testing.assert_close(out.kd_t2s, (w * rows).sum())
+
+
+def out_p_target(b, proj):
+    """Zt2s [B, S, Vs] of the batch (the CMA's t2s logits), detached."""
+    from dskd_pipe.pipeline.objectives.dskd import cross_model_attention
+
+    cma = cross_model_attention(b["Hs"], b["y"], b["x"], b["Es"], b["xt"], b["yt"], b["Ht"], b["Et"], proj)
+    return ((cma.a_t2s @ cma.v_t2s) @ b["Ws"].T).detach()
+
+
+def test_unknown_option_values_name_the_choices():
+    b, proj = make_batch(), _proj()
+    with pytest.raises(ValueError, match="unknown dtw_positions 'prompt'; expected one of: response, released"):
+        run_dwa(b, proj, dtw_positions="prompt")
