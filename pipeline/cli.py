@@ -168,7 +168,11 @@ def _score_options(f):
     for opt in reversed([
         click.option("--config", "config_path", default="score_default", show_default=True,
                      help="TOML/JSON config; the default is the published protocol (configs/score_default.toml)."),
-        click.option("--limit", type=int, default=None, help="Use the first N usable records of each set."),
+        click.option("--limit", type=int, default=None, help="Use the first N usable records of each set (a set's "
+                     "own NAME=PATH@N wins)."),
+        click.option("--literal-n", type=click.Choice(["both", "prompts", "none"]), default=None,
+                     help="Where a literal <n> is a newline: prompts and references (default), prompts only (the "
+                     "released loaders), none."),
         click.option("--skip-bad", is_flag=True, default=None, help="Skip (and count) malformed records."),
         click.option("--greedy/--sample", default=None, help="Greedy decoding instead of sampling."),
         click.option("--temperature", type=float, default=None),
@@ -189,7 +193,8 @@ def _score_options(f):
 
 @main.command("score")
 @click.option("--model", "models", multiple=True, help="Model (hub id, folder or NAME=PATH); repeat to compare.")
-@click.option("--data", "data", multiple=True, help="Evaluation set (file or NAME=PATH); repeat for several.")
+@click.option("--data", "data", multiple=True, help="Evaluation set (file or NAME=PATH, optionally @N: its first N "
+              "records, e.g. unni=unni.jsonl@10000); repeat for several.")
 @click.option("--out", default=None, help="Output folder (generations, report.json, report.md).")
 @click.option("--seed", "seeds", type=int, multiple=True, help="Seeds, one pass each (default 10 20 30 40 50).")
 @click.option("--in-domain", default=None, help="The in-distribution set (default: the first --data).")

@@ -57,6 +57,9 @@ class ScoreConfig:
     max_prompt_length: int = 256
     batch_size: int = 16
     in_domain: str = ""  # the in-distribution set; "" = the first set
+    # Where a literal "<n>" is a newline: "both" (prompts and references) | "prompts" (the released evaluation
+    # loaders; references keep it) | "none".
+    literal_n: str = "both"
     skip_bad: bool = False
     progress: bool = True  # a progress bar (examples/s) on stderr
     device: str = ""

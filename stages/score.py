@@ -17,8 +17,13 @@ other prompts or the batch size change (HF `generate` draws one random stream pe
 device and dtype are part of a generations file's fingerprint. Greedy decoding does not depend on the batch.
 
 Resume. A generations file is written to a temp name and renamed only once complete; its header holds the model
-(name, local weight files' sizes and mtimes), the set file's sha256, --limit and the generation settings. A rerun
-re-uses a file whose header matches and regenerates any other, so an interrupted run loses at most one pass.
+(name, local weight files' sizes and mtimes), the set file's sha256, the set's limit and the generation settings. A
+rerun re-uses a file whose header matches and regenerates any other, so an interrupted run loses at most one pass.
+
+Sets. `--data NAME=PATH@N` scores the first N usable records of that set (the papers score UnNI on its first 10,000),
+overriding --limit for it. A literal "<n>" in prompts and references is a newline, as the released evaluation
+loaders read prompts (they leave references as they are, where ROUGE-L's tokenizer then sees a word "n"; --literal-n
+prompts does that).
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ from dskd_pipe.pipeline.models import (default_device, default_dtype, eos_token_
 from dskd_pipe.pipeline.rouge import rouge_l
 
 FORMAT_VERSION = 1  # of a generations file; bump when its header or lines change meaning
+NEWLINE_MARKER = "<n>"  # the released data files' escaped newline
+LITERAL_N_CHOICES = ("both", "prompts", "none")
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
@@ -47,6 +54,24 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 # ---------------------------------------------------------------------------------------------------------------
 # Generation (shared with `generate` and the distill stage's dev evaluation)
 # ---------------------------------------------------------------------------------------------------------------
+
+def unescape_newlines(examples: list[Example], where: str = "both") -> list[Example]:
+    """A literal "<n>" read as a newline: in prompts and references ("both"), in prompts only ("prompts": the released
+    evaluation loaders, PromptDataset), or nowhere ("none")."""
+    if where not in LITERAL_N_CHOICES:
+        raise ConfigError(f"literal_n '{where}': choose one of {', '.join(LITERAL_N_CHOICES)}.")
+    if where == "none":
+        return examples
+    out = []
+    for e in examples:
+        refs = tuple(r.replace(NEWLINE_MARKER, "\n") for r in e.references) if where == "both" else e.references
+        out.append(replace(e, prompt=e.prompt.replace(NEWLINE_MARKER, "\n"), references=refs))
+    return out
+
+
+def _has_marker(examples: list[Example]) -> bool:
+    return any(NEWLINE_MARKER in e.prompt or any(NEWLINE_MARKER in r for r in e.references) for e in examples)
+
 
 def check_generation_settings(cfg: ScoreConfig) -> None:
     """Raise ConfigError listing every generation setting out of range."""
@@ -188,6 +213,17 @@ def split_name(spec: str) -> tuple[str, str]:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     return name or path, spec
+
+
+def split_limit(spec: str) -> tuple[str, int | None]:
+    """`[NAME=]PATH@N` -> (`[NAME=]PATH`, N): this set's own limit; no `@N` (or an existing path with an '@') -> None."""
+    body, sep, tail = spec.rpartition("@")
+    path = spec.partition("=")[2] if "=" in spec and "/" not in spec.partition("=")[0] else spec
+    if not sep or not body or os.path.exists(path) or os.path.exists(spec):
+        return spec, None
+    if not tail.isdigit() or int(tail) < 1:
+        raise ConfigError(f"--data {spec}: the limit after '@' must be a positive integer (NAME=PATH@10000).")
+    return body, int(tail)
 
 
 def _safe(name: str) -> str:
@@ -347,12 +383,16 @@ def plot_report(report: dict, path: Path) -> bool:
 # Stages
 # ---------------------------------------------------------------------------------------------------------------
 
-def _load_sets(cfg: ScoreConfig) -> list[tuple[str, str, list[Example], str]]:
-    """(name, path, examples, sha256) per --data, all read before any model is loaded so data errors come first."""
+def _load_sets(cfg: ScoreConfig) -> list[tuple[str, str, list[Example], str, int | None, bool]]:
+    """(name, path, examples, sha256, limit, had "<n>") per --data, all read before any model is loaded so data
+    errors come first. A set's `@N` limit wins over --limit."""
+    specs = [split_limit(s) for s in cfg.data]
     sets = []
-    for name, path in _named(cfg.data, "data"):
-        examples = load_examples(path, limit=cfg.limit, skip_bad=cfg.skip_bad)
-        sets.append((name, path, examples, file_fingerprint(path)))
+    for (name, path), (_, own_limit) in zip(_named(tuple(s for s, _ in specs), "data"), specs):
+        limit = own_limit if own_limit is not None else cfg.limit
+        examples = load_examples(path, limit=limit, skip_bad=cfg.skip_bad)
+        marked = _has_marker(examples)
+        sets.append((name, path, unescape_newlines(examples, cfg.literal_n), file_fingerprint(path), limit, marked))
     return sets
 
 
@@ -385,15 +425,17 @@ def run(cfg: ScoreConfig) -> Path:
         ident = model_id(model_path)
         model = tokenizer = None
         scores[label] = {}
-        for set_name, set_path, examples, sha in sets:
+        for set_name, set_path, examples, sha, limit, marked in sets:
             scores[label][set_name] = {}
             for seed_label, seed in passes:
                 path = out / "generations" / _safe(label) / _safe(set_name) / f"seed{seed_label}.jsonl"
                 if cfg.greedy:
                     path = path.with_name("greedy.jsonl")
                 header = {"version": FORMAT_VERSION, "model": ident, "data": {"path": set_path, "sha256": sha},
-                          "limit": cfg.limit, "skip_bad": cfg.skip_bad, "seed": None if cfg.greedy else seed,
+                          "limit": limit, "skip_bad": cfg.skip_bad, "seed": None if cfg.greedy else seed,
                           "settings": settings}
+                if marked:  # only where it changes the text: files of sets without "<n>" stay valid
+                    header["literal_n"] = cfg.literal_n
                 rows = read_generations(path, header, len(examples))
                 if rows is None:
                     if model is None:
@@ -412,7 +454,8 @@ def run(cfg: ScoreConfig) -> Path:
 
     report = summarise(scores, set_names, in_domain, {s[0]: len(s[2]) for s in sets})
     report = {"protocol": "spec/evaluation.md", "seeds": [p[0] for p in passes], "settings": settings,
-              "limit": cfg.limit, "model_paths": dict(models), "data_paths": {s[0]: s[1] for s in sets}, **report}
+              "limit": cfg.limit, "set_limits": {s[0]: s[4] for s in sets}, "model_paths": dict(models),
+              "data_paths": {s[0]: s[1] for s in sets}, **report}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown_table(report))
     plot_report(report, out / "rouge_l.png")
@@ -430,12 +473,15 @@ def run_generate(cfg: ScoreConfig) -> Path:
         raise ConfigError(f"generate takes one --model and one --data (found {len(cfg.models)} and {len(cfg.data)}).")
     check_generation_settings(cfg)
     device, dtype = _resolve_device_dtype(cfg)
-    _, data_path = split_name(cfg.data[0])
+    data_spec, own_limit = split_limit(cfg.data[0])
+    _, data_path = split_name(data_spec)
     _, model_path = split_name(cfg.models[0])
     out = Path(cfg.out)
     if out.exists() and Path(data_path).exists() and out.resolve() == Path(data_path).resolve():
         raise ConfigError(f"--out {out} is the --data file itself; write the generations to a new file.")
-    examples = load_examples(data_path, limit=cfg.limit, skip_bad=cfg.skip_bad)
+    examples = load_examples(data_path, limit=own_limit if own_limit is not None else cfg.limit,
+                             skip_bad=cfg.skip_bad)
+    examples = unescape_newlines(examples, "prompts" if cfg.literal_n == "both" else cfg.literal_n)
     from dskd_pipe.pipeline.data import _raw_records  # the original fields of each record, by location
 
     wanted = {e.where for e in examples}
@@ -456,4 +502,5 @@ def run_generate(cfg: ScoreConfig) -> Path:
 
 
 __all__ = ["generate", "evaluate_rouge", "run", "run_generate", "decode_response", "left_pad", "tokenize_prompts",
-           "summarise", "markdown_table", "split_name", "check_generation_settings", "DataError"]
+           "summarise", "markdown_table", "split_name", "split_limit", "unescape_newlines", "check_generation_settings",
+           "DataError"]

@@ -278,3 +278,49 @@ def test_cli_generate_writes_a_training_file(tiny, tmp_path):
     # run_generate refuses to overwrite its input.
     with pytest.raises(ConfigError, match="is the --data file itself"):
         run_generate(replace(FAST, models=(tiny["gpt2"],), data=(str(target),), out=str(target)))
+
+
+# --- per-set limits and "<n>" (issue 13 items 19-20) ----------------------------------------------------------------
+
+def test_split_limit():
+    from dskd_pipe.stages.score import split_limit
+
+    assert split_limit("unni=data/unni.jsonl@10000") == ("unni=data/unni.jsonl", 10000)
+    assert split_limit("data/unni.jsonl@5") == ("data/unni.jsonl", 5)
+    assert split_limit("unni=data/unni.jsonl") == ("unni=data/unni.jsonl", None)
+    assert split_limit(DOLLY) == (DOLLY, None)
+    with pytest.raises(ConfigError, match=r"--data u=x.jsonl@ten: the limit after '@' must be a positive integer"):
+        split_limit("u=x.jsonl@ten")
+    with pytest.raises(ConfigError, match="positive integer"):
+        split_limit("u=x.jsonl@0")
+
+
+def test_per_set_limit_overrides_the_global_limit(tiny, tmp_path):
+    out = run(_cfg(tiny, tmp_path, data=(f"d={DOLLY}@2", f"s={SELFINST}"), seeds=(10,), limit=4))
+    report = json.loads((out / "report.json").read_text())
+    assert report["set_limits"] == {"d": 2, "s": 4}
+    for name, n in (("d", 2), ("s", 4)):
+        lines = (out / "generations" / "gpt2" / name / "seed10.jsonl").read_text().splitlines()
+        assert json.loads(lines[0])["header"]["limit"] == n and len(lines) == 1 + n
+    assert "| d (in-domain) | 2 |" in (out / "report.md").read_text()
+
+
+def test_literal_n_is_a_newline_in_prompts_and_references(tiny, tmp_path):
+    data = tmp_path / "escaped.jsonl"
+    data.write_text(json.dumps({"prompt": "Line one<n>Line two<n>### Response:<n>", "output": "a<n>b"}) + "\n")
+    out = run(_cfg(tiny, tmp_path / "both", data=(str(data),), seeds=(10,), greedy=True))
+    lines = (out / "generations" / "gpt2" / "escaped" / "greedy.jsonl").read_text().splitlines()
+    header, row = json.loads(lines[0])["header"], json.loads(lines[1])
+    assert row["prompt"] == "Line one\nLine two\n### Response:\n" and row["references"] == ["a\nb"]
+    assert header["literal_n"] == "both"
+    out = run(_cfg(tiny, tmp_path / "released", data=(str(data),), seeds=(10,), greedy=True, literal_n="prompts"))
+    row = json.loads((out / "generations" / "gpt2" / "escaped" / "greedy.jsonl").read_text().splitlines()[1])
+    assert row["prompt"] == "Line one\nLine two\n### Response:\n" and row["references"] == ["a<n>b"]
+    # the released reading costs ROUGE-L: "<n>" is a word "n" to its tokenizer
+    assert _direct("a b", ["a<n>b"]) < _direct("a b", ["a\nb"]) == 1.0
+    # sets without "<n>" keep their old headers (finished passes of earlier runs stay valid)
+    out = run(_cfg(tiny, tmp_path / "plain", seeds=(10,), greedy=True))
+    assert "literal_n" not in json.loads((out / "generations" / "gpt2" / "selfinst" / "greedy.jsonl")
+                                        .read_text().splitlines()[0])["header"]
+    with pytest.raises(ConfigError, match="literal_n 'x': choose one of both, prompts, none"):
+        run(_cfg(tiny, tmp_path / "bad", literal_n="x"))
