@@ -113,9 +113,12 @@ def cache_verify(store) -> None:
 @click.option("--data", default=None, help="Training data: the file the store was built from.")
 @click.option("--out", default=None, help="Output folder: an HF model folder + projectors, metrics, checkpoints.")
 @click.option("--dev-data", default=None, help="Dev set: dev loss (and --dev-rouge) each epoch keeps out/best.")
-@click.option("--dev-rouge", is_flag=True, default=None, help="Also greedy ROUGE-L on --dev-data each epoch.")
+@click.option("--dev-rouge", is_flag=True, default=None, help="Also ROUGE-L on --dev-data each epoch (3 sampled "
+              "passes, no_repeat_ngram 0, as published); the best epoch becomes the run's output.")
+@click.option("--dev-rouge-greedy", is_flag=True, default=None, help="One greedy pass instead of the sampled ones.")
+@click.option("--dev-rouge-passes", type=int, default=None, help="Sampled passes per dev evaluation (default 3).")
 @click.option("--limit", type=int, default=None, help="Train on the first N examples.")
-@click.option("--dev-limit", type=int, default=None)
+@click.option("--dev-limit", type=int, default=None, help="Evaluate on the first N dev examples (default 1000).")
 @click.option("--skip-bad", is_flag=True, default=None)
 @click.option("--epochs", type=int, default=None)
 @click.option("--max-steps", type=int, default=None, help="Stop after N optimizer steps (0 = the epochs decide).")
@@ -133,7 +136,30 @@ def cache_verify(store) -> None:
 @click.option("--ga-start-step", type=int, default=None, help="CMA-GA starts at this optimizer step.")
 @click.option("--overlap-top-k", type=int, default=None, help="DSKDv2: ideal init from the first k shared tokens.")
 @click.option("--tensorboard", is_flag=True, default=None, help="Also log to out/tensorboard.")
-@click.option("--kd-warmup-steps", type=int, default=None, help="DWA-KD: linear ramp of the KD terms (0 = off).")
+@click.option("--kd-warmup-steps", type=int, default=None, help="DWA-KD: linear ramp of KD_t2s (default 300; 0 = off).")
+@click.option("--dtw-gamma-steps", type=int, default=None, help="DWA-KD: gamma 2.0 -> 0.8 over N steps, then held "
+              "(default 3570; 0 = over the whole run).")
+# Reference-mode choices (README "Fidelity"): the default first, then the released code's behaviour.
+@click.option("--cma-std", type=click.Choice(["valid", "padded"]), default=None,
+              help="DSKD-CMA stds over the teacher's real tokens (default) or the whole padded batch (released).")
+@click.option("--same-vocab-teacher-temperature", is_flag=True, default=None,
+              help="DSKD/DSKDv2: also divide the t2s target by --teacher-temperature (the release does not).")
+@click.option("--teacher-temperature", type=float, default=None)
+@click.option("--ga-mode", type=click.Choice(["paper", "released"]), default=None,
+              help="CMA-GA: the paper's trained D (default) or the released code's fixed random D.")
+@click.option("--v2-mean-weighting", type=click.Choice(["tokens", "micro-batch"]), default=None,
+              help="DSKDv2: weight per-micro-batch means by tokens (default) or equally (released).")
+@click.option("--v2-agreement-threshold", type=float, default=None,
+              help="DSKDv2: the released test that drops the agreement mask above this ratio (released: 1.0).")
+@click.option("--eta-unmapped", type=click.Choice(["drop", "unk"]), default=None,
+              help="DSKDv2-ETA: drop teacher predictions with no student string (default) or train on unk (released).")
+@click.option("--dwa-weights", type=click.Choice(["paper", "released"]), default=None,
+              help="DWA-KD student weights: rescale(H g) (paper eq. 12, default) or rescale(H) g (released).")
+@click.option("--dtw-inputs", type=click.Choice(["raw", "normalised"]), default=None)
+@click.option("--dtw-positions", type=click.Choice(["response", "released"]), default=None,
+              help="DWA-KD Soft-DTW on response positions (default) or the first n from index 0 (released).")
+@click.option("--dtw-reduction", type=click.Choice(["sequence", "tokens"]), default=None)
+@click.option("--kd-warmup-terms", type=click.Choice(["t2s", "both"]), default=None)
 @click.option("--disc-lr", type=float, default=None)
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0 = epoch ends only).")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint in --out.")

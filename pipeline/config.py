@@ -84,10 +84,15 @@ class DistillConfig:
     method: str = "dskd-cma"  # one of pipeline/methods.METHODS (README "Methods")
     data: str = ""
     out: str = ""
-    dev_data: str = ""  # "" = no dev evaluation; else the student's dev loss each epoch keeps the best model
-    dev_rouge: bool = False  # also greedy ROUGE-L on dev_data each epoch (the best model then follows ROUGE-L)
+    # Dev evaluation at every epoch end: "" = none; else the dev loss, and with dev_rouge the published model
+    # selection (spec/evaluation.md): ROUGE-L of dev_rouge_passes sampled passes (T=1, top_p=1, top_k=0,
+    # no_repeat_ngram 0) on the first dev_limit examples. The best epoch (ROUGE-L, else dev loss) is the run's output.
+    dev_data: str = ""
+    dev_rouge: bool = False
+    dev_rouge_greedy: bool = False  # one greedy pass instead of the sampled ones
+    dev_rouge_passes: int = 3
     limit: int | None = None
-    dev_limit: int | None = None
+    dev_limit: int | None = 1000  # the released scripts' --dev-num
     skip_bad: bool = False
     max_prompt_length: int = 256
     max_length: int = 512
@@ -104,15 +109,28 @@ class DistillConfig:
     kd_rate: float = 0.5
     kd_temperature: float = 2.0
     teacher_temperature: float = 1.0
-    divergence: str = "fkl"  # fkl | rkl | sfkl | srkl | js | akl | tvd
+    divergence: str | None = None  # fkl | rkl | sfkl | srkl | js | akl | tvd; None = the method's (DWA-KD srkl, else fkl)
     lambda_ga: float = 0.1
     ga_start_step: int = 0  # CMA-GA: the generator term and D steps start at this optimizer step
     disc_lr: float = 1e-4
     disc_every: int = 1  # CMA-GA: a discriminator step every k micro-steps
     overlap_top_k: int = 0  # DSKDv2: ideal projector init from the first k overlapping tokens (0 = all)
-    kd_warmup_steps: int = 0  # DWA-KD: linear ramp of the KD terms over this many steps (paper: 300; 0 = off)
-    dtw_gamma_start: float = 2.0  # DWA-KD: Soft-DTW gamma anneals linearly from start to end over training
+    kd_warmup_steps: int | None = None  # DWA-KD: linear ramp of KD_t2s over this many steps (None = 300; 0 = off)
+    dtw_gamma_start: float = 2.0  # DWA-KD: Soft-DTW gamma anneals linearly from start to end ...
     dtw_gamma_end: float = 0.8
+    dtw_gamma_steps: int = 3570  # ... over this many steps, then holds (the public code); 0 = over the whole run
+    # Reference-mode choices (README "Fidelity"): the default first, then the released code's behaviour.
+    cma_std: str = "valid"  # DSKD-CMA family: stds over the teacher's real tokens | "padded" (the whole padded batch)
+    same_vocab_teacher_temperature: bool = False  # DSKD/DSKDv2: also divide the t2s target by teacher_temperature
+    ga_mode: str = "paper"  # CMA-GA: "paper" | "released" (DSKD-KQ: a fixed random D, gradient reversal, all positions)
+    v2_mean_weighting: str = "tokens"  # DSKDv2: per-micro-batch means weighted by "tokens" | "micro-batch" (equal)
+    v2_agreement_threshold: float | None = None  # DSKDv2: None = always mask; 1.0 = the released test
+    eta_unmapped: str = "drop"  # DSKDv2-ETA: teacher predictions with no student string: "drop" | "unk"
+    dwa_weights: str = "paper"  # DWA-KD student weights: "paper" (rescale(H g), eq. 12) | "released" (rescale(H) g)
+    dtw_inputs: str = "raw"  # DWA-KD teacher Soft-DTW inputs: "raw" | "normalised" (the CMA's std-normalised ones)
+    dtw_positions: str = "response"  # DWA-KD Soft-DTW positions: "response" | "released" (first n_b from index 0)
+    dtw_reduction: str = "sequence"  # DWA-KD: sum_b nDTW_b | "tokens" (sum_b n_b nDTW_b)
+    kd_warmup_terms: str = "t2s"  # DWA-KD: the warm-up ramps KD_t2s | "both" (KD_t2s and KD_s2t)
     save_every: int = 0  # checkpoint every N optimizer steps (0 = only at epoch ends)
     keep_checkpoints: int = 2
     resume: bool = False

@@ -66,7 +66,8 @@ class LossInputs:
     weights); hidden Hs [B, S, ds] and logits Zs [B, S, Vs] from the student's forward; teacher_hidden Ht [B, T, dt]
     (None for methods without a teacher); teacher: head (TeacherHead), embed [Vt, dt], embed_scale, tokenizer.
     step: optimizer steps done before this one; progress: step / total steps; micro_step: micro-batches done
-    before this one (CMA-GA's every-k discriminator rhythm); world: number of processes.
+    before this one (CMA-GA's every-k discriminator rhythm); world: number of processes; total_steps,
+    step_tokens, step_micro_batches: see the fields.
     """
 
     cfg: DistillConfig
@@ -81,6 +82,14 @@ class LossInputs:
     progress: float = 0.0
     micro_step: int = 0
     world: int = 1
+    total_steps: int = 1  # optimizer steps of the whole run (DWA-KD's whole-run gamma anneal)
+    step_tokens: float = 0.0  # supervised student tokens of the optimizer step, all micro-batches and ranks
+    step_micro_batches: int = 1  # micro-batches of the optimizer step, all ranks
+
+    @property
+    def micro_batch_mean_weight(self) -> float:
+        """The released DSKD codes' per-micro-batch token denominator ("loss_denom"): step tokens / micro-batches."""
+        return self.step_tokens / max(1, self.step_micro_batches)
 
     @property
     def labels(self) -> Tensor:
@@ -192,7 +201,8 @@ def _cma_ga_parts(cfg, teacher, student_tok, student, device) -> MethodParts:
 
     parts = _projectors("dskd_cma_ga")(cfg, teacher, student_tok, student, device)
     parts.discriminator = build_discriminator(2 * teacher.head.weight.shape[1]).to(device)
-    parts.disc_optimizer = build_discriminator_optimizer(parts.discriminator, lr=cfg.disc_lr)
+    if cfg.ga_mode == "paper":  # --ga-mode released: D keeps its random init, as in the released code (no optimizer)
+        parts.disc_optimizer = build_discriminator_optimizer(parts.discriminator, lr=cfg.disc_lr)
     return parts
 
 
@@ -213,7 +223,7 @@ def _v2_eta_parts(cfg, teacher, student_tok, student, device) -> MethodParts:
     ws = student.get_output_embeddings().weight.detach()
     t_ids, s_ids = vocab_overlap(teacher.tokenizer, student_tok, top_k=cfg.overlap_top_k or None)
     projectors = ideal_projector_init(teacher.head.weight, ws, t_ids, s_ids).to(device)
-    token_map = teacher_to_student_token_map(teacher.tokenizer, student_tok).to(device)
+    token_map = teacher_to_student_token_map(teacher.tokenizer, student_tok, unmapped=cfg.eta_unmapped).to(device)
     return MethodParts(projectors=projectors, token_map=token_map)
 
 
@@ -282,31 +292,49 @@ def uld_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
     return out.loss, {"ce_student": out.ce_student.detach(), "kd": out.kd.detach()}
 
 
+def _std_mask(x: LossInputs) -> Tensor | None:
+    """The DSKD-CMA stds' positions: the teacher's real tokens (cma_std "valid"), or None = the whole padded batch
+    ("padded", the released code; objectives/dskd.cross_model_attention)."""
+    return x.batch["teacher_attention_mask"].bool() if x.cfg.cma_std == "valid" else None
+
+
+def _v2_options(x: LossInputs) -> dict:
+    """DSKDv2's reference-mode choices (objectives/dskd_v2.py module docstring)."""
+    cfg = x.cfg
+    weight = x.micro_batch_mean_weight if cfg.v2_mean_weighting == "micro-batch" else None
+    return dict(mean_weight=weight, agreement_threshold=cfg.v2_agreement_threshold,
+                t2s_teacher_temperature=cfg.same_vocab_teacher_temperature)
+
+
 def dskd_loss(x: LossInputs) -> tuple[Tensor, dict]:
     out = dskd_same_vocab_loss(x.hidden, x.logits, x.labels, _head(x), x.teacher_hidden, x.teacher.head,
-                               x.parts.projectors, **_common(x))
+                               x.parts.projectors, t2s_teacher_temperature=x.cfg.same_vocab_teacher_temperature,
+                               **_common(x))
     return out.loss, _dskd_logs(out, x.n_student)
 
 
 def dskd_v2_loss(x: LossInputs) -> tuple[Tensor, dict]:
     out = dskd_v2_same_vocab_loss(x.hidden, x.logits, x.labels, _head(x), x.teacher_hidden, x.teacher.head,
-                                  x.parts.projectors, **_common(x))
+                                  x.parts.projectors, **_v2_options(x), **_common(x))
     return out.loss, _dskd_logs(out, x.n_student)
 
 
 def dskd_v2_eta_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
     out = dskd_v2_eta_loss(x.hidden, x.logits, x.labels, _head(x), x.teacher_hidden, x.teacher.head,
-                           x.parts.projectors, _pairs(x.batch), x.parts.token_map, **_common(x))
+                           x.parts.projectors, _pairs(x.batch), x.parts.token_map, **_v2_options(x), **_common(x))
     return out.loss, _dskd_logs(out, x.n_student)
 
 
 def dwa_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
     cfg, b = x.cfg, x.batch
+    anneal = cfg.dtw_gamma_steps or max(1, x.total_steps)  # 0: the anneal spans the whole run
     out = dwa_kd_loss(x.hidden, x.logits, x.labels, b["input_ids"], _embed(x), _head(x), b["teacher_input_ids"],
                       b["teacher_labels"], x.teacher_hidden, x.teacher.embed, x.teacher.head, x.parts.projectors,
-                      gamma=dtw_gamma(x.step, start=cfg.dtw_gamma_start, end=cfg.dtw_gamma_end),
+                      gamma=dtw_gamma(x.step, anneal, start=cfg.dtw_gamma_start, end=cfg.dtw_gamma_end),
                       kd_scale=kd_warmup(x.step, cfg.kd_warmup_steps), teacher_embed_scale=x.teacher.embed_scale,
-                      **_common(x))
+                      weights=cfg.dwa_weights, dtw_inputs=cfg.dtw_inputs, dtw_positions=cfg.dtw_positions,
+                      dtw_reduction=cfg.dtw_reduction, kd_warmup_terms=cfg.kd_warmup_terms,
+                      teacher_attention_mask=_std_mask(x), **_common(x))
     return out.loss, _dskd_logs(out, x.n_student)
 
 
@@ -315,7 +343,7 @@ def _cma_call(x: LossInputs, chunk_mode: str | None = None):
     return dskd_cma_loss(x.hidden, x.logits, x.labels, b["input_ids"], _embed(x), _head(x), b["teacher_input_ids"],
                          b["teacher_labels"], x.teacher_hidden, x.teacher.embed, x.teacher.head, x.parts.projectors,
                          teacher_embed_scale=x.teacher.embed_scale, chunks=b.get("chunks"), chunk_mode=chunk_mode,
-                         **_common(x))
+                         teacher_attention_mask=_std_mask(x), **_common(x))
 
 
 def dskd_cma_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
@@ -339,10 +367,11 @@ def cma_ga_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
 
     From optimizer step `ga_start_step` on: every `disc_every`-th micro-step D is stepped first on the detached
     response keys/queries (its own optimizer); the generator term lambda_GA * L_G * n_s then joins the student-side
-    sum.
+    sum. --ga-mode released: the released code's term instead (objectives/cma_ga.released_kq_term: a D that is
+    never stepped, gradient reversal, every position, lambda_GA * L_KQ added unscaled); "l_g" logs L_KQ.
     """
     from dskd_pipe.pipeline.objectives.cma_ga import (discriminator_accuracy, discriminator_loss, generator_loss,
-                                                      generator_term, response_tokens)
+                                                      generator_term, released_kq_term, response_tokens)
 
     cfg, parts = x.cfg, x.parts
     out = _cma_call(x)
@@ -352,6 +381,14 @@ def cma_ga_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
         return loss, logs
     disc = parts.discriminator
     kr, qr = response_tokens(out.keys, out.queries, out.teacher_mask, out.student_mask)
+    if cfg.ga_mode == "released":
+        term, l_kq = released_kq_term(disc, out.queries, out.keys, cfg.lambda_ga)
+        acc_real, acc_fake = discriminator_accuracy(disc, kr, qr)
+        n_kr, n_qr = float(kr.shape[0]), float(qr.shape[0])
+        logs.update(l_g_sum=l_kq.detach() * n_s,
+                    d_acc_real_sum=torch.nan_to_num(acc_real) * n_kr, d_real_n=torch.tensor(n_kr),
+                    d_acc_fake_sum=torch.nan_to_num(acc_fake) * n_qr, d_fake_n=torch.tensor(n_qr))
+        return loss + term, logs
     if x.micro_step % cfg.disc_every == 0:
         l_d = discriminator_loss(disc, kr, qr)  # inputs detached inside: trains D only
         parts.disc_optimizer.zero_grad(set_to_none=True)
@@ -420,6 +457,12 @@ def _cma_ga_metrics(sums: dict, n_step: float) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 _DSKD_DEFAULTS = {"projector_lr": PROJECTOR_LR}
+# DSKDv2's released scripts (scripts/dolly/gpt2/run_dskdv2*.sh) train the projector at 5e-4.
+_V2_DEFAULTS = {"projector_lr": 5e-4}
+# DWA-KD's public script: skewed reverse KL on the student side; the public code ramps KD_t2s over 300 steps.
+_DWA_DEFAULTS = {"projector_lr": PROJECTOR_LR, "divergence": "srkl", "kd_warmup_steps": 300}
+# Options every method resolves to when neither the user nor the method's entry sets them.
+_FALLBACKS = {"projector_lr": PROJECTOR_LR, "divergence": "fkl", "kd_warmup_steps": 0}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sft", "cross-entropy on the gold responses; no teacher", sft_loss, _per_token("ce_student"),
@@ -433,11 +476,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("cma-ga", "DSKD-CMA with adversarial key-query matching (spec/cma_ga.md)", cma_ga_method_loss,
            _cma_ga_metrics, build_parts=_cma_ga_parts, defaults=_DSKD_DEFAULTS),
     Method("dskd-v2", "DSKDv2, same vocabulary: ideal projectors, teacher-argmax targets", dskd_v2_loss,
-           _dskd_metrics(), same_vocabulary=True, build_parts=_v2_same_vocab_parts, defaults=_DSKD_DEFAULTS),
+           _dskd_metrics(), same_vocabulary=True, build_parts=_v2_same_vocab_parts, defaults=_V2_DEFAULTS),
     Method("dskd-v2-eta", "DSKDv2 with exact token alignment, any tokenizers", dskd_v2_eta_method_loss,
-           _dskd_metrics(), build_parts=_v2_eta_parts, collate_extras=_eta_extras, defaults=_DSKD_DEFAULTS),
+           _dskd_metrics(), build_parts=_v2_eta_parts, collate_extras=_eta_extras, defaults=_V2_DEFAULTS),
     Method("dwa-kd", "DSKD-CMA with entropy weights and Soft-DTW alignment", dwa_method_loss,
-           _dskd_metrics("dtw", "dtw_hidden", "dtw_embed"), build_parts=_dwa_parts, defaults=_DSKD_DEFAULTS),
+           _dskd_metrics("dtw", "dtw_hidden", "dtw_embed"), build_parts=_dwa_parts, defaults=_DWA_DEFAULTS),
     Method("mined", "MinED: edit-distance token map and DTW alignment (baseline)", mined_method_loss,
            _per_token("ce_student", "kd"), build_parts=_mined_parts, collate_extras=_mined_extras),
     Method("uld", "ULD: sorted-probability distance (baseline)", uld_method_loss, _per_token("ce_student", "kd")),
@@ -466,8 +509,9 @@ def resolve(cfg: DistillConfig) -> DistillConfig:
     for f in dataclasses.fields(cfg):
         if getattr(cfg, f.name) is None and method is not None and f.name in method.defaults:
             fill[f.name] = method.defaults[f.name]
-    if cfg.projector_lr is None and "projector_lr" not in fill:
-        fill["projector_lr"] = PROJECTOR_LR  # a method without projectors: the value is unused but concrete
+    for name, value in _FALLBACKS.items():  # e.g. a method without projectors: the value is unused but concrete
+        if getattr(cfg, name) is None and name not in fill:
+            fill[name] = value
     return dataclasses.replace(cfg, **fill) if fill else cfg
 
 

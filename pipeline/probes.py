@@ -96,16 +96,17 @@ def alignment_accuracy(attn: Tensor, chunks: Tensor, student_mask: Tensor) -> tu
 
 
 def cma_attention(batch: dict, student_hidden: Tensor, student_embed: Tensor, teacher_embed: Tensor,
-                  projectors: Projectors, teacher_embed_scale: float = 1.0) -> Tensor:
+                  projectors: Projectors, teacher_embed_scale: float = 1.0, cma_std: str = "valid") -> Tensor:
     """a_t2s [B, S, T] of a trained DSKD-CMA / CMA-GA for one batch: spec/dskd.md "DSKD-CMA" steps 1-4, computed by
     dskd.cross_model_attention itself (softmax over teacher label positions; -1e5 outside response x response).
 
-    batch: the Collate dict (input_ids, labels [B, S]; teacher_input_ids, teacher_labels [B, T]; teacher_hidden
-    [B, T, dt]). The key/hidden normalisation is one scalar std over the padded batch, as in training, so the
-    attention of an example depends (through a scalar temperature) on its batch-mates; batch size 1 is exact per
-    example.
+    batch: the Collate dict (input_ids, labels [B, S]; teacher_input_ids, teacher_labels, teacher_attention_mask
+    [B, T]; teacher_hidden [B, T, dt]). The key/hidden normalisation is one scalar std per batch as the run was
+    trained (cma_std: over the teacher's real tokens, or "padded" over the padded batch), so the attention of an
+    example depends (through a scalar temperature) on its batch-mates; batch size 1 is exact per example.
     """
+    mask = batch["teacher_attention_mask"].bool() if cma_std == "valid" else None
     cma = cross_model_attention(student_hidden, batch["labels"], batch["input_ids"], student_embed,
                                 batch["teacher_input_ids"], batch["teacher_labels"], batch["teacher_hidden"],
-                                teacher_embed, projectors, teacher_embed_scale)
+                                teacher_embed, projectors, teacher_embed_scale, teacher_attention_mask=mask)
     return cma.a_t2s.detach()

@@ -14,6 +14,7 @@ Output folder: the student (save_pretrained, safetensors) and its tokenizer, pro
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -35,6 +36,12 @@ from dskd_pipe.pipeline.training import (MetricsLogger, cosine_schedule, list_ch
                                          param_groups, peek_trainer_state, rng_state, save_checkpoint,
                                          save_safetensors, seed_everything, set_rng_state, write_json_atomic)
 
+# The reference-mode choices of DistillConfig (README "Fidelity"): the default first, the released behaviour next.
+CHOICES = {"cma_std": ("valid", "padded"), "ga_mode": ("paper", "released"),
+           "v2_mean_weighting": ("tokens", "micro-batch"), "eta_unmapped": ("drop", "unk"),
+           "dwa_weights": ("paper", "released"), "dtw_inputs": ("raw", "normalised"),
+           "dtw_positions": ("response", "released"), "dtw_reduction": ("sequence", "tokens"),
+           "kd_warmup_terms": ("t2s", "both")}
 DIE_AT_STEP_ENV = "DSKD_PIPE_TEST_DIE_AT_STEP"  # tests: os._exit(137) right after the checkpoint of this step
 RESOLVED_CONFIG = "distill_config.json"  # not config.json: that name is the student's HF config
 DONE = "distill_done.json"  # written last: the folder holds a finished student
@@ -50,8 +57,15 @@ def check_config(cfg: DistillConfig) -> None:
     problems = []
     if cfg.method not in METHODS:
         problems.append(f"--method '{cfg.method}': choose one of {', '.join(METHODS)}.")
-    if cfg.divergence not in DIVERGENCES:
+    if cfg.divergence is not None and cfg.divergence not in DIVERGENCES:
         problems.append(f"--divergence '{cfg.divergence}': choose one of {', '.join(DIVERGENCES)}.")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            problems.append(f"--{name.replace('_', '-')} '{getattr(cfg, name)}': choose one of {', '.join(choices)}.")
+    if cfg.dev_rouge_passes < 1:
+        problems.append(f"--dev-rouge-passes must be >= 1, found {cfg.dev_rouge_passes}.")
+    if cfg.dtw_gamma_steps < 0:
+        problems.append(f"--dtw-gamma-steps must be >= 0 (0 = the whole run), found {cfg.dtw_gamma_steps}.")
     uses_teacher = cfg.method not in METHODS or METHODS[cfg.method].uses_teacher
     if bool(cfg.cache) == bool(cfg.teacher) and uses_teacher:
         problems.append("pass exactly one of --cache STORE (offline) or --teacher MODEL (online).")
@@ -231,12 +245,14 @@ def _check_same_tokenisation(batch: dict, method: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher, parts: MethodParts, *,
-                     step: int = 0, progress: float = 0.0, micro_step: int = 0,
-                     world: int = 1) -> tuple[torch.Tensor, dict]:
+                     step: int = 0, progress: float = 0.0, micro_step: int = 0, world: int = 1,
+                     total_steps: int = 1, step_tokens: float = 0.0,
+                     step_micro_batches: int = 1) -> tuple[torch.Tensor, dict]:
     """(student-side loss SUM with grad, dict of detached sums/counts for the log) of one micro-batch.
 
     The student's forward, then the method's loss (pipeline/methods.py). step: optimizer steps done before this
-    one; progress: step / total steps; micro_step: micro-batches done before this one.
+    one; progress: step / total steps; micro_step: micro-batches done before this one; step_tokens /
+    step_micro_batches: the step's supervised student tokens and micro-batches over all ranks (LossInputs).
     """
     method = METHODS[cfg.method]
     hs, zs = student_forward(student, batch)
@@ -246,14 +262,15 @@ def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher,
     if method.same_vocabulary:
         _check_same_tokenisation(batch, cfg.method)
     inputs = LossInputs(cfg, batch, _hf(student), hs, zs, ht, teacher, parts, step=step, progress=progress,
-                        micro_step=micro_step, world=world)
+                        micro_step=micro_step, world=world, total_steps=total_steps, step_tokens=step_tokens,
+                        step_micro_batches=step_micro_batches)
     loss, terms = method.loss(inputs)
     return loss, {"n_student": inputs.n_student.float(), **terms}
 
 
 def accumulate_gradients(cfg: DistillConfig, micro: list[dict], student, teacher: Teacher, parts: MethodParts,
                          world: int, device: str, trainable: list[torch.nn.Parameter], *, step: int = 0,
-                         progress: float = 0.0, micro_step: int = 0) -> tuple[dict, torch.Tensor]:
+                         progress: float = 0.0, micro_step: int = 0, total_steps: int = 1) -> tuple[dict, torch.Tensor]:
     """Forward/backward every micro-batch of one optimizer step; (summed logs, the step's token count).
 
     Reduction (spec/dskd.md): every term is a sum; the step's total is divided by its GLOBAL supervised student
@@ -261,11 +278,13 @@ def accumulate_gradients(cfg: DistillConfig, micro: list[dict], student, teacher
     """
     n_step = _all_reduce(torch.stack([(b["labels"] != -100).sum() for b in micro]).sum().float(), world)
     n_step = n_step.clamp_min(1.0)
+    n_micro = int(_all_reduce(torch.tensor(float(len(micro)), device=n_step.device), world))
     sums: dict[str, torch.Tensor] = {}
     for k, b in enumerate(micro):
         with _autocast(device, cfg):
             loss, logs = micro_batch_loss(cfg, b, student, teacher, parts, step=step, progress=progress,
-                                          micro_step=micro_step + k, world=world)
+                                          micro_step=micro_step + k, world=world, total_steps=total_steps,
+                                          step_tokens=float(n_step), step_micro_batches=n_micro)
         (loss / n_step).backward()
         for name, v in logs.items():
             sums[name] = sums.get(name, 0.0) + v.detach().float()
@@ -302,19 +321,30 @@ def dev_loss(student, examples, side: Side, collate: Collate, cfg: DistillConfig
     return total / max(1, n)
 
 
+def dev_rouge_config(cfg: DistillConfig):
+    """The generation settings of the published model selection (the released distillation.py's `evaluate` on the
+    dev split): sampling with T = 1, top_p = 1, top_k = 0, no_repeat_ngram_size 0 (the release switches it off for
+    dev), at most max_length - max_prompt_length new tokens, one pass per seed; --dev-rouge-greedy: one greedy pass.
+    Seeds cfg.seed, cfg.seed + 1, ... (the release samples from its running RNG stream instead)."""
+    from dskd_pipe.pipeline.config import ScoreConfig
+
+    return ScoreConfig(greedy=cfg.dev_rouge_greedy, temperature=1.0, top_p=1.0, top_k=0, no_repeat_ngram_size=0,
+                       max_new_tokens=max(1, cfg.max_length - cfg.max_prompt_length),
+                       max_prompt_length=cfg.max_prompt_length, batch_size=cfg.micro_batch_size, progress=False,
+                       seeds=tuple(cfg.seed + k for k in range(1 if cfg.dev_rouge_greedy else cfg.dev_rouge_passes)))
+
+
 def dev_rouge(student, tokenizer, examples, cfg: DistillConfig) -> float | None:
-    """Greedy ROUGE-L x 100 via stages/score.py, or None when that module is not available."""
+    """Dev ROUGE-L x 100, the mean over the passes of dev_rouge_config, via stages/score.py (None without it)."""
     try:
-        from dskd_pipe.pipeline.config import ScoreConfig
         from dskd_pipe.stages.score import evaluate_rouge
     except ImportError:
         return None
+    score_cfg = dev_rouge_config(cfg)
     was = student.training
     student.eval()
     try:
-        return float(evaluate_rouge(_hf(student), tokenizer, examples, (0,),
-                                    ScoreConfig(greedy=True, max_prompt_length=cfg.max_prompt_length,
-                                                batch_size=cfg.micro_batch_size, progress=False)))
+        return float(evaluate_rouge(_hf(student), tokenizer, examples, score_cfg.seeds, score_cfg))
     finally:
         student.train(was)
 
@@ -400,7 +430,11 @@ def run(cfg: DistillConfig) -> Path:
     metrics = MetricsLogger(out / "metrics.jsonl", enabled=rank == 0,
                             truncate_after_step=state["step"] if resume_from is not None else None,
                             tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None)
-    dev_examples = load_examples(cfg.dev_data, limit=cfg.dev_limit) if cfg.dev_data and rank == 0 else None
+    dev_examples = None
+    if cfg.dev_data and rank == 0:
+        from dskd_pipe.stages.score import unescape_newlines  # a literal "<n>" is a newline, as in `score`
+
+        dev_examples = unescape_newlines(load_examples(cfg.dev_data, limit=cfg.dev_limit))
     die_at = int(os.environ.get(DIE_AT_STEP_ENV, 0))
 
     def checkpoint() -> None:
@@ -440,7 +474,7 @@ def run(cfg: DistillConfig) -> Path:
                 break
             sums, n_step = accumulate_gradients(cfg, micro, student, teacher, parts, world, device, trainable,
                                                 step=state["step"], progress=state["step"] / max(1, total_steps),
-                                                micro_step=state["micro_step"])
+                                                micro_step=state["micro_step"], total_steps=total_steps)
             state["micro_step"] += len(micro)
             grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                          else torch.zeros(()))
@@ -480,19 +514,41 @@ def run(cfg: DistillConfig) -> Path:
     bar.close()
 
     if rank == 0:
-        save_student(student, tok, out)
+        done = {"step": state["step"], "method": cfg.method}
+        if state.get("best") is not None and (out / "best" / "config.json").is_file():
+            # Model selection (spec/evaluation.md): the best dev epoch is the run's output; the last one stays.
+            save_student(student, tok, out / "last")
+            _copy_model_files(out / "best", out)
+            done.update(student="best", best_epoch=state.get("best_epoch"), best_step=state.get("best_step"),
+                        dev_metric="dev_rouge_l" if cfg.dev_rouge else "dev_loss")
+        else:
+            save_student(student, tok, out)
         for name, module in modules.items():
             if module is not None:
                 save_safetensors(module, out / f"{name}.safetensors")
-        write_json_atomic(out / DONE, {"step": state["step"], "method": cfg.method})
-        print(f"{out}: student after {state['step']} steps ({cfg.method}).")
+        write_json_atomic(out / DONE, done)
+        which = f"the best dev epoch ({state.get('best_epoch')})" if done.get("student") == "best" else "the student"
+        print(f"{out}: {which} after {state['step']} steps ({cfg.method}).")
     if world > 1:
         torch.distributed.barrier()
     return out
 
 
+DEV_CURVE = "dev_curve.json"  # every dev evaluation of the run and the selected epoch
+
+
+def _copy_model_files(src: Path, dst: Path) -> None:
+    """The files of a saved HF model folder (weights, configs, tokenizer), copied over those in `dst`."""
+    import shutil
+
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
 def _evaluate(cfg, student, tok, examples, side, collate, device, out, state, metrics):
-    """Dev loss (and ROUGE-L when asked) at an epoch end; the best student so far goes to out/best."""
+    """Dev loss (and ROUGE-L when asked) at an epoch end; the best student so far goes to out/best, and the curve
+    with the selected epoch to out/dev_curve.json."""
     saved = rng_state()  # generation reseeds the RNGs; training must not notice the evaluation
     loss = dev_loss(student, examples, side, collate, cfg, device)
     rouge = dev_rouge(student, tok, examples, cfg) if cfg.dev_rouge else None
@@ -505,5 +561,14 @@ def _evaluate(cfg, student, tok, examples, side, collate, device, out, state, me
     best = state.get("best")
     if best is None or score > best:
         save_student(student, tok, out / "best")
-        return score
+        best = score
+        state["best_epoch"], state["best_step"] = state["epoch"], state["step"]
+    curve_path = out / DEV_CURVE
+    curve = json.loads(curve_path.read_text())["curve"] if curve_path.is_file() else []
+    curve = [r for r in curve if r["step"] < state["step"]] + [record]  # a resumed run replaces what it redoes
+    write_json_atomic(curve_path, {"metric": "dev_rouge_l" if cfg.dev_rouge else "dev_loss", "curve": curve,
+                                   "best": {"epoch": state.get("best_epoch"), "step": state.get("best_step")},
+                                   "settings": None if rouge is None else {
+                                       "greedy": cfg.dev_rouge_greedy, "passes": len(dev_rouge_config(cfg).seeds),
+                                       "examples": len(examples), "no_repeat_ngram_size": 0}})
     return best

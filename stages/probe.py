@@ -131,7 +131,8 @@ def run(cfg: ProbeConfig) -> Path:
         batch = {k: v.to(device) for k, v in collate(items).items()}
         with torch.no_grad():
             hs, _ = student_forward(student, batch)
-            a_t2s = cma_attention(batch, hs, student_embed, teacher_embed, projectors, embed_scale).cpu()  # [B,S,T]
+            a_t2s = cma_attention(batch, hs, student_embed, teacher_embed, projectors, embed_scale,
+                                  dcfg.cma_std).cpu()  # [B, S, T]
         ms, mt = (batch["labels"] != -100).cpu(), (batch["teacher_labels"] != -100).cpu()
         for b, (rec, s) in enumerate(records):
             i = int(rec["example_id"])

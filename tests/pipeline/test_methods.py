@@ -74,3 +74,110 @@ def test_query_projector_only_for_the_attention_methods():
              for n in ("dskd", "dskd-cma", "cma-ga", "chunk-attention", "chunk-projection")}
     assert all(any(k.startswith("query") for k in names[n]) for n in ("dskd-cma", "cma-ga", "chunk-attention"))
     assert not any(k.startswith("query") for n in ("dskd", "chunk-projection") for k in names[n])
+
+
+# --- reference-mode options reach the loss functions (issue 13) -------------------------------------------------
+
+def test_published_defaults_of_the_fidelity_items():
+    """DSKDv2's released scripts: projector lr 5e-4; DWA-KD's: skewed reverse KL, KD_t2s warm-up over 300 steps;
+    everything else fkl and no warm-up; a value the user sets stays."""
+    assert resolve(DistillConfig(method="dskd-v2")).projector_lr == 5e-4
+    assert resolve(DistillConfig(method="dskd-v2-eta")).projector_lr == 5e-4
+    dwa = resolve(DistillConfig(method="dwa-kd"))
+    assert (dwa.divergence, dwa.kd_warmup_steps, dwa.projector_lr) == ("srkl", 300, 1e-3)
+    for name in ("dskd-cma", "cma-ga", "sft", "dskd-v2"):
+        cfg = resolve(DistillConfig(method=name))
+        assert (cfg.divergence, cfg.kd_warmup_steps) == ("fkl", 0), name
+    assert resolve(DistillConfig(method="dwa-kd", divergence="fkl", kd_warmup_steps=0)).divergence == "fkl"
+
+
+def test_released_ga_mode_has_no_discriminator_optimizer():
+    teacher = SimpleNamespace(head=TeacherHead(torch.randn(11, 4)), tokenizer=None)
+    parts = build_parts(resolve(DistillConfig(method="cma-ga", ga_mode="released")), teacher, None, _Student(), "cpu")
+    assert parts.discriminator is not None and parts.disc_optimizer is None
+
+
+def _inputs(cfg, **kw):
+    from dskd_pipe.pipeline.methods import LossInputs
+
+    batch = {"labels": torch.tensor([[-100, 1, 2, -100]]), "input_ids": torch.zeros(1, 4, dtype=torch.long),
+             "teacher_input_ids": torch.zeros(1, 5, dtype=torch.long),
+             "teacher_labels": torch.tensor([[-100, 1, 2, 3, -100]]),
+             "teacher_attention_mask": torch.tensor([[1, 1, 1, 1, 0]]),
+             "align_teacher_pos": torch.zeros(1, 0, dtype=torch.long),
+             "align_student_pos": torch.zeros(1, 0, dtype=torch.long)}
+    teacher = SimpleNamespace(head=None, embed=None, embed_scale=1.0)
+    return LossInputs(resolve(cfg), batch, _Student(), torch.zeros(1, 4, 6), torch.zeros(1, 4, 11),
+                      torch.zeros(1, 5, 4), teacher, MethodParts(), **kw)
+
+
+def _record(monkeypatch, name):
+    """Replace methods.<name> by a recorder of its keyword arguments; the entry's own code still runs."""
+    from dskd_pipe.pipeline import methods
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        raise StopIteration  # stop right after the call: the entry's wiring is what is under test
+
+    monkeypatch.setattr(methods, name, fake)
+    return seen
+
+
+@pytest.mark.parametrize("cma_std", ["valid", "padded"])
+def test_cma_std_option_reaches_the_attention(monkeypatch, cma_std):
+    seen = _record(monkeypatch, "dskd_cma_loss")
+    with pytest.raises(StopIteration):
+        METHODS["dskd-cma"].loss(_inputs(DistillConfig(method="dskd-cma", cma_std=cma_std)))
+    mask = seen["teacher_attention_mask"]
+    assert (mask is None) == (cma_std == "padded")
+    if mask is not None:
+        assert mask.tolist() == [[True, True, True, True, False]]
+
+
+def test_dskd_v2_options_reach_the_loss(monkeypatch):
+    seen = _record(monkeypatch, "dskd_v2_same_vocab_loss")
+    cfg = DistillConfig(method="dskd-v2", v2_mean_weighting="micro-batch", v2_agreement_threshold=1.0,
+                        same_vocab_teacher_temperature=True)
+    with pytest.raises(StopIteration):
+        METHODS["dskd-v2"].loss(_inputs(cfg, step_tokens=30.0, step_micro_batches=4))
+    assert seen["mean_weight"] == 7.5 and seen["agreement_threshold"] == 1.0 and seen["t2s_teacher_temperature"]
+    seen = _record(monkeypatch, "dskd_v2_eta_loss")
+    with pytest.raises(StopIteration):
+        METHODS["dskd-v2-eta"].loss(_inputs(DistillConfig(method="dskd-v2-eta"), step_tokens=30.0))
+    assert seen["mean_weight"] is None and seen["agreement_threshold"] is None
+    assert not seen["t2s_teacher_temperature"]
+
+
+def test_dwa_options_gamma_and_warmup_reach_the_loss(monkeypatch):
+    from dskd_pipe.pipeline.objectives.dwa import dtw_gamma
+
+    seen = _record(monkeypatch, "dwa_kd_loss")
+    with pytest.raises(StopIteration):
+        METHODS["dwa-kd"].loss(_inputs(DistillConfig(method="dwa-kd"), step=29, total_steps=100))
+    assert seen["gamma"] == pytest.approx(dtw_gamma(29, 3570)) and seen["kd_scale"] == pytest.approx(0.1)
+    assert (seen["divergence"], seen["weights"], seen["dtw_inputs"], seen["dtw_positions"], seen["dtw_reduction"],
+            seen["kd_warmup_terms"]) == ("srkl", "paper", "raw", "response", "sequence", "t2s")
+    assert seen["teacher_attention_mask"] is not None
+    cfg = DistillConfig(method="dwa-kd", dtw_gamma_steps=0, kd_warmup_steps=0, dwa_weights="released",
+                        dtw_inputs="normalised", dtw_positions="released", dtw_reduction="tokens",
+                        kd_warmup_terms="both", cma_std="padded")
+    with pytest.raises(StopIteration):
+        METHODS["dwa-kd"].loss(_inputs(cfg, step=29, total_steps=100))
+    assert seen["gamma"] == pytest.approx(2.0 - 1.2 * 0.3) and seen["kd_scale"] == 1.0  # whole-run anneal, no ramp
+    assert (seen["weights"], seen["dtw_inputs"], seen["dtw_positions"], seen["dtw_reduction"],
+            seen["kd_warmup_terms"], seen["teacher_attention_mask"]) == ("released", "normalised", "released",
+                                                                          "tokens", "both", None)
+
+
+def test_eta_unmapped_option_builds_the_token_map():
+    from dskd_pipe.pipeline.models import load_tokenizer
+
+    qwen, gpt2 = (load_tokenizer(f"tests/fixtures/tokenizers/{n}") for n in ("qwen2", "gpt2"))
+    teacher = SimpleNamespace(head=TeacherHead(torch.randn(len(qwen), 4)), tokenizer=qwen)
+    maps = {u: build_parts(resolve(DistillConfig(method="dskd-v2-eta", eta_unmapped=u)), teacher, gpt2,
+                           _Student(vocab=len(gpt2)), "cpu").token_map for u in ("drop", "unk")}
+    missing = maps["drop"] == -1
+    assert missing.any() and (maps["unk"][missing] == gpt2.unk_token_id).all()
+    assert torch.equal(maps["unk"][~missing], maps["drop"][~missing])

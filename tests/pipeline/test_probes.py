@@ -97,13 +97,18 @@ def test_cma_attention_is_the_loss_attention():
     t_labels = torch.tensor([[-100, 1, 2, 3, 4, -100], [-100, -100, 5, 6, 7, 8]])
     batch = {"input_ids": torch.randint(0, vs, (b, s)), "labels": labels,
              "teacher_input_ids": torch.randint(0, vt, (b, t)), "teacher_labels": t_labels,
-             "teacher_hidden": torch.randn(b, t, dt)}
+             "teacher_hidden": torch.randn(b, t, dt), "teacher_attention_mask": torch.tensor([[1] * 6, [1] * 5 + [0]])}
     hs, es, et = torch.randn(b, s, ds), torch.randn(vs, ds), torch.randn(vt, dt)
     proj = build_projectors("dskd_cma", ds, dt)
     got = cma_attention(batch, hs, es, et, proj)
     ref = cross_model_attention(hs, labels, batch["input_ids"], es, batch["teacher_input_ids"], t_labels,
-                                batch["teacher_hidden"], et, proj).a_t2s
+                                batch["teacher_hidden"], et, proj,
+                                teacher_attention_mask=batch["teacher_attention_mask"].bool()).a_t2s
     assert got.shape == (b, s, t) and torch.equal(got, ref.detach())
+    padded = cross_model_attention(hs, labels, batch["input_ids"], es, batch["teacher_input_ids"], t_labels,
+                                   batch["teacher_hidden"], et, proj).a_t2s  # a run trained with --cma-std padded
+    assert torch.equal(cma_attention(batch, hs, es, et, proj, cma_std="padded"), padded.detach())
+    assert not torch.equal(got, padded.detach())
     rows = got[labels != -100]
     assert torch.allclose(rows.sum(-1), torch.ones(rows.shape[0]))
     assert float(got[0][labels[0] != -100][:, t_labels[0] == -100].max()) < 1e-30  # masked teacher columns

@@ -15,7 +15,7 @@ from dskd_pipe.cache.format import StoreError
 from dskd_pipe.cache.streaming import Collate, DistillDataset, Side
 from dskd_pipe.pipeline.config import CacheConfig, ConfigError, DistillConfig
 from dskd_pipe.pipeline import methods
-from dskd_pipe.pipeline.methods import MethodParts
+from dskd_pipe.pipeline.methods import MethodParts, resolve
 from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id, save_tiny_model
 from dskd_pipe.pipeline.objectives.dskd import build_projectors
 from dskd_pipe.stages import distill
@@ -163,6 +163,48 @@ def test_cma_ga_generator_moves_the_query_and_the_discriminator_is_stepped(env):
     assert "l_d" in _metrics(ga)[0] and "l_d" not in _metrics(late)[0]
 
 
+def test_cma_ga_released_mode_keeps_d_fixed_and_moves_the_query(env):
+    """--ga-mode released (issue 13 item 5): no D step, L_KQ logged as l_g, the query projector moved by the
+    reversed gradient; D equals the never-stepped D of a run whose GA starts later (same seed, same init)."""
+    common = dict(cache=str(env["store_q"]), max_steps=1, max_grad_norm=0.0)
+    cma = distill.run(_cfg(env, "rel_off", method="dskd-cma", **common))
+    rel = distill.run(_cfg(env, "rel_on", method="cma-ga", ga_mode="released", lambda_ga=1.0, **common))
+    late = _weights(distill.run(_cfg(env, "rel_late", method="cma-ga", lambda_ga=1.0, ga_start_step=1, **common)),
+                    "discriminator.safetensors")
+    assert _max_diff(_weights(rel, "discriminator.safetensors"), late) == 0
+    p_cma, p_rel = _weights(cma, "projectors.safetensors"), _weights(rel, "projectors.safetensors")
+    assert float((p_cma["query.weight"] - p_rel["query.weight"]).abs().max()) > 1e-6
+    (m,) = _metrics(rel)
+    assert "l_g" in m and "l_d" not in m
+    assert json.loads((rel / "distill_config.json").read_text())["config"]["ga_mode"] == "released"
+
+
+def test_dev_rouge_selects_the_best_epoch_as_the_output(env, monkeypatch):
+    """Issue 13 item 18: --dev-rouge samples dev_rouge_passes passes (no_repeat_ngram 0) each epoch, the best epoch
+    becomes the run's output (the last one stays in out/last) and the curve is recorded."""
+    calls = []
+    scores = iter([30.0, 10.0])  # epoch 1 is the best
+
+    def fake_rouge(model, tokenizer, examples, seeds, cfg):
+        calls.append((len(examples), tuple(seeds), cfg.greedy, cfg.no_repeat_ngram_size, cfg.top_k, cfg.temperature))
+        return next(scores)
+
+    from dskd_pipe.stages import score
+
+    monkeypatch.setattr(score, "evaluate_rouge", fake_rouge)
+    out = distill.run(_cfg(env, "dev_sel", method="sft", epochs=2, dev_data=DEV, dev_rouge=True, dev_limit=3,
+                           dev_rouge_passes=2))
+    assert calls == [(3, (0, 1), False, 0, 0, 1.0)] * 2
+    curve = json.loads((out / "dev_curve.json").read_text())
+    assert [r["dev_rouge_l"] for r in curve["curve"]] == [30.0, 10.0] and curve["best"]["epoch"] == 1
+    assert curve["settings"] == {"greedy": False, "passes": 2, "examples": 3, "no_repeat_ngram_size": 0}
+    assert _max_diff(_weights(out), _weights(out / "best")) == 0
+    assert _max_diff(_weights(out), _weights(out / "last")) > 0
+    done = json.loads((out / "distill_done.json").read_text())
+    assert done["student"] == "best" and done["best_epoch"] == 1 and done["dev_metric"] == "dev_rouge_l"
+    assert [m["dev_rouge_l"] for m in _metrics(out) if "dev_rouge_l" in m] == [30.0, 10.0]
+
+
 def _grads(env, cfg, micro):
     teacher, source = distill.open_teacher(cfg, "cpu")
     torch.manual_seed(0)
@@ -174,7 +216,7 @@ def _grads(env, cfg, micro):
 
 
 def test_two_micro_batches_times_four_accumulation_equal_eight_times_one(env):
-    cfg = _cfg(env, "accum", method="dskd", cache=str(env["store_g"]))
+    cfg = resolve(_cfg(env, "accum", method="dskd", cache=str(env["store_g"])))  # as run() does
     teacher, source = distill.open_teacher(cfg, "cpu")
     tok = load_tokenizer(str(env["student"]))
     side = Side(tok, eos_token_id(tok), pad_token_id(tok), 256, 64)
