@@ -10,7 +10,7 @@ import torch
 from dskd_pipe.cache.reader import open_store
 from dskd_pipe.cache.streaming import Collate, DistillDataset, Side, StoreSource, UnionSource
 from dskd_pipe.pipeline.config import CacheConfig, ConfigError, DistillConfig, OnPolicyConfig, load_config
-from dskd_pipe.pipeline.methods import build_parts
+from dskd_pipe.pipeline.methods import build_parts, resolve
 from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id, save_tiny_model
 from dskd_pipe.stages import distill, on_policy
 
@@ -67,7 +67,7 @@ def test_round_prompts_and_schedule_are_fixed_by_the_settings():
 def test_samples_feed_kd_terms_only(env):
     """A sample row adds its KD terms but no student CE: the same batch marked gold has the same KD terms and a
     larger CE."""
-    cfg = load_config(DistillConfig, env["distill"], {"method": "dskd-cma"})
+    cfg = resolve(load_config(DistillConfig, env["distill"], {"method": "dskd-cma"}))  # as distill.run does
     teacher, _ = distill.open_teacher(cfg, "cpu")
     gold = StoreSource(open_store(env["store"]), limit=4)
     source = UnionSource(gold, [StoreSource(open_store(env["store"]), limit=2)])  # the store stands in for samples
