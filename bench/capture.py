@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from dskd_pipe.cache.format import Manifest, part_name
+from dskd_pipe.cache.format import Manifest, part_name, plan_store
 from dskd_pipe.cache.writer import PartWriter, open_for_writing
 from dskd_pipe.pipeline.config import CacheConfig, config_to_dict
 from dskd_pipe.pipeline.data import TEMPLATE_ID, build_sequence, load_examples
 from dskd_pipe.pipeline.models import (eos_token_id, head_parts, load_causal_lm, load_tokenizer, pad_token_id,
                                        save_tiny_model)
-from dskd_pipe.stages.cache_teacher import _DTYPES, _cache_batches, length_batches, teacher_states
+from dskd_pipe.stages.cache_teacher import _DTYPES, _cache_batches, teacher_states
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN_TOK = ROOT / "tests" / "fixtures" / "tokenizers" / "qwen2"
@@ -98,7 +98,7 @@ def time_bare(model, seqs, batches, pad, device) -> float:
     return time.perf_counter() - start
 
 
-def time_capture(model, tok, examples, seqs, batches, head, cfg: CacheConfig, out: Path) -> dict:
+def time_capture(model, tok, examples, seqs, plan, head, cfg: CacheConfig, out: Path) -> dict:
     eos, pad = eos_token_id(tok), pad_token_id(tok)
     dtype = next(model.parameters()).dtype
     manifest = Manifest(
@@ -106,15 +106,18 @@ def time_capture(model, tok, examples, seqs, batches, head, cfg: CacheConfig, ou
                       "data": {"path": cfg.data, "n_examples": len(examples)}},
         hidden_dtype=str(dtype).removeprefix("torch."), d_model=int(head["weight"].shape[1]),
         vocab_size=int(head["weight"].shape[0]), eos_id=eos, pad_id=pad, topk=cfg.topk,
-        chunk_tokens=cfg.chunk_tokens, compression=cfg.compression, n_parts=1)
+        chunk_tokens=cfg.chunk_tokens, shard_tokens=cfg.shard_tokens, batch_tokens=cfg.batch_tokens,
+        compression=cfg.compression, n_parts=1, plan_sha256=plan.sha256())
     if out.exists():
         shutil.rmtree(out)
-    root, on_disk = open_for_writing(str(out), manifest, config_to_dict(cfg))
-    writer = PartWriter(root, 0, on_disk)
+    root, on_disk = open_for_writing(str(out), manifest, config_to_dict(cfg), plan,
+                                     [(e.prompt, e.response) for e in examples])
+    writer = PartWriter(root, 0, on_disk, plan)
+    batches = [plan.batches[b] for b in plan.part_batches(0)]
     sync(cfg.device)
     start = time.perf_counter()
     try:
-        _cache_batches(model, writer, examples, seqs, batches, head, pad, cfg, cfg.device, 0, 1)
+        _cache_batches(model, writer, seqs, batches, head, pad, cfg, cfg.device, 0, 1)
         sync(cfg.device)
         loop = time.perf_counter() - start
         writer.close(complete=True)
@@ -161,10 +164,11 @@ def main() -> None:
     eos, pad = eos_token_id(tok), pad_token_id(tok)
     head = head_parts(model)
     examples = load_examples(cfg.data)
-    seqs = {i: build_sequence(tok, e.prompt, e.response, eos, cfg.max_prompt_length, cfg.max_length)
-            for i, e in enumerate(examples)}
-    batches = length_batches({i: len(s.ids) for i, s in seqs.items()}, cfg.batch_tokens)
-    tokens = sum(len(s.ids) for s in seqs.values())
+    seqs = [build_sequence(tok, e.prompt, e.response, eos, cfg.max_prompt_length, cfg.max_length)
+            for e in examples]
+    plan = plan_store([len(s.ids) for s in seqs], [s.prompt_len for s in seqs], cfg.batch_tokens, 1)
+    batches = [list(b) for b in plan.batches]
+    tokens = sum(len(s.ids) for s in seqs)
     padded = sum(len(b) * max(len(seqs[i].ids) for i in b) for b in batches)
     setup_s = time.perf_counter() - t0
     print(f"{a.teacher_shape} on {a.device} ({next(model.parameters()).dtype}): {len(examples)} examples, "
@@ -174,7 +178,7 @@ def main() -> None:
     bare, capture = [], []
     for r in range(a.repeats):
         bare.append(time_bare(model, seqs, batches, pad, cfg.device))
-        capture.append(time_capture(model, tok, examples, seqs, batches, head, cfg, out))
+        capture.append(time_capture(model, tok, examples, seqs, plan, head, cfg, out))
         print(f"repeat {r}: bare {tokens / bare[-1]:.0f} tok/s, capture {tokens / capture[-1]['seconds']:.0f} tok/s "
               f"(ratio {bare[-1] / capture[-1]['seconds']:.3f})")
     best_bare = min(bare)

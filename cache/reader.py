@@ -1,29 +1,28 @@
-"""Reading a finished teacher-state store: read-only, version and fingerprints checked, record i on demand.
+"""Reading a finished teacher-state store: read-only, version, fingerprints and checksums checked, record i on demand.
 
-Memory: the index (4 int64 per example) is loaded at open; each part's `tokens` (12 bytes per token) and texts are
-loaded on the first read from that part, i.e. about 0.3% of the hidden bytes at d=2048 bf16. Hidden rows of one
-example are one read: on local stores, uncompressed arrays are read from their chunk files directly, one pread per
-chunk straight into the output, crc32c verified (Zarr's per-call overhead, ~1 ms, dominates warm reads:
-spec/store_measurements.md); otherwise one Zarr slice. The tokens of a part load in one pass of the same kind.
+Every array is read through cache/shards.py: the shard index once, then one positioned read per contiguous byte
+range (os.preadv into the output on a local disk, fs.cat_ranges on an fsspec URL), the crc32c of every inner chunk
+checked; metadata files are checked against the sha256 the final manifest lists. So every byte a student trains on
+(hidden rows, ids, offsets, texts, head, embeddings, tokenizer) is checked, and any damage is a StoreError naming the
+store, the array, the chunk, its rows and the examples in them.
+
+Memory: the index (6 int64 per example) is loaded at open; each part's `tokens` (12 bytes per token) on the first
+read from that part, the texts on the first read; about 0.3% of the hidden bytes at d=2048 bf16.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
-import warnings
 
 import fsspec
-import google_crc32c
 import numpy as np
 import torch
-import zarr
 
-from dskd_pipe.cache.format import (EXAMPLES, HIDDEN, INDEX_FIELDS, LOGSUMEXP, MANIFEST, PARTIAL_MANIFEST,
-                                    TOKENIZER_GROUP, TOKENS, TOPK_INDICES, TOPK_VALUES, Manifest, StoreError,
-                                    check_compatible, part_name)
-
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14: a read that fails rather than wait on the disk
-_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+from dskd_pipe.cache.format import (EMBED_GROUP, HEAD_GROUP, HIDDEN, INDEX, INDEX_FIELDS, LOGSUMEXP, MANIFEST,
+                                    PARTIAL_MANIFEST, TEXTS, TOKENIZER_GROUP, TOKENS, TOPK_INDICES, TOPK_VALUES,
+                                    Manifest, StoreError, check_compatible, part_name, sha256_hex)
+from dskd_pipe.cache.shards import FsspecFiles, LocalFiles, ShardedArray, layout_from_metadata
 
 
 def from_storage(arr: np.ndarray, logical: str) -> torch.Tensor:
@@ -38,15 +37,33 @@ def _join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *parts])
 
 
+def _is_local(fs) -> bool:
+    protocol = getattr(fs, "protocol", ())
+    return "file" in ((protocol,) if isinstance(protocol, str) else protocol)
+
+
+def damaged_manifest_help(url: str) -> str:
+    return (f"Run the same cache-teacher command again: it checks the parts and writes {MANIFEST} anew (or build a "
+            "new store).")
+
+
 def read_manifest(url: str) -> Manifest:
-    """The finished manifest of a store, or StoreError saying why there is none."""
+    """The finished manifest of a store, or StoreError saying why there is none and what to do."""
     fs, root = fsspec.core.url_to_fs(url)
-    if fs.exists(_join(root, MANIFEST)):
-        m = Manifest.from_dict(json.loads(fs.cat(_join(root, MANIFEST))), where=_join(url, MANIFEST))
+    try:
+        data = fs.cat(_join(root, MANIFEST))
+    except FileNotFoundError:
+        data = None
+    if data is not None:
+        try:
+            m = Manifest.from_json(data, where=_join(url, MANIFEST))
+        except StoreError as e:
+            raise StoreError(f"{e} {damaged_manifest_help(url)}") from None
         if m.complete:
             return m
     if fs.exists(_join(root, PARTIAL_MANIFEST)):
-        raise StoreError(f"{url}: unfinished store: run the same cache-teacher command again to finish it.")
+        raise StoreError(f"{url}: unfinished store: run the same cache-teacher command again to finish it "
+                         "(dskd-pipe cache-info shows its progress).")
     if not fs.exists(root):
         raise StoreError(f"{url}: no such store. Build it with dskd-pipe cache-teacher.")
     raise StoreError(f"{url}: not a teacher-state store (no {MANIFEST}).")
@@ -55,7 +72,7 @@ def read_manifest(url: str) -> Manifest:
 def open_store(path_or_url: str, expected: dict | None = None, verify: bool = True) -> "StoreReader":
     """Open a finished store read-only; `expected` fingerprints (see format.check_compatible) must match.
 
-    `verify=False` skips the crc32c check of each read on local stores (about 10-20% of a warm read's time).
+    `verify=False` skips the crc32c check of each read (cache-verify still checks everything).
     """
     reader = StoreReader(str(path_or_url), verify=verify)
     if expected:
@@ -63,13 +80,68 @@ def open_store(path_or_url: str, expected: dict | None = None, verify: bool = Tr
     return reader
 
 
+class StoreFiles:
+    """The arrays of one store (finished or not) as ShardedArrays; metadata checked against `sha256` when given."""
+
+    def __init__(self, url: str, sha256: dict | None = None, verify: bool = True):
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.files = LocalFiles() if _is_local(self.fs) else FsspecFiles(self.fs)
+        self.sha256 = sha256
+        self.verify = verify
+
+    def metadata(self, rel: str) -> dict:
+        """A JSON metadata file of the store (zarr.json, ...), its sha256 checked against the manifest."""
+        where = _join(self.url, rel)
+        try:
+            data = self.fs.cat(_join(self.root, rel))
+        except FileNotFoundError:
+            raise StoreError(f"{where} is missing. Run dskd-pipe cache-verify {self.url}, then rebuild the "
+                             "store.") from None
+        if self.sha256 is not None:
+            want = self.sha256.get(rel)
+            if want is None or sha256_hex(data) != want:
+                what = "is not listed in the manifest" if want is None else "is damaged (sha256 mismatch)"
+                raise StoreError(f"{where} {what}. Run dskd-pipe cache-verify {self.url}, then rebuild the store.")
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise StoreError(f"{where} is damaged (not JSON: {str(e)[:60]}). Rebuild the store.") from None
+
+    def array(self, rel: str, describe=None) -> tuple[ShardedArray, dict]:
+        layout, attrs = layout_from_metadata(self.metadata(f"{rel}/zarr.json"), _join(self.url, rel, "zarr.json"))
+        return ShardedArray(self.files, _join(self.root, rel), layout, rel, self.url, describe, self.verify), attrs
+
+
+def read_index(url: str) -> np.ndarray:
+    """[n_examples, 6] index of a store, finished or not (written at its creation), checksums checked."""
+    arr, _ = StoreFiles(url).array(INDEX)
+    return arr.read(0, arr.shape[0]) if arr.shape[0] else np.zeros((0, len(INDEX_FIELDS)), np.int64)
+
+
+def examples_in_rows(starts: list[int], ids: list[int], ends: list[int], a: int, b: int) -> list[int]:
+    """Ids of the examples whose rows [start, end) overlap rows [a, b) (starts sorted)."""
+    k = max(0, bisect.bisect_right(starts, a) - 1)
+    out = []
+    while k < len(starts) and starts[k] < b:
+        if ends[k] > a:
+            out.append(ids[k])
+        k += 1
+    return out
+
+
+def _name_examples(ids: list[int], limit: int = 8) -> str:
+    shown = ", ".join(map(str, ids[:limit])) + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
+    return f", examples [{shown}]" if ids else ""
+
+
 class StoreReader:
-    """Record i of a store as numpy arrays / tensors. Picklable: each process opens its own handles lazily."""
+    """Record i of a store as numpy arrays / tensors. Picklable: each process opens its own handles lazily.
+    Not for concurrent use from several threads (each array reuses a scratch buffer)."""
 
     def __init__(self, url: str, verify: bool = True):
         self.url = url
-        self.verify = verify  # False skips the per-read crc32c of direct reads (cache-verify still checks all)
-        self.prefetch = True  # queue all chunk reads of a cold example at once (see _rows)
+        self.verify = verify  # False skips the per-read crc32c (cache-verify still checks all)
         self.manifest = read_manifest(url)
         self.logical_dtype = self.manifest.hidden_dtype
         self._handles = None
@@ -82,33 +154,47 @@ class StoreReader:
 
     def _h(self) -> dict:
         if self._handles is None or self._handles["pid"] != os.getpid():
-            group = zarr.open_group(self.url, mode="r")
-            index = group["index"]
-            fs, root = fsspec.core.url_to_fs(self.url)
-            self._handles = {
-                "pid": os.getpid(), "group": group, "fs": fs, "root": root,
-                "index": {name: np.asarray(index[name][:]) for name in INDEX_FIELDS},
-                "parts": {},
-                # Direct chunk reads need a local folder (then an uncompressed chunk = raw bytes + crc32c).
-                "direct": (getattr(fs, "protocol", None) in ("file", ("file", "local"))
-                           or "file" in getattr(fs, "protocol", ())),
-                "verify": self.verify,
-            }
+            files = StoreFiles(self.url, self.manifest.files, self.verify)
+            index_arr, _ = files.array(INDEX, lambda a, b: f", examples {a}..{b - 1}")
+            index = index_arr.read(0, index_arr.shape[0])
+            if index.shape != (self.manifest.totals["examples"], len(INDEX_FIELDS)):
+                raise StoreError(f"{self.url}: the index holds {index.shape[0]} examples, the manifest says "
+                                 f"{self.manifest.totals['examples']}. Run dskd-pipe cache-verify {self.url}.")
+            self._handles = {"pid": os.getpid(), "files": files, "index": index, "parts": {}, "texts": None}
         return self._handles
 
-    def _part(self, p: int) -> dict:
+    def _part_rows(self, p: int) -> tuple[list[int], list[int], list[int]]:
+        """(token starts, example ids, ends) of part p in row order."""
+        idx = self._h()["index"]
+        ids = np.nonzero(idx[:, 0] == p)[0]
+        order = ids[np.argsort(idx[ids, 1], kind="stable")]
+        starts = idx[order, 1]
+        return starts.tolist(), order.tolist(), (starts + idx[order, 2]).tolist()
+
+    def describe_part(self, p: int):
+        starts, ids, ends = self._part_rows(p)
+        return lambda a, b: _name_examples(examples_in_rows(starts, ids, ends, a, b))
+
+    def part_arrays(self, p: int) -> dict[str, ShardedArray]:
         h = self._h()
         if p not in h["parts"]:
-            g = h["group"][part_name(p)]
-            texts = [json.loads(line) for line in h["fs"].cat(_join(h["root"], part_name(p), EXAMPLES)).splitlines()]
-            part = h["parts"][p] = {
-                "group": g, "name": part_name(p), "root": _join(h["root"], part_name(p)), "scratch": {},
-                "texts": {e["token_start"]: (e["prompt"], e["response"]) for e in texts},
-            }
-            tokens = g[TOKENS]
-            # One bulk load: through Zarr this costs ~0.1 ms a chunk, i.e. seconds for small chunks.
-            part["tokens"] = self._rows(part, TOKENS, 0, tokens.shape[0]) if tokens.shape[0] else np.asarray(tokens[:])
-        return h["parts"][p]
+            describe = self.describe_part(p)
+            names = [HIDDEN, TOKENS] + ([TOPK_VALUES, TOPK_INDICES, LOGSUMEXP] if self.manifest.topk else [])
+            arrays = {name: h["files"].array(f"{part_name(p)}/{name}", describe)[0] for name in names}
+            tokens = arrays[TOKENS]
+            h["parts"][p] = {"arrays": arrays, "tokens": tokens.read(0, tokens.shape[0])}
+        return h["parts"][p]["arrays"]
+
+    def _texts(self) -> np.ndarray:
+        h = self._h()
+        if h["texts"] is None:
+            idx = h["index"]
+            order = np.argsort(idx[:, 4], kind="stable")
+            starts, ends = idx[order, 4].tolist(), (idx[order, 4] + idx[order, 5]).tolist()
+            describe = (lambda a, b: _name_examples(examples_in_rows(starts, order.tolist(), ends, a, b)))
+            arr, _ = h["files"].array(TEXTS, describe)
+            h["texts"] = arr.read(0, arr.shape[0])
+        return h["texts"]
 
     def __len__(self) -> int:
         return self.manifest.totals["examples"]
@@ -117,132 +203,67 @@ class StoreReader:
         """(part, token_start, n_tokens, prompt_len) of example i."""
         if not 0 <= i < len(self):
             raise IndexError(f"example {i} out of range: {self.url} holds {len(self)} examples.")
-        idx = self._h()["index"]
-        return tuple(int(idx[name][i]) for name in INDEX_FIELDS)
+        row = self._h()["index"][i]
+        return int(row[0]), int(row[1]), int(row[2]), int(row[3])
 
-    def _is_direct(self, name: str) -> bool:
-        # Compression applies to hidden and topk_values only (writer.PartWriter._open); the rest is always raw.
-        return self._h()["direct"] and (self.manifest.compression == "none" or name not in (HIDDEN, TOPK_VALUES))
-
-    def _rows(self, part: dict, name: str, start: int, n: int) -> np.ndarray:
-        """Rows [start, start + n) of array `name` of a part, checksums verified.
-
-        Direct path: one pread per chunk file straight into the output (rows of an edge chunk that the example does
-        not cover go to a scratch buffer; the crc32c is extended over the pieces in order), so each byte is copied
-        once, as with a memmap slice. All chunk files of the call are opened and their reads queued first
-        (POSIX_FADV_WILLNEED), so cold reads of small chunks overlap instead of waiting one by one.
-        """
-        if not self._is_direct(name):
-            return np.asarray(part["group"][name][start:start + n])
-        layout = part.get(name)
-        if layout is None:
-            arr = part["group"][name]
-            tail, dtype = tuple(arr.shape[1:]), np.dtype(arr.dtype)
-            row_bytes = int(np.prod(tail, dtype=np.int64)) * dtype.itemsize
-            suffix = "/0" * len(tail)  # chunk key c/<i>/0 for [N, d] arrays, c/<i> for [N]
-            layout = part[name] = (tail, dtype, row_bytes, f"{part['root']}/{name}/c", suffix)
-        tail, dtype, row_bytes, cdir, suffix = layout
-        c = self.manifest.chunk_tokens
-        chunk_bytes = c * row_bytes  # an edge chunk is still stored at full size
-        out = np.empty((n,) + tail, dtype=dtype)
-        if n == 0:
-            return out
-        out_bytes = memoryview(out.reshape(-1).view(np.uint8))
-        scratch = part["scratch"].get(chunk_bytes)
-        if scratch is None:
-            scratch = part["scratch"][chunk_bytes] = memoryview(bytearray(chunk_bytes + 4))
-        crc_tail = scratch[chunk_bytes:]
-        verify = self._h()["verify"]
-        first, last = start // c, (start + n - 1) // c
-        fds = []
+    def text(self, i: int) -> tuple[str, str]:
+        """(prompt, response) of example i."""
+        _, _, _, _, start, n = (int(x) for x in self._h()["index"][i])
+        raw = self._texts()[start:start + n].tobytes()
         try:
-            for chunk in range(first, last + 1):
-                try:
-                    fds.append(os.open(f"{cdir}/{chunk}{suffix}", os.O_RDONLY))
-                except FileNotFoundError:
-                    raise StoreError(f"{self.url}: chunk file {cdir}/{chunk}{suffix} is missing. Run dskd-pipe "
-                                     "cache-verify.") from None
-            # Cold reads of small chunks one by one wait on the disk each time; if the first chunk is not all in the
-            # page cache (a non-blocking read comes back short), queue every chunk's read at once so they overlap.
-            # Warm reads skip the fadvise calls (~5 us each, ~10% of a warm read).
-            queued = last == first or not self.prefetch
-            for fd, chunk in zip(fds, range(first, last + 1)):
-                a, b = max(start, chunk * c), min(start + n, (chunk + 1) * c)  # rows of this example in the chunk
-                lo, hi = (a - chunk * c) * row_bytes, (b - chunk * c) * row_bytes  # their bytes in the chunk
-                bufs = ([scratch[:lo]] if lo else []) + [out_bytes[(a - start) * row_bytes:(b - start) * row_bytes]]
-                if hi < chunk_bytes:
-                    bufs.append(scratch[hi:chunk_bytes])
-                bufs.append(crc_tail)
-                got = -1
-                if not queued:
-                    queued = True
-                    try:
-                        got = os.preadv(fd, bufs, 0, _RWF_NOWAIT)
-                    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here
-                        pass
-                    if got != chunk_bytes + 4:
-                        for f in fds:
-                            os.posix_fadvise(f, 0, 0, os.POSIX_FADV_WILLNEED)
-                        got = -1
-                if got < 0:
-                    got = os.preadv(fd, bufs, 0)
-                path = f"{cdir}/{chunk}{suffix}"
-                if got != chunk_bytes + 4:
-                    raise StoreError(f"{self.url}: {part['name']}/{name} chunk {chunk} ({path}) has {got} bytes, "
-                                     f"expected {chunk_bytes + 4}. Run dskd-pipe cache-verify, then rebuild the store.")
-                if verify:
-                    crc = 0
-                    for buf in bufs[:-1]:
-                        crc = google_crc32c.extend(crc, np.frombuffer(buf, np.uint8))  # it takes no memoryview
-                    if crc != int.from_bytes(crc_tail, "little"):
-                        raise StoreError(f"{self.url}: {part['name']}/{name} chunk {chunk} ({path}) is corrupt "
-                                         "(crc32c mismatch). Run dskd-pipe cache-verify, then rebuild the store.")
-        finally:
-            for fd in fds:
-                os.close(fd)
-        return out
+            d = json.loads(raw)
+            return d["prompt"], d["response"]
+        except (ValueError, KeyError, TypeError):
+            raise StoreError(f"{self.url}: the text of example {i} (texts bytes {start}..{start + n}) does not "
+                             "decode, though its checksum holds: the store was written wrongly. Rebuild it.") from None
 
     def read(self, i: int) -> dict:
         """Example i: ids [T] int64, prompt_len, offsets [T, 2] int64, hidden [T, d] tensor (logical dtype),
         prompt, response, and with top-k: topk_values [T, k] float32, topk_indices [T, k] int64, logsumexp [T]."""
         p, start, n, prompt_len = self.locate(i)
-        part = self._part(p)
-        tokens = part["tokens"][start:start + n].astype(np.int64)  # [T, 3]
-        prompt, response = part["texts"][start]
+        arrays = self.part_arrays(p)
+        tokens = self._h()["parts"][p]["tokens"][start:start + n].astype(np.int64)  # [T, 3]
+        prompt, response = self.text(i)
         rec = {
             "example_id": i, "ids": tokens[:, 0], "prompt_len": prompt_len, "offsets": tokens[:, 1:],
-            "hidden": from_storage(self._rows(part, HIDDEN, start, n), self.logical_dtype),
+            "hidden": from_storage(arrays[HIDDEN].read(start, start + n), self.logical_dtype),
             "prompt": prompt, "response": response,
         }
         if self.manifest.topk:
-            rec["topk_values"] = self._rows(part, TOPK_VALUES, start, n)
-            rec["topk_indices"] = self._rows(part, TOPK_INDICES, start, n).astype(np.int64)
-            rec["logsumexp"] = self._rows(part, LOGSUMEXP, start, n)
+            rec["topk_values"] = arrays[TOPK_VALUES].read(start, start + n)
+            rec["topk_indices"] = arrays[TOPK_INDICES].read(start, start + n).astype(np.int64)
+            rec["logsumexp"] = arrays[LOGSUMEXP].read(start, start + n)
         return rec
 
     def read_many(self, indices) -> list[dict]:
         return [self.read(int(i)) for i in indices]
 
-    def _tensor(self, arr) -> torch.Tensor:
-        return from_storage(np.asarray(arr[...]), arr.attrs.get("dtype", "float32"))
+    def _tensor(self, rel: str) -> torch.Tensor:
+        arr, attrs = self._h()["files"].array(rel)
+        return from_storage(arr.read(0, arr.shape[0]), attrs.get("dtype", "float32"))
+
+    def _group_attrs(self, rel: str) -> dict:
+        return self._h()["files"].metadata(f"{rel}/zarr.json").get("attributes", {})
 
     def head(self) -> dict:
         """{"weight": [V, d], "bias": [V] or None, "logit_scale", "final_logit_softcap"} in the teacher's dtype."""
-        g = self._h()["group"]["head"]
-        return {"weight": self._tensor(g["weight"]), "bias": self._tensor(g["bias"]) if "bias" in g else None,
-                "logit_scale": g.attrs["logit_scale"], "final_logit_softcap": g.attrs["final_logit_softcap"]}
+        attrs = self._group_attrs(HEAD_GROUP)
+        has_bias = f"{HEAD_GROUP}/bias/zarr.json" in self.manifest.files
+        return {"weight": self._tensor(f"{HEAD_GROUP}/weight"),
+                "bias": self._tensor(f"{HEAD_GROUP}/bias") if has_bias else None,
+                "logit_scale": attrs["logit_scale"], "final_logit_softcap": attrs["final_logit_softcap"]}
 
     def embeddings(self) -> dict:
         """{"weight": [V, d] input embedding table, "embed_scale": float}."""
-        g = self._h()["group"]["embed"]
-        return {"weight": self._tensor(g["weight"]), "embed_scale": g.attrs["embed_scale"]}
+        return {"weight": self._tensor(f"{EMBED_GROUP}/weight"),
+                "embed_scale": self._group_attrs(EMBED_GROUP)["embed_scale"]}
 
     def tokenizer_files(self) -> dict[str, bytes]:
-        g = self._h()["group"][TOKENIZER_GROUP]
-        with warnings.catch_warnings():  # zarr warns about the store's JSON side files
-            warnings.simplefilter("ignore")
-            arrays = list(g.arrays())
-        return {name: np.asarray(arr[...]).tobytes() for name, arr in arrays}
+        out = {}
+        for name in self._group_attrs(TOKENIZER_GROUP)["files"]:
+            arr, _ = self._h()["files"].array(f"{TOKENIZER_GROUP}/{name}")
+            out[name] = arr.read(0, arr.shape[0]).tobytes()
+        return out
 
     def tokenizer(self):
         """The teacher's tokenizer rebuilt from the stored files (no teacher download needed)."""
@@ -259,3 +280,22 @@ class StoreReader:
 
     def teacher_config(self) -> dict:
         return json.loads(self.tokenizer_files()["teacher_config.json"])
+
+    def arrays(self) -> dict[str, ShardedArray]:
+        """Every array of the store by path (for cache-verify), part arrays naming their examples."""
+        h = self._h()
+        out = {}
+        for rel in sorted(self.manifest.files):
+            if not rel.endswith("/zarr.json"):
+                continue
+            meta = h["files"].metadata(rel)
+            if meta.get("node_type") != "array":
+                continue
+            path = rel.removesuffix("/zarr.json")
+            describe = None
+            if path.startswith("parts/"):
+                describe = self.describe_part(int(path.split("/")[1].removeprefix("part-")))
+            elif path == INDEX:
+                describe = lambda a, b: f", examples {a}..{b - 1}"  # noqa: E731
+            out[path] = h["files"].array(path, describe)[0]
+        return out

@@ -1,88 +1,87 @@
-"""`cache-verify` and `cache-info`: read every chunk of a store (crc32c), check the index; summarise a store."""
+"""`cache-verify` and `cache-info`: check every stored byte of a store and its index; summarise a store (its progress
+while unfinished)."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import fsspec
 import numpy as np
-import zarr
 
-from dskd_pipe.cache.format import EXAMPLES, INDEX_FIELDS, StoreError, part_name
-from dskd_pipe.cache.reader import _join, read_manifest
-
-
-def _arrays(group, prefix=""):
-    with warnings.catch_warnings():  # zarr warns about our JSON side files (manifest, progress, examples)
-        warnings.simplefilter("ignore")
-        arrays, groups = list(group.arrays()), list(group.groups())
-    for name, arr in arrays:
-        yield f"{prefix}{name}", arr
-    for name, sub in groups:
-        yield from _arrays(sub, f"{prefix}{name}/")
+from dskd_pipe.cache.format import (HIDDEN, MANIFEST, PARTIAL_MANIFEST, PROGRESS, SHARED, TOKENS, Manifest,
+                                    StoreError, part_name, sha256_hex)
+from dskd_pipe.cache.reader import StoreFiles, StoreReader, _join, read_manifest
 
 
 def verify_store(url: str) -> dict:
-    """Check completeness, every chunk of every array and the index. Returns {"ok", "problems", "chunks", ...}."""
+    """Check the manifest, every metadata file (sha256), every shard index and inner chunk of every array (crc32c,
+    size, decoding), the texts and the index against the parts. Returns {"ok", "problems", "chunks", ...}."""
     url = str(url)
     m = read_manifest(url)
     fs, root = fsspec.core.url_to_fs(url)
-    group = zarr.open_group(url, mode="r")
     problems: list[str] = []
-    part_examples: dict[int, list[dict]] = {}
-    for p in range(m.n_parts):
-        lines = fs.cat(_join(root, part_name(p), EXAMPLES)).splitlines()
-        part_examples[p] = [json.loads(line) for line in lines]
-
-    def ids_in_rows(path: str, a: int, b: int) -> str:
-        for p in range(m.n_parts):
-            if path.startswith(part_name(p) + "/"):
-                ids = [e["example_id"] for e in part_examples[p]
-                       if e["token_start"] < b and e["token_start"] + e["n_tokens"] > a]
-                return f", example ids {ids}"
-        return ""
-
+    for rel, want in sorted(m.files.items()):
+        try:
+            data = fs.cat(_join(root, rel))
+        except FileNotFoundError:
+            problems.append(f"{rel}: missing")
+            continue
+        if sha256_hex(data) != want:
+            problems.append(f"{rel}: damaged (sha256 mismatch)")
+    if problems:  # damaged metadata: the arrays cannot be trusted to be read as described
+        return _report(m, problems, 0)
+    reader = StoreReader(url, verify=True)
+    try:
+        arrays = reader.arrays()
+    except StoreError as e:
+        return _report(m, [str(e).removeprefix(f"{url}: ")], 0)
     n_chunks = 0
-    for path, arr in _arrays(group):
-        c = arr.chunks[0]
-        n_rows = arr.shape[0]
-        for k in range(-(-n_rows // c)):
-            n_chunks += 1
-            key = "/".join(["c", str(k)] + ["0"] * (arr.ndim - 1))
-            where = f"{path} chunk {k} (rows {k * c}..{min(n_rows, (k + 1) * c)}){ids_in_rows(path, k * c, (k + 1) * c)}"
-            if not fs.exists(_join(root, path, key)):
-                problems.append(f"{where}: chunk file missing")
-                continue
-            try:
-                arr[k * c:(k + 1) * c]
-            except Exception as e:  # zarr raises a plain ValueError-like error on a crc32c mismatch
-                problems.append(f"{where}: unreadable ({type(e).__name__}: {e})")
-    # Index consistency: the merged index agrees with the parts, rows tile each part exactly.
-    index = {name: np.asarray(group["index"][name][:]) for name in INDEX_FIELDS}
-    if len(index["part"]) != m.totals["examples"]:
-        problems.append(f"index holds {len(index['part'])} examples, manifest says {m.totals['examples']}")
-    for p, entries in part_examples.items():
-        entries = sorted(entries, key=lambda e: e["token_start"])
-        pos = 0
-        for e in entries:
-            if e["token_start"] != pos:
-                problems.append(f"{part_name(p)}: example {e['example_id']} starts at row {e['token_start']}, "
-                                f"expected {pos}")
-            pos = e["token_start"] + e["n_tokens"]
-            i = e["example_id"]
-            if i >= len(index["part"]) or (int(index["part"][i]), int(index["token_start"][i]),
-                                           int(index["n_tokens"][i])) != (p, e["token_start"], e["n_tokens"]):
-                problems.append(f"index entry of example {i} disagrees with {part_name(p)}/{EXAMPLES}")
-        n_rows = group[part_name(p)]["hidden"].shape[0]
-        if pos != n_rows:
-            problems.append(f"{part_name(p)}: examples cover {pos} rows, hidden has {n_rows}")
+    for path, arr in arrays.items():
+        problems += arr.check()
+        n_chunks += sum(arr.n_chunks_in(k) for k in range(arr.layout.n_shards))
+    if not problems:
+        problems += _check_index(reader)
+    return _report(m, problems, n_chunks)
+
+
+def _report(m: Manifest, problems: list[str], n_chunks: int) -> dict:
     return {"ok": not problems, "problems": problems, "chunks": n_chunks, "examples": m.totals["examples"],
             "tokens": m.totals["tokens"]}
 
 
+def _check_index(reader: StoreReader) -> list[str]:
+    """The index against the parts and texts: each part's rows tiled exactly by its examples, every text decodes,
+    every token id inside the vocabulary, the counts the manifest and fingerprints give."""
+    m, problems = reader.manifest, []
+    index = reader._h()["index"]
+    n_expected = m.fingerprints.get("data", {}).get("n_examples")
+    if n_expected is not None and index.shape[0] != n_expected:
+        problems.append(f"index holds {index.shape[0]} examples, the data had {n_expected}")
+    for p in range(m.n_parts):
+        starts, ids, ends = reader._part_rows(p)
+        pos = 0
+        for s, i, e in zip(starts, ids, ends):
+            if s != pos:
+                problems.append(f"{part_name(p)}: example {i} starts at row {s}, expected {pos}")
+            pos = e
+        arrays = reader.part_arrays(p)
+        if pos != arrays[HIDDEN].shape[0]:
+            problems.append(f"{part_name(p)}: examples cover {pos} rows, hidden has {arrays[HIDDEN].shape[0]}")
+        tokens = reader._h()["parts"][p]["tokens"]
+        bad = np.nonzero((tokens[:, 0] < 0) | (tokens[:, 0] >= m.vocab_size))[0]
+        if len(bad):
+            problems.append(f"{part_name(p)}/{TOKENS}: {len(bad)} token id(s) outside the vocabulary (first at row "
+                            f"{int(bad[0])})")
+    for i in range(index.shape[0]):
+        try:
+            reader.text(i)
+        except StoreError as e:
+            problems.append(str(e).removeprefix(f"{reader.url}: "))
+    return problems
+
+
 def store_sizes(url: str) -> dict:
-    """Bytes on disk: in all, per token (the parts: hidden states, ids, offsets, top-k, texts) and once per store
-    (head, embeddings, tokenizer, manifests), so that bytes/token says what a longer data set costs."""
+    """Bytes on disk: in all, per token (the parts: hidden states, ids, offsets, top-k) and once per store (head,
+    embeddings, tokenizer, texts, index, manifests), so that bytes/token says what a longer data set costs."""
     fs, root = fsspec.core.url_to_fs(str(url))
     total = fs.du(root)
     parts = fs.du(f"{root}/parts") if fs.exists(f"{root}/parts") else 0
@@ -92,14 +91,55 @@ def store_sizes(url: str) -> dict:
 
 
 def store_info(url: str) -> dict:
-    """What is inside a store: shapes, dtypes, fingerprints, size on disk, bytes per token."""
+    """What is inside a store: shapes, dtypes, fingerprints, size on disk, bytes per token; for an unfinished store,
+    its settings and progress (rows and examples on disk per part)."""
     url = str(url)
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.exists(_join(root, MANIFEST)) and fs.exists(_join(root, PARTIAL_MANIFEST)):
+        return progress_info(url)
     m = read_manifest(url)
     sizes = store_sizes(url)
-    return {"store": url, "format_version": m.format_version, "examples": m.totals["examples"],
-            "tokens": m.totals["tokens"], **sizes,
+    return {"store": url, "status": "complete", "format_version": m.format_version,
+            "examples": m.totals["examples"], "tokens": m.totals["tokens"], **sizes,
             "bytes_per_token": round(sizes["bytes_per_example_data"] / max(1, m.totals["tokens"]), 1),
             "hidden": f"{m.hidden_dtype} (stored as {m.storage_dtype}), d_model {m.d_model}",
             "vocab_size": m.vocab_size, "eos_id": m.eos_id, "pad_id": m.pad_id, "topk": m.topk,
-            "chunk_tokens": m.chunk_tokens, "compression": m.compression, "parts": m.n_parts,
-            "fingerprints": m.fingerprints}
+            "chunk_tokens": m.chunk_tokens, "shard_tokens": m.shard_tokens, "batch_tokens": m.batch_tokens,
+            "compression": m.compression, "parts": m.n_parts, "fingerprints": m.fingerprints}
+
+
+def progress_info(url: str) -> dict:
+    """An unfinished store: what is on disk so far, part by part, and what finishes it."""
+    fs, root = fsspec.core.url_to_fs(url)
+    where = _join(url, PARTIAL_MANIFEST)
+    try:
+        m = Manifest.from_json(fs.cat(_join(root, PARTIAL_MANIFEST)), where=where)
+    except StoreError as e:
+        raise StoreError(f"{e} The store cannot be resumed; build a new one.") from None
+    info = {"store": url, "status": "unfinished", "settings": {k: getattr(m, k) for k in Manifest.SETTINGS},
+            "fingerprints": m.fingerprints, "created": m.created}
+    if not m.created:
+        info["next"] = "run the same cache-teacher command again: it was stopped while creating the store"
+        return info
+    files = StoreFiles(url)
+    index = files.array("index")[0]
+    index = index.read(0, index.shape[0])
+    parts, rows_done, rows_all, ex_done = [], 0, 0, 0
+    for p in range(m.n_parts):
+        try:
+            progress = json.loads(fs.cat(_join(root, part_name(p), PROGRESS)))
+        except FileNotFoundError:
+            progress = {"rows": 0, "complete": False}
+        mine = index[index[:, 0] == p]
+        total = int(mine[:, 2].sum())
+        done = int(progress.get("rows", 0))
+        committed = int(((mine[:, 1] + mine[:, 2]) <= done).sum())
+        parts.append({"part": p, "rows": f"{done}/{total}", "examples": f"{committed}/{len(mine)}",
+                      "complete": bool(progress.get("complete"))})
+        rows_done, rows_all, ex_done = rows_done + done, rows_all + total, ex_done + committed
+    info.update({"examples_written": f"{ex_done}/{index.shape[0]}", "tokens_written": f"{rows_done}/{rows_all}",
+                 "percent": round(100 * rows_done / max(1, rows_all), 1),
+                 "shared_written": fs.exists(_join(root, SHARED)), "parts": parts,
+                 "next": "run the same cache-teacher command again (one per unfinished part with --shard I/N) to "
+                         "finish it"})
+    return info

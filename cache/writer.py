@@ -1,8 +1,11 @@
-"""Writing a teacher-state store: shared parts once, one part per writer process, then the merged index.
+"""Writing a teacher-state store: the plan's arrays at creation, shared parts once, one part per writer process,
+then the final manifest.
 
-Progress is recorded only after whole chunks are on disk, so a killed run never counts a half chunk; an example is
-committed only when all its rows are. Each writer owns whole chunks of its own part (two processes writing rows of
-one chunk lose data: spec/store_measurements.md), and a lock file refuses a second writer on the same part.
+Kill -9 safety: every file is written to a temp name, fsynced and renamed, so no file is ever half-written under its
+real name, and nothing is rewritten once committed. A part's progress moves only after whole shard files are on
+disk; a resumed writer starts at that shard boundary, recomputing the batch of any example cut there (the plan fixes
+every batch, so the recomputed rows are the same bytes). Each writer owns its part (two processes writing one shard
+lose data: spec/store_measurements.md), and a lock file refuses a second writer on the same part.
 """
 from __future__ import annotations
 
@@ -10,20 +13,21 @@ import errno
 import json
 import os
 import socket
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
-from dskd_pipe.cache.format import (CONFIG, EXAMPLES, HIDDEN, INDEX_FIELDS, LOCK, LOGSUMEXP, MANIFEST,
-                                    PARTIAL_MANIFEST, PROGRESS, TOKENIZER_GROUP, TOKENS, TOPK_INDICES, TOPK_VALUES,
-                                    Manifest, StoreError, check_compatible, part_name)
+from dskd_pipe.cache import shards
+from dskd_pipe.cache.format import (CONFIG, CREATE_LOCK, EMBED_GROUP, FINALIZE_LOCK, HEAD_GROUP, HIDDEN, INDEX, LOCK,
+                                    LOGSUMEXP, MANIFEST, PARTIAL_MANIFEST, PROGRESS, SHARED, TEXTS, TOKENIZER_GROUP,
+                                    TOKENS, TOPK_INDICES, TOPK_VALUES, ArrayLayout, Manifest, Plan, StoreError,
+                                    check_same_settings, part_name, sha256_hex, shared_layout)
 
-FLUSH_CHUNKS = 32  # write in batches of 32 chunks (8k tokens at 256): few progress rewrites, bounded memory
+RESUME = "run the same cache-teacher command again to resume"
 
 
 def local_root(path_or_url: str) -> Path:
@@ -37,18 +41,20 @@ def local_root(path_or_url: str) -> Path:
     return Path(s)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file + fsync + rename, so readers see the old or the new file, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+def check_out_path(out: str) -> Path:
+    """The --out folder, checked before anything is loaded: not a file, inside a folder, writable."""
+    root = local_root(out)
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"--out {root}: exists and is a file, not a folder. Pass a new folder for the store.")
+    parent = root.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise StoreError(f"--out {root}: {parent} is a file, not a folder. Pass a path inside a folder.")
+    if not os.access(root if root.exists() else parent, os.W_OK | os.X_OK):
+        raise StoreError(f"--out {root}: {root if root.exists() else parent} is not writable. Pass a folder you can "
+                         "write to.")
+    return root
 
 
 def to_storage(t: torch.Tensor) -> np.ndarray:
@@ -59,118 +65,181 @@ def to_storage(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def codecs(compression: str) -> list:
-    """Compressors for an array: optional compression, then crc32c of the stored bytes so corruption raises."""
-    if compression == "zstd":
-        return [ZstdCodec(level=3), Crc32cCodec()]
-    if compression == "blosc":  # measured best ratio for hidden states: zstd level 1, byte shuffle
-        return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), Crc32cCodec()]
-    if compression != "none":
-        raise StoreError(f"unknown compression '{compression}'; choose none, zstd or blosc.")
-    return [Crc32cCodec()]
+def _write(path: Path, buffers: list, what: str, need: int, then: str = RESUME) -> None:
+    """shards.write_file, a full disk turned into one line naming the file and the space needed."""
+    try:
+        shards.write_file(path, buffers)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise shards.disk_full_error(path, need, what, then) from None
+        raise StoreError(f"{path}: writing {what} failed ({e}). Fix the cause, then {then}.") from None
 
 
-def create_array(group, name: str, shape: tuple, chunks: tuple, dtype, compression: str = "none"):
-    # write_empty_chunks: an all-zero chunk must still exist on disk, so a missing file is always an error.
-    return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, serializer=BytesCodec(),
-                              compressors=codecs(compression), fill_value=0, overwrite=True,
-                              config={"write_empty_chunks": True})
+def write_json(path: Path, obj, what: str) -> None:
+    data = (json.dumps(obj, indent=1) + "\n").encode()
+    _write(path, [data], what, len(data))
+
+
+def write_manifest(path: Path, m: Manifest) -> None:
+    data = m.to_json()
+    _write(path, [data], "the store manifest", len(data))
+
+
+def read_manifest_file(path: Path) -> Manifest | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    return Manifest.from_json(data, where=str(path))
+
+
+# --- Zarr metadata -------------------------------------------------------------------------------------------------
+
+def array_metadata(layout: ArrayLayout, attributes: dict | None = None) -> bytes:
+    """The zarr.json of a sharded array, as Zarr itself writes it (made in memory, written by us atomically)."""
+    import zarr
+    from zarr.codecs import BytesCodec
+    from zarr.storage import MemoryStore
+
+    mem = MemoryStore()
+    zarr.create_array(store=mem, shape=layout.shape, dtype=layout.dtype,
+                      chunks=(layout.chunk_rows,) + layout.shape[1:], shards=(layout.shard_rows,) + layout.shape[1:],
+                      serializer=BytesCodec(), compressors=shards.zarr_codecs(layout.compression), fill_value=0,
+                      attributes=attributes or {})
+    return mem._store_dict["zarr.json"].to_bytes()
+
+
+def group_metadata(attributes: dict | None = None) -> bytes:
+    return (json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}, indent=2)
+            + "\n").encode()
+
+
+def write_group(folder: Path, attributes: dict | None = None, what: str = "store metadata", need: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = group_metadata(attributes)
+    _write(folder / "zarr.json", [data], what, max(need, len(data)))
+
+
+def write_array(folder: Path, layout: ArrayLayout, data: np.ndarray | None, what: str, need: int,
+                attributes: dict | None = None) -> None:
+    """An array's zarr.json, then (with `data`) all its shards; whatever was stored there before is replaced."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = array_metadata(layout, attributes)
+    _write(folder / "zarr.json", [meta], what, need)
+    if data is None:
+        return
+    for k in range(layout.n_shards):
+        rows = data[k * layout.shard_rows:(k + 1) * layout.shard_rows]
+        path = folder / shards.shard_key(k, len(layout.shape))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write(path, shards.encode_shard(rows, layout), what, need)
+        need -= rows.nbytes
 
 
 # --- store level ---------------------------------------------------------------------------------------------------
 
-def read_manifest_file(path: Path) -> Manifest | None:
-    if not path.exists():
-        return None
-    return Manifest.from_dict(json.loads(path.read_text()), where=str(path))
+def texts_blob(texts: list[tuple[str, str]]) -> tuple[np.ndarray, list[int]]:
+    """(uint8 bytes of one JSON object per example, byte length of each)."""
+    lines = [json.dumps({"prompt": p, "response": r}, ensure_ascii=False).encode() for p, r in texts]
+    blob = np.frombuffer(b"".join(lines), dtype=np.uint8) if lines else np.zeros(0, np.uint8)
+    return blob, [len(x) for x in lines]
 
 
-CREATE_LOCK = "create.lock"
-
-
-def open_for_writing(out: str, manifest: Manifest, config: dict) -> tuple[Path, Manifest]:
-    """Create the store or reopen an unfinished/finished one built from the same inputs and settings.
+def open_for_writing(out: str, manifest: Manifest, config: dict, plan: Plan,
+                     texts: list[tuple[str, str]]) -> tuple[Path, Manifest]:
+    """Create the store or reopen an unfinished/finished one started from the same inputs and settings.
 
     Returns (root, manifest on disk). A finished store has `complete` True and needs no work.
     Shard processes started together on a new folder all pass through one creation lock: the first creates the
-    store (manifest, root and part groups, config), the others wait for it and then open the same store; Zarr's
-    group creation is not safe against a concurrent creator (ContainsGroupError), so nothing is created outside it.
+    store (manifest, config, index, texts, every part's arrays); the others wait for it, then open the same store.
     """
-    root = local_root(out)
-    if root.exists() and not root.is_dir():
-        raise StoreError(f"{root}: exists and is not a folder. Pass a new --out.")
-    done = read_manifest_file(root / MANIFEST)
-    if done is not None and done.complete:  # finished: nothing to create or lock (the folder may be read-only)
-        return root, _same_settings(root, done, manifest)
+    root = check_out_path(out)
+    done = _finished_manifest(root)
+    if done is not None:  # finished: nothing to create or lock (the folder may be read-only)
+        check_same_settings(done, manifest, str(root))
+        return root, done
     root.mkdir(parents=True, exist_ok=True)
     lock = root / CREATE_LOCK
     wait_for_lock(lock, f"the store {root}")
     try:
-        existing = read_manifest_file(root / MANIFEST) or read_manifest_file(root / PARTIAL_MANIFEST)
+        existing = read_manifest_file(root / PARTIAL_MANIFEST)
         if existing is None:
             others = [p.name for p in root.iterdir() if p.name != CREATE_LOCK and not p.name.endswith(".tmp")]
             if others:
                 raise StoreError(f"{root}: exists, is not empty and holds no store manifest. Pass a new --out.")
-            atomic_write_json(root / PARTIAL_MANIFEST, manifest.to_dict())
-            existing = manifest
+            existing = Manifest(**{**manifest.__dict__, "created": False, "complete": False})
+            write_manifest(root / PARTIAL_MANIFEST, existing)
         else:
-            _same_settings(root, existing, manifest)
-        if not existing.complete:
-            # Idempotent: what a creator killed half-way did not write, the next process writes.
-            if not (root / CONFIG).is_file():
-                atomic_write_json(root / CONFIG, {"stage": "CacheConfig", "config": config})
-            group = zarr.open_group(str(root), mode="a")
-            for i in range(existing.n_parts):
-                group.require_group(part_name(i))
+            check_same_settings(existing, manifest, str(root))
+        if not existing.created:
+            # Idempotent: whatever a creator killed half-way wrote, this writes again in full.
+            _create(root, existing, config, plan, texts)
+            existing.created = True
+            write_manifest(root / PARTIAL_MANIFEST, existing)
     finally:
         release_lock(lock)
     return root, existing
 
 
-def _same_settings(root: Path, existing: Manifest, manifest: Manifest) -> Manifest:
-    """`existing` if the store on disk was started from the same inputs and settings, else a StoreError."""
-    check_compatible(existing, manifest.fingerprints, store=str(root))
-    for key in ("hidden_dtype", "d_model", "topk", "chunk_tokens", "compression", "n_parts"):
-        if getattr(existing, key) != getattr(manifest, key):
-            raise StoreError(f"{root} was started with {key}={getattr(existing, key)}, not {getattr(manifest, key)}. "
-                             f"Pass the same setting to finish it, or build a new store.")
-    return existing
+def _finished_manifest(root: Path) -> Manifest | None:
+    """The manifest of a finished store; a damaged manifest.json of a store whose parts are all written is removed
+    (with a note), so that this run checks the parts and writes it again."""
+    try:
+        done = read_manifest_file(root / MANIFEST)
+    except StoreError as e:
+        if not (root / PARTIAL_MANIFEST).is_file():
+            raise StoreError(f"{e} Build a new store.") from None
+        print(f"{e} The parts are checked and it is written again.", flush=True)
+        (root / MANIFEST).unlink()
+        return None
+    return done if done is not None and done.complete else None
 
 
-def write_shared(root: Path, head: dict, embed: dict, tokenizer, teacher_config: dict,
-                 compression: str = "none") -> None:
-    """Head, embeddings and tokenizer files: once per store, by the writer of part 0."""
-    group = zarr.open_group(str(root), mode="a")
-    if group.attrs.get("shared_complete"):
+def _create(root: Path, m: Manifest, config: dict, plan: Plan, texts: list[tuple[str, str]]) -> None:
+    write_json(root / CONFIG, {"stage": "CacheConfig", "config": config}, "the run's config")
+    write_group(root)
+    blob, text_bytes = texts_blob(texts)
+    index = plan.index(text_bytes)
+    write_array(root / INDEX, shared_layout(index.shape, "int64"), index, "the example index", index.nbytes)
+    write_array(root / TEXTS, shared_layout(blob.shape, "uint8"), blob, "the example texts", blob.nbytes)
+    write_group(root / "parts")
+    for p in range(m.n_parts):
+        folder = root / part_name(p)
+        write_group(folder)
+        for name, layout in m.row_layouts(plan.part_rows(p)).items():
+            write_array(folder / name, layout, None, f"part {p} metadata", 1 << 12)
+
+
+def write_shared(root: Path, manifest: Manifest, head: dict, embed: dict, tokenizer, teacher_config: dict) -> None:
+    """Head, embeddings and tokenizer files: once per store, by the writer of part 0; shared.json marks them done."""
+    if (root / SHARED).is_file():
         return
-    for gname, parts, attrs in (("head", head, {"logit_scale": head["logit_scale"],
-                                               "final_logit_softcap": head["final_logit_softcap"]}),
-                                ("embed", embed, {"embed_scale": embed["embed_scale"]})):
-        g = group.require_group(gname)
-        for name in ("weight", "bias"):
-            t = parts.get(name)
-            if t is None:
-                continue
-            arr = to_storage(t)
-            rows = max(1, (1 << 20) // max(1, arr[0:1].nbytes))  # ~1 MiB chunks
-            a = create_array(g, name, arr.shape, (min(rows, arr.shape[0]),) + arr.shape[1:], arr.dtype, compression)
-            a[...] = arr
-            a.attrs["dtype"] = str(t.dtype).removeprefix("torch.")
-        g.attrs.update(attrs)
-    import tempfile
-
-    tg = group.require_group(TOKENIZER_GROUP)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+        files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
     files["teacher_config.json"] = json.dumps(teacher_config, indent=1, default=str).encode()
+    arrays = []  # (folder, array, attributes)
+    for group, parts in ((HEAD_GROUP, head), (EMBED_GROUP, embed)):
+        for name in ("weight", "bias"):
+            t = parts.get(name)
+            if t is not None:
+                arrays.append((root / group / name, to_storage(t), {"dtype": str(t.dtype).removeprefix("torch.")}))
     for name, data in files.items():
-        a = create_array(tg, name, (len(data),), (max(1, len(data)),), np.uint8)
-        a[...] = np.frombuffer(data, dtype=np.uint8)
-    group.attrs["shared_complete"] = True
+        arrays.append((root / TOKENIZER_GROUP / name, np.frombuffer(data, dtype=np.uint8), {}))
+    need = sum(a.nbytes for _, a, _ in arrays)
+    what = "the LM head, embeddings and tokenizer"
+    write_group(root / HEAD_GROUP, {"logit_scale": head["logit_scale"],
+                                    "final_logit_softcap": head["final_logit_softcap"]}, what, need)
+    write_group(root / EMBED_GROUP, {"embed_scale": embed["embed_scale"]}, what, need)
+    write_group(root / TOKENIZER_GROUP, {"files": sorted(files)}, what, need)
+    for folder, data, attrs in arrays:
+        layout = shared_layout(data.shape, str(data.dtype), manifest.compression if data.ndim == 2 else "none")
+        write_array(folder, layout, data, what, need, attrs)
+        need -= data.nbytes
+    write_json(root / SHARED, {"complete": True, "arrays": [str(f.relative_to(root)) for f, _, _ in arrays]}, what)
 
 
-# --- one part ------------------------------------------------------------------------------------------------------
+# --- locks ---------------------------------------------------------------------------------------------------------
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -182,6 +251,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def lock_owner(path: Path) -> str | None:
+    """pid@host of a live writer holding `path`, or None (no lock, or a stale one of a dead pid on this host)."""
+    try:
+        owner = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    pid, _, host = owner.partition("@")
+    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+        return None
+    return owner
+
+
 def acquire_lock(path: Path, what: str) -> None:
     """Create `path` exclusively with pid@host; a lock of a dead pid on this host is stale and replaced."""
     me = f"{os.getpid()}@{socket.gethostname()}"
@@ -189,11 +270,11 @@ def acquire_lock(path: Path, what: str) -> None:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            owner = path.read_text().strip() if path.exists() else ""
-            pid, _, host = owner.partition("@")
-            if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            owner = lock_owner(path)
+            if owner is None:
                 path.unlink(missing_ok=True)  # stale: its writer died (kill -9) on this host
                 continue
+            pid, _, host = owner.partition("@")
             raise StoreError(f"{what} is being written by process {pid or '?'} on host {host or '?'} "
                              f"(lock file {path}). Wait for it to finish; if that process is gone, delete the "
                              "lock file and run again.") from None
@@ -204,7 +285,7 @@ def acquire_lock(path: Path, what: str) -> None:
 
 
 def wait_for_lock(path: Path, what: str, timeout_s: float = 300.0) -> None:
-    """acquire_lock, waiting while a live process holds the lock (creation takes well under a second)."""
+    """acquire_lock, waiting while a live process holds the lock (creation takes seconds at most)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -223,84 +304,68 @@ def release_lock(path: Path) -> None:
         pass
 
 
-class PartWriter:
-    """Appends examples to one part of a store; resumable after a kill, chunk-aligned, one background write thread.
+# --- one part ------------------------------------------------------------------------------------------------------
 
-    Use: `w = PartWriter(root, i, manifest)`; skip `w.committed_ids`; `w.add(...)` per example; `w.close()`.
+def read_progress(folder: Path) -> dict:
+    try:
+        return json.loads((folder / PROGRESS).read_text())
+    except FileNotFoundError:
+        return {"rows": 0, "complete": False}
+
+
+class PartWriter:
+    """Appends the examples of one part, in the plan's order; resumable after a kill, shard by shard, one background
+    write thread.
+
+    Use: `w = PartWriter(root, i, manifest, plan)`; skip `w.committed_ids`; `w.add(...)` per example in
+    `plan.part_examples(i)` order; `w.close()`.
     """
 
-    def __init__(self, root: Path, index: int, manifest: Manifest, background: bool = True):
+    def __init__(self, root: Path, index: int, manifest: Manifest, plan: Plan, background: bool = True):
         self.root, self.index, self.m = Path(root), index, manifest
-        self.name = part_name(index)
-        self.dir = self.root / self.name
+        self.dir = self.root / part_name(index)
         self.where = f"{self.root} part {index}"
-        self.c = manifest.chunk_tokens
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = self.dir / LOCK
+        self.dir.mkdir(parents=True, exist_ok=True)
         acquire_lock(self.lock, f"part {index} of {self.root}")
-        try:
-            self._open()
-        except BaseException:
-            release_lock(self.lock)
-            raise
+        self.entries = []  # (example id, first row, rows) in row order
+        start = 0
+        for i in plan.part_examples(index):
+            self.entries.append((i, start, plan.lengths[i]))
+            start += plan.lengths[i]
+        self.total_rows = start
+        self.layouts = manifest.row_layouts(self.total_rows)
+        self.S = manifest.shard_tokens
+        shards.remove_temp_files(self.dir)
+        progress = read_progress(self.dir)
+        self.complete = bool(progress.get("complete"))
+        written = int(progress.get("rows", 0))
+        self.committed_ids = {i for i, s, n in self.entries if s + n <= written}
+        self.next = len(self.committed_ids)  # committed examples are a prefix of the row order
+        # The rows on disk end at a shard boundary, maybe inside an example: its first rows are there already (the
+        # same bytes: the plan recomputes it in the same batch), so they are dropped when it is added again.
+        self.skip = written - self.entries[self.next][1] if self.next < len(self.entries) else 0
+        self.buf_start = written
+        self.buf = {name: [] for name in self.layouts}
+        self.buf_rows = 0
         self._pool = ThreadPoolExecutor(max_workers=1) if background else None
         self._pending: list[Future] = []
         self._flushes = 0
         self._failed = False
+        # Test hooks: die like kill -9 after n committed shards; sleep before each shard write (kill trials).
         self._die_after = int(os.environ.get("DSKD_PIPE_TEST_DIE_AFTER_FLUSHES", "0") or 0)
+        self._write_delay = float(os.environ.get("DSKD_PIPE_TEST_WRITE_DELAY_S", "0") or 0)
 
-    # Arrays: name -> (trailing shape, dtype)
-    def _fields(self) -> dict:
-        f = {HIDDEN: ((self.m.d_model,), np.dtype(self.m.storage_dtype)), TOKENS: ((3,), np.dtype(np.int32))}
-        if self.m.topk:
-            f[TOPK_VALUES] = ((self.m.topk,), np.dtype(np.float32))
-            f[TOPK_INDICES] = ((self.m.topk,), np.dtype(np.int32))
-            f[LOGSUMEXP] = ((), np.dtype(np.float32))
-        return f
-
-    def _open(self) -> None:
-        group = zarr.open_group(str(self.root), mode="a").require_group(self.name)
-        progress_path = self.dir / PROGRESS
-        progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
-        self.arrays = {}
-        for name, (tail, dtype) in self._fields().items():
-            if progress is not None and name in group:
-                self.arrays[name] = group[name]
-            else:
-                comp = self.m.compression if name in (HIDDEN, TOPK_VALUES) else "none"
-                self.arrays[name] = create_array(group, name, (0,) + tail, (self.c,) + tail, dtype, comp)
-        examples_path = self.dir / EXAMPLES
-        self.entries: list[dict] = []
-        written = 0
-        if progress is not None:
-            with open(examples_path, "r+b") as f:  # drop lines appended after the last progress record
-                f.truncate(progress["examples_bytes"])
-                self.entries = [json.loads(line) for line in f.read().splitlines()]
-            written = progress["written_tokens"]
-        else:
-            examples_path.write_bytes(b"")
-        self.complete = bool(progress and progress.get("complete"))
-        self.examples_bytes = examples_path.stat().st_size
-        self.committed_ids = {e["example_id"] for e in self.entries}
-        end = max((e["token_start"] + e["n_tokens"] for e in self.entries), default=0)
-        # Rows [end, written) belong to an example cut by the kill: dropped, it is recomputed. The committed rows of
-        # the last partial chunk go back into the buffer so every later write stays chunk-aligned.
-        self.buf_start = (end // self.c) * self.c
-        self.buf = {name: [] for name in self.arrays}
-        self.buf_rows = 0
-        if end > self.buf_start and not self.complete:
-            for name, arr in self.arrays.items():
-                self.buf[name].append(np.asarray(arr[self.buf_start:end]))
-            self.buf_rows = end - self.buf_start
-        self.pending_entries: list[dict] = []
-        self.next_start = end
-
-    def add(self, example_id: int, ids, prompt_len: int, offsets, hidden: torch.Tensor, prompt: str,
-            response: str, topk_values=None, topk_indices=None, logsumexp=None) -> None:
+    def add(self, example_id: int, ids, prompt_len: int, offsets, hidden: torch.Tensor, topk_values=None,
+            topk_indices=None, logsumexp=None) -> None:
         """Buffer one example: ids [L], offsets [L, 2], hidden [L, d] (+ top-k [L, k], logsumexp [L])."""
+        if self.next >= len(self.entries) or self.entries[self.next][0] != example_id:
+            want = self.entries[self.next][0] if self.next < len(self.entries) else None
+            raise ValueError(f"{self.where}: example {example_id} added out of the plan's order (expected {want}).")
         n = len(ids)
-        if hidden.shape != (n, self.m.d_model):
-            raise ValueError(f"hidden has shape {tuple(hidden.shape)}, expected ({n}, {self.m.d_model})")
+        if n != self.entries[self.next][2] or hidden.shape != (n, self.m.d_model):
+            raise ValueError(f"example {example_id}: hidden has shape {tuple(hidden.shape)}, the plan expects "
+                             f"({self.entries[self.next][2]}, {self.m.d_model})")
         rows = {HIDDEN: to_storage(hidden),
                 TOKENS: np.concatenate([np.asarray(ids, np.int32)[:, None],
                                         np.asarray(offsets, np.int32).reshape(n, 2)], axis=1)}
@@ -308,60 +373,55 @@ class PartWriter:
             rows[TOPK_VALUES] = to_storage(topk_values.float())
             rows[TOPK_INDICES] = to_storage(topk_indices.to(torch.int32))
             rows[LOGSUMEXP] = to_storage(logsumexp.float())
+        skip, self.skip = self.skip, 0
         for name, r in rows.items():
-            self.buf[name].append(r)
-        self.buf_rows += n
-        self.pending_entries.append({"example_id": int(example_id), "token_start": self.next_start, "n_tokens": n,
-                                     "prompt_len": int(prompt_len), "prompt": prompt, "response": response})
-        self.next_start += n
-        if self.buf_rows >= FLUSH_CHUNKS * self.c:
-            self._flush(final=False)
+            self.buf[name].append(r[skip:])
+        self.buf_rows += n - skip
+        self.next += 1
+        while self.buf_rows and self.buf_start + self.buf_rows >= (self.buf_start // self.S + 1) * self.S:
+            self._flush(self.S - self.buf_start % self.S, final=False)
 
-    def _flush(self, final: bool) -> None:
-        n_write = self.buf_rows if final else (self.buf_rows // self.c) * self.c
-        if n_write == 0 and not final:
-            return
-        start, end = self.buf_start, self.buf_start + n_write
+    def _flush(self, n_write: int, final: bool) -> None:
+        """Hand the first n_write buffered rows (one shard, or the last rows with `final`) to the write thread."""
         data = {}
         for name in self.buf:
-            cat = np.concatenate(self.buf[name]) if self.buf[name] else None
-            data[name] = cat[:n_write] if cat is not None else None
-            self.buf[name] = [cat[n_write:]] if cat is not None and len(cat) > n_write else []
+            cat = np.concatenate(self.buf[name]) if self.buf[name] else np.zeros((0,) + self.layouts[name].shape[1:],
+                                                                                  self.layouts[name].dtype)
+            data[name] = cat[:n_write]
+            self.buf[name] = [cat[n_write:]] if len(cat) > n_write else []
+        start = self.buf_start
         self.buf_rows -= n_write
-        self.buf_start = end
-        done = [e for e in self.pending_entries if e["token_start"] + e["n_tokens"] <= end]
-        self.pending_entries = self.pending_entries[len(done):]
-        job = (start, end, data, done, final)
+        self.buf_start += n_write
+        job = (start, start + n_write, data, final)
         if self._pool is None:
             self._write(*job)
         else:
-            self._raise_errors(block=len(self._pending) >= 2)  # bounded queue: at most 2 flushes in flight
+            self._raise_errors(block=len(self._pending) >= 2)  # bounded queue: at most 2 shards in flight
             self._pending.append(self._pool.submit(self._write, *job))
 
-    def _write(self, start: int, end: int, data: dict, done: list, final: bool) -> None:
+    def _write(self, start: int, end: int, data: dict, final: bool) -> None:
+        if self._failed:
+            return
+        row_bytes = sum(layout.row_bytes for layout in self.layouts.values())
+        then = f"{RESUME}: rows up to {start} are kept"
         try:
-            for name, arr in self.arrays.items():
-                if final or arr.shape[0] < end:
-                    arr.resize((end,) + arr.shape[1:])
-                if end > start:
-                    arr[start:end] = data[name]
-            lines = b"".join(json.dumps(e, ensure_ascii=False).encode() + b"\n" for e in done)
-            with open(self.dir / EXAMPLES, "ab") as f:
-                f.write(lines)
-                f.flush()
-                os.fsync(f.fileno())
-            self.examples_bytes += len(lines)
-            atomic_write_json(self.dir / PROGRESS, {"written_tokens": end, "examples_bytes": self.examples_bytes,
-                                                    "n_examples": len(self.entries) + len(done), "complete": final})
-            self.entries.extend(done)
-        except OSError as e:
+            if self._write_delay:
+                time.sleep(self._write_delay)
+            if end > start:
+                k = start // self.S
+                for name, layout in self.layouts.items():
+                    path = self.dir / name / shards.shard_key(k, len(layout.shape))
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    _write(path, shards.encode_shard(data[name], layout), f"rows {start}..{end} of {self.where}",
+                           (self.total_rows - start) * row_bytes, then)
+            _write(self.dir / PROGRESS, [(json.dumps({"rows": end, "complete": final}) + "\n").encode()],
+                   f"the progress of {self.where}", 64, then)
+        except BaseException:
             self._failed = True
-            hint = "the disk is full: free space, then" if e.errno == errno.ENOSPC else "fix the cause, then"
-            raise StoreError(f"{self.where}: writing rows {start}..{end} failed ({e}). Progress up to row {start} "
-                             f"is kept; {hint} run the same cache-teacher command again to resume.") from e
+            raise
         self._flushes += 1
         if self._die_after and self._flushes >= self._die_after:
-            os._exit(137)  # test hook: die like kill -9 right after a committed flush
+            os._exit(137)  # test hook: die like kill -9 right after a committed shard
 
     def _raise_errors(self, block: bool) -> None:
         while self._pending and (block or self._pending[0].done()):
@@ -369,20 +429,21 @@ class PartWriter:
             block = False
 
     def close(self, complete: bool = True) -> None:
-        """Write what is buffered; with `complete`, mark the part finished. Always releases the lock."""
+        """Write what is buffered; with `complete`, the last (partial) shard and the mark that the part is done.
+        Without it, buffered rows short of a shard are dropped (recomputed on resume). Always releases the lock."""
         try:
             if self._failed:  # a write failed: keep the last good progress, write nothing more
-                complete = False
                 for f in self._pending:
                     f.exception()
                 self._pending = []
             elif complete and not self.complete:
-                self._flush(final=True)
-            else:
-                self._flush(final=False)
+                if self.next < len(self.entries):
+                    raise StoreError(f"{self.where}: closed with {len(self.entries) - self.next} example(s) of its "
+                                     f"plan not written; {RESUME}.")
+                self._flush(self.buf_rows, final=True)
             while self._pending:
                 self._pending.pop(0).result()
-            self.complete = self.complete or complete
+            self.complete = self.complete or (complete and not self._failed)
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
@@ -391,55 +452,50 @@ class PartWriter:
 
 # --- finishing -----------------------------------------------------------------------------------------------------
 
+def metadata_files(root: Path) -> list[str]:
+    """Every file of a store that is not an array shard, a lock, a temp file or manifest.json (relative paths)."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if (p.is_file() and "/c/" not in f"/{rel}" and p.name not in (MANIFEST, LOCK, CREATE_LOCK, FINALIZE_LOCK)
+                and not p.name.endswith(".tmp")):
+            out.append(rel)
+    return out
+
+
 def _dir_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
 def finalize_store(root: str | Path) -> Manifest | None:
-    """If every part is complete, write the merged index and the final manifest; idempotent.
+    """If every part and the shared arrays are written, write the final manifest; idempotent.
 
     Returns the final manifest, or None while parts are still unfinished.
     """
     root = local_root(str(root))
-    done = read_manifest_file(root / MANIFEST)
-    if done is not None and done.complete:
+    done = _finished_manifest(root)
+    if done is not None:
         return done
     m = read_manifest_file(root / PARTIAL_MANIFEST)
     if m is None:
         raise StoreError(f"{root}: no store manifest; not a teacher-state store.")
-    entries = []
-    for i in range(m.n_parts):
-        pdir = root / part_name(i)
-        progress_path = pdir / PROGRESS
-        if not progress_path.exists() or not json.loads(progress_path.read_text()).get("complete"):
-            return None
-        for line in (pdir / EXAMPLES).read_bytes().splitlines():
-            e = json.loads(line)
-            entries.append((e["example_id"], i, e["token_start"], e["n_tokens"], e["prompt_len"]))
-    if not zarr.open_group(str(root), mode="r").attrs.get("shared_complete"):
+    if not all(read_progress(root / part_name(i)).get("complete") for i in range(m.n_parts)):
         return None
-    lock = root / "finalize.lock"
+    if not (root / SHARED).is_file():
+        return None
+    lock = root / FINALIZE_LOCK
     try:
         acquire_lock(lock, f"finalising {root}")
     except StoreError:
         return None  # another shard is finalising right now
     try:
-        entries.sort()
-        ids = [e[0] for e in entries]
-        n_expected = m.fingerprints.get("data", {}).get("n_examples")
-        if ids != list(range(len(ids))) or (n_expected is not None and len(ids) != n_expected):
-            raise StoreError(f"{root}: parts hold example ids {ids[:5]}... ({len(ids)} examples), expected "
-                             f"0..{n_expected}. The store is inconsistent; build a new one.")
-        group = zarr.open_group(str(root), mode="a").require_group("index")
-        cols = np.asarray([e[1:] for e in entries], dtype=np.int64).reshape(-1, 4)
-        for k, name in enumerate(INDEX_FIELDS):
-            a = create_array(group, name, (len(ids),), (max(1, min(len(ids), 1 << 16)),), np.int64)
-            a[...] = cols[:, k]
+        from dskd_pipe.cache.reader import read_index
+
+        index = read_index(str(root))
         m.complete = True
-        m.totals = {"examples": len(ids), "tokens": int(cols[:, 2].sum()), "bytes": 0}
-        m.totals["bytes"] = _dir_bytes(root)
-        atomic_write_json(root / MANIFEST, m.to_dict())
-        (root / PARTIAL_MANIFEST).unlink(missing_ok=True)
+        m.totals = {"examples": int(index.shape[0]), "tokens": int(index[:, 2].sum()), "bytes": _dir_bytes(root)}
+        m.files = {rel: sha256_hex((root / rel).read_bytes()) for rel in metadata_files(root)}
+        write_manifest(root / MANIFEST, m)
         return m
     finally:
         release_lock(lock)

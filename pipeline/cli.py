@@ -45,7 +45,10 @@ def main() -> None:
 @click.option("--shard", default=None, help="I/N: this process writes part I of N.")
 @click.option("--topk", type=int, default=None, help="Also store per-token top-k logits (0 = off).")
 @click.option("--batch-tokens", type=int, default=None, help="Padded tokens per teacher forward.")
-@click.option("--chunk-tokens", type=int, default=None, help="Rows per chunk (256 = ~1 MiB at d=2048 bf16).")
+@click.option("--chunk-tokens", type=int, default=None,
+              help="Rows per inner chunk, the unit of reads and checksums (default 32).")
+@click.option("--shard-tokens", type=int, default=None, help="Rows per shard file, the unit of writes and resumes "
+              "(default 8192; a multiple of --chunk-tokens).")
 @click.option("--compression", type=click.Choice(["none", "zstd", "blosc"]), default=None)
 @click.option("--device", default=None)
 @click.option("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU).")

@@ -33,7 +33,8 @@ class CacheConfig:
     device: str = ""  # "" = cuda when available, else cpu
     dtype: str = ""  # "" = bf16 on GPU, fp32 on CPU
     topk: int = 0  # per-token top-k logits (values, indices) + log-normaliser; 0 = off
-    chunk_tokens: int = 256  # ~1 MiB chunks at d=2048 bf16 read fastest (spec/store_measurements.md)
+    chunk_tokens: int = 32  # rows per inner chunk: an example reads ~1.08x its bytes (BENCHMARKS.md, store reads)
+    shard_tokens: int = 8192  # rows per shard file (32 MiB at d=2048 bf16): the write and kill-safe commit unit
     compression: str = "none"  # "none" | "zstd" | "blosc": pays only on slow or capacity-bound storage
     shard: str = ""  # "I/N": this process writes part I of N; "" = one process (or torchrun's rank/world)
     trust_remote_code: bool = False

@@ -1,7 +1,9 @@
 """`dskd-pipe cache-teacher`: run the teacher once over the data and write the teacher-state store.
 
-Each process writes one part (shard I of N takes examples i with i % N == I); a killed run resumes with the same
-command, skipping committed examples; the last shard to finish writes the merged index and the final manifest.
+The plan (cache/format.py `plan_store`) is made first, from the whole data set: length-sorted batches, dealt to the
+parts round robin. Each process writes one part (shard I of N: torchrun's RANK/WORLD_SIZE without --shard); a killed
+run resumes with the same command, recomputing whole planned batches; the last part to finish writes the final
+manifest. Because every example is computed in its planned batch, the bytes do not depend on kills or shards.
 """
 from __future__ import annotations
 
@@ -11,15 +13,17 @@ from pathlib import Path
 
 import torch
 
-from dskd_pipe.cache.format import COMPRESSIONS, Manifest, StoreError
+from dskd_pipe.cache.format import (COMPRESSIONS, LOCK, PARTIAL_MANIFEST, Manifest, StoreError, check_compatible,
+                                    part_name, plan_store)
 from dskd_pipe.cache.verify import store_sizes
-from dskd_pipe.cache.writer import PartWriter, finalize_store, open_for_writing, write_shared
+from dskd_pipe.cache.writer import (PartWriter, check_out_path, finalize_store, lock_owner, open_for_writing,
+                                    read_manifest_file, write_shared)
 from dskd_pipe.pipeline.config import CacheConfig, config_to_dict, require
 from dskd_pipe.pipeline.data import TEMPLATE_ID, build_sequence, file_fingerprint, load_examples
-from dskd_pipe.pipeline.objectives.dskd import TeacherHead, teacher_logits
 from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
                                        load_causal_lm, load_tokenizer, model_fingerprint, pad_token_id,
                                        tokenizer_fingerprint)
+from dskd_pipe.pipeline.objectives.dskd import TeacherHead, teacher_logits
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
@@ -44,64 +48,92 @@ def teacher_states(model, batch_ids: torch.Tensor, attention_mask: torch.Tensor)
     return last_hidden_state(model, batch_ids, attention_mask)
 
 
-def length_batches(lengths: dict[int, int], batch_tokens: int) -> list[list[int]]:
-    """Example ids sorted by length, cut into batches whose padded size B * max_len stays within batch_tokens."""
-    order = sorted(lengths, key=lambda i: (lengths[i], i))
-    batches, cur = [], []
-    for i in order:
-        if cur and (len(cur) + 1) * lengths[i] > batch_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
+def check_settings(cfg: CacheConfig) -> None:
+    if cfg.compression not in COMPRESSIONS:
+        raise StoreError(f"--compression '{cfg.compression}': choose one of {', '.join(COMPRESSIONS)}.")
+    if cfg.chunk_tokens <= 0 or cfg.shard_tokens <= 0 or cfg.shard_tokens % cfg.chunk_tokens:
+        raise StoreError(f"--shard-tokens ({cfg.shard_tokens}) must be a positive multiple of --chunk-tokens "
+                         f"({cfg.chunk_tokens}).")
+    if cfg.batch_tokens < cfg.max_length:
+        raise StoreError(f"--batch-tokens ({cfg.batch_tokens}) must be at least --max-length ({cfg.max_length}).")
+    if cfg.dtype and cfg.dtype not in _DTYPES:
+        raise StoreError(f"--dtype '{cfg.dtype}': choose bfloat16, float16 or float32.")
+    if cfg.topk < 0:
+        raise StoreError(f"--topk ({cfg.topk}) must be >= 0.")
+
+
+def precheck_store(root: Path, fingerprints: dict, settings: dict, plan_sha256: str, shard: int) -> None:
+    """Refuse a store started from other data or settings, or a part another live process writes, before any model
+    is loaded (the teacher's own fingerprint is checked once it is loaded)."""
+    started = read_manifest_file(root / PARTIAL_MANIFEST) if root.is_dir() else None
+    if started is None:
+        return
+    check_compatible(started, fingerprints, store=str(root))
+    probe = Manifest(fingerprints=fingerprints, hidden_dtype=started.hidden_dtype, d_model=started.d_model,
+                     vocab_size=started.vocab_size, eos_id=0, pad_id=0, plan_sha256=plan_sha256, **settings)
+    for key in settings:
+        if getattr(started, key) != getattr(probe, key):
+            flag = {"n_parts": "--shard I/N"}.get(key, "--" + key.replace("_", "-"))
+            raise StoreError(f"{root} was started with {key}={getattr(started, key)}, not {getattr(probe, key)}. "
+                             f"Pass the same {flag} to finish it, or build a new store.")
+    if started.plan_sha256 != plan_sha256:
+        raise StoreError(f"{root} was planned from other token lengths: the tokenizer or data changed under it. "
+                         "Build a new store.")
+    lock = root / part_name(shard) / LOCK
+    owner = lock_owner(lock)
+    if owner is not None:
+        pid, _, host = owner.partition("@")
+        raise StoreError(f"part {shard} of {root} is being written by process {pid} on host {host} (lock file "
+                         f"{lock}). Wait for it to finish; if that process is gone, delete the lock file and run "
+                         "again.")
 
 
 def run(cfg: CacheConfig) -> Path:
     require(cfg, "teacher", "data", "out")
-    if cfg.compression not in COMPRESSIONS:
-        raise StoreError(f"--compression '{cfg.compression}': choose one of {', '.join(COMPRESSIONS)}.")
-    if cfg.chunk_tokens <= 0 or cfg.batch_tokens < cfg.max_length:
-        raise StoreError(f"--chunk-tokens must be > 0 and --batch-tokens ({cfg.batch_tokens}) at least --max-length "
-                         f"({cfg.max_length}).")
+    check_settings(cfg)
+    root = check_out_path(cfg.out)  # before anything is loaded
     shard, n_shards = parse_shard(cfg.shard)
     examples = load_examples(cfg.data, limit=cfg.limit, skip_bad=cfg.skip_bad)
     device = cfg.device or default_device()
-    if cfg.dtype and cfg.dtype not in _DTYPES:
-        raise StoreError(f"--dtype '{cfg.dtype}': choose bfloat16, float16 or float32.")
     tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    eos, pad = eos_token_id(tok), pad_token_id(tok)
+    # The whole data set is tokenised by every process: the plan (and so every byte) depends on all lengths.
+    seqs = [build_sequence(tok, ex.prompt, ex.response, eos, cfg.max_prompt_length, cfg.max_length)
+            for ex in examples]
+    plan = plan_store([len(s.ids) for s in seqs], [s.prompt_len for s in seqs], cfg.batch_tokens, n_shards)
+    fingerprints = {
+        "tokenizer": tokenizer_fingerprint(tok),
+        "data": {"path": str(cfg.data), "sha256": file_fingerprint(cfg.data), "limit": cfg.limit,
+                 "skip_bad": cfg.skip_bad, "n_examples": len(examples)},
+        "template": TEMPLATE_ID,
+        "lengths": {"max_prompt_length": cfg.max_prompt_length, "max_length": cfg.max_length},
+    }
+    settings = {"topk": cfg.topk, "chunk_tokens": cfg.chunk_tokens, "shard_tokens": cfg.shard_tokens,
+                "batch_tokens": cfg.batch_tokens, "compression": cfg.compression, "n_parts": n_shards}
+    precheck_store(root, fingerprints, settings, plan.sha256(), shard)
+
     model = load_causal_lm(cfg.teacher, dtype=_DTYPES.get(cfg.dtype), device=device,
                            trust_remote_code=cfg.trust_remote_code)
-    eos, pad = eos_token_id(tok), pad_token_id(tok)
     head = head_parts(model)
     dtype = next(model.parameters()).dtype
     manifest = Manifest(
-        fingerprints={
-            "teacher": model_fingerprint(cfg.teacher, model),
-            "tokenizer": tokenizer_fingerprint(tok),
-            "data": {"path": str(cfg.data), "sha256": file_fingerprint(cfg.data), "limit": cfg.limit,
-                     "skip_bad": cfg.skip_bad, "n_examples": len(examples)},
-            "template": TEMPLATE_ID,
-            "lengths": {"max_prompt_length": cfg.max_prompt_length, "max_length": cfg.max_length},
-        },
+        fingerprints={"teacher": model_fingerprint(cfg.teacher, model), **fingerprints},
         hidden_dtype=str(dtype).removeprefix("torch."), d_model=int(head["weight"].shape[1]),
-        vocab_size=int(head["weight"].shape[0]), eos_id=eos, pad_id=pad, topk=cfg.topk,
-        chunk_tokens=cfg.chunk_tokens, compression=cfg.compression, n_parts=n_shards)
-    root, on_disk = open_for_writing(cfg.out, manifest, config_to_dict(cfg))
+        vocab_size=int(head["weight"].shape[0]), eos_id=eos, pad_id=pad, plan_sha256=plan.sha256(), **settings)
+    root, on_disk = open_for_writing(cfg.out, manifest, config_to_dict(cfg), plan,
+                                     [(ex.prompt, ex.response) for ex in examples])
     if on_disk.complete:
         print(f"{root}: already complete ({on_disk.totals['examples']} examples); nothing to do.")
         return root
     if shard == 0:
-        write_shared(root, head, embedding_parts(model), tok, model.config.to_dict(), cfg.compression)
+        write_shared(root, on_disk, head, embedding_parts(model), tok, model.config.to_dict())
 
-    writer = PartWriter(root, shard, on_disk)
+    writer = PartWriter(root, shard, on_disk, plan)
     try:
-        todo = [i for i in range(shard, len(examples), n_shards) if i not in writer.committed_ids]
-        seqs = {i: build_sequence(tok, examples[i].prompt, examples[i].response, eos,
-                                  cfg.max_prompt_length, cfg.max_length) for i in todo}
-        batches = length_batches({i: len(s.ids) for i, s in seqs.items()}, cfg.batch_tokens)
-        _cache_batches(model, writer, examples, seqs, batches, head, pad, cfg, device, shard, n_shards)
+        # Whole planned batches: one cut by the kill is recomputed in full and only its missing examples are added.
+        batches = [plan.batches[b] for b in plan.part_batches(shard)
+                   if any(i not in writer.committed_ids for i in plan.batches[b])]
+        _cache_batches(model, writer, seqs, batches, head, pad, cfg, device, shard, n_shards)
         writer.close(complete=True)
     except BaseException:
         writer.close(complete=False)
@@ -113,17 +145,18 @@ def run(cfg: CacheConfig) -> Path:
         t, sizes = final.totals, store_sizes(root)
         print(f"{root}: {t['examples']} examples, {t['tokens']} tokens, {sizes['bytes_on_disk'] / 2**20:.1f} MiB: "
               f"{sizes['bytes_per_example_data'] / max(1, t['tokens']):.0f} bytes/token "
-              f"+ {sizes['bytes_once_per_store'] / 2**20:.1f} MiB once per store (head, embeddings, tokenizer).")
+              f"+ {sizes['bytes_once_per_store'] / 2**20:.1f} MiB once per store (head, embeddings, tokenizer, "
+              "texts).")
     return root
 
 
-def _cache_batches(model, writer, examples, seqs, batches, head, pad, cfg, device, shard, n_shards) -> None:
+def _cache_batches(model, writer, seqs, batches, head, pad, cfg, device, shard, n_shards) -> None:
     # fp32 once per run, not per example: a 152k x 2048 head is 1.2 GB in fp32
     logit_head = TeacherHead(head["weight"].float(), None if head["bias"] is None else head["bias"].float(),
                              head["logit_scale"], head["final_logit_softcap"]) if cfg.topk else None
     from tqdm import tqdm
 
-    total = sum(len(s.ids) for s in seqs.values())
+    total = sum(len(seqs[i].ids) for batch in batches for i in batch)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"cache-teacher part {shard}/{n_shards}",
                disable=None)
     start = time.perf_counter()
@@ -137,6 +170,8 @@ def _cache_batches(model, writer, examples, seqs, batches, head, pad, cfg, devic
             mask[b, :lens[b]] = 1
         hidden = teacher_states(model, ids.to(device), mask.to(device))  # [B, T, d]
         for b, i in enumerate(batch):
+            if i in writer.committed_ids:
+                continue
             h = hidden[b, :lens[b]]  # [L, d]: row k is the state after ids[0..k]
             extra = {}
             if cfg.topk:
@@ -145,7 +180,7 @@ def _cache_batches(model, writer, examples, seqs, batches, head, pad, cfg, devic
                 extra = {"topk_values": values.cpu(), "topk_indices": indices.cpu(),
                          "logsumexp": torch.logsumexp(z, dim=-1).cpu()}
             s = seqs[i]
-            writer.add(i, s.ids, s.prompt_len, s.offsets, h.cpu(), examples[i].prompt, examples[i].response, **extra)
+            writer.add(i, s.ids, s.prompt_len, s.offsets, h.cpu(), **extra)
         bar.update(sum(lens))
         bar.set_postfix(tok_s=f"{bar.n / max(1e-9, time.perf_counter() - start):.0f}")
     bar.close()

@@ -178,7 +178,8 @@ def run(cfg: OnPolicyConfig) -> Path:
                         "--skip-bad", "--max-length", str(base.max_length), "--max-prompt-length",
                         str(base.max_prompt_length), "--batch-tokens", str(cfg.batch_tokens),
                         "--dtype", cfg.teacher_dtype or gold.manifest.hidden_dtype,
-                        "--chunk-tokens", str(gold.manifest.chunk_tokens), "--compression",
+                        "--chunk-tokens", str(gold.manifest.chunk_tokens), "--shard-tokens",
+                        str(gold.manifest.shard_tokens), "--compression",
                         gold.manifest.compression] + (["--device", cfg.teacher_device] if cfg.teacher_device else []),
                        f"round {r}: the teacher over the samples")
         sample_stores.append(str(store))

@@ -1,5 +1,4 @@
 """Round trip through a store built by cache-teacher: ids, offsets, hidden exact; logits rebuilt equal the teacher's."""
-import json
 import re
 import pickle
 
@@ -7,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dskd_pipe.cache.format import PARTIAL_MANIFEST, StoreError
+from dskd_pipe.cache.format import StoreError
 from dskd_pipe.cache.reader import open_store
 from dskd_pipe.pipeline.objectives.dskd import TeacherHead, teacher_logits
 from dskd_pipe.pipeline.data import build_sequence, load_examples
@@ -56,7 +55,7 @@ def test_logits_rebuilt_from_store_match_teacher(tiny_teacher_dirs, cache_cli, d
 def gpt2_store(tiny_teacher_dirs, cache_cli, dolly40, tmp_path_factory):
     out = tmp_path_factory.mktemp("s") / "t.zarr"
     r = cache_cli("--teacher", tiny_teacher_dirs["gpt2"], "--data", dolly40, "--out", out, "--limit", 10,
-                  "--chunk-tokens", 16, "--device", "cpu")
+                  "--chunk-tokens", 16, "--shard-tokens", 128, "--topk", 2, "--device", "cpu")
     assert r.exit_code == 0, r.output
     return out
 
@@ -69,12 +68,30 @@ def test_fsspec_url_reads_the_same(gpt2_store):
         assert torch.equal(a["hidden"], b["hidden"])
 
 
-def test_zarr_path_equals_direct_chunk_path(gpt2_store):
-    direct = open_store(str(gpt2_store))
-    via_zarr = open_store(str(gpt2_store))
-    via_zarr._h()["direct"] = False
-    for i in range(len(direct)):
-        assert torch.equal(direct.read(i)["hidden"], via_zarr.read(i)["hidden"])
+def test_memory_filesystem_reads_the_same(gpt2_store):
+    """A store copied to another fsspec filesystem (memory:// here, s3:// alike) reads the same bytes through
+    byte-range requests (fs.cat_ranges), head and tokenizer included."""
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    for p in gpt2_store.rglob("*"):
+        if p.is_file():
+            fs.pipe(f"/copy.zarr/{p.relative_to(gpt2_store).as_posix()}", p.read_bytes())
+    local, remote = open_store(str(gpt2_store)), open_store("memory://copy.zarr")
+    for i in range(len(local)):
+        a, b = local.read(i), remote.read(i)
+        assert torch.equal(a["hidden"], b["hidden"]) and a["prompt"] == b["prompt"]
+        np.testing.assert_array_equal(a["topk_indices"], b["topk_indices"])
+    assert torch.equal(local.head()["weight"], remote.head()["weight"])
+    assert local.tokenizer_files() == remote.tokenizer_files()
+
+
+def test_zarr_reads_every_array_the_same(gpt2_store):
+    """Any Zarr v3 reader opens the store: zarr's own reads equal ours, array by array."""
+    import zarr
+    store = open_store(str(gpt2_store))
+    group = zarr.open_group(str(gpt2_store), mode="r")
+    for path, arr in store.arrays().items():
+        np.testing.assert_array_equal(np.asarray(group[path][...]), arr.read(0, arr.shape[0]), err_msg=path)
 
 
 def test_reader_pickles_and_reopens(gpt2_store):
@@ -94,9 +111,6 @@ def test_unfinished_store_refused(gpt2_store, tmp_path):
     import shutil
     copy = tmp_path / "u.zarr"
     shutil.copytree(gpt2_store, copy)
-    m = json.loads((copy / "manifest.json").read_text())
-    m["complete"] = False
-    (copy / PARTIAL_MANIFEST).write_text(json.dumps(m))
     (copy / "manifest.json").unlink()
     with pytest.raises(StoreError, match="unfinished store: run the same cache-teacher command again to finish it"):
         open_store(str(copy))
@@ -104,40 +118,99 @@ def test_unfinished_store_refused(gpt2_store, tmp_path):
         open_store(str(tmp_path / "nope.zarr"))
 
 
-def _chunk_range(store, i: int, c: int) -> set[int]:
-    _, start, n, _ = store.locate(i)
-    return set(range(start // c, (start + n - 1) // c + 1))
+def _damage(copy, rel_array, shard=0, where=0.5):
+    """Flip one byte of a shard file of an array, inside its stored chunks (not the index)."""
+    f = sorted((copy / rel_array / "c").rglob("*"))
+    f = [p for p in f if p.is_file()][shard]
+    data = bytearray(f.read_bytes())
+    data[int((len(data) - 200) * where)] ^= 0x01
+    f.write_bytes(bytes(data))
+    return f
 
 
-def test_every_read_checks_its_chunks(gpt2_store, tmp_path):
-    """A flipped byte, a short chunk file and a missing one each fail the read that touches them, naming the file;
-    examples elsewhere still read. (cache-verify finds the same over the whole store: tests/cache/test_verify.py.)"""
+READS = {
+    "parts/part-00000/hidden": lambda s: [s.read(i) for i in range(len(s))],
+    "parts/part-00000/tokens": lambda s: s.read(0),
+    "parts/part-00000/topk_values": lambda s: [s.read(i) for i in range(len(s))],
+    "parts/part-00000/topk_indices": lambda s: [s.read(i) for i in range(len(s))],
+    "parts/part-00000/logsumexp": lambda s: [s.read(i) for i in range(len(s))],
+    "texts": lambda s: s.read(0),
+    "index": lambda s: s.read(0),
+    "head/weight": lambda s: s.head(),
+    "embed/weight": lambda s: s.embeddings(),
+    "tokenizer/tokenizer.json": lambda s: s.tokenizer(),
+}
+
+
+@pytest.mark.parametrize("array", sorted(READS))
+def test_every_array_read_checks_its_bytes(gpt2_store, tmp_path, array):
+    """A flipped byte anywhere the student's inputs come from is a StoreError naming store, array, shard, inner chunk
+    and rows (and examples for per-token arrays), never zarr's raw checksum error or silently wrong data."""
     import shutil
+    copy = tmp_path / "c.zarr"
+    shutil.copytree(gpt2_store, copy)
+    _damage(copy, array)
+    with pytest.raises(StoreError) as e:
+        READS[array](open_store(str(copy)))
+    msg = str(e.value)
+    assert msg.startswith(f"{copy}: {array} shard 0 inner chunk "), msg
+    assert "is corrupt (crc32c mismatch). Run dskd-pipe cache-verify" in msg and "\n" not in msg
+    if array.startswith("parts/"):
+        assert re.search(r"\(rows \d+\.\.\d+, examples \[[\d, ]+\]", msg), msg
 
+
+def test_edited_text_is_caught(gpt2_store, tmp_path):
+    """The texts the student tokenises are checksummed too: "moon" -> "mOon" in the stored bytes is refused."""
+    import shutil
     copy = tmp_path / "c.zarr"
     shutil.copytree(gpt2_store, copy)
     store = open_store(str(copy))
-    c = store.manifest.chunk_tokens
-    # Three examples of part 0, each damaged in a chunk that only it touches (the middle of its own range).
-    ranges = {i: _chunk_range(store, i, c) for i in range(len(store)) if store.locate(i)[0] == 0}
-    own = {i: sorted(r - set().union(*(o for j, o in ranges.items() if j != i))) for i, r in ranges.items()}
-    victims = [i for i in ranges if own[i]][:3]
-    assert len(victims) == 3, "the fixture store should have examples with chunks of their own"
-    chunk_dir = copy / "parts" / "part-00000" / "hidden" / "c"
-    files = [chunk_dir / str(own[i][len(own[i]) // 2]) / "0" for i in victims]
-    data = bytearray(files[0].read_bytes())
-    data[len(data) // 2] ^= 0x01
-    files[0].write_bytes(bytes(data))
-    files[1].write_bytes(files[1].read_bytes()[:-10])
-    files[2].unlink()
+    prompt = store.read(0)["prompt"]
+    word = prompt.split()[3].encode()
+    f = next(p for p in (copy / "texts" / "c").rglob("*") if p.is_file())
+    data = f.read_bytes()
+    assert word in data
+    f.write_bytes(data.replace(word, word[:1] + word[1:2].upper() + word[2:], 1))
+    with pytest.raises(StoreError, match=r"texts shard 0 inner chunk 0 \(rows 0\.\.\d+, examples \[.*is corrupt"):
+        open_store(str(copy)).read(0)
 
-    messages = [f"({files[0]}) is corrupt (crc32c mismatch)", f"({files[1]}) has ", f"chunk file {files[2]} is missing"]
-    for i, message in zip(victims, messages):
-        with pytest.raises(StoreError, match=re.escape(message)):
-            store.read(i)
-    damaged = {int(f.parent.name) for f in files}
-    intact = [i for i in ranges if not ranges[i] & damaged]
-    assert intact
-    clean = open_store(str(gpt2_store))
-    for i in intact:
-        assert torch.equal(store.read(i)["hidden"], clean.read(i)["hidden"])
+
+def test_compressed_store_reads_and_checks(tiny_teacher_dirs, cache_cli, dolly40, tmp_path):
+    out = tmp_path / "z.zarr"
+    r = cache_cli("--teacher", tiny_teacher_dirs["llama"], "--data", dolly40, "--out", out, "--limit", 6,
+                  "--chunk-tokens", 8, "--shard-tokens", 64, "--device", "cpu", "--compression", "zstd")
+    assert r.exit_code == 0, r.output
+    import zarr
+    store = open_store(str(out))
+    z = zarr.open_group(str(out), mode="r")
+    for i in range(6):
+        p, start, n, _ = store.locate(i)
+        got = store.read(i)["hidden"].numpy()
+        np.testing.assert_array_equal(np.asarray(z["parts/part-00000/hidden"][start:start + n]), got)
+    _damage(out, "parts/part-00000/hidden", where=0.3)
+    with pytest.raises(StoreError, match=r"parts/part-00000/hidden shard 0 inner chunk \d+ .*is corrupt"):
+        [open_store(str(out)).read(i) for i in range(6)]
+
+
+def test_damaged_metadata_is_named(gpt2_store, tmp_path):
+    import shutil
+    copy = tmp_path / "c.zarr"
+    shutil.copytree(gpt2_store, copy)
+    meta = copy / "parts" / "part-00000" / "hidden" / "zarr.json"
+    meta.write_text(meta.read_text().replace("128", "129", 1))
+    with pytest.raises(StoreError, match=r"parts/part-00000/hidden/zarr.json is damaged \(sha256 mismatch\)"):
+        open_store(str(copy)).read(0)
+
+
+def test_damaged_manifest_is_named(gpt2_store, tmp_path):
+    import shutil
+    copy = tmp_path / "c.zarr"
+    shutil.copytree(gpt2_store, copy)
+    data = (copy / "manifest.json").read_bytes()
+    (copy / "manifest.json").write_bytes(data[:len(data) // 2])
+    with pytest.raises(StoreError, match=r"manifest.json is damaged \(\d+ bytes, not a JSON manifest.*Run the same "
+                                         r"cache-teacher command again"):
+        open_store(str(copy))
+    (copy / "manifest.json").write_bytes(data.replace(b'"eos_id": 50256', b'"eos_id": 50257'))
+    with pytest.raises(StoreError, match=r"manifest.json is damaged \(its content does not match its checksum\)"):
+        open_store(str(copy))
