@@ -54,6 +54,8 @@ def main() -> None:
 @click.option("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU).")
 @click.option("--max-length", type=int, default=None)
 @click.option("--max-prompt-length", type=int, default=None)
+@click.option("--progress/--no-progress", default=None, help="The progress line (examples/s, tokens written, ETA).")
+@click.option("--quiet", is_flag=True, default=None, help="Print only warnings and the final lines.")
 @click.option("--trust-remote-code", is_flag=True, default=None)
 def cache_teacher(config_path, **flags) -> None:
     """Run the teacher once over the data and write the teacher-state store."""
@@ -178,7 +180,9 @@ def cache_verify(store) -> None:
 @click.option("--lora-alpha", type=float, default=None)
 @click.option("--max-length", type=int, default=None)
 @click.option("--max-prompt-length", type=int, default=None)
-@click.option("--progress/--no-progress", default=None)
+@click.option("--progress/--no-progress", default=None, help="The progress line (step, loss terms, tokens/s, "
+              "ETA) on stderr: rewritten in place in a terminal, one plain line every few steps in a log.")
+@click.option("--quiet", is_flag=True, default=None, help="Print only warnings and the final lines.")
 @click.option("--trust-remote-code", is_flag=True, default=None)
 def distill(config_path, **flags) -> None:
     """Train a student (SFT, KD, DSKD, DSKD-CMA, CMA-GA, DSKDv2, DWA-KD, MinED, ULD) from a store or a teacher."""
@@ -213,7 +217,8 @@ def _score_options(f):
         click.option("--batch-size", type=int, default=None, help="Prompts per generate call (sorted by length)."),
         click.option("--device", default=None),
         click.option("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)."),
-        click.option("--progress/--no-progress", default=None, help="Progress bar with examples/s on stderr."),
+        click.option("--progress/--no-progress", default=None, help="The progress line (examples/s, ETA) on stderr."),
+        click.option("--quiet", is_flag=True, default=None, help="Print only warnings and the final lines."),
         click.option("--trust-remote-code", is_flag=True, default=None),
     ]):
         f = opt(f)

@@ -37,6 +37,8 @@ class CacheConfig:
     shard_tokens: int = 8192  # rows per shard file (32 MiB at d=2048 bf16): the write and kill-safe commit unit
     compression: str = "none"  # "none" | "zstd" | "blosc": pays only on slow or capacity-bound storage
     shard: str = ""  # "I/N": this process writes part I of N; "" = one process (or torchrun's rank/world)
+    progress: bool = True  # a progress line on stderr (pipeline/progress.py)
+    quiet: bool = False  # only warnings and the final lines
     trust_remote_code: bool = False
 
 
@@ -62,7 +64,8 @@ class ScoreConfig:
     # loaders; references keep it) | "none".
     literal_n: str = "both"
     skip_bad: bool = False
-    progress: bool = True  # a progress bar (examples/s) on stderr
+    progress: bool = True  # a progress line (examples/s, ETA) on stderr
+    quiet: bool = False  # only warnings and the final lines (the report)
     device: str = ""
     dtype: str = ""
     trust_remote_code: bool = False
@@ -150,9 +153,15 @@ class DistillConfig:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    progress: bool = True
+    progress: bool = True  # a progress line on stderr: step/total, loss terms, tokens/s, ETA
+    quiet: bool = False  # only warnings and the final lines
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars to out/tensorboard
     trust_remote_code: bool = False
+
+
+# Settings that change what a run prints or where it reports, never what it computes: a rerun or a resume may
+# change them freely.
+OUTPUT_ONLY = frozenset({"progress", "quiet"})
 
 
 def _check_value(name: str, value, hint):
@@ -243,6 +252,11 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
                 values[name] = _check_value(name, value, hints[name])
             except TypeError as e:
                 problems.append(f"{where}: key '{key}': {e}.")
+                continue
+            if name.endswith("limit") and values[name] is not None and values[name] < 1:
+                # "first N records": 0 or less would read nothing and fail later as "no usable records"
+                problems.append(f"{where}: --{name.replace('_', '-')} must be >= 1, found {values[name]} "
+                                "(leave it out to use every record).")
     if problems:
         raise ConfigError("\n".join(problems))
     return cls(**values)
@@ -306,4 +320,4 @@ class OnPolicyConfig:
 
 
 __all__ = ["CacheConfig", "ScoreConfig", "DistillConfig", "ProbeConfig", "OnPolicyConfig", "ConfigError",
-           "load_config", "save_config", "config_to_dict", "require", "field"]
+           "OUTPUT_ONLY", "load_config", "save_config", "config_to_dict", "require", "field"]

@@ -53,6 +53,8 @@ class TokenSequence:
     ids: list[int]
     prompt_len: int
     offsets: list[tuple[int, int]] = field(repr=False)
+    prompt_tokens_cut: int = 0  # prompt tokens dropped at max_prompt_length
+    tokens_cut: int = 0  # tokens dropped at max_length (the end of the response, EOS first)
 
     def inputs_and_labels(self) -> tuple[list[int], list[int]]:
         """inputs = ids[:-1]; labels = shifted_labels(ids, P)."""
@@ -105,32 +107,57 @@ def parse_record(record: object, where: str) -> Example:
 
 
 def _raw_records(path: str):
-    """Yield (where, record) from a JSONL, JSON, Parquet file or a `datasets` name/path."""
+    """Yield (where, record) from a JSONL, JSON, Parquet file or a `datasets` name/path.
+
+    A JSONL line that is not valid JSON or not UTF-8 is yielded as a DataError (so --skip-bad can skip it); a UTF-8
+    byte-order mark at the start of a file is accepted.
+    """
     p = Path(path)
     suffix = p.suffix.lower()
-    if p.is_file() and suffix in (".jsonl", ".json"):
-        with open(p, encoding="utf-8") as f:
-            if suffix == ".json":
+    if p.is_file() and suffix == ".json":
+        raw = p.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            lineno = raw.count(b"\n", 0, e.start) + 1
+            line_start = raw.rfind(b"\n", 0, e.start) + 1
+            bad = raw[e.start:e.start + 1].hex().upper()
+            raise DataError(f"{path} line {lineno}: not UTF-8 (byte 0x{bad} at column {e.start - line_start + 1}, "
+                            f"file offset {e.start}). Re-save it as UTF-8.") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg}).") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}}).")
+        for i, rec in enumerate(data):
+            yield f"{path} record {i}", rec
+        return
+    if p.is_file() and suffix == ".jsonl":
+        offset = 0
+        with open(p, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path} line {lineno}"
+                line_offset, offset = offset, offset + len(raw)
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors)
+                    raw, line_offset = raw[3:], 3
                 try:
-                    data = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg}).") from None
-                if isinstance(data, dict) and isinstance(data.get("data"), list):
-                    data = data["data"]
-                if not isinstance(data, list):
-                    raise DataError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}}).")
-                for i, rec in enumerate(data):
-                    yield f"{path} record {i}", rec
-                return
-            for lineno, line in enumerate(f, start=1):
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad = raw[e.start:e.start + 1].hex().upper()
+                    yield where, DataError(f"{where}: not UTF-8 (byte 0x{bad} at column {e.start + 1}, file offset "
+                                           f"{line_offset + e.start}). Re-save the file as UTF-8 or pass --skip-bad.")
+                    continue
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield f"{path} line {lineno}", DataError(f"{path} line {lineno}: not valid JSON ({e.msg}).")
+                    yield where, DataError(f"{where}: not valid JSON ({e.msg}).")
                     continue
-                yield f"{path} line {lineno}", rec
+                yield where, rec
         return
     if p.is_file() and suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -218,4 +245,23 @@ def build_sequence(tokenizer, prompt: str, response: str, eos_id: int,
     r_off = [(a + shift, b + shift) for a, b in enc_r["offset_mapping"]] + [(end, end)]
     ids = (p_ids + r_ids)[:max_length]
     offsets = (p_off + r_off)[:max_length]
-    return TokenSequence(ids=ids, prompt_len=len(p_ids), offsets=offsets)
+    return TokenSequence(ids=ids, prompt_len=len(p_ids), offsets=offsets,
+                         prompt_tokens_cut=len(enc_p["input_ids"]) - len(p_ids),
+                         tokens_cut=len(p_ids) + len(r_ids) - len(ids))
+
+
+def cut_report(seqs, max_prompt_length: int, max_length: int, what: str = "examples") -> str | None:
+    """One line saying how many sequences lost tokens at the length limits, or None when none did."""
+    seqs = list(seqs)
+    cut = sum(1 for s in seqs if s.tokens_cut)
+    prompt_cut = sum(1 for s in seqs if s.prompt_tokens_cut)
+    if not cut and not prompt_cut:
+        return None
+    parts = []
+    if cut:
+        dropped = sum(s.tokens_cut for s in seqs)
+        parts.append(f"{cut} of {len(seqs)} {what} cut at --max-length {max_length} ({dropped} response tokens "
+                     "dropped, the EOS with them)")
+    if prompt_cut:
+        parts.append(f"{prompt_cut} prompt(s) cut at --max-prompt-length {max_prompt_length}")
+    return "; ".join(parts) + ". Raise the limits to keep them whole."

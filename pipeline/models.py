@@ -35,14 +35,56 @@ def _gguf_folder(name_or_path: str) -> str:
     return name_or_path
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def _path_like(name: str) -> bool:
+    """Whether a model name can only mean a local path: a hub id is 'name' or 'owner/name', never './x', '/x',
+    '~/x' or 'a/b/c', and 'runs/x' is a path when the folder runs/ exists here."""
+    if name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name in (".", "..") or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
+
+
+def _local_or_hub(name_or_path: str) -> str:
+    """The folder to load, or the hub id as given. A path-like name that does not exist fails here at once, rather
+    than after the hub client's retries (about 25 s without a network)."""
+    name_or_path = _gguf_folder(str(name_or_path))
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return str(local)
+    if local.exists():
+        raise ModelError(f"{name_or_path}: a file, not a model folder. Pass the folder that holds config.json "
+                         "(or a .gguf file, or a hub id).")
+    if _path_like(name_or_path):
+        raise ModelError(f"{name_or_path}: no such folder. Pass an existing model folder or a hub id "
+                         "(owner/name).")
+    return name_or_path
+
+
+def _one_line(e: BaseException) -> str:
+    """A library's (often multi-line) error message as one line."""
+    return " ".join(str(e).split())
+
+
+def _fix(folder: Path) -> str:
+    if folder.is_dir():
+        return "Check the folder's files."
+    return "Check the hub id and the network, or pass a local folder (HF_HUB_OFFLINE=1 uses the local cache only)."
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    name_or_path = _gguf_folder(name_or_path)
+    name_or_path = _local_or_hub(name_or_path)
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise ModelError(f"{name_or_path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); save the "
+                         "tokenizer into the model folder (tokenizer.save_pretrained).")
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{name_or_path}: cannot load a tokenizer ({e}). Pass a local folder or a hub id.") from e
+        raise ModelError(f"{name_or_path}: cannot load a tokenizer ({_one_line(e)}). {_fix(folder)}") from e
     if len(tok) == 0:
         raise ModelError(f"{name_or_path}: the tokenizer is empty (len 0); check its files.")
     if not getattr(tok, "is_fast", False):
@@ -55,14 +97,18 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, device: 
     """A causal LM in eval mode on `device`, in `dtype` (default: bf16 on GPU, fp32 on CPU)."""
     from transformers import AutoModelForCausalLM
 
-    name_or_path = _gguf_folder(name_or_path)
+    name_or_path = _local_or_hub(name_or_path)
+    folder = Path(name_or_path)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        raise ModelError(f"{name_or_path}: no config.json, so not a model folder (save one with "
+                         "model.save_pretrained).")
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{name_or_path}: cannot load a causal LM ({e}). Pass a local folder or a hub id.") from e
+        raise ModelError(f"{name_or_path}: cannot load a causal LM ({_one_line(e)}). {_fix(folder)}") from e
     return model.to(device).eval()
 
 

@@ -19,11 +19,12 @@ from dskd_pipe.cache.verify import store_sizes
 from dskd_pipe.cache.writer import (PartWriter, check_out_path, finalize_store, lock_owner, open_for_writing,
                                     read_manifest_file, write_shared)
 from dskd_pipe.pipeline.config import CacheConfig, config_to_dict, require
-from dskd_pipe.pipeline.data import TEMPLATE_ID, build_sequence, file_fingerprint, load_examples
+from dskd_pipe.pipeline.data import TEMPLATE_ID, build_sequence, cut_report, file_fingerprint, load_examples
 from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
                                        load_causal_lm, load_tokenizer, model_fingerprint, pad_token_id,
                                        tokenizer_fingerprint)
 from dskd_pipe.pipeline.objectives.dskd import TeacherHead, teacher_logits
+from dskd_pipe.pipeline.progress import Console, quiet_libraries
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
@@ -88,12 +89,14 @@ def precheck_store(root: Path, fingerprints: dict, settings: dict, plan_sha256: 
                          "again.")
 
 
+@quiet_libraries
 def run(cfg: CacheConfig) -> Path:
     require(cfg, "teacher", "data", "out")
     check_settings(cfg)
     root = check_out_path(cfg.out)  # before anything is loaded
     shard, n_shards = parse_shard(cfg.shard)
-    examples = load_examples(cfg.data, limit=cfg.limit, skip_bad=cfg.skip_bad)
+    console = Console.for_stage(cfg.progress, cfg.quiet)
+    examples = load_examples(cfg.data, limit=cfg.limit, skip_bad=cfg.skip_bad, report=console.warn)
     device = cfg.device or default_device()
     tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     eos, pad = eos_token_id(tok), pad_token_id(tok)
@@ -101,6 +104,8 @@ def run(cfg: CacheConfig) -> Path:
     seqs = [build_sequence(tok, ex.prompt, ex.response, eos, cfg.max_prompt_length, cfg.max_length)
             for ex in examples]
     plan = plan_store([len(s.ids) for s in seqs], [s.prompt_len for s in seqs], cfg.batch_tokens, n_shards)
+    if shard == 0 and (cut := cut_report(seqs, cfg.max_prompt_length, cfg.max_length)):
+        console.warn(cut)  # every part tokenises the whole data set: one of them says it
     fingerprints = {
         "tokenizer": tokenizer_fingerprint(tok),
         "data": {"path": str(cfg.data), "sha256": file_fingerprint(cfg.data), "limit": cfg.limit,
@@ -123,7 +128,7 @@ def run(cfg: CacheConfig) -> Path:
     root, on_disk = open_for_writing(cfg.out, manifest, config_to_dict(cfg), plan,
                                      [(ex.prompt, ex.response) for ex in examples])
     if on_disk.complete:
-        print(f"{root}: already complete ({on_disk.totals['examples']} examples); nothing to do.")
+        console.note(f"{root}: already complete ({on_disk.totals['examples']} examples); nothing to do.")
         return root
     if shard == 0:
         write_shared(root, on_disk, head, embedding_parts(model), tok, model.config.to_dict())
@@ -133,14 +138,14 @@ def run(cfg: CacheConfig) -> Path:
         # Whole planned batches: one cut by the kill is recomputed in full and only its missing examples are added.
         batches = [plan.batches[b] for b in plan.part_batches(shard)
                    if any(i not in writer.committed_ids for i in plan.batches[b])]
-        _cache_batches(model, writer, seqs, batches, head, pad, cfg, device, shard, n_shards)
+        _cache_batches(model, writer, seqs, batches, head, pad, cfg, device, shard, n_shards, console)
         writer.close(complete=True)
     except BaseException:
         writer.close(complete=False)
         raise
     final = finalize_store(root)
     if final is None:
-        print(f"{root}: part {shard}/{n_shards} done; the store is finished when every part is.")
+        console.note(f"{root}: part {shard}/{n_shards} done; the store is finished when every part is.")
     else:
         t, sizes = final.totals, store_sizes(root)
         print(f"{root}: {t['examples']} examples, {t['tokens']} tokens, {sizes['bytes_on_disk'] / 2**20:.1f} MiB: "
@@ -150,15 +155,14 @@ def run(cfg: CacheConfig) -> Path:
     return root
 
 
-def _cache_batches(model, writer, seqs, batches, head, pad, cfg, device, shard, n_shards) -> None:
+def _cache_batches(model, writer, seqs, batches, head, pad, cfg, device, shard, n_shards, console: Console) -> None:
     # fp32 once per run, not per example: a 152k x 2048 head is 1.2 GB in fp32
     logit_head = TeacherHead(head["weight"].float(), None if head["bias"] is None else head["bias"].float(),
                              head["logit_scale"], head["final_logit_softcap"]) if cfg.topk else None
-    from tqdm import tqdm
-
+    n_examples = sum(len(batch) for batch in batches)
     total = sum(len(seqs[i].ids) for batch in batches for i in batch)
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"cache-teacher part {shard}/{n_shards}",
-               disable=None)
+    # ETA from tokens: batches are length-sorted, so the last examples are the longest
+    bar = console.bar(f"cache-teacher part {shard}/{n_shards}", total=n_examples, unit="ex", eta_count=("tok", total))
     start = time.perf_counter()
     for batch in batches:
         lens = [len(seqs[i].ids) for i in batch]
@@ -181,8 +185,9 @@ def _cache_batches(model, writer, seqs, batches, head, pad, cfg, device, shard, 
                          "logsumexp": torch.logsumexp(z, dim=-1).cpu()}
             s = seqs[i]
             writer.add(i, s.ids, s.prompt_len, s.offsets, h.cpu(), **extra)
-        bar.update(sum(lens))
-        bar.set_postfix(tok_s=f"{bar.n / max(1e-9, time.perf_counter() - start):.0f}")
+        bar.update(len(batch), counts={"tok": sum(lens)})
     bar.close()
     elapsed = time.perf_counter() - start
-    print(f"part {shard}/{n_shards}: {total} tokens in {elapsed:.1f} s ({total / max(1e-9, elapsed):.0f} tokens/s)")
+    if console.mode == "off":  # else the progress line's last state said it
+        console.note(f"part {shard}/{n_shards}: {n_examples} examples, {total} tokens in {elapsed:.1f} s "
+                     f"({total / max(1e-9, elapsed):.0f} tokens/s)")

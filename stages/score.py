@@ -31,7 +31,6 @@ import json
 import os
 import re
 import statistics
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from dskd_pipe.pipeline.config import ConfigError, ScoreConfig, require, save_co
 from dskd_pipe.pipeline.data import DataError, Example, file_fingerprint, load_examples
 from dskd_pipe.pipeline.models import (default_device, default_dtype, eos_token_id, load_causal_lm, load_tokenizer,
                                        pad_token_id)
+from dskd_pipe.pipeline.progress import Console, ProgressLine, quiet_libraries
 from dskd_pipe.pipeline.rouge import rouge_l
 
 FORMAT_VERSION = 1  # of a generations file; bump when its header or lines change meaning
@@ -97,6 +97,11 @@ def check_generation_settings(cfg: ScoreConfig) -> None:
         raise ConfigError("\n".join(problems))
 
 
+def prompt_lengths_over(tokenizer, prompts: list[str], max_prompt_length: int) -> list[bool]:
+    """Per prompt: whether it is longer than `max_prompt_length` tokens (and so cut by `tokenize_prompts`)."""
+    return [len(ids) > max_prompt_length for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+
 def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_length: int) -> list[list[int]]:
     """Prompt ids without special tokens (no BOS), cut to their first `max_prompt_length` tokens."""
     enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -140,16 +145,16 @@ def _generation_config(cfg: ScoreConfig, eos_id: int, pad_id: int):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], seed: int, cfg: ScoreConfig, progress: bool | None = None,
-             desc: str = "generate") -> list[str]:
+             desc: str = "generate", bar: ProgressLine | None = None) -> list[str]:
     """One pass of responses to `prompts`, in their order, with the settings of `cfg` (spec/evaluation.md).
 
     Prompts are sorted by token length (longest first, so memory runs out early if at all), cut into batches of
     cfg.batch_size, left-padded, and the order is restored. torch.manual_seed(seed) is called once before the first
     batch; see the module docstring for what the samples depend on. Greedy when cfg.greedy (seed unused). The
     caller's RNG state is restored afterwards, so a dev evaluation inside training leaves the training stream as is.
+    `bar`: the caller's progress line (a stage's, over all its passes); else this pass draws its own.
     """
     check_generation_settings(replace(cfg, seeds=cfg.seeds or (seed,)))
-    from tqdm.auto import tqdm
 
     eos_id, pad_id = eos_token_id(tokenizer), pad_token_id(tokenizer)
     device = next(model.parameters()).device
@@ -163,8 +168,9 @@ def generate(model, tokenizer, prompts: list[str], seed: int, cfg: ScoreConfig, 
     saved_gen_cfg, was_training = model.generation_config, model.training
     model.generation_config = gen_cfg  # generate() fills unset values from the model's config: give it ours
     model.eval()  # the distill stage calls this mid-training: no dropout while sampling
-    show = cfg.progress if progress is None else progress
-    bar = tqdm(total=len(rows), desc=desc, unit="ex", disable=not show, file=sys.stderr, dynamic_ncols=True)
+    own_bar = bar is None
+    if own_bar:
+        bar = Console.for_stage(cfg.progress if progress is None else progress, cfg.quiet).bar(desc, len(rows), "ex")
     cuda = [device.index or 0] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda):
@@ -179,7 +185,8 @@ def generate(model, tokenizer, prompts: list[str], seed: int, cfg: ScoreConfig, 
                     out[i] = decode_response(tokenizer, r, eos_id)
                 bar.update(len(idx))
     finally:
-        bar.close()
+        if own_bar:
+            bar.close()
         model.generation_config = saved_gen_cfg
         model.train(was_training)
     return out  # type: ignore[return-value]
@@ -403,6 +410,7 @@ def _seed_labels(cfg: ScoreConfig) -> list[tuple[str, int]]:
     return [(str(s), s) for s in cfg.seeds]
 
 
+@quiet_libraries
 def run(cfg: ScoreConfig) -> Path:
     """Score every --model on every --data set; return the output folder (see the module docstring)."""
     require(cfg, "models", "data", "out")
@@ -419,14 +427,13 @@ def run(cfg: ScoreConfig) -> Path:
     save_config(cfg, out / "config.json")
     settings = generation_settings(cfg, device, dtype)
     passes = _seed_labels(cfg)
+    console = Console.for_stage(cfg.progress, cfg.quiet)
 
-    scores: dict[str, dict[str, dict[str, float]]] = {}
+    # Every (model, set, pass) and its generations file; a finished file with the same header is re-used.
+    files, found = {}, {}
     for label, model_path in models:
         ident = model_id(model_path)
-        model = tokenizer = None
-        scores[label] = {}
         for set_name, set_path, examples, sha, limit, marked in sets:
-            scores[label][set_name] = {}
             for seed_label, seed in passes:
                 path = out / "generations" / _safe(label) / _safe(set_name) / f"seed{seed_label}.jsonl"
                 if cfg.greedy:
@@ -436,32 +443,62 @@ def run(cfg: ScoreConfig) -> Path:
                           "settings": settings}
                 if marked:  # only where it changes the text: files of sets without "<n>" stay valid
                     header["literal_n"] = cfg.literal_n
-                rows = read_generations(path, header, len(examples))
+                files[label, set_name, seed_label] = path, header
+                found[label, set_name, seed_label] = read_generations(path, header, len(examples))
+    n_examples = {s[0]: len(s[2]) for s in sets}
+    bar = console.bar("score", sum(n_examples[k[1]] for k, rows in found.items() if rows is None), "ex")
+
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    prompts_cut: dict[str, dict[str, int]] = {}
+    for label, model_path in models:
+        model = tokenizer = None
+        scores[label], prompts_cut[label] = {}, {}
+        generations = []
+        for set_name, set_path, examples, sha, limit, marked in sets:
+            scores[label][set_name] = {}
+            for seed_label, seed in passes:
+                path, header = files[label, set_name, seed_label]
+                rows = found[label, set_name, seed_label]
                 if rows is None:
                     if model is None:
                         tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
                         model = load_causal_lm(model_path, dtype=dtype, device=device,
                                                trust_remote_code=cfg.trust_remote_code)
-                    texts = generate(model, tokenizer, [e.prompt for e in examples], seed, cfg,
-                                     desc=f"{label} {set_name} {seed_label}")
+                    prompts = [e.prompt for e in examples]
+                    cut = prompt_lengths_over(tokenizer, prompts, cfg.max_prompt_length)
+                    if set_name not in prompts_cut[label] and any(cut):
+                        console.warn(f"{label} on {set_name}: {sum(cut)} of {len(cut)} prompts cut at "
+                                     f"--max-prompt-length {cfg.max_prompt_length} (the model sees their first "
+                                     f"{cfg.max_prompt_length} tokens).")
+                    bar.describe({"model": label, "set": set_name, "seed": seed_label})
+                    texts = generate(model, tokenizer, prompts, seed, cfg, bar=bar)
                     rows = [{"prompt": e.prompt, "references": list(e.references), "generation": t,
-                             "rougeL": 100.0 * rouge_l(t, e.references)} for e, t in zip(examples, texts)]
+                             "rougeL": 100.0 * rouge_l(t, e.references), "prompt_cut": c}
+                            for e, t, c in zip(examples, texts, cut)]
                     _write_jsonl_atomic(path, [{"header": header}, *rows])
+                if "prompt_cut" in rows[0]:  # files written before this field have no count
+                    prompts_cut[label][set_name] = sum(bool(r["prompt_cut"]) for r in rows)
                 scores[label][set_name][seed_label] = statistics.fmean(r["rougeL"] for r in rows)
+                generations += [r["generation"] for r in rows]
+        if not any(t.strip() for t in generations):
+            console.warn(f"every generation of {label} is empty ({len(generations)} of them): it ends each answer "
+                         "at once. Check its EOS token and that it was trained with this prompt template.")
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    bar.close()
 
     report = summarise(scores, set_names, in_domain, {s[0]: len(s[2]) for s in sets})
     report = {"protocol": "spec/evaluation.md", "seeds": [p[0] for p in passes], "settings": settings,
               "limit": cfg.limit, "set_limits": {s[0]: s[4] for s in sets}, "model_paths": dict(models),
-              "data_paths": {s[0]: s[1] for s in sets}, **report}
+              "data_paths": {s[0]: s[1] for s in sets}, "prompts_cut": prompts_cut, **report}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown_table(report))
     plot_report(report, out / "rouge_l.png")
     return out
 
 
+@quiet_libraries
 def run_generate(cfg: ScoreConfig) -> Path:
     """`dskd-pipe generate`: one pass of the first --model over the --data prompts, written as a new data file.
 
@@ -488,7 +525,15 @@ def run_generate(cfg: ScoreConfig) -> Path:
     raw = {where: rec for where, rec in _raw_records(data_path) if where in wanted}
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(model_path, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
-    texts = generate(model, tokenizer, [e.prompt for e in examples], cfg.seeds[0], cfg, desc="generate")
+    console = Console.for_stage(cfg.progress, cfg.quiet)
+    prompts = [e.prompt for e in examples]
+    if n_cut := sum(prompt_lengths_over(tokenizer, prompts, cfg.max_prompt_length)):
+        console.warn(f"{n_cut} of {len(prompts)} prompts cut at --max-prompt-length {cfg.max_prompt_length} (the "
+                     f"model sees their first {cfg.max_prompt_length} tokens).")
+    texts = generate(model, tokenizer, prompts, cfg.seeds[0], cfg, desc="generate")
+    if not any(t.strip() for t in texts):
+        console.warn(f"every generation of {model_path} is empty ({len(texts)} of them): {out} would train on empty "
+                     "answers. Check the model's EOS token and that it was trained with this prompt template.")
     lines = []
     for e, t in zip(examples, texts):
         rec = dict(raw.get(e.where) or {})

@@ -36,3 +36,16 @@ def test_bad_files(tmp_path):
     (tmp_path / "b.toml").write_text("x = [")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(CacheConfig, tmp_path / "b.toml")
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_limit_below_one_is_refused_by_name(tmp_path, value):
+    """Issue 14: --limit 0 / -1 used to fail later as "no usable records"."""
+    with pytest.raises(ConfigError, match=rf"command line: --limit must be >= 1, found {value} "):
+        load_config(CacheConfig, None, {"limit": value})
+    (tmp_path / "c.toml").write_text(f"dev_limit = {value}\n")
+    from dskd_pipe.pipeline.config import DistillConfig
+
+    with pytest.raises(ConfigError, match=rf"c.toml: --dev-limit must be >= 1, found {value} "):
+        load_config(DistillConfig, tmp_path / "c.toml")
+    assert load_config(CacheConfig, None, {"limit": 1}).limit == 1

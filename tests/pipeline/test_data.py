@@ -107,3 +107,29 @@ def test_sequence_limits():
     seq = build_sequence(tok, "word " * 50, "x " * 50, tok.eos_token_id, max_prompt_length=10, max_length=16)
     assert seq.prompt_len == 10 and len(seq.ids) == 16 and len(seq.offsets) == 16
     assert tok.eos_token_id not in seq.ids  # cut before EOS: the last label is then not EOS
+
+
+def test_a_line_that_is_not_utf8_is_named_by_line_and_byte_and_can_be_skipped(tmp_path):
+    """Issue 14: Latin-1 bytes used to raise UnicodeDecodeError, even with --skip-bad."""
+    good = json.dumps({"prompt": "p", "output": "o"}).encode() + b"\n"
+    latin1 = '{"prompt": "caf\u00e9", "output": "o"}\n'.encode("latin-1")
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(good + latin1 + good)
+    with pytest.raises(DataError, match=rf"latin.jsonl line 2: not UTF-8 \(byte 0xE9 at column 16, file offset "
+                                        rf"{len(good) + 15}\)\. Re-save the file as UTF-8 or pass --skip-bad\."):
+        load_examples(str(path))
+    seen = []
+    assert len(load_examples(str(path), skip_bad=True, report=seen.append)) == 2
+    assert "line 2: not UTF-8" in seen[0] and seen[-1].startswith("skipped 1 bad record(s)")
+    whole = tmp_path / "latin.json"
+    whole.write_bytes(b"[\n" + good.strip() + b",\n" + latin1.strip() + b"\n]")
+    with pytest.raises(DataError, match=r"latin.json line 3: not UTF-8 \(byte 0xE9 at column 16"):
+        load_examples(str(whole))
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "bom.jsonl").write_bytes(bom + json.dumps({"prompt": "p", "output": "o"}).encode() + b"\n")
+    assert load_examples(str(tmp_path / "bom.jsonl"))[0].prompt == "p"
+    (tmp_path / "bom.json").write_bytes(bom + json.dumps([{"prompt": "q", "output": "o"}]).encode())
+    assert load_examples(str(tmp_path / "bom.json"))[0].prompt == "q"

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -38,6 +40,48 @@ def test_fingerprints_change_with_weights_and_tokenizer(tmp_path):
     assert fa["weights_sha256"] != fb["weights_sha256"]
 
 
-def test_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelError, match="cannot load"):
-        load_tokenizer(str(tmp_path / "missing"))
+def _no_hub(monkeypatch):
+    """Any call into transformers' loaders fails the test: a missing local path must not reach the hub client."""
+    import transformers
+
+    def called(*args, **kwargs):
+        raise AssertionError("the hub / transformers loader was called")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", called)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", called)
+
+
+def test_a_missing_local_path_fails_at_once_without_the_hub(tmp_path, monkeypatch):
+    """Issue 14: `runs/x` (runs/ exists), `./x`, `/abs/x`, `~/x` and `a/b/c` used to spend ~25 s in hub retries."""
+    _no_hub(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ("runs/student", "./student", str(tmp_path / "missing"), "~/no-such-model-here", "a/b/c"):
+        for load in (load_tokenizer, load_causal_lm):
+            with pytest.raises(ModelError, match=rf"^{re.escape(name)}: no such folder\. Pass an existing model "
+                                                 r"folder or a hub id \(owner/name\)\.$"):
+                load(name)
+
+
+def test_a_folder_without_model_or_tokenizer_files_is_named(tmp_path, monkeypatch):
+    _no_hub(monkeypatch)
+    with pytest.raises(ModelError, match=r"no tokenizer files \(tokenizer.json, tokenizer_config.json\)"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(ModelError, match=r"no config.json, so not a model folder"):
+        load_causal_lm(str(tmp_path))
+    (tmp_path / "f.bin").write_bytes(b"x")
+    with pytest.raises(ModelError, match=r"a file, not a model folder"):
+        load_causal_lm(str(tmp_path / "f.bin"))
+
+
+def test_tokenizer_errors_fit_on_one_line(tmp_path, monkeypatch):
+    import transformers
+
+    def multi_line(*args, **kwargs):
+        raise OSError("Couldn't instantiate the backend tokenizer from one of: \n(1) a file, \n(2) a slow one")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", multi_line)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ModelError) as e:
+        load_tokenizer(str(tmp_path))
+    assert "\n" not in str(e.value) and "one of: (1) a file, (2) a slow one). Check the folder's files." in str(e.value)

@@ -218,3 +218,32 @@ def test_disk_full_while_writing_head_and_embeddings(teacher, clean_store, tmp_p
     r = cli(*cache_args(teacher, out))
     assert r.exit_code == 0, r.output
     assert_same_bytes(out, clean_store)
+
+
+def test_progress_line_cut_examples_and_no_library_bars(teacher, tmp_path):
+    """Issue 16: one progress line (examples, tokens written), no transformers bars; issue 14: examples cut at
+    --max-length are counted."""
+    r = cli(*cache_args(teacher, tmp_path / "a.zarr", DATA, "--limit", "10", "--max-length", "96",
+                        "--max-prompt-length", "48"))
+    assert r.exit_code == 0, r.output
+    assert "Loading weights" not in r.output and "it/s]" not in r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("cache-teacher part 0/1")]
+    assert lines and lines[-1].startswith("cache-teacher part 0/1  ex 10/10 100%  |  ")
+    tokens = open_store(str(tmp_path / "a.zarr")).manifest.totals["tokens"]
+    assert f"  {tokens} tok (" in lines[-1] and " ex/s  in " in lines[-1]
+    from dskd_pipe.pipeline.data import build_sequence, load_examples
+    from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer
+
+    tok = load_tokenizer(str(teacher))
+    examples = load_examples(str(DATA), 10)
+    seqs = [build_sequence(tok, e.prompt, e.response, eos_token_id(tok), 48, 96) for e in examples]
+    whole = [build_sequence(tok, e.prompt, e.response, eos_token_id(tok), 512, 512) for e in examples]
+    assert all(s.tokens_cut == 0 and s.prompt_tokens_cut == 0 for s in whole)
+    n_cut, n_prompt = sum(s.tokens_cut > 0 for s in seqs), sum(s.prompt_tokens_cut > 0 for s in seqs)
+    assert 0 < n_cut < 10 and 0 < n_prompt < 10
+    assert (f"warning: {n_cut} of 10 examples cut at --max-length 96 (" in r.stderr
+            and f"; {n_prompt} prompt(s) cut at --max-prompt-length 48. Raise the limits" in r.stderr)
+    quiet = cli(*cache_args(teacher, tmp_path / "b.zarr", DATA, "--limit", "10", "--quiet", "--max-length", "512",
+                            "--max-prompt-length", "512"))
+    assert quiet.exit_code == 0, quiet.output
+    assert quiet.stderr == "" and quiet.stdout.count("\n") == 1 and "10 examples" in quiet.stdout

@@ -132,7 +132,7 @@ def test_run_writes_generations_report_and_table(tiny, tmp_path):
             lines = (out / "generations" / "gpt2" / s / f"seed{seed}.jsonl").read_text().splitlines()
             header, rows = json.loads(lines[0])["header"], [json.loads(x) for x in lines[1:]]
             assert header["seed"] == seed and header["limit"] == 3 and len(rows) == 3
-            assert set(rows[0]) == {"prompt", "references", "generation", "rougeL"}
+            assert set(rows[0]) == {"prompt", "references", "generation", "rougeL", "prompt_cut"}
             # The figures are rouge-score's, called directly on the stored strings.
             direct = [100 * _direct(r["generation"], r["references"]) for r in rows]
             assert [r["rougeL"] for r in rows] == pytest.approx(direct)
@@ -324,3 +324,58 @@ def test_literal_n_is_a_newline_in_prompts_and_references(tiny, tmp_path):
                                         .read_text().splitlines()[0])["header"]
     with pytest.raises(ConfigError, match="literal_n 'x': choose one of both, prompts, none"):
         run(_cfg(tiny, tmp_path / "bad", literal_n="x"))
+
+
+# --- progress and warnings (issues 14, 16) -----------------------------------------------------------------------
+
+def _mute_model(folder, out):
+    """A copy of a tiny GPT-2 whose every next token is EOS: each generation is empty."""
+    model, tok = _load(folder)
+    with torch.no_grad():
+        eos = tok.eos_token_id
+        model.transformer.wte.weight[eos] *= 1000  # the tied head: <w_v, w_eos> peaks at v = eos
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[eos])  # every hidden state = w_eos
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_one_progress_line_cut_prompts_and_empty_generations_warned(tiny, tmp_path):
+    """Issue 16: one progress line for the stage, no library bars; issue 14: prompts cut at --max-prompt-length are
+    counted, and a model whose every generation is empty is named."""
+    mute = _mute_model(tiny["gpt2"], tmp_path / "mute")
+    out = tmp_path / "s"
+    result = CliRunner().invoke(main, ["score", "--model", tiny["gpt2"], "--model", f"mute={mute}", "--data", DOLLY,
+                                       "--out", str(out), "--limit", "3", "--seed", "10", "--max-new-tokens", "4",
+                                       "--max-prompt-length", "40", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "Loading weights" not in result.output and "it/s]" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("score  ex ")]
+    assert lines[-1].startswith("score  ex 6/6 100%  model mute  set dolly_test_20  seed 10  |  ")
+    tok = load_tokenizer(tiny["gpt2"])
+    lengths = [len(tok(e.prompt, add_special_tokens=False)["input_ids"]) for e in load_examples(DOLLY, limit=3)]
+    n_cut = sum(n > 40 for n in lengths)
+    assert n_cut > 0
+    assert (f"warning: gpt2 on dolly_test_20: {n_cut} of 3 prompts cut at --max-prompt-length 40 (the model sees "
+            "their first 40 tokens).") in result.stderr
+    assert "warning: every generation of mute is empty (3 of them): it ends each answer at once." in result.stderr
+    assert "every generation of gpt2" not in result.stderr
+    assert json.loads((out / "report.json").read_text())["prompts_cut"] == {
+        "gpt2": {"dolly_test_20": n_cut}, "mute": {"dolly_test_20": n_cut}}
+    # A rerun re-uses every pass: nothing to generate, still the warnings that depend on the files.
+    again = CliRunner().invoke(main, ["score", "--model", tiny["gpt2"], "--model", f"mute={mute}", "--data", DOLLY,
+                                      "--out", str(out), "--limit", "3", "--seed", "10", "--max-new-tokens", "4",
+                                      "--max-prompt-length", "40", "--device", "cpu", "--quiet"])
+    assert again.exit_code == 0, again.output
+    assert "score  ex" not in again.stderr and "every generation of mute is empty" in again.stderr
+    assert again.stdout.startswith("ROUGE-L F1")
+
+
+def test_generate_warns_when_every_answer_is_empty(tiny, tmp_path):
+    mute = _mute_model(tiny["gpt2"], tmp_path / "mute")
+    result = CliRunner().invoke(main, ["generate", "--model", mute, "--data", SELFINST, "--out",
+                                       str(tmp_path / "seqkd.jsonl"), "--limit", "2", "--max-new-tokens", "4",
+                                       "--greedy", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"warning: every generation of {mute} is empty (2 of them)" in result.stderr

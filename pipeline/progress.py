@@ -1,0 +1,222 @@
+"""What a running stage prints: one progress line, notes, warnings, and silence from the libraries' own bars.
+
+A stage builds one `Console` from its `progress` and `quiet` settings and prints through it:
+
+- `console.bar(desc, total, unit)`: the stage's progress line. In a terminal it is one line rewritten in place
+  (`distill cma-ga  step 12/40 30%  loss 3.214  ce 2.910 ...  812 tok/s  ETA 1m12s`); in a pipe or a CI log it
+  is one plain line every `every` units (about 20 per run, and at least one a minute), so logs stay short.
+- `console.note(msg)`: what happened on the way (resumed from, skipped records); stdout.
+- `console.warn(msg)`: something the user should act on (examples cut at --max-length, empty generations); stderr,
+  printed even with --quiet.
+- `--quiet`: no progress line and no notes, only warnings and the stage's final lines (its result).
+
+`quiet_libraries()` turns off the bars of transformers ("Loading weights", "Writing model shards"), datasets and
+huggingface_hub for the duration of a stage: they would print several bars per checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import IO, Callable
+
+MODES = ("live", "lines", "off")
+LINES_PER_RUN = 20  # plain-line mode: about this many lines over a whole run
+LINE_INTERVAL_S = 60.0  # ... and one at least this often, for slow steps
+LIVE_INTERVAL_S = 0.25  # live mode redraws at most 4 times a second
+
+
+def choose_mode(progress: bool = True, quiet: bool = False, stream: IO | None = None) -> str:
+    """'off' when asked for no progress; 'live' on a terminal; 'lines' in a pipe, a file or CI (CI=true)."""
+    if quiet or not progress:
+        return "off"
+    stream = stream or sys.stderr
+    tty = getattr(stream, "isatty", lambda: False)()
+    if tty and os.environ.get("TERM", "") != "dumb" and not os.environ.get("CI"):
+        return "live"
+    return "lines"
+
+
+def format_duration(seconds: float) -> str:
+    """42s, 3m05s, 2h10m."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_number(x: float) -> str:
+    """4 significant digits for small values, thousands as k / M for large counts: 3.214, 0.0123, 812, 12.3k."""
+    if isinstance(x, str):
+        return x
+    ax = abs(x)
+    if ax >= 1e6:
+        return f"{x / 1e6:.1f}M"
+    if ax >= 1e4:
+        return f"{x / 1e3:.1f}k"
+    if ax >= 100 or x == int(x) and ax >= 1:
+        return f"{x:.0f}"
+    return f"{x:.4g}" if ax >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+class ProgressLine:
+    """One progress line for `total` units of work (steps, examples), started at `initial` (a resumed run).
+
+    `update(n, values, counts)`: n units done; `values` are shown as they are (latest loss terms, in the order
+    given); `counts` are summed and shown with their rate (tokens written, tokens/s). The unit rate and the ETA
+    come from the units done in this process, so a resumed run's ETA is right from its first step.
+    """
+
+    def __init__(self, desc: str, total: int, unit: str = "step", mode: str = "lines", initial: int = 0,
+                 stream: IO | None = None, every: int | None = None, clock: Callable[[], float] = time.monotonic):
+        if mode not in MODES:
+            raise ValueError(f"progress mode '{mode}': choose one of {', '.join(MODES)}")
+        self.desc, self.total, self.unit, self.mode = desc, max(0, int(total)), unit, mode
+        self.stream = stream or sys.stderr
+        self.done = self.initial = int(initial)
+        self.every = every or max(1, -(-self.total // LINES_PER_RUN))
+        self.clock = clock
+        self.start = self.last_draw = clock()
+        self.values: dict[str, float | str] = {}
+        self.counts: dict[str, float] = {}
+        self.closed = False
+        self.width = 0  # characters of the last live line, cleared on the next draw
+
+    def update(self, n: int = 1, values: dict | None = None, counts: dict | None = None) -> None:
+        self.done += n
+        if values:
+            self.values = dict(values)
+        for name, c in (counts or {}).items():
+            self.counts[name] = self.counts.get(name, 0.0) + float(c)
+        now = self.clock()
+        if self.mode == "live" and (now - self.last_draw >= LIVE_INTERVAL_S or self.done >= self.total):
+            self._draw_live(now)
+        elif self.mode == "lines" and (self.done % self.every == 0 or self.done >= self.total
+                                       or self.done - n == self.initial or now - self.last_draw >= LINE_INTERVAL_S):
+            self._print(self.line(now))
+
+    def describe(self, values: dict) -> None:
+        """Show these values from the next update on (what is being worked on: model, set, seed)."""
+        self.values = dict(values)
+
+    def line(self, now: float | None = None) -> str:
+        """The progress line as text (no terminal control characters)."""
+        now = self.clock() if now is None else now
+        elapsed = max(1e-9, now - self.start)
+        ran = self.done - self.initial
+        parts = [self.desc, f"{self.unit} {self.done}/{self.total}" +
+                 (f" {100 * self.done / self.total:.0f}%" if self.total else "")]
+        parts += [f"{k} {format_number(v)}" for k, v in self.values.items()]
+        rates = []
+        for name, c in self.counts.items():
+            rates.append(f"{format_number(c)} {name} ({format_number(c / elapsed)} {name}/s)")
+        if ran > 0:
+            per_s = ran / elapsed
+            rates.append(f"{format_number(per_s)} {self.unit}/s" if per_s >= 1 else
+                         f"{format_duration(1 / per_s)}/{self.unit}")
+            if self.total and self.done < self.total:
+                rates.append(f"ETA {format_duration((self.total - self.done) / per_s)}")
+            elif self.done >= self.total:
+                rates.append(f"in {format_duration(elapsed)}")
+        return "  ".join(parts + (["|", "  ".join(rates)] if rates else []))
+
+    def _draw_live(self, now: float) -> None:
+        text = self.line(now)
+        columns = shutil.get_terminal_size((120, 24)).columns
+        if len(text) >= columns:  # a wrapped line cannot be rewritten in place
+            text = text[:max(10, columns - 2)] + "…"
+        self.stream.write("\r" + text + " " * max(0, self.width - len(text)))
+        self.stream.flush()
+        self.width = len(text)
+        self.last_draw = now
+
+    def _print(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+        self.last_draw = self.clock()
+
+    def close(self) -> None:
+        """End the line: a live line keeps its last state and moves to the next line; a plain log gets the last
+        state if it was not printed yet."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.mode == "live":
+            self._draw_live(self.clock())
+            self.stream.write("\n")
+            self.stream.flush()
+        elif self.mode == "lines" and self.done > self.initial and self.done % self.every and self.done < self.total:
+            self._print(self.line())
+
+
+@dataclass(frozen=True)
+class Console:
+    """Where a stage prints: its progress line, notes (stdout) and warnings (stderr)."""
+
+    mode: str = "lines"  # "live" | "lines" | "off" (choose_mode)
+    quiet: bool = False
+
+    @classmethod
+    def for_stage(cls, progress: bool = True, quiet: bool = False) -> "Console":
+        return cls(choose_mode(progress, quiet), quiet)
+
+    def bar(self, desc: str, total: int, unit: str = "step", initial: int = 0, every: int | None = None
+            ) -> ProgressLine:
+        return ProgressLine(desc, total, unit, mode=self.mode, initial=initial, every=every)
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            print(message, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def library_bars_off():
+    """Inside: no progress bars from transformers, datasets or huggingface_hub; afterwards, as they were."""
+    restore = []
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            restore.append(hf_logging.enable_progress_bar)
+    with contextlib.suppress(ImportError):
+        import datasets
+
+        if datasets.is_progress_bar_enabled():
+            datasets.disable_progress_bars()
+            restore.append(datasets.enable_progress_bars)
+    with contextlib.suppress(ImportError):
+        from huggingface_hub import utils as hub_utils
+
+        if not hub_utils.are_progress_bars_disabled():
+            hub_utils.disable_progress_bars()
+            restore.append(hub_utils.enable_progress_bars)
+    try:
+        yield
+    finally:
+        for undo in restore:
+            undo()
+
+
+def quiet_libraries(stage: Callable) -> Callable:
+    """Decorator for a stage's `run`: the libraries' bars are off while it runs."""
+
+    @functools.wraps(stage)
+    def run(*args, **kwargs):
+        with library_bars_off():
+            return stage(*args, **kwargs)
+
+    return run
+
+
+__all__ = ["Console", "ProgressLine", "choose_mode", "format_duration", "format_number", "library_bars_off",
+           "quiet_libraries"]
