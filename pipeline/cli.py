@@ -193,6 +193,26 @@ def distill(config_path, **flags) -> None:
     click.echo(f"student: {out}")
 
 
+# --- plot (pipeline/curves.py) ---
+@main.command("plot")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", default=None, help="PNG file (default: RUN/curves.png for one run; needed for several).")
+@click.option("--title", default=None, help="A title above the panels.")
+def plot(runs, out, title) -> None:
+    """Training curves of one or more distill runs, overlaid: loss terms, dev metrics, learning rate, CMA-GA's
+    discriminator accuracies and L_G (needs matplotlib)."""
+    from pathlib import Path
+
+    from dskd_pipe.pipeline.curves import CURVES, plot_paths
+
+    if out is None:
+        if len(runs) > 1:
+            raise ConfigError("plot: with several runs, name the picture with --out FILE.png.")
+        folder = Path(runs[0])
+        out = str((folder if folder.is_dir() else folder.parent) / CURVES)
+    click.echo(f"curves: {plot_paths(list(runs), out, title)}")
+
+
 # --- score, generate (stages/score.py) ---
 
 
