@@ -140,7 +140,9 @@ def cache_verify(store) -> None:
 @click.option("--lambda-ga", type=float, default=None, help="CMA-GA generator weight.")
 @click.option("--ga-start-step", type=int, default=None, help="CMA-GA starts at this optimizer step.")
 @click.option("--overlap-top-k", type=int, default=None, help="DSKDv2: ideal init from the first k shared tokens.")
-@click.option("--tensorboard", is_flag=True, default=None, help="Also log to out/tensorboard.")
+@click.option("--report-to", "report_to", multiple=True, help="Also log the metrics to tensorboard (out/tensorboard), "
+              "wandb (offline in out/wandb unless logged in), all (every installed one) or none; repeat or use commas.")
+@click.option("--tensorboard", is_flag=True, default=None, help="Same as --report-to tensorboard.")
 @click.option("--kd-warmup-steps", type=int, default=None, help="DWA-KD: linear ramp of KD_t2s (default 300; 0 = off).")
 @click.option("--dtw-gamma-steps", type=int, default=None, help="DWA-KD: gamma 2.0 -> 0.8 over N steps, then held "
               "(default 3570; 0 = over the whole run).")

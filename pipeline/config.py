@@ -155,13 +155,15 @@ class DistillConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     progress: bool = True  # a progress line on stderr: step/total, loss terms, tokens/s, ETA
     quiet: bool = False  # only warnings and the final lines
-    tensorboard: bool = False  # also write the metrics as TensorBoard scalars to out/tensorboard
+    # Experiment trackers besides metrics.jsonl: "tensorboard", "wandb", "all" or "none" (pipeline/trackers.py)
+    report_to: tuple[str, ...] = ()
+    tensorboard: bool = False  # older spelling of report_to = ["tensorboard"], kept for existing configs
     trust_remote_code: bool = False
 
 
 # Settings that change what a run prints or where it reports, never what it computes: a rerun or a resume may
 # change them freely.
-OUTPUT_ONLY = frozenset({"progress", "quiet"})
+OUTPUT_ONLY = frozenset({"progress", "quiet", "report_to", "tensorboard"})
 
 
 def _check_value(name: str, value, hint):
@@ -266,9 +268,11 @@ def config_to_dict(cfg) -> dict:
     return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v) for f in dataclasses.fields(cfg)}
 
 
-def save_config(cfg, path: str | Path) -> None:
-    """Write the resolved config beside a run's outputs; `--config` reads it back."""
-    Path(path).write_text(json.dumps({"stage": type(cfg).__name__, "config": config_to_dict(cfg)}, indent=2) + "\n")
+def save_config(cfg, path: str | Path, **extra) -> None:
+    """Write the resolved config beside a run's outputs; `--config` reads it back (and ignores `extra`: facts about
+    the run's inputs, such as the teacher store's fingerprints, kept to check a resumed run against)."""
+    body = {"stage": type(cfg).__name__, "config": config_to_dict(cfg), **extra}
+    Path(path).write_text(json.dumps(body, indent=2) + "\n")
 
 
 def require(cfg, *names: str) -> None:

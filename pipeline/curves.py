@@ -3,8 +3,8 @@
 One small panel per quantity, every run overlaid in its own colour: the total loss, each loss term the runs logged
 (student CE, the DSKD terms, KD, Soft-DTW), the projections' accuracies, CMA-GA's discriminator accuracies (real
 keys solid, fake queries dashed) and generator loss L_G, the dev loss and dev ROUGE-L (one point per epoch), and the
-learning rate. Training curves are drawn raw (faint) and smoothed with an exponential moving average (solid), since
-one optimizer step's loss is noisy. Only panels that some run logged are drawn.
+learning rate. Training curves are drawn raw (faint) and smoothed (solid: a centred moving average over 4% of the
+run), since one optimizer step's loss is noisy. Only panels that some run logged are drawn.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
     ("learning rate", [("lr", "-")], "student lr"),
 ]
 EVAL_KEYS = ("dev_loss", "dev_rouge_l")  # logged once per epoch: points, not smoothed
+SMOOTH_FROM = 30  # steps: a shorter run is drawn as it is (an average over a handful of steps would mislead)
 
 
 @dataclass
@@ -97,21 +98,24 @@ def run_labels(paths: list[Path]) -> list[str]:
     return labels
 
 
-def ema(values: list[float], span: int) -> list[float]:
-    """Exponential moving average with the weight of a `span`-step window (alpha = 2 / (span + 1)), bias-corrected
-    at the start so the first points are not pulled towards zero."""
-    alpha = 2.0 / (span + 1.0)
-    out, avg, weight = [], 0.0, 0.0
+def smooth(values: list[float], window: int) -> list[float]:
+    """Centred moving average over `window` steps (fewer at the ends): no lag, unlike an exponential average,
+    so a steep early drop stays where it happened."""
+    half = max(0, window // 2)
+    sums = [0.0]
     for v in values:
-        avg = (1 - alpha) * avg + alpha * v
-        weight = (1 - alpha) * weight + alpha
-        out.append(avg / weight)
+        sums.append(sums[-1] + v)
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - half), min(len(values), i + half + 1)
+        out.append((sums[hi] - sums[lo]) / (hi - lo))
     return out
 
 
 def panels_for(runs: list[Run]) -> list[tuple[str, list[tuple[str, str]], str]]:
     """The PANELS that at least one of `runs` logged, in figure order."""
-    return [(t, lines, unit) for t, lines, unit in PANELS if any(run.series(key)[0] for run in runs for key, _ in lines)]
+    return [(title, lines, unit) for title, lines, unit in PANELS
+            if any(run.series(key)[0] for run in runs for key, _ in lines)]
 
 
 def plot_runs(runs: list[Run], out: str | Path, title: str | None = None) -> Path:
@@ -127,7 +131,7 @@ def plot_runs(runs: list[Run], out: str | Path, title: str | None = None) -> Pat
     panels = panels_for(runs)
     cols = 3 if len(panels) > 4 else 2 if len(panels) > 1 else 1
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.3 * rows + 0.9), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.3 * rows + 0.9), squeeze=False)  # + title, legend
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (panel_title, lines, unit) in zip(axes.flat, panels):
         for k, run in enumerate(runs):
@@ -136,11 +140,11 @@ def plot_runs(runs: list[Run], out: str | Path, title: str | None = None) -> Pat
                 xs, ys = run.series(key)
                 if not xs:
                     continue
-                if key in EVAL_KEYS or key == "lr" or len(xs) < 8:
+                if key in EVAL_KEYS or key == "lr" or len(xs) < SMOOTH_FROM:
                     ax.plot(xs, ys, style, color=colour, lw=1.6, marker="o" if len(xs) < 30 else None, ms=3.5)
                     continue
                 ax.plot(xs, ys, style, color=colour, lw=0.8, alpha=0.28)
-                ax.plot(xs, ema(ys, max(3, len(xs) // 15)), style, color=colour, lw=1.8)
+                ax.plot(xs, smooth(ys, max(3, len(xs) // 25)), style, color=colour, lw=1.8)  # window: 4% of the run
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.set_ylabel(unit, fontsize=8)
@@ -151,13 +155,16 @@ def plot_runs(runs: list[Run], out: str | Path, title: str | None = None) -> Pat
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     handles = [plt.Line2D([], [], color=colours[k % len(colours)], lw=2) for k in range(len(runs))]
-    fig.legend(handles, [r.label for r in runs], loc="upper center", ncol=min(len(runs), 4), frameon=False,
-               fontsize=10, bbox_to_anchor=(0.5, 1.0))
+    height = fig.get_figheight()
     if title:
-        fig.suptitle(title, y=1.0 - 0.45 / fig.get_figheight() - (0.3 if len(runs) else 0) / fig.get_figheight(),
-                     fontsize=11)
-    top = 1.0 - (0.75 if title else 0.55) / fig.get_figheight()
-    fig.tight_layout(rect=(0, 0, 1, top))
+        fig.suptitle(title, y=1 - 0.1 / height, va="top", fontsize=12)
+    legend_top = 1 - (0.4 if title else 0.05) / height
+    if title and len(runs) == 1:  # the title names the one run
+        legend_top = 1 - 0.05 / height
+    else:
+        fig.legend(handles, [r.label for r in runs], loc="upper center", ncol=min(len(runs), 4), frameon=False,
+                   fontsize=10, bbox_to_anchor=(0.5, legend_top))
+    fig.tight_layout(rect=(0, 0, 1, legend_top - 0.3 / height))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -174,4 +181,4 @@ def plot_paths(paths: list[str | Path], out: str | Path, title: str | None = Non
     return plot_runs(runs, out, title)
 
 
-__all__ = ["plot_paths", "plot_runs", "panels_for", "read_run", "run_labels", "ema", "METRICS", "CURVES", "PANELS"]
+__all__ = ["plot_paths", "plot_runs", "panels_for", "read_run", "run_labels", "smooth", "METRICS", "CURVES", "PANELS"]

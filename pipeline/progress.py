@@ -51,6 +51,11 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def format_rate(x: float) -> str:
+    """3 significant digits: 7.54, 16, 812, 12.3k."""
+    return format_number(x) if abs(x) >= 100 else f"{x:.3g}"
+
+
 def format_number(x: float) -> str:
     """4 significant digits for small values, thousands as k / M for large counts: 3.214, 0.0123, 812, 12.3k."""
     if isinstance(x, str):
@@ -70,11 +75,14 @@ class ProgressLine:
 
     `update(n, values, counts)`: n units done; `values` are shown as they are (latest loss terms, in the order
     given); `counts` are summed and shown with their rate (tokens written, tokens/s). The unit rate and the ETA
-    come from the units done in this process, so a resumed run's ETA is right from its first step.
+    come from the units done in this process, so a resumed run's ETA is right from its first step. `eta_count`
+    (name, total still to do): the ETA follows that count instead of the units, for units of very unequal cost
+    (cache-teacher's length-sorted examples: the long ones come last).
     """
 
     def __init__(self, desc: str, total: int, unit: str = "step", mode: str = "lines", initial: int = 0,
-                 stream: IO | None = None, every: int | None = None, clock: Callable[[], float] = time.monotonic):
+                 stream: IO | None = None, every: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 eta_count: tuple[str, float] | None = None):
         if mode not in MODES:
             raise ValueError(f"progress mode '{mode}': choose one of {', '.join(MODES)}")
         self.desc, self.total, self.unit, self.mode = desc, max(0, int(total)), unit, mode
@@ -87,6 +95,7 @@ class ProgressLine:
         self.counts: dict[str, float] = {}
         self.closed = False
         self.width = 0  # characters of the last live line, cleared on the next draw
+        self.eta_count = eta_count
 
     def update(self, n: int = 1, values: dict | None = None, counts: dict | None = None) -> None:
         self.done += n
@@ -115,13 +124,17 @@ class ProgressLine:
         parts += [f"{k} {format_number(v)}" for k, v in self.values.items()]
         rates = []
         for name, c in self.counts.items():
-            rates.append(f"{format_number(c)} {name} ({format_number(c / elapsed)} {name}/s)")
+            rates.append(f"{format_number(c)} {name} ({format_rate(c / elapsed)} {name}/s)")
         if ran > 0:
             per_s = ran / elapsed
-            rates.append(f"{format_number(per_s)} {self.unit}/s" if per_s >= 1 else
+            rates.append(f"{format_rate(per_s)} {self.unit}/s" if per_s >= 1 else
                          f"{format_duration(1 / per_s)}/{self.unit}")
             if self.total and self.done < self.total:
-                rates.append(f"ETA {format_duration((self.total - self.done) / per_s)}")
+                left = (self.total - self.done) / per_s
+                if self.eta_count and self.counts.get(self.eta_count[0]):
+                    name, total = self.eta_count
+                    left = max(0.0, total - self.counts[name]) / (self.counts[name] / elapsed)
+                rates.append(f"ETA {format_duration(left)}")
             elif self.done >= self.total:
                 rates.append(f"in {format_duration(elapsed)}")
         return "  ".join(parts + (["|", "  ".join(rates)] if rates else []))
@@ -155,6 +168,21 @@ class ProgressLine:
             self._print(self.line())
 
 
+# The terms of a distill step record shown on its progress line, in this order, under these short names; a
+# method's record holds some of them (pipeline/methods.py decides which).
+STEP_TERMS = (("loss", "loss"), ("ce_student", "ce"), ("kd", "kd"), ("ce_t2s", "ce_t2s"), ("kd_t2s", "kd_t2s"),
+              ("kd_s2t", "kd_s2t"), ("dtw", "dtw"), ("l_g", "l_g"))
+
+
+def step_values(record: dict) -> dict:
+    """The progress-line values of one distill step record: loss, its main terms, and CMA-GA's discriminator
+    accuracy on real keys / fake queries as "D 0.52/0.48"."""
+    values = {short: record[key] for key, short in STEP_TERMS if key in record}
+    if "d_acc_real" in record and "d_acc_fake" in record:
+        values["D"] = f"{record['d_acc_real']:.2f}/{record['d_acc_fake']:.2f}"
+    return values
+
+
 @dataclass(frozen=True)
 class Console:
     """Where a stage prints: its progress line, notes (stdout) and warnings (stderr)."""
@@ -166,9 +194,9 @@ class Console:
     def for_stage(cls, progress: bool = True, quiet: bool = False) -> "Console":
         return cls(choose_mode(progress, quiet), quiet)
 
-    def bar(self, desc: str, total: int, unit: str = "step", initial: int = 0, every: int | None = None
-            ) -> ProgressLine:
-        return ProgressLine(desc, total, unit, mode=self.mode, initial=initial, every=every)
+    def bar(self, desc: str, total: int, unit: str = "step", initial: int = 0, every: int | None = None,
+            eta_count: tuple[str, float] | None = None) -> ProgressLine:
+        return ProgressLine(desc, total, unit, mode=self.mode, initial=initial, every=every, eta_count=eta_count)
 
     def note(self, message: str) -> None:
         if not self.quiet:
@@ -218,5 +246,5 @@ def quiet_libraries(stage: Callable) -> Callable:
     return run
 
 
-__all__ = ["Console", "ProgressLine", "choose_mode", "format_duration", "format_number", "library_bars_off",
-           "quiet_libraries"]
+__all__ = ["Console", "ProgressLine", "step_values", "choose_mode", "format_duration", "format_number", "format_rate",
+           "library_bars_off", "quiet_libraries"]

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dskd_pipe.pipeline.config import ConfigError
 
 CHECKPOINT_PREFIX = "step-"
 TRAINER_STATE = "trainer_state.pt"
@@ -174,19 +173,14 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 class MetricsLogger:
-    """One JSON line per optimizer step, flushed at once (a killed run keeps every finished step)."""
+    """One JSON line per optimizer step, flushed at once (a killed run keeps every finished step); the same records
+    go to the experiment trackers of --report-to (pipeline/trackers.py)."""
 
     def __init__(self, path: Path, enabled: bool = True, truncate_after_step: int | None = None,
-                 tensorboard_dir: Path | None = None):
+                 trackers: list | None = None):
         self.path = Path(path)
         self.enabled = enabled
-        self.tensorboard = None
-        if enabled and tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("--tensorboard needs the `tensorboard` package: pip install tensorboard") from None
-            self.tensorboard = SummaryWriter(str(tensorboard_dir))
+        self.trackers = list(trackers or []) if enabled else []
         if enabled and truncate_after_step is not None and self.path.exists():
             # On resume, drop lines of steps after the checkpoint: they will be written again.
             keep = [ln for ln in self.path.read_text().splitlines()
@@ -201,8 +195,16 @@ class MetricsLogger:
         clean = {k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps({**clean, "time": round(time.time(), 3)}) + "\n")
-        if self.tensorboard is not None and "step" in clean:
-            for name, value in clean.items():
-                if name != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(name, value, clean["step"])
-            self.tensorboard.flush()
+        if self.trackers:
+            from dskd_pipe.pipeline.trackers import tracker_values
+
+            step_values = tracker_values(clean)
+            if step_values is not None:
+                for tracker in self.trackers:
+                    tracker.log(*step_values)
+
+    def close(self) -> None:
+        """Finish the trackers (a wandb run is marked finished, TensorBoard files are closed)."""
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []

@@ -10,7 +10,9 @@ the step's supervised student tokens (spec/dskd.md "Reduction"). Under torchrun 
 its own part of the epoch order and gradients are summed across ranks before each optimizer step.
 
 Output folder: the student (save_pretrained, safetensors) and its tokenizer, projectors.safetensors
-(+ discriminator.safetensors), distill_config.json (the resolved config), metrics.jsonl, checkpoints/.
+(+ discriminator.safetensors), distill_config.json (the resolved config and the store's fingerprints),
+metrics.jsonl, checkpoints/, README.md (a Hugging Face model card), curves.png (with matplotlib), and best/ (the
+dev-selected student, with its own card) when a dev set is given.
 """
 from __future__ import annotations
 
@@ -25,13 +27,15 @@ import torch
 
 from dskd_pipe.cache.streaming import (Collate, DistillDataset, Side, StoreSource, TextSource, UnionSource,
                                        make_loader)
-from dskd_pipe.pipeline.config import ConfigError, DistillConfig, require, save_config
-from dskd_pipe.pipeline.data import TEMPLATE_ID, file_fingerprint, load_examples
+from dskd_pipe.pipeline.config import OUTPUT_ONLY, ConfigError, DistillConfig, config_to_dict, require, save_config
+from dskd_pipe.pipeline.data import TEMPLATE_ID, cut_report, file_fingerprint, load_examples
 from dskd_pipe.pipeline.methods import METHODS, LossInputs, MethodParts, build_parts, collate_extras, resolve
 from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
                                        load_causal_lm, load_tokenizer, logit_transform, pad_token_id)
 from dskd_pipe.pipeline.objectives.divergences import DIVERGENCES, cross_entropy_sum
 from dskd_pipe.pipeline.objectives.dskd import TeacherHead
+from dskd_pipe.pipeline.progress import Console, quiet_libraries, step_values
+from dskd_pipe.pipeline.trackers import open_trackers, resolve_report_to
 from dskd_pipe.pipeline.training import (MetricsLogger, cosine_schedule, list_checkpoints, load_checkpoint,
                                          param_groups, peek_trainer_state, rng_state, save_checkpoint,
                                          save_safetensors, seed_everything, set_rng_state, write_json_atomic)
@@ -84,6 +88,10 @@ def check_config(cfg: DistillConfig) -> None:
                         "checkpoints/step-N).")
     if cfg.schedule_steps < 0:
         problems.append(f"--schedule-steps must be >= 0, found {cfg.schedule_steps}.")
+    try:
+        resolve_report_to(cfg.report_to, cfg.tensorboard)
+    except ConfigError as e:
+        problems.append(str(e))
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -370,13 +378,131 @@ def _steps_per_epoch(n_rank: int, cfg: DistillConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Runs that continue another (--resume, --init-from) and what a finished run leaves beside the student
+# ---------------------------------------------------------------------------------------------------------------
+
+# What --resume may change: how long, where and how visibly the run goes on, never what it computes. The store path
+# may change too (a moved store), its fingerprints may not.
+RESUME_MAY_CHANGE = OUTPUT_ONLY | {"resume", "epochs", "max_steps", "save_every", "keep_checkpoints", "num_workers",
+                                   "prefetch_factor", "device", "dev_data", "dev_limit", "dev_rouge",
+                                   "gradient_checkpointing", "trust_remote_code", "cache"}
+# What --init-from must share with the run it starts from: what its saved parts are (shapes and meaning). Data,
+# lengths and hyper-parameters may change (the next on-policy round trains on new samples).
+INIT_MUST_MATCH = ("method", "student", "teacher", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def store_record(cache: str) -> dict | None:
+    """{"path", "fingerprints", "config"} of a finished teacher store (config: its saved CacheConfig, or None)."""
+    if not cache:
+        return None
+    import fsspec
+
+    from dskd_pipe.cache.format import CONFIG
+    from dskd_pipe.cache.reader import read_manifest
+
+    record = {"path": cache, "fingerprints": read_manifest(cache).fingerprints, "config": None}
+    try:
+        fs, root = fsspec.core.url_to_fs(cache)
+        record["config"] = json.loads(fs.cat(f"{root.rstrip('/')}/{CONFIG}")).get("config")
+    except (OSError, ValueError):  # an older store without its config: the card shows no cache-teacher command
+        pass
+    return record
+
+
+def _fingerprint_changes(before: dict, now: dict, keys) -> list[str]:
+    """Readable differences between two stores' fingerprints."""
+    changes = []
+    for key in keys:
+        a, b = before.get(key), now.get(key)
+        if a is None or a == b:
+            continue
+        if key == "teacher" and a.get("name") != b.get("name"):
+            changes.append(f"the store's teacher ({a.get('name')} -> {b.get('name')})")
+        elif key == "teacher":
+            changes.append(f"the store's teacher weights or config ({a.get('name')}, other hashes)")
+        elif key == "data":
+            changes.append(f"the store's data ({a.get('path')} sha256 {str(a.get('sha256'))[:12]} -> {b.get('path')} "
+                           f"sha256 {str(b.get('sha256'))[:12]})")
+        else:
+            changes.append(f"the store's {'teacher tokenizer' if key == 'tokenizer' else key} "
+                           f"({str(a)[:40]} -> {str(b)[:40]})")
+    return changes
+
+
+def check_same_run(cfg: DistillConfig, folder: Path, resume: bool, store: dict | None) -> None:
+    """Refuse, naming every changed setting, to --resume (resume=True) or --init-from a run in `folder` whose saved
+    config or store fingerprints differ where they must not: loading its checkpoint would fail half-way (a projector
+    of another size, a discriminator file that does not exist) or silently train something else."""
+    saved_file = folder / RESOLVED_CONFIG
+    if not saved_file.is_file():
+        return  # a folder from an older version: the checkpoint loads or fails on its own
+    saved = json.loads(saved_file.read_text())
+    before, now = saved.get("config", {}), config_to_dict(cfg)
+    saved_store = saved.get("store")
+    keys = [k for k in now if k not in RESUME_MAY_CHANGE] if resume else list(INIT_MUST_MATCH)
+    if resume and saved_store is None:
+        keys.append("cache")  # no fingerprints saved: the path is all there is to compare
+    changes = [f"--{k.replace('_', '-')} ({before[k]!r} -> {now[k]!r})" for k in keys
+               if k in before and before[k] != now[k]]
+    if saved_store is not None and store is not None:
+        changes += _fingerprint_changes(saved_store, store["fingerprints"],
+                                        list(store["fingerprints"]) if resume else ["teacher", "tokenizer"])
+    elif saved_store is not None and store is None and resume:
+        changes.append(f"--cache ({before.get('cache')!r} -> none)")
+    if changes:
+        what = "--resume" if resume else f"--init-from {folder}"
+        raise ConfigError(f"{folder}: {what} with other settings than that run's: {'; '.join(changes)}. Use its "
+                          f"settings (all in {saved_file}), or another --out for a new run.")
+
+
+def report_cut_examples(cfg: DistillConfig, side: Side, n: int, console: Console) -> None:
+    """Warn how many of the first `n` training examples lose tokens at the student's length limits (the teacher
+    side was counted by cache-teacher). Read from --data, which the store's fingerprint ties to the store's texts."""
+    examples = load_examples(cfg.data, limit=n, skip_bad=True, report=lambda _: None)
+    if cut := cut_report((side.encode(e.prompt, e.response) for e in examples), cfg.max_prompt_length,
+                         cfg.max_length, what="training examples (student tokens)"):
+        console.warn(cut)
+
+
+def write_documents(cfg: DistillConfig, out: Path, state: dict, world: int, store: dict | None, done: dict,
+                    console: Console) -> None:
+    """The model cards of the student folders (out/README.md, and best/, last/ when a dev set selected the output)
+    and curves.png (when matplotlib is installed)."""
+    from dskd_pipe.pipeline.curves import CURVES, plot_paths
+    from dskd_pipe.pipeline.model_card import final_metrics, write_model_card
+
+    common = dict(steps=state["step"], epochs=state["epoch"], world=world, store=store,
+                  metrics=final_metrics(out / "metrics.jsonl"))
+    metric = "dev ROUGE-L" if cfg.dev_rouge else "dev loss"
+    if done.get("student") == "best":
+        picked = f"epoch {done.get('best_epoch')} (step {done.get('best_step')}), the best {metric}"
+        write_model_card(out, cfg, **common, selected=f"This folder holds the dev-selected model: {picked}. The "
+                         "model after the last step is in `last/`.")
+        write_model_card(out / "last", cfg, **common, config_file=f"../{RESOLVED_CONFIG}", selected="The model "
+                         "after the last step; the run's output (the dev-selected model) is in the folder above.")
+    else:
+        write_model_card(out, cfg, **common)
+    if (out / "best" / "config.json").is_file():
+        write_model_card(out / "best", cfg, **common, config_file=f"../{RESOLVED_CONFIG}", selected=f"The model "
+                         f"of the best {metric} so far (`best/`); the run's output is in the folder above.")
+    try:
+        plot_paths([out], out / CURVES, title=f"{cfg.method}: {out.name}")
+    except ConfigError as e:  # no matplotlib: the curves are one `pip install matplotlib` + `dskd-pipe plot` away
+        console.note(f"no {CURVES}: {e}")
+    except Exception as e:  # a picture must not fail a finished run (matplotlib's font cache, a backend)
+        console.warn(f"{out / CURVES} not drawn ({' '.join(str(e).split())[:200]}); `dskd-pipe plot {out}` retries.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------------------------
 
+@quiet_libraries
 def run(cfg: DistillConfig) -> Path:
     check_config(cfg)
     cfg = resolve(cfg)  # the method's published defaults for options left unset
     rank, world, device = setup_distributed(cfg)
+    console = Console.for_stage(cfg.progress and rank == 0, cfg.quiet or rank != 0)
     out = Path(cfg.out)
     checkpoints = list_checkpoints(out)
     if checkpoints and not cfg.resume:
@@ -385,12 +511,18 @@ def run(cfg: DistillConfig) -> Path:
     resume_from = checkpoints[-1] if cfg.resume and checkpoints else None
     # --init-from: a fresh run that starts from another run's last checkpoint (ignored once this run has its own).
     init_from = list_checkpoints(Path(cfg.init_from))[-1] if cfg.init_from and resume_from is None else None
+    store = store_record(cfg.cache)
+    if resume_from is not None or init_from is not None:  # before any model is loaded
+        check_same_run(cfg, out if resume_from is not None else Path(cfg.init_from), resume_from is not None, store)
     seed_everything(cfg.seed + rank)
 
     # Teacher side (store or model) and the student.
     teacher, source = open_teacher(cfg, device)
     tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
     student_side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
+    if rank == 0:
+        gold = source.sources[0] if isinstance(source, UnionSource) else source  # samples are no --data records
+        report_cut_examples(cfg, student_side, len(gold), console)
     plain_collate = Collate(student_side.pad_id, teacher.pad_id)
     student = build_student(cfg, device, resume_from or init_from)
 
@@ -415,21 +547,21 @@ def run(cfg: DistillConfig) -> Path:
     state = {"step": start_step, "start_step": start_step, "epoch": 0, "position": 0, "micro_step": 0, "best": None}
     if resume_from is not None:
         state.update(load_checkpoint(resume_from, modules=modules, optimizers=optimizers, scheduler=scheduler))
-        if rank == 0:
-            print(f"resuming from {resume_from} (step {state['step']}, epoch {state['epoch']}, "
-                  f"position {state['position']})")
+        console.note(f"resuming from {resume_from} (step {state['step']}, epoch {state['epoch']}, "
+                     f"position {state['position']})")
     elif init_from is not None:
         before = load_checkpoint(init_from, modules=modules, optimizers=optimizers, scheduler=scheduler)
         state["micro_step"] = before["micro_step"]  # keeps CMA-GA's every-k discriminator rhythm
-        if rank == 0:
-            print(f"starting from {init_from} (step {start_step}; this run's data from its first example)")
+        console.note(f"starting from {init_from} (step {start_step}; this run's data from its first example)")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / DONE).unlink(missing_ok=True)
-        save_config(cfg, out / RESOLVED_CONFIG)
-    metrics = MetricsLogger(out / "metrics.jsonl", enabled=rank == 0,
-                            truncate_after_step=state["step"] if resume_from is not None else None,
-                            tensorboard_dir=out / "tensorboard" if cfg.tensorboard else None)
+        save_config(cfg, out / RESOLVED_CONFIG, **({"store": store["fingerprints"]} if store else {}))
+    resumed_at = state["step"] if resume_from is not None else None
+    trackers = (open_trackers(resolve_report_to(cfg.report_to, cfg.tensorboard), out, config_to_dict(cfg),
+                              resumed_at, note=console.note, warn=console.warn) if rank == 0 else [])
+    metrics = MetricsLogger(out / "metrics.jsonl", enabled=rank == 0, truncate_after_step=resumed_at,
+                            trackers=trackers)
     dev_examples = None
     if cfg.dev_data and rank == 0:
         from dskd_pipe.stages.score import unescape_newlines  # a literal "<n>" is a newline, as in `score`
@@ -447,10 +579,7 @@ def run(cfg: DistillConfig) -> Path:
         if die_at and state["step"] == die_at:
             os._exit(137)
 
-    from tqdm import tqdm
-
-    bar = tqdm(total=run_steps, initial=state["step"] - start_step, desc=f"distill {cfg.method}", unit="step",
-               disable=None if (cfg.progress and rank == 0) else True)
+    bar = console.bar(f"distill {cfg.method}", run_steps, "step", initial=state["step"] - start_step)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     while state["step"] < total_steps and state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
@@ -497,8 +626,7 @@ def run(cfg: DistillConfig) -> Path:
             if projectors is not None:
                 record["projector_lr"] = step_lrs[-1]
             metrics.log(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1, values=step_values(record), counts={"tok": n_tokens})
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
                 checkpoint()
         finished_epoch = state["position"] >= n_rank
@@ -526,6 +654,8 @@ def run(cfg: DistillConfig) -> Path:
         for name, module in modules.items():
             if module is not None:
                 save_safetensors(module, out / f"{name}.safetensors")
+        metrics.close()
+        write_documents(cfg, out, state, world, store, done, console)
         write_json_atomic(out / DONE, done)
         which = f"the best dev epoch ({state.get('best_epoch')})" if done.get("student") == "best" else "the student"
         print(f"{out}: {which} after {state['step']} steps ({cfg.method}).")

@@ -22,6 +22,7 @@ from dskd_pipe.pipeline.models import (default_device, eos_token_id, load_causal
                                        pad_token_id)
 from dskd_pipe.pipeline.objectives.dskd import build_projectors
 from dskd_pipe.pipeline.probes import alignment_counts, chunk_alignment, cma_attention, label_offsets
+from dskd_pipe.pipeline.progress import quiet_libraries
 from dskd_pipe.pipeline.training import load_safetensors
 from dskd_pipe.stages.distill import RESOLVED_CONFIG, expected_fingerprints, student_forward
 
@@ -84,6 +85,7 @@ def _rate(num: float, n: int):
     return num / n if n else None
 
 
+@quiet_libraries
 def run(cfg: ProbeConfig) -> Path:
     require(cfg, "run", "cache", "data", "out")
     if cfg.batch_size < 1:

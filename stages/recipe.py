@@ -49,8 +49,9 @@ from importlib import resources
 from pathlib import Path
 
 from dskd_pipe.cache.format import MANIFEST
-from dskd_pipe.pipeline.config import (CacheConfig, ConfigError, DistillConfig, ScoreConfig, config_to_dict,
-                                       load_config)
+from dskd_pipe.pipeline.config import (OUTPUT_ONLY, CacheConfig, ConfigError, DistillConfig, ScoreConfig,
+                                       config_to_dict, load_config)
+from dskd_pipe.pipeline.progress import quiet_libraries
 
 STAGES = {"teacher_sft": DistillConfig, "cache": CacheConfig, "distill": DistillConfig, "score": ScoreConfig}
 TINY_KEYS = ("arch", "tokenizer", "d_model", "layers", "heads")  # per role: teacher_arch, student_d_model, ...
@@ -250,15 +251,15 @@ def _model(out: Path, role: str, models: dict) -> tuple[Path | str, bool]:
 
 def _distill(cfg: DistillConfig) -> tuple[Path, bool]:
     """(folder, reused?): train unless `cfg.out` already holds the finished model of this very config; resume an
-    unfinished one. `progress` does not count as a setting."""
+    unfinished one. What only changes the output (config.OUTPUT_ONLY: progress, quiet, trackers) does not count."""
     from dskd_pipe.pipeline.methods import resolve
     from dskd_pipe.stages import distill
 
     out = Path(cfg.out)
     saved = out / distill.RESOLVED_CONFIG
     if saved.is_file():
-        before = {k: v for k, v in json.loads(saved.read_text()).get("config", {}).items() if k != "progress"}
-        now = {k: v for k, v in config_to_dict(resolve(cfg)).items() if k != "progress"}
+        before = {k: v for k, v in json.loads(saved.read_text()).get("config", {}).items() if k not in OUTPUT_ONLY}
+        now = {k: v for k, v in config_to_dict(resolve(cfg)).items() if k not in OUTPUT_ONLY}
         if before != now:
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise ConfigError(f"{out} was trained with other settings ({', '.join(changed)}). Pass --fresh to start "
@@ -316,6 +317,7 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@quiet_libraries
 def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-run", data_root: str | Path | None = None,
         fresh: bool = False, progress: bool = True) -> dict:
     """Run the five steps into `out`; return {"summary", "table", "report", "paths"}."""

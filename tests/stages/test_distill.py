@@ -2,6 +2,7 @@
 kill-and-resume equals one run, online equals cached, a store from other data is refused, LoRA."""
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -288,3 +289,96 @@ def test_lora_student_trains_adapters_and_saves_a_merged_model(env):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
     assert model.config.model_type == "llama"
+
+
+# --- what a user sees: progress line, model card, curves, trackers; runs that continue another -----------------
+
+def _cli_distill(cfg: DistillConfig, *extra):
+    from click.testing import CliRunner
+
+    from dskd_pipe.pipeline.cli import main
+
+    args = ["distill", "--cache", cfg.cache, "--student", cfg.student, "--method", cfg.method, "--data", cfg.data,
+            "--out", cfg.out, "--limit", str(cfg.limit), "--max-length", str(cfg.max_length), "--micro-batch-size",
+            str(cfg.micro_batch_size), "--grad-accum", str(cfg.grad_accum), "--num-workers", "0", "--device", "cpu",
+            "--seed", "0", *extra]
+    return CliRunner().invoke(main, args)
+
+
+def test_progress_line_model_card_curves_and_tensorboard(env, monkeypatch):
+    """Issue 16: one progress line with the loss terms (no library bars), a model card in every student folder,
+    curves.png, --report-to tensorboard; issue 14: examples cut at --max-length are counted."""
+    tb = pytest.importorskip("tensorboard")
+    monkeypatch.delenv("CI", raising=False)
+    cfg = _cfg(env, "shown", method="cma-ga", cache=str(env["store_q"]))
+    result = _cli_distill(cfg, "--epochs", "2", "--dev-data", DEV, "--dev-limit", "2", "--report-to", "tensorboard",
+                          "--save-every", "1")
+    assert result.exit_code == 0, result.output
+    out = Path(cfg.out)
+    assert "Loading weights" not in result.output and "Writing model shards" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("distill cma-ga  step ")]
+    assert lines[0].startswith("distill cma-ga  step 1/4 25%  loss ")
+    last = lines[-1]
+    assert last.startswith("distill cma-ga  step 4/4 100%  loss ") and " tok/s)" in last and " in " in last
+    for term in ("  ce ", "  ce_t2s ", "  kd_t2s ", "  kd_s2t ", "  l_g ", "  D "):
+        assert term in last, term
+    assert re.search(r"  D \d\.\d\d/\d\.\d\d  ", last)
+    tok = load_tokenizer(str(env["student"]))
+    from dskd_pipe.pipeline.data import build_sequence, load_examples
+
+    n_cut = sum(build_sequence(tok, e.prompt, e.response, tok.eos_token_id, 256, 64).tokens_cut > 0
+                for e in load_examples(DATA, limit=8))
+    assert n_cut > 0 and (f"warning: {n_cut} of 8 training examples (student tokens) cut at --max-length 64 ("
+                          in result.stderr)
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and "- cma-ga" in card
+    assert f"| teacher | `{env['teacher_q']}`" in card and "| teacher store | " in card
+    assert "4 optimizer steps, 2 epoch(s) done, global batch 4" in card
+    assert "dskd-pipe distill --config distill_config.json --out NEW_FOLDER" in card
+    assert f"dskd-pipe cache-teacher --teacher {env['teacher_q']} --data {DATA}" in card
+    assert "This folder holds the dev-selected model: epoch " in card and "after the last step is in `last/`" in card
+    best, last = (out / "best" / "README.md").read_text(), (out / "last" / "README.md").read_text()
+    assert "The model of the best dev loss so far (`best/`)" in best and "--config ../distill_config.json" in best
+    assert "The model after the last step" in last
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/l_g", "train/d_acc_real", "eval/loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert tb is not None
+
+
+def test_quiet_prints_the_final_lines_only(env):
+    cfg = _cfg(env, "quiet", method="sft")
+    result = _cli_distill(cfg, "--max-steps", "1", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert all(line.startswith("warning: ") for line in result.stderr.splitlines())  # no progress line
+    assert result.stdout == f"{cfg.out}: the student after 1 steps (sft).\nstudent: {cfg.out}\n"
+
+
+def test_resume_or_init_from_with_other_settings_is_refused_naming_each(env):
+    """Issue 14: --resume / --init-from with a store of another teacher or another --method used to crash loading
+    the checkpoint (`size mismatch for s2t.bias`, no discriminator.safetensors)."""
+    first = _cfg(env, "first", method="dskd-cma", cache=str(env["store_q"]), max_steps=1)
+    distill.run(first)
+    other = replace(first, resume=True, method="cma-ga", cache=str(env["store_g"]), lr=1e-3)
+    with pytest.raises(ConfigError) as e:
+        distill.run(other)
+    msg = str(e.value)
+    assert msg.startswith(f"{first.out}: --resume with other settings than that run's: ")
+    assert "--method ('dskd-cma' -> 'cma-ga')" in msg and "--lr (0.0005 -> 0.001)" in msg
+    assert f"the store's teacher ({env['teacher_q']} -> {env['teacher_g']})" in msg
+    assert "the store's teacher tokenizer" in msg and f"all in {first.out}/distill_config.json" in msg
+    # What only changes how long or how visibly it runs may change.
+    distill.run(replace(first, resume=True, max_steps=2, save_every=1, progress=True, quiet=True))
+    nxt = _cfg(env, "next", method="cma-ga", cache=str(env["store_g"]), init_from=first.out, max_steps=1)
+    with pytest.raises(ConfigError) as e:
+        distill.run(nxt)
+    msg = str(e.value)
+    assert msg.startswith(f"{first.out}: --init-from {first.out} with other settings than that run's: ")
+    assert "--method ('dskd-cma' -> 'cma-ga')" in msg and "the store's teacher (" in msg and "--lr" not in msg
+    assert not Path(nxt.out).exists()  # refused before anything was written
+    # Another data limit and lr: the next on-policy round's kind of change is fine.
+    distill.run(replace(nxt, method="dskd-cma", cache=str(env["store_q"]), limit=6, lr=1e-4))

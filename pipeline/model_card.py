@@ -1,0 +1,250 @@
+"""The README.md of every student folder, in the Hugging Face model-card format (YAML metadata, then Markdown).
+
+It says what the folder holds and how it was made: the base student, the teacher, the method and its settings,
+the data and teacher-store fingerprints, the steps, the final metrics, how to load the model, and the commands that
+reproduce it (the resolved config saved beside it, and the same as flags).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import statistics
+from pathlib import Path
+
+from dskd_pipe.pipeline.config import OUTPUT_ONLY, DistillConfig, config_to_dict
+
+CARD = "README.md"
+METHOD_NAMES = {
+    "sft": "supervised fine-tuning (no teacher)",
+    "kd": "vanilla KD (same vocabulary)",
+    "dskd": "DSKD, Dual-Space Knowledge Distillation (same vocabulary)",
+    "dskd-cma": "DSKD with cross-model attention (DSKD-CMA)",
+    "cma-ga": "DSKD-CMA with generative adversarial alignment (DSKD-CMA-GA)",
+    "dskd-v2": "DSKDv2 (same vocabulary)",
+    "dskd-v2-eta": "DSKDv2 with exact token alignment",
+    "dwa-kd": "DWA-KD (entropy weights and Soft-DTW)",
+    "mined": "MinED (minimum edit distance token alignment)",
+    "uld": "ULD (universal logit distillation)",
+    "chunk-attention": "DSKD-CMA with chunk-confined attention (ablation)",
+    "chunk-projection": "DSKD-CMA with chunk-averaged projection (ablation)",
+}
+# Shown in the card's settings table whenever the method uses them (the rest only when changed from the default).
+METHOD_SETTINGS = ("kd_rate", "kd_temperature", "divergence", "lambda_ga", "ga_start_step", "disc_lr",
+                   "projector_lr", "overlap_top_k", "kd_warmup_steps")
+TRAIN_TERMS = ("loss", "ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "kd", "dtw", "t2s_acc", "s2t_acc", "l_g",
+               "d_acc_real", "d_acc_fake", "l_d")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "Qwen/Qwen2.5-0.5B"
+
+
+def _is_hub_id(name: str) -> bool:
+    """A hub name ("gpt2", "owner/name") that is not a local path or a data file name."""
+    return (bool(HUB_ID.match(name)) and not Path(name).exists()
+            and Path(name).suffix.lower() not in (".jsonl", ".json", ".parquet", ".gguf", ".csv", ".txt"))
+
+
+def flag_command(cfg: DistillConfig, out: str | None = None) -> str | None:
+    """`dskd-pipe distill ...` with a flag for every setting that differs from the default, or None when one of
+    them has no flag (then only `--config distill_config.json` reproduces the run)."""
+    from dskd_pipe.pipeline.cli import main
+
+    command = main.commands["distill"]
+    options = {p.name: p for p in command.params if p.name != "config_path"}
+    values = config_to_dict(cfg)
+    if out is not None:
+        values["out"] = out
+    defaults = config_to_dict(DistillConfig())
+    args = ["dskd-pipe", "distill"]
+    for name, value in values.items():
+        if name in OUTPUT_ONLY or name == "resume" or value == defaults[name]:  # a new folder needs no --resume
+            continue
+        opt = options.get(name)
+        if opt is None:
+            return None
+        flag = opt.opts[0]
+        if opt.is_flag and opt.secondary_opts:  # --x/--no-x
+            args.append(flag if value else opt.secondary_opts[0])
+        elif opt.is_flag:
+            if not value:
+                return None
+            args.append(flag)
+        elif isinstance(value, list):
+            for v in value:
+                args += [flag, str(v)]
+        else:
+            args += [flag, str(value)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def cache_command(store_config: dict) -> str:
+    """The `dskd-pipe cache-teacher` command of a store's saved CacheConfig (its non-default settings as flags)."""
+    from dskd_pipe.pipeline.cli import main
+    from dskd_pipe.pipeline.config import CacheConfig
+
+    options = {p.name: p for p in main.commands["cache-teacher"].params}
+    defaults = config_to_dict(CacheConfig())
+    args = ["dskd-pipe", "cache-teacher"]
+    for name, value in store_config.items():
+        opt = options.get(name)
+        if opt is None or name in OUTPUT_ONLY or name == "shard" or value == defaults.get(name):
+            continue
+        if opt.is_flag:
+            if value:
+                args.append(opt.opts[0])
+        else:
+            args += [opt.opts[0], str(value)]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def final_metrics(metrics_path: Path, last: int = 10) -> dict:
+    """{"train": mean of each logged term over the last `last` steps, "dev": [every dev record], "steps": n}."""
+    train, dev = [], []
+    if Path(metrics_path).is_file():
+        for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            (dev if "dev_loss" in record else train).append(record)
+    tail = train[-last:]
+    means = {k: statistics.fmean(r[k] for r in tail) for k in TRAIN_TERMS if tail and all(k in r for r in tail)}
+    return {"train": means, "last_steps": len(tail), "dev": dev,
+            "supervised_tokens": sum(r.get("supervised_tokens", 0) for r in train)}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v)) or "none"
+    return f"`{v}`" if isinstance(v, str) and v else str(v)
+
+
+def model_card(cfg: DistillConfig, *, folder: str, steps: int, epochs: int, world: int = 1, store: dict | None = None,
+               metrics: dict | None = None, selected: str | None = None, config_file: str = "distill_config.json"
+               ) -> str:
+    """The card's text. `store`: {"path", "fingerprints", "config"} of the teacher store (None without one);
+    `metrics`: final_metrics(); `selected`: which model of the run this folder holds (dev selection: the output,
+    best/, last/)."""
+    metrics = metrics or {"train": {}, "dev": [], "last_steps": 0, "supervised_tokens": 0}
+    fps = (store or {}).get("fingerprints") or {}
+    teacher = fps.get("teacher", {}).get("name") or cfg.teacher or None
+    tags = ["dskd-pipe", "knowledge-distillation", cfg.method] + (["cross-tokenizer"] if cfg.method in (
+        "dskd-cma", "cma-ga", "dskd-v2-eta", "dwa-kd", "mined", "uld", "chunk-attention", "chunk-projection") else [])
+    meta = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    if _is_hub_id(cfg.student):
+        meta.append(f"base_model: {cfg.student}")
+    meta.append("tags:")
+    meta += [f"- {t}" for t in tags]
+    if _is_hub_id(cfg.data):
+        meta += ["datasets:", f"- {cfg.data}"]
+    meta.append("---")
+
+    method = METHOD_NAMES.get(cfg.method, cfg.method)
+    title = f"A student distilled with {cfg.method}" if cfg.method != "sft" else "A fine-tuned model (sft)"
+    lines = meta + ["", f"# {title}", ""]
+    intro = f"`{cfg.student}` trained with {method}"
+    intro += f" from the teacher `{teacher}`" if teacher and cfg.method != "sft" else ""
+    lines.append(intro + f" by dskd-pipe on `{cfg.data}`.")
+    if selected:
+        lines += ["", selected]
+    lora = f" (LoRA rank {cfg.lora_rank}, merged into the weights)" if cfg.lora_rank else ""
+    lines += ["", "## Training", "", "| | |", "|---|---|",
+              f"| method | `{cfg.method}`: {method} |",
+              f"| base student | `{cfg.student}`{lora} |"]
+    if teacher and cfg.method != "sft":
+        t = fps.get("teacher", {})
+        extra = ", ".join(x for x in (t.get("architecture"), f"revision {t['revision']}" if t.get("revision") else "")
+                          if x)
+        lines.append(f"| teacher | `{teacher}`" + (f" ({extra})" if extra else "") + " |")
+    data_fp = fps.get("data", {})
+    data_sha = data_fp.get("sha256")
+    lines.append(f"| data | `{cfg.data}`" + (f", sha256 `{data_sha[:16]}…`" if data_sha else "")
+                 + (f", {data_fp['n_examples']} examples" if data_fp.get("n_examples") else "")
+                 + (f" (first {cfg.limit} used)" if cfg.limit else "") + " |")
+    if store:
+        parts = [f"`{store['path']}`"]
+        if fps.get("tokenizer"):
+            parts.append(f"teacher tokenizer sha256 `{fps['tokenizer'][:16]}…`")
+        weights = fps.get("teacher", {}).get("weights_sha256") or {}
+        if weights:
+            parts.append("weights " + ", ".join(f"{k} `{v[:12]}…`" for k, v in sorted(weights.items())))
+        if fps.get("template"):
+            parts.append(f"template `{fps['template']}`")
+        lines.append(f"| teacher store | {'; '.join(parts)} |")
+    if cfg.sample_caches:
+        lines.append(f"| student-sample stores | {', '.join(f'`{s}`' for s in cfg.sample_caches)} |")
+    if cfg.init_from:
+        lines.append(f"| started from | `{cfg.init_from}` (its last checkpoint) |")
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * world
+    lines.append(f"| steps | {steps} optimizer steps, {epochs} epoch(s) done, global batch {global_batch} "
+                 f"({cfg.micro_batch_size} x {cfg.grad_accum} accumulation x {world} process(es))"
+                 + (f", {int(metrics['supervised_tokens']):,} supervised tokens" if metrics["supervised_tokens"]
+                    else "") + " |")
+    lines.append(f"| sequence lengths | prompt <= {cfg.max_prompt_length}, total <= {cfg.max_length} tokens |")
+    lines.append(f"| optimizer | AdamW, lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, warm-up {cfg.warmup_steps}, "
+                 f"cosine to {cfg.min_lr:g}, grad clip {cfg.max_grad_norm:g}, seed {cfg.seed} |")
+    defaults = DistillConfig()
+    shown = [k for k in METHOD_SETTINGS if cfg.method != "sft" and getattr(cfg, k) is not None
+             and (k in ("kd_rate", "kd_temperature", "divergence") or getattr(cfg, k) != getattr(defaults, k)
+                  or (cfg.method == "cma-ga" and k in ("lambda_ga", "ga_start_step", "disc_lr")))]
+    if shown:
+        lines.append("| method settings | " + ", ".join(f"{k} {_fmt(getattr(cfg, k))}" for k in shown) + " |")
+
+    lines += ["", "## Results", ""]
+    if metrics["train"]:
+        lines.append(f"Training, mean of the last {metrics['last_steps']} optimizer steps (per supervised token):")
+        lines += ["", "| " + " | ".join(metrics["train"]) + " |", "|" + "---:|" * len(metrics["train"]),
+                  "| " + " | ".join(f"{v:.4g}" for v in metrics["train"].values()) + " |"]
+    if metrics["dev"]:
+        last = metrics["dev"][-1]
+        text = f"Dev set `{cfg.dev_data}`, at step {last['step']}: loss {last['dev_loss']:.4g}"
+        if "dev_rouge_l" in last:
+            text += f", greedy ROUGE-L {last['dev_rouge_l']:.2f}"
+            best = max(metrics["dev"], key=lambda r: r["dev_rouge_l"])
+            text += f"; best ROUGE-L {best['dev_rouge_l']:.2f} at step {best['step']}"
+        else:
+            best = min(metrics["dev"], key=lambda r: r["dev_loss"])
+            text += f"; best loss {best['dev_loss']:.4g} at step {best['step']}"
+        lines += ["", text + "."]
+    if not metrics["train"] and not metrics["dev"]:
+        lines.append("No metrics were logged.")
+    lines += ["", "ROUGE-L on held-out sets with the published protocol: "
+              f"`dskd-pipe score --model {folder} --data NAME=FILE`.", "",
+              "## Use", "",
+              "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "",
+              f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
+              f'model = AutoModelForCausalLM.from_pretrained("{folder}")',
+              'prompt = ("Below is an instruction that describes a task. Write a response that appropriately '
+              'completes the request."',
+              '          "\\n\\n### Instruction:\\nName three primary colours.\\n\\n### Response:\\n")',
+              "ids = tokenizer(prompt, return_tensors=\"pt\", add_special_tokens=False)",
+              "out = model.generate(**ids, max_new_tokens=128)",
+              "print(tokenizer.decode(out[0, ids[\"input_ids\"].shape[1]:], skip_special_tokens=True))",
+              "```", "",
+              "It was trained on prompts in this (Alpaca) template, without BOS, answers ended by EOS.", "",
+              "## Reproduce", "",
+              f"Every setting is in `{config_file}` beside this card:", "",
+              "```bash"]
+    if store and store.get("config"):
+        lines.append(cache_command(store["config"]) + "   # the teacher store")
+    lines.append(f"dskd-pipe distill --config {config_file} --out NEW_FOLDER")
+    lines.append("```")
+    flags = flag_command(cfg, out="NEW_FOLDER")
+    if flags:
+        lines += ["", "or, as flags:", "", "```bash", flags, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(folder: Path, cfg: DistillConfig, **kwargs) -> Path:
+    """Write the card as folder/README.md (replacing an older one) and return its path."""
+    path = Path(folder) / CARD
+    tmp = path.with_name(f".tmp-{CARD}")
+    tmp.write_text(model_card(cfg, folder=str(folder), **kwargs), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+__all__ = ["model_card", "write_model_card", "final_metrics", "flag_command", "cache_command", "CARD"]
