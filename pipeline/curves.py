@@ -136,15 +136,18 @@ def plot_runs(runs: list[Run], out: str | Path, title: str | None = None) -> Pat
     for ax, (panel_title, lines, unit) in zip(axes.flat, panels):
         for k, run in enumerate(runs):
             colour = colours[k % len(colours)]
+            # earlier runs drawn wider, so a run whose curve equals a later one's still shows beneath it
+            width, marker_size = max(1.2, 3.0 - 0.7 * k), max(3.0, 6.0 - 1.2 * k)
             for key, style in lines:
                 xs, ys = run.series(key)
                 if not xs:
                     continue
                 if key in EVAL_KEYS or key == "lr" or len(xs) < SMOOTH_FROM:
-                    ax.plot(xs, ys, style, color=colour, lw=1.6, marker="o" if len(xs) < 30 else None, ms=3.5)
+                    ax.plot(xs, ys, style, color=colour, lw=width, marker="o" if len(xs) < 30 else None,
+                            ms=marker_size)
                     continue
                 ax.plot(xs, ys, style, color=colour, lw=0.8, alpha=0.28)
-                ax.plot(xs, smooth(ys, max(3, len(xs) // 25)), style, color=colour, lw=1.8)  # window: 4% of the run
+                ax.plot(xs, smooth(ys, max(3, len(xs) // 25)), style, color=colour, lw=width)  # window: 4% of the run
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.set_ylabel(unit, fontsize=8)
