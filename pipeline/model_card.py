@@ -15,23 +15,11 @@ from pathlib import Path
 from dskd_pipe.pipeline.config import OUTPUT_ONLY, DistillConfig, config_to_dict
 
 CARD = "README.md"
-METHOD_NAMES = {
-    "sft": "supervised fine-tuning (no teacher)",
-    "kd": "vanilla KD (same vocabulary)",
-    "dskd": "DSKD, Dual-Space Knowledge Distillation (same vocabulary)",
-    "dskd-cma": "DSKD with cross-model attention (DSKD-CMA)",
-    "cma-ga": "DSKD-CMA with generative adversarial alignment (DSKD-CMA-GA)",
-    "dskd-v2": "DSKDv2 (same vocabulary)",
-    "dskd-v2-eta": "DSKDv2 with exact token alignment",
-    "dwa-kd": "DWA-KD (entropy weights and Soft-DTW)",
-    "mined": "MinED (minimum edit distance token alignment)",
-    "uld": "ULD (universal logit distillation)",
-    "chunk-attention": "DSKD-CMA with chunk-confined attention (ablation)",
-    "chunk-projection": "DSKD-CMA with chunk-averaged projection (ablation)",
-}
-# Shown in the card's settings table whenever the method uses them (the rest only when changed from the default).
-METHOD_SETTINGS = ("kd_rate", "kd_temperature", "divergence", "lambda_ga", "ga_start_step", "disc_lr",
-                   "projector_lr", "overlap_top_k", "kd_warmup_steps")
+# The card's "method settings": the KD settings of every method with a teacher, the values the method's entry sets
+# (pipeline/methods.py `defaults`), and any of these that differ from what the method resolves to by default.
+KD_SETTINGS = ("kd_rate", "kd_temperature", "divergence")
+METHOD_SETTINGS = ("lambda_ga", "ga_start_step", "disc_lr", "disc_every", "projector_lr", "overlap_top_k",
+                   "kd_warmup_steps", "teacher_temperature")
 TRAIN_TERMS = ("loss", "ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "kd", "dtw", "t2s_acc", "s2t_acc", "l_g",
                "d_acc_real", "d_acc_fake", "l_d")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "Qwen/Qwen2.5-0.5B"
@@ -129,8 +117,12 @@ def model_card(cfg: DistillConfig, *, folder: str, steps: int, epochs: int, worl
     metrics = metrics or {"train": {}, "dev": [], "last_steps": 0, "supervised_tokens": 0}
     fps = (store or {}).get("fingerprints") or {}
     teacher = fps.get("teacher", {}).get("name") or cfg.teacher or None
-    tags = ["dskd-pipe", "knowledge-distillation", cfg.method] + (["cross-tokenizer"] if cfg.method in (
-        "dskd-cma", "cma-ga", "dskd-v2-eta", "dwa-kd", "mined", "uld", "chunk-attention", "chunk-projection") else [])
+    from dskd_pipe.pipeline.methods import METHODS, resolve
+
+    entry = METHODS.get(cfg.method)
+    uses_teacher = entry is None or entry.uses_teacher
+    cross = uses_teacher and entry is not None and not entry.same_vocabulary
+    tags = ["dskd-pipe", "knowledge-distillation", cfg.method] + (["cross-tokenizer"] if cross else [])
     meta = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
     if _is_hub_id(cfg.student):
         meta.append(f"base_model: {cfg.student}")
@@ -140,11 +132,12 @@ def model_card(cfg: DistillConfig, *, folder: str, steps: int, epochs: int, worl
         meta += ["datasets:", f"- {cfg.data}"]
     meta.append("---")
 
-    method = METHOD_NAMES.get(cfg.method, cfg.method)
-    title = f"A student distilled with {cfg.method}" if cfg.method != "sft" else "A fine-tuned model (sft)"
+    # the method entry's one-line summary, without its pointer into the project's spec
+    method = re.sub(r"\s*\(spec/[^)]*\)$", "", entry.summary) if entry is not None else cfg.method
+    title = f"A student distilled with {cfg.method}" if uses_teacher else f"A fine-tuned model ({cfg.method})"
     lines = meta + ["", f"# {title}", ""]
     intro = f"`{cfg.student}` trained with {method}"
-    intro += f" from the teacher `{teacher}`" if teacher and cfg.method != "sft" else ""
+    intro += f" from the teacher `{teacher}`" if teacher and uses_teacher else ""
     lines.append(intro + f" by dskd-pipe on `{cfg.data}`.")
     if selected:
         lines += ["", selected]
@@ -152,7 +145,7 @@ def model_card(cfg: DistillConfig, *, folder: str, steps: int, epochs: int, worl
     lines += ["", "## Training", "", "| | |", "|---|---|",
               f"| method | `{cfg.method}`: {method} |",
               f"| base student | `{cfg.student}`{lora} |"]
-    if teacher and cfg.method != "sft":
+    if teacher and uses_teacher:
         t = fps.get("teacher", {})
         extra = ", ".join(x for x in (t.get("architecture"), f"revision {t['revision']}" if t.get("revision") else "")
                           if x)
@@ -161,7 +154,8 @@ def model_card(cfg: DistillConfig, *, folder: str, steps: int, epochs: int, worl
     data_sha = data_fp.get("sha256")
     lines.append(f"| data | `{cfg.data}`" + (f", sha256 `{data_sha[:16]}…`" if data_sha else "")
                  + (f", {data_fp['n_examples']} examples" if data_fp.get("n_examples") else "")
-                 + (f" (first {cfg.limit} used)" if cfg.limit else "") + " |")
+                 + (f" (first {cfg.limit} used)" if cfg.limit and cfg.limit < data_fp.get("n_examples", cfg.limit + 1)
+                    else "") + " |")
     if store:
         parts = [f"`{store['path']}`"]
         if fps.get("tokenizer"):
@@ -184,10 +178,10 @@ def model_card(cfg: DistillConfig, *, folder: str, steps: int, epochs: int, worl
     lines.append(f"| sequence lengths | prompt <= {cfg.max_prompt_length}, total <= {cfg.max_length} tokens |")
     lines.append(f"| optimizer | AdamW, lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}, warm-up {cfg.warmup_steps}, "
                  f"cosine to {cfg.min_lr:g}, grad clip {cfg.max_grad_norm:g}, seed {cfg.seed} |")
-    defaults = DistillConfig()
-    shown = [k for k in METHOD_SETTINGS if cfg.method != "sft" and getattr(cfg, k) is not None
-             and (k in ("kd_rate", "kd_temperature", "divergence") or getattr(cfg, k) != getattr(defaults, k)
-                  or (cfg.method == "cma-ga" and k in ("lambda_ga", "ga_start_step", "disc_lr")))]
+    usual = resolve(DistillConfig(method=cfg.method)) if entry is not None else DistillConfig()
+    own = tuple(entry.defaults) if entry is not None else ()
+    shown = [k for k in dict.fromkeys((*KD_SETTINGS, *own, *METHOD_SETTINGS)) if uses_teacher
+             and (k in KD_SETTINGS or k in own or getattr(cfg, k) != getattr(usual, k))]
     if shown:
         lines.append("| method settings | " + ", ".join(f"{k} {_fmt(getattr(cfg, k))}" for k in shown) + " |")
 
@@ -247,4 +241,5 @@ def write_model_card(folder: Path, cfg: DistillConfig, **kwargs) -> Path:
     return path
 
 
-__all__ = ["model_card", "write_model_card", "final_metrics", "flag_command", "cache_command", "CARD"]
+__all__ = ["model_card", "write_model_card", "final_metrics", "flag_command", "cache_command", "CARD", "KD_SETTINGS",
+           "METHOD_SETTINGS"]

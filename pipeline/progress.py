@@ -114,8 +114,9 @@ class ProgressLine:
         """Show these values from the next update on (what is being worked on: model, set, seed)."""
         self.values = dict(values)
 
-    def line(self, now: float | None = None) -> str:
-        """The progress line as text (no terminal control characters)."""
+    def line(self, now: float | None = None, width: int | None = None) -> str:
+        """The progress line as text (no terminal control characters). Within `width` characters the last values
+        give way first, so the position, rates and ETA stay readable on a narrow terminal."""
         now = self.clock() if now is None else now
         elapsed = max(1e-9, now - self.start)
         ran = self.done - self.initial
@@ -137,13 +138,18 @@ class ProgressLine:
                 rates.append(f"ETA {format_duration(left)}")
             elif self.done >= self.total:
                 rates.append(f"in {format_duration(elapsed)}")
-        return "  ".join(parts + (["|", "  ".join(rates)] if rates else []))
+        tail = ["|", "  ".join(rates)] if rates else []
+        text = "  ".join(parts + tail)
+        while width is not None and len(text) > width and len(parts) > 2:
+            parts.pop()
+            text = "  ".join(parts + ["…"] + tail)
+        if width is not None and len(text) > width:
+            text = text[:max(10, width - 1)] + "…"
+        return text
 
     def _draw_live(self, now: float) -> None:
-        text = self.line(now)
-        columns = shutil.get_terminal_size((120, 24)).columns
-        if len(text) >= columns:  # a wrapped line cannot be rewritten in place
-            text = text[:max(10, columns - 2)] + "…"
+        # one character short of the terminal's width: a wrapped line cannot be rewritten in place
+        text = self.line(now, width=shutil.get_terminal_size((120, 24)).columns - 1)
         self.stream.write("\r" + text + " " * max(0, self.width - len(text)))
         self.stream.flush()
         self.width = len(text)

@@ -29,7 +29,7 @@ def test_flag_command_reproduces_the_resolved_config():
     assert command.startswith("dskd-pipe distill ") and "--progress" not in command and "--resume" not in command
     again = _parse(command, "distill", DistillConfig)
     assert config_to_dict(again) == {**config_to_dict(cfg), "out": "runs/again", "progress": True, "resume": False}
-    assert flag_command(DistillConfig(student="s", data="d", out="o", teacher_temperature=2.0)) is None  # no flag
+    assert flag_command(DistillConfig(student="s", data="d", out="o", min_lr=0.0)) is None  # min_lr has no flag
     store_cfg = _parse(cache_command(STORE["config"]), "cache-teacher", CacheConfig)
     assert store_cfg == CacheConfig(**STORE["config"])
 
@@ -41,9 +41,11 @@ def test_card_has_hf_metadata_provenance_metrics_and_commands(tmp_path):
     records.insert(6, {"step": 6, "epoch": 1, "dev_loss": 2.5, "dev_rouge_l": 20.0})
     records.append({"step": 12, "epoch": 2, "dev_loss": 2.0, "dev_rouge_l": 18.5})
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
-    cfg = DistillConfig(cache="runs/qwen.zarr", student="gpt2", method="cma-ga", data="dolly/train.jsonl",
-                        out=str(tmp_path), dev_data="dolly/dev.jsonl", dev_rouge=True, micro_batch_size=2,
-                        grad_accum=4)
+    from dskd_pipe.pipeline.methods import resolve
+
+    cfg = resolve(DistillConfig(cache="runs/qwen.zarr", student="gpt2", method="cma-ga", data="dolly/train.jsonl",
+                                out=str(tmp_path), dev_data="dolly/dev.jsonl", dev_rouge=True, micro_batch_size=2,
+                                grad_accum=4, lambda_ga=0.2))
     card = model_card(cfg, folder=str(tmp_path), steps=12, epochs=2, world=2, store=STORE,
                       metrics=final_metrics(metrics))
     head, body = card.split("---\n")[1], card.split("---\n", 2)[2]
@@ -55,7 +57,9 @@ def test_card_has_hf_metadata_provenance_metrics_and_commands(tmp_path):
     assert "teacher tokenizer sha256 `9999999999999999…`" in body and "model.safetensors `ffffffffffff…`" in body
     assert "12 optimizer steps, 2 epoch(s) done, global batch 16 (2 x 4 accumulation x 2 process(es)), 120 " \
            "supervised tokens" in body
-    assert "lambda_ga 0.1" in body and "kd_rate 0.5" in body
+    # the KD settings, the method's own published values, and what differs from the method's defaults
+    assert "| method settings | kd_rate 0.5, kd_temperature 2, divergence `fkl`, projector_lr 0.001, lambda_ga 0.2 |" \
+        in body
     # the last 10 training steps: loss 2 + (3..12) -> mean 9.5
     assert "| loss | ce_student | kd_t2s | l_g | d_acc_real | d_acc_fake |" in body and "| 9.5 | 1 | 0.5 |" in body
     assert "at step 12: loss 2, greedy ROUGE-L 18.50; best ROUGE-L 20.00 at step 6." in body

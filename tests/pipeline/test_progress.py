@@ -110,3 +110,16 @@ def test_library_bars_are_off_inside_and_restored_after():
         assert hub_utils.are_progress_bars_disabled()
     assert hf_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
     assert not hub_utils.are_progress_bars_disabled()
+
+
+def test_a_narrow_terminal_drops_the_last_values_first_and_keeps_the_eta():
+    clock = FakeClock()
+    bar = ProgressLine("distill cma-ga", total=10, mode="lines", stream=io.StringIO(), clock=clock)
+    clock.t += 4
+    bar.update(2, values={"loss": 3.2, "ce": 2.9, "kd_t2s": 0.4, "kd_s2t": 0.2, "l_g": 0.69})
+    full = bar.line()
+    assert full == ("distill cma-ga  step 2/10 20%  loss 3.2  ce 2.9  kd_t2s 0.4  kd_s2t 0.2  l_g 0.69  |  "
+                    "2s/step  ETA 16s")
+    expected = "distill cma-ga  step 2/10 20%  loss 3.2  ce 2.9  …  |  2s/step  ETA 16s"
+    assert bar.line(width=len(expected)) == expected
+    assert len(bar.line(width=30)) == 30 and bar.line(width=30).startswith("distill cma-ga  step 2/10")
