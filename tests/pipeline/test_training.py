@@ -106,21 +106,23 @@ def test_metrics_logger_truncates_after_the_resumed_step(tmp_path):
     assert [ln["step"] for ln in lines] == [1, 2] and lines[0]["loss"] == 1.5
 
 
-def test_tensorboard_missing_is_a_clear_error(tmp_path, monkeypatch):
+def test_tensorboard_missing_is_a_clear_error(monkeypatch):
     import sys
 
     from dskd_pipe.pipeline.config import ConfigError
-    from dskd_pipe.pipeline.training import MetricsLogger
+    from dskd_pipe.pipeline.trackers import resolve_report_to
 
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
-    with pytest.raises(ConfigError, match=r"--tensorboard needs the `tensorboard` package: pip install tensorboard"):
-        MetricsLogger(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb")
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if the package were not installed
+    with pytest.raises(ConfigError, match=r"--report-to tensorboard needs the `tensorboard` package: "
+                                          r"pip install tensorboard"):
+        resolve_report_to((), tensorboard=True)  # the older --tensorboard flag: the same check
 
 
 def test_tensorboard_scalars_are_written(tmp_path):
     pytest.importorskip("tensorboard")
-    from dskd_pipe.pipeline.training import MetricsLogger
+    from dskd_pipe.pipeline.trackers import open_trackers
 
-    logger = MetricsLogger(tmp_path / "m.jsonl", tensorboard_dir=tmp_path / "tb")
+    logger = MetricsLogger(tmp_path / "m.jsonl", trackers=open_trackers(("tensorboard",), tmp_path, {}))
     logger.log({"step": 1, "loss": 2.5})
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    logger.close()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
