@@ -1,7 +1,11 @@
-"""pipeline/gguf.py: a tiny GGUF written here (gguf's GGUFWriter, a tiny Llama over the real GPT-2 tokenizer) converts
-to a normal folder whose logits equal transformers' own GGUF load; the cache, kill safety and the missing-extra error.
+"""pipeline/gguf.py: a tiny GGUF written here (gguf's GGUFWriter, a tiny Llama over a small byte-level BPE of the GPT-2
+family) converts to a normal folder whose logits equal transformers' own GGUF load; the cache, kill safety and the
+missing-extra error.
 
-Needs no real model package: the GGUF file is built from `tiny_causal_lm` in the test.
+Needs no real model package: the GGUF file is built from `tiny_causal_lm` in the test. The BPE is trained here on a
+few sentences (320 tokens) rather than taken from the real GPT-2 tokenizer: GGUF readers parse the vocabulary and the
+merges string by string, three times per conversion (config, tokenizer, weights), which costs ~15 s per load at
+50k tokens and ~0.1 s at 320; the code paths are the same.
 """
 from __future__ import annotations
 
@@ -19,7 +23,21 @@ from dskd_pipe.pipeline.models import ModelError, load_causal_lm, load_tokenizer
 pytest.importorskip("gguf", reason='the gguf extra (pip install "dskd-pipe[gguf]")')
 pytest.importorskip("accelerate", reason='the gguf extra (pip install "dskd-pipe[gguf]")')
 
-TOK = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers" / "gpt2"
+TEXT = ["Hello world", "The cat sat on the mat.", "A small tokenizer of the GPT-2 family, trained on a few lines.",
+        "Tokens, merges and offsets: the same code paths as a real vocabulary, at a fraction of the parsing time."]
+
+
+def tiny_byte_level_bpe():
+    """A byte-level BPE (GPT-2's pre-tokenizer and decoder) with 320 tokens, <|endoftext|> first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(TEXT * 4, trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -28,10 +46,10 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
-    """A 1-layer Llama (d=32) over the GPT-2 tokenizer as a GGUF file: F32 norms, Q8_0 matrices."""
+    """A 1-layer Llama (d=32) over a small byte-level BPE as a GGUF file: F32 norms, Q8_0 matrices."""
     import gguf
 
-    tok = load_tokenizer(str(TOK))
+    tok = tiny_byte_level_bpe()
     model = tiny_causal_lm("llama", tok, d_model=32, layers=1, heads=2, seed=seed)
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
@@ -108,7 +126,10 @@ def test_convert_round_trips_transformers_own_gguf_load(tiny_gguf, tmp_path):
     assert "dequantised" in (out / "README.md").read_text()
 
     tok = load_tokenizer(str(out))
-    assert len(tok) == 50257 and tok("Hello world")["input_ids"] == [15496, 995]
+    source_tok = tiny_byte_level_bpe()
+    assert len(tok) == len(source_tok) == 320
+    for text in TEXT + ["unseen words, tokenised byte by byte"]:
+        assert tok(text)["input_ids"] == source_tok(text)["input_ids"], text
     model = load_causal_lm(str(out), device="cpu")
     assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
     ids = torch.tensor([tok("The cat sat on the mat.")["input_ids"]])
