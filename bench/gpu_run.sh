@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one go, on a lent machine (python 3.12, torch preinstalled; zarr & co. carried as wheels in
-# .whl/). Results land in $OUT (or bench/results). Usage: bash bench/gpu_run.sh [all|s2t|distill|capture|store|methods]
+# .whl/). Results land in $OUT (or bench/results). Usage: bash bench/gpu_run.sh [all|s2t|distill|capture|store|methods|loader|students]
 set -uo pipefail
 what=${1:-all}
 res=${OUT:-bench/results}
@@ -35,5 +35,16 @@ fi
 if [[ $what == all || $what == store ]]; then
   timeout 400 python3 bench/store_read.py --gb 4 --dir /tmp/store_bench --out "$res/store_read-gpu-host.json" \
     || echo "store bench failed"
+fi
+if [[ $what == all || $what == loader ]]; then
+  # the DataLoader path against a simulated GPU step (sleep kernel), pinned memory and real H2D copies (issue 15)
+  timeout 420 python3 bench/loader.py --device cuda --workers 0,1,2,4,8 --steps 30 --dir /tmp/loader_bench --out "$res" \
+    || echo "loader bench failed"
+fi
+if [[ $what == all || $what == students ]]; then
+  # one cache + N students vs N online runs, N = 1, 3, 10 (issue 15); Qwen1.5-1.8B -> GPT-2 shapes
+  timeout 570 python3 bench/many_students.py --teacher-shape qwen1.5-1.8b --student-shape gpt2 --device cuda \
+    --limit 128 --max-length 512 --micro-batch-size 8 --grad-accum 1 --num-workers -1 --students 10 --out "$res" \
+    || echo "many-students bench failed"
 fi
 ls -la "$res"

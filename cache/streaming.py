@@ -8,15 +8,16 @@ dict {"epoch", "position"} (examples this rank has consumed in that epoch). No p
 handles open lazily in each DataLoader worker, so many students can read one store at once.
 
 Online mode uses the same dataset over `TextSource` (the teacher tokenised on the fly, no hidden rows); the stage
-fills `teacher_hidden` from the teacher model, so both modes share collate and loss code.
+runs the teacher model where the cached rows would be unpacked, so both modes share collate and loss code.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from dskd_pipe.pipeline.data import build_sequence, shifted_labels
 
@@ -130,6 +131,19 @@ class DistillDataset(Dataset):
         return item
 
 
+def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor for a batch; in a DataLoader worker, in shared memory from the start.
+
+    A worker hands its batch to the training process through shared memory: a tensor in private memory is copied
+    there whole when it is sent (as torch's default_collate, allocate it shared instead). Measured on the 2-core CPU
+    (bench/loader.py, 16 examples, 19 MB of bf16 teacher_hidden): that copy took 30 ms of a worker's 80 ms.
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(n_bytes), 0, shape)
+
+
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), value, dtype=torch.long)
@@ -143,8 +157,11 @@ class Collate:
 
     input_ids/attention_mask/labels [B, S] (student pad id, labels -100 on pads and prompt);
     teacher_input_ids/teacher_attention_mask/teacher_labels [B, T] (teacher pad id from the manifest);
-    teacher_hidden [B, T, d] (zeros on pads) when the source has hidden rows; example_ids [B]; gold [B] bool
-    (False for student samples of on-policy rounds: no student CE on them).
+    teacher_hidden_rows [N, d] when the source has hidden rows: the rows of the teacher's real input positions only,
+    example after example (N = teacher_attention_mask.sum()); `teacher_hidden(batch)` pads them to [B, T, d] with
+    zeros where the batch is used (on the GPU), so workers copy and hand over no padding (~2.6x fewer bytes for
+    16 shuffled Dolly examples a micro-batch: bench/loader.py); example_ids [B]; gold [B] bool (False for student
+    samples of on-policy rounds: no student CE on them).
     """
 
     def __init__(self, student_pad_id: int, teacher_pad_id: int, extras=None):
@@ -175,15 +192,51 @@ class Collate:
             "gold": torch.tensor([it.get("gold", True) for it in items], dtype=torch.bool),
         }
         if items[0]["hidden"] is not None:
-            d = items[0]["hidden"].shape[-1]
-            hidden = torch.zeros((len(items), t_ids.shape[1], d), dtype=items[0]["hidden"].dtype)  # [B, T, d]
-            for b, it in enumerate(items):
-                rows = it["hidden"][:len(t_in[b])]  # row k = state after ids[0..k]; inputs are ids[:-1]
-                hidden[b, :rows.shape[0]] = rows
-            batch["teacher_hidden"] = hidden
+            rows = [it["hidden"][:len(t_in[b])] for b, it in enumerate(items)]  # row k: state after ids[0..k]
+            packed = batch_buffer((sum(len(r) for r in t_in), rows[0].shape[-1]), rows[0].dtype)  # [N, d]
+            batch["teacher_hidden_rows"] = torch.cat(rows, out=packed)
         if self.extras is not None:
             batch.update(self.extras(items, t_lab, s_lab))
         return batch
+
+
+def teacher_hidden(batch: dict) -> torch.Tensor:
+    """teacher_hidden [B, T, d] of a collated batch, zeros on pads, from its packed rows [N, d] (on their device)."""
+    rows, mask = batch["teacher_hidden_rows"], batch["teacher_attention_mask"].bool()  # [N, d], [B, T]
+    out = rows.new_zeros(mask.shape + rows.shape[-1:])
+    out[mask] = rows  # right-padded: the real positions in row-major order are the packed order
+    return out
+
+
+def auto_num_workers(device: str) -> int:
+    """DataLoader workers for --num-workers -1: enough to keep a GPU fed, never more than the cores allow.
+
+    CPU training: 0 (workers would take the cores the step itself needs: BENCHMARKS.md, offline vs online). GPU: the
+    cores this process may use (its CPU affinity, shared among torchrun's processes on the node) less one for the
+    training loop, at most 8. bench/loader.py measured a worker's CPU time per 16k-token step at 0.22-0.29 s for
+    2-8 KB of hidden state per token: 3 workers keep up with 100 ms steps, 5-6 with 50 ms steps, and the rest is
+    headroom for jitter (BENCHMARKS.md, "A loader that keeps a GPU fed").
+    """
+    if not device.startswith("cuda"):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, per_process - 1))
+
+
+LOADER_WAIT_GOAL = 0.02  # of step time: above it the GPU idles waiting for data
+
+
+def loader_advice(wait_fracs: list[float], workers: int) -> str | None:
+    """One line for the user when the loader held the steps up (mean wait share above 2% of step time), else None."""
+    if not wait_fracs:
+        return None
+    mean = sum(wait_fracs) / len(wait_fracs)
+    if mean <= LOADER_WAIT_GOAL:
+        return None
+    return (f"the data loader held up {100 * mean:.0f}% of the step time over {len(wait_fracs)} steps with "
+            f"{workers} worker(s): pass --num-workers {max(2, 2 * workers)} (or more, up to the free CPU cores), "
+            "or raise --prefetch-factor if the wait comes in bursts.")
 
 
 def make_loader(dataset: DistillDataset, batch_size: int, collate: Collate, num_workers: int = 0,

@@ -174,7 +174,9 @@ def cache_verify(store) -> None:
               "step): the next on-policy round.")
 @click.option("--schedule-steps", type=int, default=None, help="Length of the LR schedule (0 = this run's steps).")
 @click.option("--seed", type=int, default=None)
-@click.option("--num-workers", type=int, default=None)
+@click.option("--num-workers", type=int, default=None, help="DataLoader workers reading the store (-1 = auto, the "
+              "default: 0 on CPU, on a GPU one per free core up to 8; README \"Keeping the GPU fed\").")
+@click.option("--prefetch-factor", type=int, default=None, help="Micro-batches each worker prepares ahead (2).")
 @click.option("--device", default=None)
 @click.option("--dtype", default=None, help="bfloat16 (autocast, default on GPU) | float32.")
 @click.option("--gradient-checkpointing", is_flag=True, default=None)

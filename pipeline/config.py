@@ -143,7 +143,7 @@ class DistillConfig:
     init_from: str = ""
     schedule_steps: int = 0  # length of the LR schedule; 0 = this run's own steps (on-policy: the whole run's)
     seed: int = 42
-    num_workers: int = 2
+    num_workers: int = -1  # DataLoader workers; -1 = auto: 0 on CPU, up to 8 on a GPU (cache.streaming)
     prefetch_factor: int = 2
     device: str = ""  # "" = cuda when available, else cpu
     dtype: str = ""  # "" = bf16 autocast on GPU, fp32 on CPU; or bfloat16 | float32

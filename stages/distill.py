@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from dskd_pipe.cache.streaming import (Collate, DistillDataset, Side, StoreSource, TextSource, UnionSource,
-                                       make_loader)
+                                       auto_num_workers, loader_advice, make_loader, teacher_hidden)
 from dskd_pipe.pipeline.config import OUTPUT_ONLY, ConfigError, DistillConfig, config_to_dict, require, save_config
 from dskd_pipe.pipeline.data import TEMPLATE_ID, cut_report, file_fingerprint, load_examples
 from dskd_pipe.pipeline.methods import METHODS, LossInputs, MethodParts, build_parts, collate_extras, resolve
@@ -92,6 +92,9 @@ def check_config(cfg: DistillConfig) -> None:
         resolve_report_to(cfg.report_to, cfg.tensorboard)
     except ConfigError as e:
         problems.append(str(e))
+    if cfg.num_workers < -1 or cfg.prefetch_factor < 1:
+        problems.append(f"--num-workers must be >= 0 or -1 (auto), found {cfg.num_workers}; --prefetch-factor >= 1, "
+                        f"found {cfg.prefetch_factor}.")
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -145,8 +148,8 @@ class Teacher:
     @torch.no_grad()
     def hidden(self, batch: dict) -> torch.Tensor:
         """[B, T, dt]: the cached rows, or the teacher run now; zeros on pads either way (as the store's collate)."""
-        if "teacher_hidden" in batch:
-            return batch["teacher_hidden"]
+        if "teacher_hidden_rows" in batch:
+            return teacher_hidden(batch)
         mask = batch["teacher_attention_mask"]
         h = last_hidden_state(self.model, batch["teacher_input_ids"], mask)  # [B, T, dt]
         return h * mask[..., None].to(h.dtype)
@@ -581,11 +584,13 @@ def run(cfg: DistillConfig) -> Path:
 
     bar = console.bar(f"distill {cfg.method}", run_steps, "step", initial=state["step"] - start_step)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    workers = cfg.num_workers if cfg.num_workers >= 0 else auto_num_workers(device)
+    wait_fracs = []  # loader wait shares of this run's first steps, for loader_advice
     while state["step"] < total_steps and state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
         dataset = DistillDataset(source, student_side, cfg.seed, epoch, rank, world, start=state["position"])
         # A loader-own generator: creating the iterator must not draw from the global RNG (exact resume).
-        loader = make_loader(dataset, cfg.micro_batch_size, collate, cfg.num_workers, cfg.prefetch_factor,
+        loader = make_loader(dataset, cfg.micro_batch_size, collate, workers, cfg.prefetch_factor,
                              pin_memory=device.startswith("cuda"))
         loader.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         batches = iter(loader)
@@ -627,6 +632,12 @@ def run(cfg: DistillConfig) -> Path:
                 record["projector_lr"] = step_lrs[-1]
             metrics.log(record)
             bar.update(1, values=step_values(record), counts={"tok": n_tokens})
+            # Steps 3-22 of the run (past the workers' start): say once if the loader held the GPU up.
+            if rank == 0 and device.startswith("cuda") and 3 <= state["step"] - start_step <= 22:
+                wait_fracs.append(record["loader_wait_frac"])
+                advice = loader_advice(wait_fracs, workers) if len(wait_fracs) == 20 else None
+                if advice:
+                    console.warn(advice)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
                 checkpoint()
         finished_epoch = state["position"] >= n_rank

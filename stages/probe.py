@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dskd_pipe.cache.streaming import Collate, Side
+from dskd_pipe.cache.streaming import Collate, Side, teacher_hidden
 from dskd_pipe.pipeline.config import ConfigError, DistillConfig, ProbeConfig, load_config, require, save_config
 from dskd_pipe.pipeline.models import (default_device, eos_token_id, load_causal_lm, load_tokenizer,
                                        pad_token_id)
@@ -131,6 +131,7 @@ def run(cfg: ProbeConfig) -> Path:
                           "student_ids": s.ids, "student_prompt_len": s.prompt_len})
             records.append((rec, s))
         batch = {k: v.to(device) for k, v in collate(items).items()}
+        batch["teacher_hidden"] = teacher_hidden(batch)  # [B, T, dt], zeros on pads, as pipeline/probes.py takes
         with torch.no_grad():
             hs, _ = student_forward(student, batch)
             a_t2s = cma_attention(batch, hs, student_embed, teacher_embed, projectors, embed_scale,

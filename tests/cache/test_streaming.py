@@ -5,7 +5,7 @@ import torch
 
 from dskd_pipe.cache.reader import open_store
 from dskd_pipe.cache.streaming import (Collate, DistillDataset, Side, StoreSource, epoch_order, make_loader,
-                                       rank_positions)
+                                       rank_positions, teacher_hidden)
 from dskd_pipe.pipeline.config import CacheConfig
 from dskd_pipe.pipeline.data import build_sequence
 from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id, save_tiny_model
@@ -74,6 +74,8 @@ def test_collate_pads_both_views(store, student_side):
     ds = DistillDataset(StoreSource(reader), student_side, seed=0, epoch=0)
     items = [ds[0], ds[1], ds[2]]
     batch = Collate(student_side.pad_id, reader.manifest.pad_id)(items)
+    hidden = teacher_hidden(batch)  # [B, T, d]
+    assert hidden.shape[:2] == batch["teacher_input_ids"].shape
     for b, it in enumerate(items):
         s_len, t_len = len(it["student_ids"]) - 1, len(it["ids"]) - 1
         assert batch["attention_mask"][b].sum() == s_len and batch["teacher_attention_mask"][b].sum() == t_len
@@ -82,8 +84,12 @@ def test_collate_pads_both_views(store, student_side):
         assert (batch["labels"][b, s_len:] == -100).all() and (batch["teacher_labels"][b, t_len:] == -100).all()
         assert (batch["labels"][b, :it["student_prompt_len"] - 1] == -100).all()
         assert batch["labels"][b, s_len - 1] == student_side.eos_id or s_len + 1 == 64  # EOS unless cut
-        torch.testing.assert_close(batch["teacher_hidden"][b, :t_len], it["hidden"][:t_len])
-        assert (batch["teacher_hidden"][b, t_len:] == 0).all()
+        torch.testing.assert_close(hidden[b, :t_len], it["hidden"][:t_len])
+        assert (hidden[b, t_len:] == 0).all()
+    # only the real rows travel: example after example
+    assert batch["teacher_hidden_rows"].shape[0] == batch["teacher_attention_mask"].sum()
+    first = len(items[0]["ids"]) - 1
+    torch.testing.assert_close(batch["teacher_hidden_rows"][first:first + 3], items[1]["hidden"][:3])
 
 
 def test_workers_stream_the_same_batches(store, student_side):
@@ -97,3 +103,35 @@ def test_workers_stream_the_same_batches(store, student_side):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k])
+
+
+def test_worker_batches_are_allocated_in_shared_memory(monkeypatch):
+    """In a DataLoader worker the batch is made in shared memory, so sending it copies nothing; outside, private."""
+    from dskd_pipe.cache import streaming
+
+    assert not streaming.batch_buffer((2, 3, 4), torch.bfloat16).is_shared()
+    monkeypatch.setattr(streaming, "get_worker_info", lambda: object())
+    t = streaming.batch_buffer((2, 3, 4), torch.bfloat16)
+    assert t.is_shared() and t.shape == (2, 3, 4) and t.dtype == torch.bfloat16
+
+
+def test_auto_num_workers(monkeypatch):
+    from dskd_pipe.cache.streaming import auto_num_workers
+
+    assert auto_num_workers("cpu") == 0  # workers would take the training step's cores
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert auto_num_workers("cuda") == 8 and auto_num_workers("cuda:1") == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 processes share the 16 cores: 4 each, one for the loop
+    assert auto_num_workers("cuda") == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert auto_num_workers("cuda") == 1
+
+
+def test_loader_advice():
+    from dskd_pipe.cache.streaming import loader_advice
+
+    assert loader_advice([0.01] * 20, 2) is None and loader_advice([], 2) is None
+    assert loader_advice([0.05, 0.07] * 10, 3) == (
+        "the data loader held up 6% of the step time over 20 steps with 3 worker(s): pass --num-workers 6 (or more, "
+        "up to the free CPU cores), or raise --prefetch-factor if the wait comes in bursts.")

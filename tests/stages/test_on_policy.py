@@ -85,8 +85,9 @@ def test_samples_feed_kd_terms_only(env):
     _, both = distill.micro_batch_loss(cfg, as_gold, student, teacher, parts)
     for name in ("kd_t2s", "kd_s2t", "ce_t2s"):
         torch.testing.assert_close(mixed[name], both[name])
-    row0 = dict(batch, **{k: batch[k][:1] for k in batch if k != "teacher_hidden"},
-                teacher_hidden=batch["teacher_hidden"][:1])
+    n0 = int(batch["teacher_attention_mask"][0].sum())  # the packed teacher rows of example 0
+    row0 = dict(batch, **{k: batch[k][:1] for k in batch if k != "teacher_hidden_rows"},
+                teacher_hidden_rows=batch["teacher_hidden_rows"][:n0])
     _, gold_only = distill.micro_batch_loss(cfg, row0, student, teacher, parts)
     torch.testing.assert_close(mixed["ce_student"], gold_only["ce_student"])  # CE of the gold row only
     assert float(both["ce_student"]) > float(mixed["ce_student"]) > 0
