@@ -17,7 +17,9 @@ every stored byte is checksummed.
     tokenizer/<file> [n]        the teacher tokenizer's files (save_pretrained) + teacher_config.json, as bytes
     shared.json                 written after head, embeddings and tokenizer are all on disk
     parts/part-IIIII/           the rows of one writer process (shard I of N), in the plan's batch order
-        hidden [N_tok, d]       post-final-norm last hidden state of EVERY token of `ids` (L rows per example)
+        hidden [N_tok, d]       post-final-norm last hidden state of EVERY token of `ids` (L rows per example);
+                                with hidden_storage "fp8": float8 e4m3 bits (uint8) of h / 2^e ...
+        hidden_exponent [N_tok] ... and e (int8), a power-of-two scale per token (fp8 only)
         tokens [N_tok, 3]       int32 (teacher id, char start, char end) into prompt + response
         topk_values [N_tok, k]  optional: the k largest logits (float32) ...
         topk_indices [N_tok, k] ... their vocabulary ids (int32) ...
@@ -57,6 +59,7 @@ HEAD_GROUP = "head"
 EMBED_GROUP = "embed"
 TOKENIZER_GROUP = "tokenizer"
 HIDDEN = "hidden"
+HIDDEN_EXPONENT = "hidden_exponent"
 TOKENS = "tokens"
 TOPK_VALUES = "topk_values"
 TOPK_INDICES = "topk_indices"
@@ -66,6 +69,9 @@ INDEX_FIELDS = ("part", "token_start", "n_tokens", "prompt_len", "text_start", "
 # Logical dtype -> numpy dtype on disk. Zarr has no bfloat16: its raw bits are stored as uint16.
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 COMPRESSIONS = ("none", "zstd", "blosc")
+# "exact": the teacher's dtype; "fp8": float8 e4m3 with a power-of-two scale per token, ~1 byte x d_model per token
+# (cache.writer.encode_fp8; measured against exact in BENCHMARKS.md "Half the bytes per token").
+HIDDEN_STORAGES = ("exact", "fp8")
 
 # Arrays stored once per store (head, embeddings, tokenizer files, index, texts): ~1 MiB inner chunks, 32 per shard.
 SHARED_CHUNK_BYTES = 1 << 20
@@ -140,6 +146,7 @@ class Manifest:
     shard_tokens: int = 8192  # rows per shard file (the commit unit of a writer)
     batch_tokens: int = 8192  # padded tokens per teacher forward: part of the plan, so part of the bytes
     compression: str = "none"
+    hidden_storage: str = "exact"  # HIDDEN_STORAGES
     n_parts: int = 1
     plan_sha256: str = ""
     created: bool = False  # the creator wrote the index, texts and every part's arrays
@@ -150,11 +157,11 @@ class Manifest:
 
     # Settings a run must repeat to resume or join a store (a different value would change its bytes).
     SETTINGS = ("hidden_dtype", "d_model", "vocab_size", "topk", "chunk_tokens", "shard_tokens", "batch_tokens",
-                "compression", "n_parts")
+                "compression", "hidden_storage", "n_parts")
 
     @property
     def storage_dtype(self) -> str:
-        return STORAGE_DTYPES[self.hidden_dtype]
+        return "uint8" if self.hidden_storage == "fp8" else STORAGE_DTYPES[self.hidden_dtype]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -194,6 +201,9 @@ class Manifest:
             raise StoreError(f"{where} is damaged (malformed manifest: {e}).") from None
         if m.hidden_dtype not in STORAGE_DTYPES:
             raise StoreError(f"{where} is damaged (unknown hidden dtype '{m.hidden_dtype}').")
+        if m.hidden_storage not in HIDDEN_STORAGES:
+            raise StoreError(f"{where}: hidden states stored as '{m.hidden_storage}', which this dskd-pipe cannot "
+                             f"read (it reads {', '.join(HIDDEN_STORAGES)}). Update dskd-pipe or rebuild the store.")
         return m
 
     def row_layouts(self, n_rows: int) -> dict[str, ArrayLayout]:
@@ -202,6 +212,8 @@ class Manifest:
         s, c = self.shard_tokens, self.chunk_tokens
         out = {HIDDEN: ArrayLayout((n_rows, self.d_model), self.storage_dtype, s, c, self.compression),
                TOKENS: ArrayLayout((n_rows, 3), "int32", s, s)}
+        if self.hidden_storage == "fp8":
+            out[HIDDEN_EXPONENT] = ArrayLayout((n_rows,), "int8", s, c)
         if self.topk:
             out[TOPK_VALUES] = ArrayLayout((n_rows, self.topk), "float32", s, c, self.compression)
             out[TOPK_INDICES] = ArrayLayout((n_rows, self.topk), "int32", s, c)

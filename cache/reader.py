@@ -19,10 +19,14 @@ import fsspec
 import numpy as np
 import torch
 
-from dskd_pipe.cache.format import (EMBED_GROUP, HEAD_GROUP, HIDDEN, INDEX, INDEX_FIELDS, LOGSUMEXP, MANIFEST,
-                                    PARTIAL_MANIFEST, TEXTS, TOKENIZER_GROUP, TOKENS, TOPK_INDICES, TOPK_VALUES,
-                                    Manifest, StoreError, check_compatible, part_name, sha256_hex)
+from dskd_pipe.cache.format import (EMBED_GROUP, HEAD_GROUP, HIDDEN, HIDDEN_EXPONENT, INDEX, INDEX_FIELDS,
+                                    LOGSUMEXP, MANIFEST, PARTIAL_MANIFEST, TEXTS, TOKENIZER_GROUP, TOKENS,
+                                    TOPK_INDICES, TOPK_VALUES, Manifest, StoreError, check_compatible, part_name,
+                                    sha256_hex)
 from dskd_pipe.cache.shards import FsspecFiles, LocalFiles, ShardedArray, layout_from_metadata
+
+
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def from_storage(arr: np.ndarray, logical: str) -> torch.Tensor:
@@ -31,6 +35,14 @@ def from_storage(arr: np.ndarray, logical: str) -> torch.Tensor:
     if logical == "bfloat16":
         return t.view(torch.int16).view(torch.bfloat16) if t.dtype != torch.int16 else t.view(torch.bfloat16)
     return t
+
+
+def decode_fp8(bits: np.ndarray, exponent: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Hidden states [L, d] of `dtype` from float8 e4m3 bits [L, d] (uint8) and power-of-two exponents [L] (int8):
+    h = q * 2^e, exact in bf16 and fp32 (see cache.writer.encode_fp8)."""
+    q = torch.from_numpy(np.ascontiguousarray(bits)).view(torch.float8_e4m3fn).float()  # [L, d]
+    e = torch.from_numpy(np.asarray(exponent, dtype=np.int8)).to(torch.int32)  # [L]
+    return torch.ldexp(q, e[:, None]).to(dtype)
 
 
 def _join(url: str, *parts: str) -> str:
@@ -179,7 +191,8 @@ class StoreReader:
         h = self._h()
         if p not in h["parts"]:
             describe = self.describe_part(p)
-            names = [HIDDEN, TOKENS] + ([TOPK_VALUES, TOPK_INDICES, LOGSUMEXP] if self.manifest.topk else [])
+            names = ([HIDDEN, TOKENS] + ([HIDDEN_EXPONENT] if self.manifest.hidden_storage == "fp8" else [])
+                     + ([TOPK_VALUES, TOPK_INDICES, LOGSUMEXP] if self.manifest.topk else []))
             arrays = {name: h["files"].array(f"{part_name(p)}/{name}", describe)[0] for name in names}
             tokens = arrays[TOKENS]
             h["parts"][p] = {"arrays": arrays, "tokens": tokens.read(0, tokens.shape[0])}
@@ -226,7 +239,7 @@ class StoreReader:
         prompt, response = self.text(i)
         rec = {
             "example_id": i, "ids": tokens[:, 0], "prompt_len": prompt_len, "offsets": tokens[:, 1:],
-            "hidden": from_storage(arrays[HIDDEN].read(start, start + n), self.logical_dtype),
+            "hidden": self._hidden(arrays, start, n),
             "prompt": prompt, "response": response,
         }
         if self.manifest.topk:
@@ -234,6 +247,12 @@ class StoreReader:
             rec["topk_indices"] = arrays[TOPK_INDICES].read(start, start + n).astype(np.int64)
             rec["logsumexp"] = arrays[LOGSUMEXP].read(start, start + n)
         return rec
+
+    def _hidden(self, arrays: dict, start: int, n: int) -> torch.Tensor:
+        if self.manifest.hidden_storage == "fp8":
+            return decode_fp8(arrays[HIDDEN].read(start, start + n), arrays[HIDDEN_EXPONENT].read(start, start + n),
+                              _TORCH_DTYPES[self.logical_dtype])
+        return from_storage(arrays[HIDDEN].read(start, start + n), self.logical_dtype)
 
     def read_many(self, indices) -> list[dict]:
         return [self.read(int(i)) for i in indices]

@@ -99,10 +99,11 @@ def store_info(url: str) -> dict:
         return progress_info(url)
     m = read_manifest(url)
     sizes = store_sizes(url)
+    stored = "float8 e4m3 with a power-of-two scale per token" if m.hidden_storage == "fp8" else m.storage_dtype
     return {"store": url, "status": "complete", "format_version": m.format_version,
             "examples": m.totals["examples"], "tokens": m.totals["tokens"], **sizes,
             "bytes_per_token": round(sizes["bytes_per_example_data"] / max(1, m.totals["tokens"]), 1),
-            "hidden": f"{m.hidden_dtype} (stored as {m.storage_dtype}), d_model {m.d_model}",
+            "hidden": f"{m.hidden_dtype} (stored as {stored}), d_model {m.d_model}",
             "vocab_size": m.vocab_size, "eos_id": m.eos_id, "pad_id": m.pad_id, "topk": m.topk,
             "chunk_tokens": m.chunk_tokens, "shard_tokens": m.shard_tokens, "batch_tokens": m.batch_tokens,
             "compression": m.compression, "parts": m.n_parts, "fingerprints": m.fingerprints}

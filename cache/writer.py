@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from dskd_pipe.cache import shards
-from dskd_pipe.cache.format import (CONFIG, CREATE_LOCK, EMBED_GROUP, FINALIZE_LOCK, HEAD_GROUP, HIDDEN, INDEX, LOCK,
+from dskd_pipe.cache.format import (CONFIG, CREATE_LOCK, EMBED_GROUP, FINALIZE_LOCK, HEAD_GROUP, HIDDEN,
+                                    HIDDEN_EXPONENT, INDEX, LOCK,
                                     LOGSUMEXP, MANIFEST, PARTIAL_MANIFEST, PROGRESS, SHARED, TEXTS, TOKENIZER_GROUP,
                                     TOKENS, TOPK_INDICES, TOPK_VALUES, ArrayLayout, Manifest, Plan, StoreError,
                                     check_same_settings, part_name, sha256_hex, shared_layout)
@@ -63,6 +64,28 @@ def to_storage(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
+
+
+E4M3_MAX = 448.0  # the largest finite float8 e4m3 (fn) value
+
+
+def encode_fp8(hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Hidden states [L, d] as float8 e4m3 with a power-of-two scale per token: (bits uint8 [L, d], e int8 [L]).
+
+    h ~= q * 2^e with e the smallest exponent putting the row's largest |h| within e4m3's range (448), q = h / 2^e
+    rounded to nearest e4m3. A power of two scales exactly: all the error is e4m3's own 3-bit mantissa (relative
+    error <= 2^-4 per element), and q * 2^e is exact in bf16/fp32 on decoding. A real-valued scale would gain
+    nothing for a floating-point format (measured: BENCHMARKS.md, "Half the bytes per token").
+    """
+    x = hidden.detach().float().cpu()
+    amax = x.abs().amax(dim=-1)  # [L]
+    nonzero = amax > 0
+    e = torch.where(nonzero, torch.ceil(torch.log2(amax / E4M3_MAX)), torch.zeros_like(amax))
+    # log2 is rounded: settle e exactly (the smallest e with amax / 2^e <= 448); an all-zero row keeps e = 0
+    e = torch.where(nonzero & (torch.ldexp(amax, -(e - 1)) <= E4M3_MAX), e - 1, e)
+    e = torch.where(torch.ldexp(amax, -e) > E4M3_MAX, e + 1, e).clamp(-127, 127)
+    q = torch.ldexp(x, -e[:, None]).to(torch.float8_e4m3fn)  # [L, d]
+    return q.view(torch.uint8).numpy(), e.to(torch.int8).numpy()
 
 
 def _write(path: Path, buffers: list, what: str, need: int, then: str = RESUME) -> None:
@@ -366,9 +389,12 @@ class PartWriter:
         if n != self.entries[self.next][2] or hidden.shape != (n, self.m.d_model):
             raise ValueError(f"example {example_id}: hidden has shape {tuple(hidden.shape)}, the plan expects "
                              f"({self.entries[self.next][2]}, {self.m.d_model})")
-        rows = {HIDDEN: to_storage(hidden),
-                TOKENS: np.concatenate([np.asarray(ids, np.int32)[:, None],
+        rows = {TOKENS: np.concatenate([np.asarray(ids, np.int32)[:, None],
                                         np.asarray(offsets, np.int32).reshape(n, 2)], axis=1)}
+        if self.m.hidden_storage == "fp8":
+            rows[HIDDEN], rows[HIDDEN_EXPONENT] = encode_fp8(hidden)
+        else:
+            rows[HIDDEN] = to_storage(hidden)
         if self.m.topk:
             rows[TOPK_VALUES] = to_storage(topk_values.float())
             rows[TOPK_INDICES] = to_storage(topk_indices.to(torch.int32))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from dskd_pipe.cache.format import (COMPRESSIONS, LOCK, PARTIAL_MANIFEST, Manifest, StoreError, check_compatible,
-                                    part_name, plan_store)
+from dskd_pipe.cache.format import (COMPRESSIONS, HIDDEN_STORAGES, LOCK, PARTIAL_MANIFEST, Manifest, StoreError,
+                                    check_compatible, part_name, plan_store)
 from dskd_pipe.cache.verify import store_sizes
 from dskd_pipe.cache.writer import (PartWriter, check_out_path, finalize_store, lock_owner, open_for_writing,
                                     read_manifest_file, write_shared)
@@ -52,6 +52,8 @@ def teacher_states(model, batch_ids: torch.Tensor, attention_mask: torch.Tensor)
 def check_settings(cfg: CacheConfig) -> None:
     if cfg.compression not in COMPRESSIONS:
         raise StoreError(f"--compression '{cfg.compression}': choose one of {', '.join(COMPRESSIONS)}.")
+    if cfg.hidden_storage not in HIDDEN_STORAGES:
+        raise StoreError(f"--hidden-storage '{cfg.hidden_storage}': choose one of {', '.join(HIDDEN_STORAGES)}.")
     if cfg.chunk_tokens <= 0 or cfg.shard_tokens <= 0 or cfg.shard_tokens % cfg.chunk_tokens:
         raise StoreError(f"--shard-tokens ({cfg.shard_tokens}) must be a positive multiple of --chunk-tokens "
                          f"({cfg.chunk_tokens}).")
@@ -114,7 +116,8 @@ def run(cfg: CacheConfig) -> Path:
         "lengths": {"max_prompt_length": cfg.max_prompt_length, "max_length": cfg.max_length},
     }
     settings = {"topk": cfg.topk, "chunk_tokens": cfg.chunk_tokens, "shard_tokens": cfg.shard_tokens,
-                "batch_tokens": cfg.batch_tokens, "compression": cfg.compression, "n_parts": n_shards}
+                "batch_tokens": cfg.batch_tokens, "compression": cfg.compression,
+                "hidden_storage": cfg.hidden_storage, "n_parts": n_shards}
     precheck_store(root, fingerprints, settings, plan.sha256(), shard)
 
     model = load_causal_lm(cfg.teacher, dtype=_DTYPES.get(cfg.dtype), device=device,

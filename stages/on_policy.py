@@ -179,8 +179,8 @@ def run(cfg: OnPolicyConfig) -> Path:
                         str(base.max_prompt_length), "--batch-tokens", str(cfg.batch_tokens),
                         "--dtype", cfg.teacher_dtype or gold.manifest.hidden_dtype,
                         "--chunk-tokens", str(gold.manifest.chunk_tokens), "--shard-tokens",
-                        str(gold.manifest.shard_tokens), "--compression",
-                        gold.manifest.compression] + (["--device", cfg.teacher_device] if cfg.teacher_device else []),
+                        str(gold.manifest.shard_tokens), "--compression", gold.manifest.compression,
+                        "--hidden-storage", gold.manifest.hidden_storage] + (["--device", cfg.teacher_device] if cfg.teacher_device else []),
                        f"round {r}: the teacher over the samples")
         sample_stores.append(str(store))
         student = _distill(dataclasses.replace(base, out=str(folder / "student"), epochs=cfg.epochs_per_round,

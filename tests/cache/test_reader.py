@@ -214,3 +214,90 @@ def test_damaged_manifest_is_named(gpt2_store, tmp_path):
     (copy / "manifest.json").write_bytes(data.replace(b'"eos_id": 50256', b'"eos_id": 50257'))
     with pytest.raises(StoreError, match=r"manifest.json is damaged \(its content does not match its checksum\)"):
         open_store(str(copy))
+
+
+# --- fp8 hidden states (cache-teacher --hidden-storage fp8) ---------------------------------------------------------
+
+def test_fp8_codec_by_hand():
+    """e = the smallest power of two with max|h| / 2^e <= 448; q = h / 2^e rounded to e4m3; h' = q * 2^e."""
+    from dskd_pipe.cache.reader import decode_fp8
+    from dskd_pipe.cache.writer import encode_fp8
+
+    h = torch.tensor([[448.0, 1.0, -0.5, 0.0],  # fits: e = 0, every value exact in e4m3
+                      [449.0, 3.0, 0.0, 0.0],  # just over: e = 1; 449/2 = 224.5 -> 224 (e4m3 step 16 at 128..256)
+                      [0.0, 0.0, 0.0, 0.0],  # all zero: e = 0, zeros back
+                      [1e-3, -2e-3, 1.7e-3, 0.0],  # small: e = -17 (2e-3 * 2^17 = 262.1 <= 448 < 524.3)
+                      [17.0, 19.0, 0.0, 0.0]])  # e = -4: 272 and 304 are ties between e4m3 neighbours (step 32)
+    q, e = encode_fp8(h)
+    assert q.dtype == np.uint8 and q.shape == (5, 4) and e.dtype == np.int8
+    assert e.tolist() == [0, 1, 0, -17, -4]
+    back = decode_fp8(q, e, torch.float32)
+    assert back[0].tolist() == [448.0, 1.0, -0.5, 0.0]
+    assert back[1].tolist() == [448.0, 3.0, 0.0, 0.0]
+    assert back[2].tolist() == [0.0] * 4
+    torch.testing.assert_close(back[3], h[3], rtol=2**-4, atol=0)
+    # 272 = (256 + 288) / 2 -> 256 (mantissa 000, even); 304 = (288 + 320) / 2 -> 320 (mantissa 010, even)
+    assert back[4].tolist() == [16.0, 20.0, 0.0, 0.0]
+    torch.testing.assert_close(decode_fp8(q, e, torch.bfloat16).float(), back, rtol=0, atol=0)  # exact in bf16
+
+
+def test_fp8_codec_error_bound_on_wide_ranges():
+    from dskd_pipe.cache.reader import decode_fp8
+    from dskd_pipe.cache.writer import encode_fp8
+
+    torch.manual_seed(0)
+    h = torch.randn(64, 256) * torch.logspace(-6, 4, 64)[:, None]  # rows of very different scales
+    q, e = encode_fp8(h)
+    back = decode_fp8(q, e, torch.float32)
+    amax = h.abs().amax(-1, keepdim=True)
+    scaled_max = amax / torch.exp2(torch.from_numpy(e).float())[:, None]
+    assert ((scaled_max > 224) & (scaled_max <= 448)).all()  # each row uses the top binade of e4m3
+    normal = h.abs() >= amax * 2**-6  # e4m3's normal range below the row's maximum
+    assert ((back - h).abs() <= h.abs() * 2**-4)[normal].all()  # half a unit of a 3-bit mantissa
+    assert ((back - h).abs() <= amax * 2**-9 / 224 * 448 / 2)[~normal].all()  # subnormal steps below that
+
+
+@pytest.fixture(scope="module")
+def fp8_pair(tiny_teacher_dirs, cache_cli, dolly40, tmp_path_factory):
+    """The same teacher and data cached exact and with --hidden-storage fp8."""
+    root = tmp_path_factory.mktemp("fp8")
+    out = {}
+    for storage in ("exact", "fp8"):
+        out[storage] = root / f"{storage}.zarr"
+        r = cache_cli("--teacher", tiny_teacher_dirs["qwen2"], "--data", dolly40, "--out", out[storage], "--limit", 8,
+                      "--chunk-tokens", 16, "--shard-tokens", 128, "--device", "cpu", "--hidden-storage", storage)
+        assert r.exit_code == 0, r.output
+    return out
+
+
+def test_fp8_store_holds_the_encoded_exact_states(fp8_pair):
+    from dskd_pipe.cache.reader import decode_fp8
+    from dskd_pipe.cache.verify import store_info, verify_store
+    from dskd_pipe.cache.writer import encode_fp8
+
+    exact, fp8 = open_store(str(fp8_pair["exact"])), open_store(str(fp8_pair["fp8"]))
+    assert fp8.manifest.hidden_storage == "fp8" and fp8.manifest.hidden_dtype == "float32"
+    for i in range(len(exact)):
+        a, b = exact.read(i), fp8.read(i)
+        np.testing.assert_array_equal(a["ids"], b["ids"])
+        assert b["hidden"].dtype == torch.float32
+        assert torch.equal(b["hidden"], decode_fp8(*encode_fp8(a["hidden"]), torch.float32))
+    assert verify_store(str(fp8_pair["fp8"]))["ok"]
+    info_exact, info_fp8 = store_info(str(fp8_pair["exact"])), store_info(str(fp8_pair["fp8"]))
+    assert "float8 e4m3" in info_fp8["hidden"]
+    # per token: 4 x 32 bytes of fp32 + 12 (ids, offsets) exact; 32 + 1 + 12 fp8 (plus the texts and index)
+    assert info_fp8["bytes_per_token"] < info_exact["bytes_per_token"] - (4 * 32 - 33) + 2
+
+
+def test_fp8_store_checks_its_exponents_and_its_setting(fp8_pair, tiny_teacher_dirs, cache_cli, dolly40, tmp_path):
+    import shutil
+    copy = tmp_path / "c.zarr"
+    shutil.copytree(fp8_pair["fp8"], copy)
+    _damage(copy, "parts/part-00000/hidden_exponent")
+    with pytest.raises(StoreError, match=r"parts/part-00000/hidden_exponent shard 0 inner chunk \d+ .*is corrupt"):
+        [open_store(str(copy)).read(i) for i in range(8)]
+    # finishing or extending a store with the other storage is refused before the teacher runs
+    r = cache_cli("--teacher", tiny_teacher_dirs["qwen2"], "--data", dolly40, "--out", fp8_pair["fp8"], "--limit", 8,
+                  "--chunk-tokens", 16, "--shard-tokens", 128, "--device", "cpu", "--hidden-storage", "exact")
+    assert r.exit_code != 0 and "was started with hidden_storage=fp8, not exact. Pass the same --hidden-storage" \
+        in r.output, r.output

@@ -267,6 +267,21 @@ def test_online_teacher_gives_the_cached_loss(env):
     assert _max_diff(_weights(cached), _weights(online)) < 1e-5
 
 
+def test_fp8_store_distils_close_to_the_exact_one(env):
+    """cache-teacher --hidden-storage fp8 -> distill: the same batches, a loss within fp8's error of the exact
+    store's (tiny random teacher: the terms move by well under 1%), and the store is checked like any other."""
+    from dskd_pipe.stages.cache_teacher import run as cache
+
+    fp8 = cache(CacheConfig(teacher=str(env["teacher_q"]), data=DATA, out=str(env["tmp"] / "store_q8"), limit=8,
+                            max_length=64, device="cpu", hidden_storage="fp8"))
+    exact = distill.run(_cfg(env, "exact8", method="dskd-cma", cache=str(env["store_q"]), max_steps=1))
+    approx = distill.run(_cfg(env, "fp8", method="dskd-cma", cache=str(fp8), max_steps=1))
+    a, b = _metrics(exact)[0], _metrics(approx)[0]
+    assert a["supervised_tokens"] == b["supervised_tokens"] and a["ce_t2s"] != b["ce_t2s"]
+    for k in ("loss", "ce_t2s", "kd_t2s", "kd_s2t"):
+        assert b[k] == pytest.approx(a[k], rel=1e-2), k
+
+
 def test_a_store_from_other_data_is_refused(env):
     with pytest.raises(StoreError, match="was built from .*dolly_train_40.jsonl.*not .*dolly_test_20.jsonl"):
         distill.run(_cfg(env, "other", method="dskd-cma", cache=str(env["store_q"]), data=DEV))
