@@ -1,8 +1,9 @@
 """Writing a teacher-state store: the plan's arrays at creation, shared parts once, one part per writer process,
 then the final manifest.
 
-Kill -9 safety: every file is written to a temp name, fsynced and renamed, so no file is ever half-written under its
-real name, and nothing is rewritten once committed. A part's progress moves only after whole shard files are on
+Kill -9 safety: every file is written to a temp name, fsynced and renamed (on an object store: one PUT, which is
+atomic; cache/remote.py), so no file is ever half-written under its real name, and nothing is rewritten once
+committed. A part's progress moves only after whole shard files are on
 disk; a resumed writer starts at that shard boundary, recomputing the batch of any example cut there (the plan fixes
 every batch, so the recomputed rows are the same bytes). Each writer owns its part (two processes writing one shard
 lose data: spec/store_measurements.md), and a lock file refuses a second writer on the same part.
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from dskd_pipe.cache import shards
+from dskd_pipe.cache.remote import RemotePath, store_root
 from dskd_pipe.cache.format import (CONFIG, CREATE_LOCK, EMBED_GROUP, FINALIZE_LOCK, HEAD_GROUP, HIDDEN,
                                     HIDDEN_EXPONENT, INDEX, LOCK,
                                     LOGSUMEXP, MANIFEST, PARTIAL_MANIFEST, PROGRESS, SHARED, TEXTS, TOKENIZER_GROUP,
@@ -31,20 +33,24 @@ from dskd_pipe.cache.format import (CONFIG, CREATE_LOCK, EMBED_GROUP, FINALIZE_L
 RESUME = "run the same cache-teacher command again to resume"
 
 
-def local_root(path_or_url: str) -> Path:
-    """The local folder of a store given as a path or a file:// URL (writers need atomic rename and O_EXCL)."""
-    s = str(path_or_url)
-    if s.startswith("file://"):
-        return Path(s[len("file://"):])
-    if "://" in s:
-        raise StoreError(f"{s}: cache-teacher writes to a local folder or a file:// URL. Write locally, then copy "
-                         "the folder to the object store; readers accept fsspec URLs.")
-    return Path(s)
-
-
-def check_out_path(out: str) -> Path:
-    """The --out folder, checked before anything is loaded: not a file, inside a folder, writable."""
-    root = local_root(out)
+def check_out_path(out: str) -> Path | RemotePath:
+    """The --out folder or URL, checked before anything is loaded: not a file, inside a folder, writable (a URL:
+    reachable with the credentials at hand)."""
+    root = store_root(out)
+    if isinstance(root, RemotePath):
+        try:
+            if root.is_file():
+                raise StoreError(f"--out {root}: an object, not a prefix. Pass a new URL for the store.")
+            bucket = root.path.split("/", 1)[0]
+            if not root.fs.exists(bucket):
+                raise StoreError(f"--out {root}: the bucket {bucket} does not exist (or these credentials cannot see "
+                                 "it). Create it first, or check the URL and credentials.")
+        except StoreError:
+            raise
+        except Exception as e:  # credentials, a missing bucket, no network: the filesystem's own error says which
+            raise StoreError(f"--out {root}: cannot reach it ({type(e).__name__}: {str(e)[:200]}). Check the URL "
+                             "and the credentials (e.g. AWS_PROFILE, AWS_ENDPOINT_URL for S3).") from None
+        return root
     if root.exists() and not root.is_dir():
         raise StoreError(f"--out {root}: exists and is a file, not a folder. Pass a new folder for the store.")
     parent = root.parent
@@ -88,8 +94,16 @@ def encode_fp8(hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return q.view(torch.uint8).numpy(), e.to(torch.int8).numpy()
 
 
-def _write(path: Path, buffers: list, what: str, need: int, then: str = RESUME) -> None:
-    """shards.write_file, a full disk turned into one line naming the file and the space needed."""
+def _write(path: Path | RemotePath, buffers: list, what: str, need: int, then: str = RESUME) -> None:
+    """shards.write_file (an object store: one PUT), a full disk turned into one line naming the file and the space
+    needed, any other failure into one line naming the file."""
+    if isinstance(path, RemotePath):
+        try:
+            path.write_bytes(b"".join(memoryview(b).cast("B") for b in buffers))
+        except Exception as e:
+            raise StoreError(f"{path}: writing {what} failed ({type(e).__name__}: {str(e)[:200]}). Fix the cause, "
+                             f"then {then}.") from None
+        return
     try:
         shards.write_file(path, buffers)
     except OSError as e:
@@ -169,7 +183,7 @@ def texts_blob(texts: list[tuple[str, str]]) -> tuple[np.ndarray, list[int]]:
 
 
 def open_for_writing(out: str, manifest: Manifest, config: dict, plan: Plan,
-                     texts: list[tuple[str, str]]) -> tuple[Path, Manifest]:
+                     texts: list[tuple[str, str]]) -> tuple[Path | RemotePath, Manifest]:
     """Create the store or reopen an unfinished/finished one started from the same inputs and settings.
 
     Returns (root, manifest on disk). A finished store has `complete` True and needs no work.
@@ -286,13 +300,24 @@ def lock_owner(path: Path) -> str | None:
     return owner
 
 
-def acquire_lock(path: Path, what: str) -> None:
+def _create_exclusive(path: Path | RemotePath, data: bytes) -> bool:
+    """Create `path` holding `data` unless it exists (O_EXCL; a conditional PUT on an object store)."""
+    if isinstance(path, RemotePath):
+        return path.create_exclusive(data)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(data.decode())
+    return True
+
+
+def acquire_lock(path: Path | RemotePath, what: str) -> None:
     """Create `path` exclusively with pid@host; a lock of a dead pid on this host is stale and replaced."""
     me = f"{os.getpid()}@{socket.gethostname()}"
     for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        if not _create_exclusive(path, me.encode()):
             owner = lock_owner(path)
             if owner is None:
                 path.unlink(missing_ok=True)  # stale: its writer died (kill -9) on this host
@@ -301,8 +326,6 @@ def acquire_lock(path: Path, what: str) -> None:
             raise StoreError(f"{what} is being written by process {pid or '?'} on host {host or '?'} "
                              f"(lock file {path}). Wait for it to finish; if that process is gone, delete the "
                              "lock file and run again.") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
         return
     raise StoreError(f"{what}: could not take the lock file {path}.")
 
@@ -344,8 +367,8 @@ class PartWriter:
     `plan.part_examples(i)` order; `w.close()`.
     """
 
-    def __init__(self, root: Path, index: int, manifest: Manifest, plan: Plan, background: bool = True):
-        self.root, self.index, self.m = Path(root), index, manifest
+    def __init__(self, root: Path | RemotePath, index: int, manifest: Manifest, plan: Plan, background: bool = True):
+        self.root, self.index, self.m = store_root(root) if isinstance(root, str) else root, index, manifest
         self.dir = self.root / part_name(index)
         self.where = f"{self.root} part {index}"
         self.lock = self.dir / LOCK
@@ -359,7 +382,8 @@ class PartWriter:
         self.total_rows = start
         self.layouts = manifest.row_layouts(self.total_rows)
         self.S = manifest.shard_tokens
-        shards.remove_temp_files(self.dir)
+        if isinstance(self.dir, Path):  # an object store has no temp files (cache/remote.py)
+            shards.remove_temp_files(self.dir)
         progress = read_progress(self.dir)
         self.complete = bool(progress.get("complete"))
         written = int(progress.get("rows", 0))
@@ -498,7 +522,7 @@ def finalize_store(root: str | Path) -> Manifest | None:
 
     Returns the final manifest, or None while parts are still unfinished.
     """
-    root = local_root(str(root))
+    root = store_root(root) if isinstance(root, str) else root
     done = _finished_manifest(root)
     if done is not None:
         return done

@@ -38,3 +38,37 @@ def cache_cli():
 @pytest.fixture(scope="session")
 def dolly40() -> Path:
     return DATA
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server on loopback (moto's server mode, in this process) and a bucket; yields the bucket URL.
+
+    Credentials and the endpoint reach every client (s3fs here, subprocesses too) through the standard environment
+    variables, as a user's would."""
+    import logging
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs("s3://dskd-test")
+    fs.mkdir("dskd-test")
+    try:
+        yield "s3://dskd-test"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
