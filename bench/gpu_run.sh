@@ -38,7 +38,8 @@ if [[ $what == all || $what == store ]]; then
 fi
 if [[ $what == all || $what == loader ]]; then
   # the DataLoader path against a simulated GPU step (sleep kernel), pinned memory and real H2D copies (issue 15)
-  timeout 420 python3 bench/loader.py --device cuda --workers 0,1,2,4,8 --steps 30 --dir /tmp/loader_bench --out "$res" \
+  timeout 420 python3 bench/loader.py --device cuda --workers 0,1,2,4,8 --steps 30 --dir /tmp/loader_bench \
+    --out "$res" \
     || echo "loader bench failed"
 fi
 if [[ $what == all || $what == students ]]; then

@@ -2,10 +2,11 @@
 
 The path is the one `dskd-pipe distill` runs: StoreReader -> StoreSource -> DistillDataset (the student tokenizer on
 each example's stored text) -> Collate (both views padded; the teacher's hidden rows packed, [N, d]) ->
-cache.streaming.make_loader (workers, prefetch, pinned memory when the device is a GPU), then
-`.to(device, non_blocking=True)` per micro-batch and, on a GPU, the rows padded to [B, T, d] there, as the loop does. The training step is simulated: the loop takes the step's micro-batches (the time spent waiting
-for them is the loader wait), then the step itself takes --step-ms: a sleep on CPU, a GPU-side sleep kernel
-(torch.cuda._sleep, calibrated) on a GPU followed by one synchronize, as the real loop synchronises once per step.
+cache.streaming.make_loader (workers, prefetch, pinned memory when the device is a GPU), then `.to(device,
+non_blocking=True)` per micro-batch and, on a GPU, the rows padded to [B, T, d] there, as the loop does. The
+training step is simulated: the loop takes the step's micro-batches (the time spent waiting for them is the loader
+wait), then the step itself takes --step-ms: a sleep on CPU, a GPU-side sleep kernel (torch.cuda._sleep, calibrated)
+on a GPU followed by one synchronize, as the real loop synchronises once per step.
 
 Stores: one per bytes-per-token (bf16 hidden states: d 1024 / 2048 / 4096 = 2 / 4 / 8 KB per token), written with
 the store's own writer: real Dolly prompts and responses tokenised with the real Qwen2 tokenizer, random hidden

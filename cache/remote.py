@@ -6,10 +6,11 @@ only where an object store has no equivalent of a folder's tools:
 
 - No rename. A local file is written to a temp name, fsynced and renamed, so no reader ever sees half of it. An
   object store gives the same guarantee without it: one PUT makes the whole object visible at once or not at all
-  (S3 and GCS: atomic, strongly consistent read-after-write), and a PUT cut by kill -9 leaves nothing. So every file
-  is one PUT of its final bytes (`write_bytes`); s3fs sends a file over 100 MiB as a multipart upload, which also
-  appears only when completed (a cut one leaves invisible parts for the bucket's lifecycle rule). The commit markers stay the same files in the same order: a part's progress.json is rewritten (one
-  PUT) only after its shard PUTs returned, the manifest last; nothing else is rewritten once committed.
+  (S3 and GCS: atomic, strongly consistent read-after-write), and a PUT cut by kill -9 leaves nothing. So every
+  file is one PUT of its final bytes (`write_bytes`); s3fs sends a file over 100 MiB as a multipart upload, which
+  also appears only when completed (a cut one leaves invisible parts for the bucket's lifecycle rule). The commit
+  markers stay the same files in the same order: a part's progress.json is rewritten (one PUT) only after its
+  shard PUTs returned, the manifest last; nothing else is rewritten once committed.
 - No O_EXCL. Locks are created with a conditional PUT that fails if the object exists (fsspec's
   `pipe_file(mode="create")`: `If-None-Match: *` on S3, tested against moto's S3 server), so two processes can never
   both hold one. Filesystems without a conditional write fall back to fsspec's check-then-write, which is not

@@ -39,7 +39,8 @@ def main() -> None:
 @click.option("--config", "config_path", default=None, help="TOML/JSON config (configs/cache_*.toml).")
 @click.option("--teacher", default=None, help="Teacher model: hub id or local folder.")
 @click.option("--data", default=None, help="Training data: JSONL/JSON/Parquet file or datasets name.")
-@click.option("--out", default=None, help="Store folder, or an fsspec URL (s3://bucket/path, gs://...; needs s3fs / gcsfs).")
+@click.option("--out", default=None,
+              help="Store folder, or an fsspec URL (s3://bucket/path, gs://...; needs s3fs / gcsfs).")
 @click.option("--limit", type=int, default=None, help="Use the first N usable records.")
 @click.option("--skip-bad", is_flag=True, default=None, help="Skip (and count) malformed records.")
 @click.option("--shard", default=None, help="I/N: this process writes part I of N.")
