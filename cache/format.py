@@ -18,8 +18,8 @@ every stored byte is checksummed.
     shared.json                 written after head, embeddings and tokenizer are all on disk
     parts/part-IIIII/           the rows of one writer process (shard I of N), in the plan's batch order
         hidden [N_tok, d]       post-final-norm last hidden state of EVERY token of `ids` (L rows per example);
-                                with hidden_storage "fp8": float8 e4m3 bits (uint8) of h / 2^e ...
-        hidden_exponent [N_tok] ... and e (int8), a power-of-two scale per token (fp8 only)
+                                with hidden_storage "fp8": float8 e4m3 bits (uint8) of h / s ...
+        hidden_scale [N_tok]    ... and s = max|h| / 448 (float32), a scale per token (fp8 only)
         tokens [N_tok, 3]       int32 (teacher id, char start, char end) into prompt + response
         topk_values [N_tok, k]  optional: the k largest logits (float32) ...
         topk_indices [N_tok, k] ... their vocabulary ids (int32) ...
@@ -59,7 +59,7 @@ HEAD_GROUP = "head"
 EMBED_GROUP = "embed"
 TOKENIZER_GROUP = "tokenizer"
 HIDDEN = "hidden"
-HIDDEN_EXPONENT = "hidden_exponent"
+HIDDEN_SCALE = "hidden_scale"
 TOKENS = "tokens"
 TOPK_VALUES = "topk_values"
 TOPK_INDICES = "topk_indices"
@@ -69,7 +69,7 @@ INDEX_FIELDS = ("part", "token_start", "n_tokens", "prompt_len", "text_start", "
 # Logical dtype -> numpy dtype on disk. Zarr has no bfloat16: its raw bits are stored as uint16.
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
 COMPRESSIONS = ("none", "zstd", "blosc")
-# "exact": the teacher's dtype; "fp8": float8 e4m3 with a power-of-two scale per token, ~1 byte x d_model per token
+# "exact": the teacher's dtype; "fp8": float8 e4m3 with a scale per token, d_model + 4 bytes per token
 # (cache.writer.encode_fp8; measured against exact in BENCHMARKS.md "Half the bytes per token").
 HIDDEN_STORAGES = ("exact", "fp8")
 
@@ -213,7 +213,7 @@ class Manifest:
         out = {HIDDEN: ArrayLayout((n_rows, self.d_model), self.storage_dtype, s, c, self.compression),
                TOKENS: ArrayLayout((n_rows, 3), "int32", s, s)}
         if self.hidden_storage == "fp8":
-            out[HIDDEN_EXPONENT] = ArrayLayout((n_rows,), "int8", s, c)
+            out[HIDDEN_SCALE] = ArrayLayout((n_rows,), "float32", s, c)
         if self.topk:
             out[TOPK_VALUES] = ArrayLayout((n_rows, self.topk), "float32", s, c, self.compression)
             out[TOPK_INDICES] = ArrayLayout((n_rows, self.topk), "int32", s, c)

@@ -19,7 +19,7 @@ import fsspec
 import numpy as np
 import torch
 
-from dskd_pipe.cache.format import (EMBED_GROUP, HEAD_GROUP, HIDDEN, HIDDEN_EXPONENT, INDEX, INDEX_FIELDS,
+from dskd_pipe.cache.format import (EMBED_GROUP, HEAD_GROUP, HIDDEN, HIDDEN_SCALE, INDEX, INDEX_FIELDS,
                                     LOGSUMEXP, MANIFEST, PARTIAL_MANIFEST, TEXTS, TOKENIZER_GROUP, TOKENS,
                                     TOPK_INDICES, TOPK_VALUES, Manifest, StoreError, check_compatible, part_name,
                                     sha256_hex)
@@ -37,12 +37,12 @@ def from_storage(arr: np.ndarray, logical: str) -> torch.Tensor:
     return t
 
 
-def decode_fp8(bits: np.ndarray, exponent: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """Hidden states [L, d] of `dtype` from float8 e4m3 bits [L, d] (uint8) and power-of-two exponents [L] (int8):
-    h = q * 2^e, exact in bf16 and fp32 (see cache.writer.encode_fp8)."""
+def decode_fp8(bits: np.ndarray, scale: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Hidden states [L, d] of `dtype` from float8 e4m3 bits [L, d] (uint8) and a scale per token [L] (float32):
+    h = q * s in fp32, then the teacher's dtype (see cache.writer.encode_fp8)."""
     q = torch.from_numpy(np.ascontiguousarray(bits)).view(torch.float8_e4m3fn).float()  # [L, d]
-    e = torch.from_numpy(np.asarray(exponent, dtype=np.int8)).to(torch.int32)  # [L]
-    return torch.ldexp(q, e[:, None]).to(dtype)
+    s = torch.from_numpy(np.asarray(scale, dtype=np.float32))  # [L]
+    return (q * s[:, None]).to(dtype)
 
 
 def _join(url: str, *parts: str) -> str:
@@ -191,7 +191,7 @@ class StoreReader:
         h = self._h()
         if p not in h["parts"]:
             describe = self.describe_part(p)
-            names = ([HIDDEN, TOKENS] + ([HIDDEN_EXPONENT] if self.manifest.hidden_storage == "fp8" else [])
+            names = ([HIDDEN, TOKENS] + ([HIDDEN_SCALE] if self.manifest.hidden_storage == "fp8" else [])
                      + ([TOPK_VALUES, TOPK_INDICES, LOGSUMEXP] if self.manifest.topk else []))
             arrays = {name: h["files"].array(f"{part_name(p)}/{name}", describe)[0] for name in names}
             tokens = arrays[TOKENS]
@@ -250,7 +250,7 @@ class StoreReader:
 
     def _hidden(self, arrays: dict, start: int, n: int) -> torch.Tensor:
         if self.manifest.hidden_storage == "fp8":
-            return decode_fp8(arrays[HIDDEN].read(start, start + n), arrays[HIDDEN_EXPONENT].read(start, start + n),
+            return decode_fp8(arrays[HIDDEN].read(start, start + n), arrays[HIDDEN_SCALE].read(start, start + n),
                               _TORCH_DTYPES[self.logical_dtype])
         return from_storage(arrays[HIDDEN].read(start, start + n), self.logical_dtype)
 

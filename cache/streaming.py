@@ -213,9 +213,9 @@ def auto_num_workers(device: str) -> int:
 
     CPU training: 0 (workers would take the cores the step itself needs: BENCHMARKS.md, offline vs online). GPU: the
     cores this process may use (its CPU affinity, shared among torchrun's processes on the node) less one for the
-    training loop, at most 8. bench/loader.py measured a worker's CPU time per 16k-token step at 0.22-0.29 s for
-    2-8 KB of hidden state per token: 3 workers keep up with 100 ms steps, 5-6 with 50 ms steps, and the rest is
-    headroom for jitter (BENCHMARKS.md, "A loader that keeps a GPU fed").
+    training loop, at most 8. bench/loader.py measured a worker's CPU time per 16k-token step at 0.22-0.48 s for
+    2-8 KB of hidden state per token on a busy 2-core CPU: 3-5 workers keep up with 100 ms steps, 5-10 with 50 ms
+    steps (BENCHMARKS.md, "A loader that keeps a GPU fed").
     """
     if not device.startswith("cuda"):
         return 0

@@ -99,7 +99,7 @@ def store_info(url: str) -> dict:
         return progress_info(url)
     m = read_manifest(url)
     sizes = store_sizes(url)
-    stored = "float8 e4m3 with a power-of-two scale per token" if m.hidden_storage == "fp8" else m.storage_dtype
+    stored = "float8 e4m3 with a scale per token" if m.hidden_storage == "fp8" else m.storage_dtype
     return {"store": url, "status": "complete", "format_version": m.format_version,
             "examples": m.totals["examples"], "tokens": m.totals["tokens"], **sizes,
             "bytes_per_token": round(sizes["bytes_per_example_data"] / max(1, m.totals["tokens"]), 1),

@@ -52,8 +52,8 @@ def main() -> None:
               "(default 8192; a multiple of --chunk-tokens).")
 @click.option("--compression", type=click.Choice(["none", "zstd", "blosc"]), default=None)
 @click.option("--hidden-storage", type=click.Choice(["exact", "fp8"]), default=None,
-              help="Hidden states in the teacher's dtype (exact, default) or fp8: e4m3 with a power-of-two scale per "
-              "token, ~1 byte x d_model per token, near-exact logits (BENCHMARKS.md).")
+              help="Hidden states in the teacher's dtype (exact, default) or fp8: e4m3 with a scale per token, "
+              "d_model + 4 bytes per token, near-exact logits (BENCHMARKS.md).")
 @click.option("--device", default=None)
 @click.option("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU).")
 @click.option("--max-length", type=int, default=None)

@@ -36,7 +36,7 @@ class CacheConfig:
     chunk_tokens: int = 32  # rows per inner chunk: an example reads ~1.08x its bytes (BENCHMARKS.md, store reads)
     shard_tokens: int = 8192  # rows per shard file (32 MiB at d=2048 bf16): the write and kill-safe commit unit
     compression: str = "none"  # "none" | "zstd" | "blosc": pays only on slow or capacity-bound storage
-    hidden_storage: str = "exact"  # "exact" (the teacher's dtype) | "fp8" (e4m3, a power-of-two scale per token)
+    hidden_storage: str = "exact"  # "exact" (the teacher's dtype) | "fp8" (e4m3, a scale per token)
     shard: str = ""  # "I/N": this process writes part I of N; "" = one process (or torchrun's rank/world)
     progress: bool = True  # a progress line on stderr (pipeline/progress.py)
     quiet: bool = False  # only warnings and the final lines

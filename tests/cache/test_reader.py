@@ -219,26 +219,24 @@ def test_damaged_manifest_is_named(gpt2_store, tmp_path):
 # --- fp8 hidden states (cache-teacher --hidden-storage fp8) ---------------------------------------------------------
 
 def test_fp8_codec_by_hand():
-    """e = the smallest power of two with max|h| / 2^e <= 448; q = h / 2^e rounded to e4m3; h' = q * 2^e."""
+    """s = max|h| / 448 per token; q = h / s rounded to e4m3 (3 mantissa bits, ties to even); h' = q * s."""
     from dskd_pipe.cache.reader import decode_fp8
     from dskd_pipe.cache.writer import encode_fp8
 
-    h = torch.tensor([[448.0, 1.0, -0.5, 0.0],  # fits: e = 0, every value exact in e4m3
-                      [449.0, 3.0, 0.0, 0.0],  # just over: e = 1; 449/2 = 224.5 -> 224 (e4m3 step 16 at 128..256)
-                      [0.0, 0.0, 0.0, 0.0],  # all zero: e = 0, zeros back
-                      [1e-3, -2e-3, 1.7e-3, 0.0],  # small: e = -17 (2e-3 * 2^17 = 262.1 <= 448 < 524.3)
-                      [17.0, 19.0, 0.0, 0.0]])  # e = -4: 272 and 304 are ties between e4m3 neighbours (step 32)
-    q, e = encode_fp8(h)
-    assert q.dtype == np.uint8 and q.shape == (5, 4) and e.dtype == np.int8
-    assert e.tolist() == [0, 1, 0, -17, -4]
-    back = decode_fp8(q, e, torch.float32)
+    h = torch.tensor([[448.0, 1.0, -0.5, 0.0],  # s = 1: every value exact in e4m3
+                      [896.0, 3.0, 17.0, 19.0],  # s = 2: 1.5 exact; 8.5 and 9.5 are ties between e4m3 neighbours
+                      [0.0, 0.0, 0.0, 0.0],  # all zero: s = 1, zeros back
+                      [7.0, -3.5, 1.0, 0.1]])  # s = 1/64: 448, -224, 64 exact; 6.4 -> 6.5 (step 0.5 in [4, 8))
+    q, s = encode_fp8(h)
+    assert q.dtype == np.uint8 and q.shape == (4, 4) and s.dtype == np.float32
+    assert s.tolist() == [1.0, 2.0, 1.0, 7.0 / 448]
+    back = decode_fp8(q, s, torch.float32)
     assert back[0].tolist() == [448.0, 1.0, -0.5, 0.0]
-    assert back[1].tolist() == [448.0, 3.0, 0.0, 0.0]
+    # 8.5 = (8 + 9) / 2 -> 8 (mantissa 000, even); 9.5 = (9 + 10) / 2 -> 10 (mantissa 010, even); times s = 2
+    assert back[1].tolist() == [896.0, 3.0, 16.0, 20.0]
     assert back[2].tolist() == [0.0] * 4
-    torch.testing.assert_close(back[3], h[3], rtol=2**-4, atol=0)
-    # 272 = (256 + 288) / 2 -> 256 (mantissa 000, even); 304 = (288 + 320) / 2 -> 320 (mantissa 010, even)
-    assert back[4].tolist() == [16.0, 20.0, 0.0, 0.0]
-    torch.testing.assert_close(decode_fp8(q, e, torch.bfloat16).float(), back, rtol=0, atol=0)  # exact in bf16
+    torch.testing.assert_close(back[3], torch.tensor([7.0, -3.5, 1.0, 6.5 * 7.0 / 448]), rtol=1e-6, atol=0)
+    assert decode_fp8(q, s, torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_fp8_codec_error_bound_on_wide_ranges():
@@ -247,14 +245,15 @@ def test_fp8_codec_error_bound_on_wide_ranges():
 
     torch.manual_seed(0)
     h = torch.randn(64, 256) * torch.logspace(-6, 4, 64)[:, None]  # rows of very different scales
-    q, e = encode_fp8(h)
-    back = decode_fp8(q, e, torch.float32)
+    q, s = encode_fp8(h)
+    back = decode_fp8(q, s, torch.float32)
     amax = h.abs().amax(-1, keepdim=True)
-    scaled_max = amax / torch.exp2(torch.from_numpy(e).float())[:, None]
-    assert ((scaled_max > 224) & (scaled_max <= 448)).all()  # each row uses the top binade of e4m3
-    normal = h.abs() >= amax * 2**-6  # e4m3's normal range below the row's maximum
-    assert ((back - h).abs() <= h.abs() * 2**-4)[normal].all()  # half a unit of a 3-bit mantissa
-    assert ((back - h).abs() <= amax * 2**-9 / 224 * 448 / 2)[~normal].all()  # subnormal steps below that
+    top = h.abs() == amax
+    torch.testing.assert_close(back[top], h[top], rtol=1e-6, atol=0)  # each token's largest value is exact
+    scale = amax / 448
+    normal = h.abs() >= scale * 2**-6  # e4m3's normal range: 2^-6 .. 448 after scaling
+    assert ((back - h).abs() <= h.abs() * 2**-4 * (1 + 1e-6))[normal].all()  # half a unit of a 3-bit mantissa
+    assert ((back - h).abs() <= (scale * 2**-10 * (1 + 1e-6)).expand_as(h))[~normal].all()  # half a subnormal step
 
 
 @pytest.fixture(scope="module")
@@ -285,16 +284,16 @@ def test_fp8_store_holds_the_encoded_exact_states(fp8_pair):
     assert verify_store(str(fp8_pair["fp8"]))["ok"]
     info_exact, info_fp8 = store_info(str(fp8_pair["exact"])), store_info(str(fp8_pair["fp8"]))
     assert "float8 e4m3" in info_fp8["hidden"]
-    # per token: 4 x 32 bytes of fp32 + 12 (ids, offsets) exact; 32 + 1 + 12 fp8 (plus the texts and index)
-    assert info_fp8["bytes_per_token"] < info_exact["bytes_per_token"] - (4 * 32 - 33) + 2
+    # per token: 4 x 32 bytes of fp32 + 12 (ids, offsets) exact; 32 + 4 + 12 fp8 (plus the texts and index)
+    assert info_fp8["bytes_per_token"] < info_exact["bytes_per_token"] - (4 * 32 - 36) + 2
 
 
 def test_fp8_store_checks_its_exponents_and_its_setting(fp8_pair, tiny_teacher_dirs, cache_cli, dolly40, tmp_path):
     import shutil
     copy = tmp_path / "c.zarr"
     shutil.copytree(fp8_pair["fp8"], copy)
-    _damage(copy, "parts/part-00000/hidden_exponent")
-    with pytest.raises(StoreError, match=r"parts/part-00000/hidden_exponent shard 0 inner chunk \d+ .*is corrupt"):
+    _damage(copy, "parts/part-00000/hidden_scale")
+    with pytest.raises(StoreError, match=r"parts/part-00000/hidden_scale shard 0 inner chunk \d+ .*is corrupt"):
         [open_store(str(copy)).read(i) for i in range(8)]
     # finishing or extending a store with the other storage is refused before the teacher runs
     r = cache_cli("--teacher", tiny_teacher_dirs["qwen2"], "--data", dolly40, "--out", fp8_pair["fp8"], "--limit", 8,
