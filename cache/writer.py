@@ -3,10 +3,10 @@ then the final manifest.
 
 Kill -9 safety: every file is written to a temp name, fsynced and renamed (on an object store: one PUT, which is
 atomic; cache/remote.py), so no file is ever half-written under its real name, and nothing is rewritten once
-committed. A part's progress moves only after whole shard files are on
-disk; a resumed writer starts at that shard boundary, recomputing the batch of any example cut there (the plan fixes
-every batch, so the recomputed rows are the same bytes). Each writer owns its part (two processes writing one shard
-lose data: spec/store_measurements.md), and a lock file refuses a second writer on the same part.
+committed. A part's progress moves only after whole shard files are on disk; a resumed writer starts at that shard
+boundary, recomputing the batch of any example cut there (the plan fixes every batch, so the recomputed rows are the
+same bytes). Each writer owns its part (two processes writing one shard lose data: spec/store_measurements.md), and
+a lock file refuses a second writer on the same part.
 """
 from __future__ import annotations
 
@@ -23,12 +23,11 @@ import numpy as np
 import torch
 
 from dskd_pipe.cache import shards
+from dskd_pipe.cache.format import (CONFIG, CREATE_LOCK, EMBED_GROUP, FINALIZE_LOCK, HEAD_GROUP, HIDDEN, HIDDEN_SCALE,
+                                    INDEX, LOCK, LOGSUMEXP, MANIFEST, PARTIAL_MANIFEST, PROGRESS, SHARED, TEXTS,
+                                    TOKENIZER_GROUP, TOKENS, TOPK_INDICES, TOPK_VALUES, ArrayLayout, Manifest, Plan,
+                                    StoreError, check_same_settings, part_name, sha256_hex, shared_layout)
 from dskd_pipe.cache.remote import RemotePath, store_root
-from dskd_pipe.cache.format import (CONFIG, CREATE_LOCK, EMBED_GROUP, FINALIZE_LOCK, HEAD_GROUP, HIDDEN,
-                                    HIDDEN_SCALE, INDEX, LOCK,
-                                    LOGSUMEXP, MANIFEST, PARTIAL_MANIFEST, PROGRESS, SHARED, TEXTS, TOKENIZER_GROUP,
-                                    TOKENS, TOPK_INDICES, TOPK_VALUES, ArrayLayout, Manifest, Plan, StoreError,
-                                    check_same_settings, part_name, sha256_hex, shared_layout)
 
 RESUME = "run the same cache-teacher command again to resume"
 
