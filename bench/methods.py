@@ -188,6 +188,7 @@ class MethodRun:
         from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id
         from dskd_pipe.pipeline.training import cosine_schedule, param_groups, seed_everything
         from dskd_pipe.pipeline import methods
+        from dskd_pipe.pipeline.distributed import Processes
         from dskd_pipe.stages import distill
 
         if spec.get("token_map_cache"):
@@ -215,8 +216,13 @@ class MethodRun:
         collate = Collate(side.pad_id, self.teacher.pad_id, methods.collate_extras(cfg, self.teacher, tok))
         self.projectors = self.parts.projectors
         extra = [(self.projectors, cfg.projector_lr)] if self.projectors is not None else []
+        self.trainee = distill.Trainee(self.student, self.parts)
+        self.procs = Processes(device=device)
         self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.lr, cfg.weight_decay, extra), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
+        adversary = methods.METHODS[cfg.method].adversary
+        self.adversary = adversary
+        self.adversary_opt = adversary.optimizer(cfg, self.parts.discriminator) if adversary is not None else None
         self.scheduler = cosine_schedule(self.optimizer, self.n_steps, cfg.warmup_steps, cfg.min_lr)
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
 
@@ -231,7 +237,7 @@ class MethodRun:
         self.batches = [micro[k * cfg.grad_accum:(k + 1) * cfg.grad_accum] for k in range(n_batches)]
         self.supervised_tokens = [sum(int((b["labels"] != -100).sum()) for b in d) for d in self.batches]
         self.setup_s = time.perf_counter() - t_setup
-        self.k = self.micro_step = 0
+        self.k = 0
 
     def step(self, which: int) -> tuple[float, float, float]:
         """(wall s, process CPU s, loss) of one optimizer step on step batch `which`."""
@@ -240,16 +246,20 @@ class MethodRun:
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
         batches = [{name: v.to(self.device, non_blocking=True) for name, v in b.items()} for b in self.batches[which]]
-        sums, n_step = distill.accumulate_gradients(cfg, batches, self.student, self.teacher, self.parts, 1,
-                                                    self.device, self.trainable, step=self.k,
-                                                    progress=self.k / self.n_steps, micro_step=self.micro_step)
-        self.micro_step += len(batches)
+        adversary_step = self.adversary is not None and self.adversary.steps_at(cfg, self.k)
+        sums, n_step = distill.accumulate_gradients(cfg, batches, self.trainee, self.teacher, self.procs,
+                                                    step=self.k, progress=self.k / self.n_steps,
+                                                    adversary_step=adversary_step, total_steps=self.n_steps)
         self.k += 1
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.adversary_opt is not None:
+            if adversary_step:
+                self.adversary_opt.step()
+            self.adversary_opt.zero_grad(set_to_none=True)
         loss = float(sums["loss"] / n_step)  # a device sync as well
         if self.cuda:
             torch.cuda.synchronize()

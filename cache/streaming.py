@@ -2,9 +2,10 @@
 
 Each item holds the teacher view (ids, prompt length, hidden rows from the store) and the student view: the SAME
 stored prompt/response text tokenised with the student tokenizer by `build_sequence` (spec/dskd.md "Sequences").
-The order is a seeded permutation that depends only on (seed, epoch); under DDP rank r of W streams positions
-r, r+W, r+2W, ... of that permutation, padded by wrapping so every rank has the same count. Resume state is a small
-dict {"epoch", "position"} (examples this rank has consumed in that epoch). No process-wide state: the reader's
+The order is a seeded permutation that depends only on (seed, epoch); under torchrun it is cut into blocks of
+`rank_batch` positions (one rank's micro-batch x accumulation) dealt to the W ranks in turn, so every optimizer
+step takes the next W x rank_batch examples of the order whatever the split into processes and micro-batches.
+Resume state is a small dict {"epoch", "position"} (examples of that epoch's order all ranks have consumed). No process-wide state: the reader's
 handles open lazily in each DataLoader worker, so many students can read one store at once.
 
 Online mode uses the same dataset over `TextSource` (the teacher tokenised on the fly, no hidden rows); the stage
@@ -101,21 +102,28 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
 
 
-def rank_positions(n: int, rank: int, world: int) -> np.ndarray:
-    """Positions of the epoch order that `rank` streams: rank, rank+W, ...; wrapped so each rank gets ceil(n/W)."""
-    per_rank = -(-n // world)
-    return np.arange(rank, per_rank * world, world) % max(n, 1)
+def rank_positions(n: int, rank: int, world: int, rank_batch: int = 1, start: int = 0) -> np.ndarray:
+    """Positions of the epoch order, from `start` on, that `rank` of `world` streams: blocks of `rank_batch`
+    positions dealt to the ranks in turn (block j to rank j % world). Nothing repeated, nothing left out; the last
+    blocks may be short or missing on some ranks.
+
+    With rank_batch = micro-batch x accumulation, optimizer step s takes positions start + [s G, (s + 1) G),
+    G = world x rank_batch, rank r the r-th block of them: N processes x b x k see the examples of 1 x b x (N k).
+    """
+    p = np.arange(start, n)
+    return p[((p - start) // max(1, rank_batch)) % world == rank]
 
 
 class DistillDataset(Dataset):
-    """Item k = the k-th example of this rank's part of the (seed, epoch) order, from `start` on (resume)."""
+    """Item k = the k-th example of this rank's part of the (seed, epoch) order from position `start` on (resume;
+    a position of the whole order, counted over all ranks), see rank_positions."""
 
     def __init__(self, source, student: Side, seed: int = 0, epoch: int = 0, rank: int = 0, world: int = 1,
-                 start: int = 0):
+                 start: int = 0, rank_batch: int = 1):
         self.source = source
         self.student = student
         order = epoch_order(len(source), seed, epoch)
-        self.indices = order[rank_positions(len(source), rank, world)][start:]
+        self.indices = order[rank_positions(len(source), rank, world, rank_batch, start)]
         self.epoch = epoch
         self.start = start
 

@@ -1,6 +1,7 @@
 """`dskd-pipe`: parses flags into a stage config and calls the stage's `run`. Flags override the config file."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -22,6 +23,9 @@ class _Group(click.Group):
             user_errors += (StoreError,)
         except ImportError:
             pass
+        from dskd_pipe.pipeline.training import CheckpointError
+
+        user_errors += (CheckpointError,)
         try:
             return super().invoke(ctx)
         except user_errors as e:
@@ -55,6 +59,8 @@ def main() -> None:
               help="Hidden states in the teacher's dtype (exact, default) or fp8: e4m3 with a scale per token, "
               "d_model + 4 bytes per token, near-exact logits (BENCHMARKS.md).")
 @click.option("--device", default=None)
+@click.option("--device-map", default=None, help="auto: one teacher spread over the node's GPUs by accelerate (a "
+              "teacher larger than one GPU); one process.")
 @click.option("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU).")
 @click.option("--max-length", type=int, default=None)
 @click.option("--max-prompt-length", type=int, default=None)
@@ -116,9 +122,8 @@ def cache_verify(store) -> None:
               "for several. KD only: the student's CE stays on --cache's gold data.")
 @click.option("--teacher", default=None, help="Teacher model run on the fly instead of --cache (online).")
 @click.option("--student", default=None, help="Student model: hub id or local folder.")
-@click.option("--method", type=click.Choice(["sft", "kd", "dskd", "dskd-cma", "cma-ga", "dskd-v2", "dskd-v2-eta",
-                                                "dwa-kd", "mined", "uld", "chunk-attention", "chunk-projection"]),
-              default=None)
+@click.option("--method", default=None, help="sft, kd, dskd, dskd-cma, cma-ga, dskd-v2, dskd-v2-eta, dwa-kd, mined, uld, "
+              "chunk-attention, chunk-projection: any entry of pipeline/methods.METHODS (README \"Methods\").")
 @click.option("--data", default=None, help="Training data: the file the store was built from.")
 @click.option("--out", default=None, help="Output folder: an HF model folder + projectors, metrics, checkpoints.")
 @click.option("--dev-data", default=None, help="Dev set: dev loss (and --dev-rouge) each epoch keeps out/best.")
@@ -172,6 +177,7 @@ def cache_verify(store) -> None:
 @click.option("--dtw-reduction", type=click.Choice(["sequence", "tokens"]), default=None)
 @click.option("--kd-warmup-terms", type=click.Choice(["t2s", "both"]), default=None)
 @click.option("--disc-lr", type=float, default=None)
+@click.option("--disc-every", type=int, default=None, help="CMA-GA: a discriminator update every k optimizer steps.")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0 = epoch ends only).")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint in --out.")
 @click.option("--init-from", default=None, help="Start from another run's last checkpoint (weights, optimizer, "
@@ -184,6 +190,8 @@ def cache_verify(store) -> None:
 @click.option("--device", default=None)
 @click.option("--dtype", default=None, help="bfloat16 (autocast, default on GPU) | float32.")
 @click.option("--gradient-checkpointing", is_flag=True, default=None)
+@click.option("--fsdp", is_flag=True, default=None, help="Under torchrun: FSDP2 (shards the student, its gradients "
+              "and optimizer states across the processes) instead of DDP.")
 @click.option("--lora-rank", type=int, default=None, help="> 0: LoRA on --lora-targets (needs peft).")
 @click.option("--lora-alpha", type=float, default=None)
 @click.option("--max-length", type=int, default=None)
@@ -198,7 +206,8 @@ def distill(config_path, **flags) -> None:
     from dskd_pipe.stages.distill import run
 
     out = run(load_config(DistillConfig, config_path, flags))
-    click.echo(f"student: {out}")
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun: one final line, not one per process
+        click.echo(f"student: {out}")
 
 
 # --- plot (pipeline/curves.py) ---
@@ -368,6 +377,8 @@ def probe(config_path, run_dir, heatmaps, **flags) -> None:
 @click.option("--max-new-tokens", type=int, default=None)
 @click.option("--teacher-device", default=None, help="Device of the cache-teacher process (its own GPU if you like).")
 @click.option("--teacher-dtype", default=None, help="Default: the gold store's dtype.")
+@click.option("--nproc-per-node", type=int, default=None, help="Each round's distill under torchrun with N "
+              "processes (global batch: micro-batch x accumulation x N).")
 def on_policy(config_path, distill_config, **flags) -> None:
     """Distil in refresh rounds on the student's own samples (DSKDv2 on-policy), the teacher in its own process."""
     from dskd_pipe.pipeline.config import OnPolicyConfig, load_config
@@ -380,3 +391,7 @@ def on_policy(config_path, distill_config, **flags) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     click.echo(f"student: {student}")
+
+
+if __name__ == "__main__":  # `torchrun ... -m dskd_pipe.pipeline.cli distill ...`
+    main()

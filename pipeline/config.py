@@ -31,6 +31,7 @@ class CacheConfig:
     max_length: int = 512
     batch_tokens: int = 8192  # tokens per teacher forward (padded); batches are sorted by length
     device: str = ""  # "" = cuda when available, else cpu
+    device_map: str = ""  # "auto": one teacher spread over the node's GPUs by accelerate (larger than one GPU)
     dtype: str = ""  # "" = bf16 on GPU, fp32 on CPU
     topk: int = 0  # per-token top-k logits (values, indices) + log-normaliser; 0 = off
     chunk_tokens: int = 32  # rows per inner chunk: an example reads ~1.08x its bytes (BENCHMARKS.md, store reads)
@@ -118,7 +119,7 @@ class DistillConfig:
     lambda_ga: float = 0.1
     ga_start_step: int = 0  # CMA-GA: the generator term and D steps start at this optimizer step
     disc_lr: float = 1e-4
-    disc_every: int = 1  # CMA-GA: a discriminator step every k micro-steps
+    disc_every: int = 1  # CMA-GA: a discriminator step after every k-th optimizer step (on the whole step's batch)
     overlap_top_k: int = 0  # DSKDv2: ideal projector init from the first k overlapping tokens (0 = all)
     kd_warmup_steps: int | None = None  # DWA-KD: linear ramp of KD_t2s over this many steps (None = 300; 0 = off)
     dtw_gamma_start: float = 2.0  # DWA-KD: Soft-DTW gamma anneals linearly from start to end ...
@@ -150,6 +151,7 @@ class DistillConfig:
     dtype: str = ""  # "" = bf16 autocast on GPU, fp32 on CPU; or bfloat16 | float32
     teacher_dtype: str = ""  # online teacher: "" = bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: FSDP2 (sharded student, gradients, optimizer states) instead of DDP
     lora_rank: int = 0  # 0 = full fine-tune; > 0 needs `peft`
     lora_alpha: float = 8.0
     lora_dropout: float = 0.0
@@ -322,6 +324,7 @@ class OnPolicyConfig:
     teacher_device: str = ""  # the cache-teacher process: "" = cuda when available (a GPU of its own), else cpu
     teacher_dtype: str = ""  # "" = the gold store's dtype (the union must hold one dtype)
     batch_tokens: int = 8192  # cache-teacher tokens per forward
+    nproc_per_node: int = 1  # > 1: each round's distill under torchrun with this many processes (DDP, or FSDP2)
 
 
 __all__ = ["CacheConfig", "ScoreConfig", "DistillConfig", "ProbeConfig", "OnPolicyConfig", "ConfigError",

@@ -5,10 +5,13 @@ a method:
 
 - `uses_teacher` / `same_vocabulary`: whether it needs a teacher, and one that tokenises like the student;
 - `build_parts`: its trained parts besides the student (projectors, trained with the student's optimizer at
-  `projector_lr`; CMA-GA's discriminator with its own optimizer) and fixed tables (token maps);
+  `projector_lr`; an adversary such as CMA-GA's discriminator) and fixed tables (token maps);
+- `adversary`: for a part trained against the student by its own optimizer, that optimizer and the optimizer
+  steps at which it is stepped (a function of the step only: the same whatever the split into processes and
+  micro-batches);
 - `collate_extras`: per-batch alignment tensors built in the DataLoader workers (ETA / MinED pairs, chunks);
 - `loss`: a thin call of its loss function in pipeline/objectives/ (a function of tensors), returning the
-  micro-batch's student-side loss SUM and its log terms (detached sums and counts);
+  micro-batch's student-side loss SUM, the adversary's share of its loss and the log terms (`LossTerms`);
 - `metrics`: how the summed log terms of one optimizer step become the logged numbers;
 - `defaults`: published values of options the user left unset (`None` in DistillConfig), see `resolve`.
 
@@ -48,14 +51,27 @@ TOKEN_MAP_CACHE = Path(os.environ.get("DSKD_PIPE_CACHE", Path.home() / ".cache" 
 class MethodParts:
     """What a method trains or looks up besides the student.
 
-    projectors: trained by the student's optimizer (own lr group); discriminator: trained by `disc_optimizer`;
-    token_map: a fixed teacher -> student id table [Vt] (DSKDv2-ETA, MinED).
+    projectors: trained by the student's optimizer (own lr group); discriminator: trained by its own optimizer
+    (Method.adversary); token_map: a fixed teacher -> student id table [Vt] (DSKDv2-ETA, MinED).
     """
 
     projectors: nn.Module | None = None
     discriminator: nn.Module | None = None
-    disc_optimizer: torch.optim.Optimizer | None = None
     token_map: Tensor | None = None
+
+
+@dataclass
+class LossTerms:
+    """A method's loss of one micro-batch.
+
+    loss: the student-side SUM over tokens (the stage divides the step's total once by its supervised student
+    tokens); adversary_loss: the adversary's loss share of this micro-batch, already divided by the step's token
+    counts (the shares of a step add up to its loss over the whole step), or None; logs: detached sums and counts.
+    """
+
+    loss: Tensor
+    logs: dict
+    adversary_loss: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -65,9 +81,9 @@ class LossInputs:
     batch: the collated micro-batch on the device; student: the transformers model (its embedding and head
     weights); hidden Hs [B, S, ds] and logits Zs [B, S, Vs] from the student's forward; teacher_hidden Ht [B, T, dt]
     (None for methods without a teacher); teacher: head (TeacherHead), embed [Vt, dt], embed_scale, tokenizer.
-    step: optimizer steps done before this one; progress: step / total steps; micro_step: micro-batches done
-    before this one (CMA-GA's every-k discriminator rhythm); world: number of processes; total_steps,
-    step_tokens, step_micro_batches: see the fields.
+    step: optimizer steps done before this one; progress: step / total steps; adversary_step: the adversary is
+    stepped after this optimizer step (its loss is wanted); total_steps, step_tokens (supervised student tokens),
+    step_teacher_tokens, step_micro_batches: see the fields.
     """
 
     cfg: DistillConfig
@@ -80,16 +96,16 @@ class LossInputs:
     parts: MethodParts
     step: int = 0
     progress: float = 0.0
-    micro_step: int = 0
-    world: int = 1
+    adversary_step: bool = False
     total_steps: int = 1  # optimizer steps of the whole run (DWA-KD's whole-run gamma anneal)
-    step_tokens: float = 0.0  # supervised student tokens of the optimizer step, all micro-batches and ranks
+    step_tokens: Tensor | float = 1.0  # supervised student tokens of the optimizer step, all micro-batches and ranks
+    step_teacher_tokens: Tensor | float = 1.0  # the same on the teacher side
     step_micro_batches: int = 1  # micro-batches of the optimizer step, all ranks
 
     @property
     def micro_batch_mean_weight(self) -> float:
         """The released DSKD codes' per-micro-batch token denominator ("loss_denom"): step tokens / micro-batches."""
-        return self.step_tokens / max(1, self.step_micro_batches)
+        return float(self.step_tokens) / max(1, self.step_micro_batches)
 
     @property
     def labels(self) -> Tensor:
@@ -109,10 +125,23 @@ class LossInputs:
         return (self.labels != -100).sum()
 
 
-LossFn = Callable[[LossInputs], tuple[Tensor, dict]]
+LossFn = Callable[[LossInputs], LossTerms]
 PartsFn = Callable[[DistillConfig, object, object, nn.Module, str], MethodParts]
 ExtrasFn = Callable[[object, object], Callable]
 MetricsFn = Callable[[dict, float], dict]
+
+
+@dataclass(frozen=True)
+class Adversary:
+    """A part trained against the student by its own optimizer (CMA-GA's discriminator, MethodParts.discriminator).
+
+    optimizer(cfg, module) -> its optimizer, built by the stage after the engines wrapped the module; steps_at(cfg,
+    step) -> whether it is stepped after optimizer step `step` (0-based), on the gradient of its loss over the whole
+    step (all micro-batches and processes).
+    """
+
+    optimizer: Callable[[DistillConfig, nn.Module], torch.optim.Optimizer]
+    steps_at: Callable[[DistillConfig, int], bool]
 
 
 @dataclass(frozen=True)
@@ -126,6 +155,7 @@ class Method:
     uses_teacher: bool = True
     same_vocabulary: bool = False
     build_parts: PartsFn | None = None  # (cfg, teacher, student tokenizer, student, device) -> MethodParts
+    adversary: Adversary | None = None
     collate_extras: ExtrasFn | None = None  # (teacher tokenizer, student tokenizer) -> Collate's extras
     defaults: Mapping[str, object] = field(default_factory=dict)
 
@@ -196,14 +226,25 @@ def _projectors(kind: str) -> PartsFn:
 
 
 def _cma_ga_parts(cfg, teacher, student_tok, student, device) -> MethodParts:
-    """DSKD-CMA's projectors and the discriminator over [K; Q] tokens (2 dt) with its own optimizer."""
-    from dskd_pipe.pipeline.objectives.cma_ga import build_discriminator, build_discriminator_optimizer
+    """DSKD-CMA's projectors and the discriminator over [K; Q] tokens (2 dt)."""
+    from dskd_pipe.pipeline.objectives.cma_ga import build_discriminator
 
     parts = _projectors("dskd_cma_ga")(cfg, teacher, student_tok, student, device)
     parts.discriminator = build_discriminator(2 * teacher.head.weight.shape[1]).to(device)
-    if cfg.ga_mode == "paper":  # --ga-mode released: D keeps its random init, as in the released code (no optimizer)
-        parts.disc_optimizer = build_discriminator_optimizer(parts.discriminator, lr=cfg.disc_lr)
     return parts
+
+
+def _disc_optimizer(cfg: DistillConfig, disc: nn.Module) -> torch.optim.Optimizer | None:
+    from dskd_pipe.pipeline.objectives.cma_ga import build_discriminator_optimizer
+
+    # --ga-mode released: D keeps its random init, as in the released code (no optimizer)
+    return build_discriminator_optimizer(disc, lr=cfg.disc_lr) if cfg.ga_mode != "released" else None
+
+
+def _disc_steps_at(cfg: DistillConfig, step: int) -> bool:
+    """CMA-GA's discriminator: from `ga_start_step` on, after every `disc_every`-th optimizer step (never with
+    --ga-mode released: the released code gives D no optimizer)."""
+    return cfg.ga_mode != "released" and step >= cfg.ga_start_step and step % cfg.disc_every == 0
 
 
 def _dwa_parts(cfg, teacher, student_tok, student, device) -> MethodParts:
@@ -262,12 +303,12 @@ def _dskd_logs(out, n_s: Tensor) -> dict:
     return logs
 
 
-def sft_loss(x: LossInputs) -> tuple[Tensor, dict]:
+def sft_loss(x: LossInputs) -> LossTerms:
     ce = cross_entropy_sum(x.logits, x.labels if x.ce_labels is None else x.ce_labels)
-    return ce, {"ce_student": ce.detach()}
+    return LossTerms(ce, {"ce_student": ce.detach()})
 
 
-def kd_loss(x: LossInputs) -> tuple[Tensor, dict]:
+def kd_loss(x: LossInputs) -> LossTerms:
     """Vanilla KD (same vocabulary): (1 - lambda) CE + lambda sum D(Zs, Zt) over the supervised positions."""
     cfg, labels, zs = x.cfg, x.labels, x.logits
     ms = labels != -100
@@ -276,20 +317,20 @@ def kd_loss(x: LossInputs) -> tuple[Tensor, dict]:
     ce = cross_entropy_sum(zs, labels if x.ce_labels is None else x.ce_labels)
     kd = DIVERGENCES[cfg.divergence](zs[ms][:, :v], zt[:, :v], torch.ones_like(labels[ms], dtype=torch.bool),
                                      tau=cfg.kd_temperature)
-    return (1.0 - cfg.kd_rate) * ce + cfg.kd_rate * kd, {"ce_student": ce.detach(), "kd": kd.detach()}
+    return LossTerms((1.0 - cfg.kd_rate) * ce + cfg.kd_rate * kd, {"ce_student": ce.detach(), "kd": kd.detach()})
 
 
-def mined_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
+def mined_method_loss(x: LossInputs) -> LossTerms:
     out = mined_loss(x.logits, x.labels, x.teacher_hidden, x.batch["teacher_labels"], x.teacher.head,
                      _pairs(x.batch), x.parts.token_map, kd_rate=x.cfg.kd_rate, tau=x.cfg.kd_temperature,
                      ce_labels=x.ce_labels)
-    return out.loss, {"ce_student": out.ce_student.detach(), "kd": out.kd.detach()}
+    return LossTerms(out.loss, {"ce_student": out.ce_student.detach(), "kd": out.kd.detach()})
 
 
-def uld_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
+def uld_method_loss(x: LossInputs) -> LossTerms:
     out = uld_loss(x.logits, x.labels, x.teacher_hidden, x.batch["teacher_labels"], x.teacher.head,
                    kd_rate=x.cfg.kd_rate, ce_labels=x.ce_labels)
-    return out.loss, {"ce_student": out.ce_student.detach(), "kd": out.kd.detach()}
+    return LossTerms(out.loss, {"ce_student": out.ce_student.detach(), "kd": out.kd.detach()})
 
 
 def _std_mask(x: LossInputs) -> Tensor | None:
@@ -306,26 +347,26 @@ def _v2_options(x: LossInputs) -> dict:
                 t2s_teacher_temperature=cfg.same_vocab_teacher_temperature)
 
 
-def dskd_loss(x: LossInputs) -> tuple[Tensor, dict]:
+def dskd_loss(x: LossInputs) -> LossTerms:
     out = dskd_same_vocab_loss(x.hidden, x.logits, x.labels, _head(x), x.teacher_hidden, x.teacher.head,
                                x.parts.projectors, t2s_teacher_temperature=x.cfg.same_vocab_teacher_temperature,
                                **_common(x))
-    return out.loss, _dskd_logs(out, x.n_student)
+    return LossTerms(out.loss, _dskd_logs(out, x.n_student))
 
 
-def dskd_v2_loss(x: LossInputs) -> tuple[Tensor, dict]:
+def dskd_v2_loss(x: LossInputs) -> LossTerms:
     out = dskd_v2_same_vocab_loss(x.hidden, x.logits, x.labels, _head(x), x.teacher_hidden, x.teacher.head,
                                   x.parts.projectors, **_v2_options(x), **_common(x))
-    return out.loss, _dskd_logs(out, x.n_student)
+    return LossTerms(out.loss, _dskd_logs(out, x.n_student))
 
 
-def dskd_v2_eta_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
+def dskd_v2_eta_method_loss(x: LossInputs) -> LossTerms:
     out = dskd_v2_eta_loss(x.hidden, x.logits, x.labels, _head(x), x.teacher_hidden, x.teacher.head,
                            x.parts.projectors, _pairs(x.batch), x.parts.token_map, **_v2_options(x), **_common(x))
-    return out.loss, _dskd_logs(out, x.n_student)
+    return LossTerms(out.loss, _dskd_logs(out, x.n_student))
 
 
-def dwa_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
+def dwa_method_loss(x: LossInputs) -> LossTerms:
     cfg, b = x.cfg, x.batch
     anneal = cfg.dtw_gamma_steps or max(1, x.total_steps)  # 0: the anneal spans the whole run
     out = dwa_kd_loss(x.hidden, x.logits, x.labels, b["input_ids"], _embed(x), _head(x), b["teacher_input_ids"],
@@ -335,7 +376,7 @@ def dwa_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
                       weights=cfg.dwa_weights, dtw_inputs=cfg.dtw_inputs, dtw_positions=cfg.dtw_positions,
                       dtw_reduction=cfg.dtw_reduction, kd_warmup_terms=cfg.kd_warmup_terms,
                       teacher_attention_mask=_std_mask(x), **_common(x))
-    return out.loss, _dskd_logs(out, x.n_student)
+    return LossTerms(out.loss, _dskd_logs(out, x.n_student))
 
 
 def _cma_call(x: LossInputs, chunk_mode: str | None = None):
@@ -346,71 +387,63 @@ def _cma_call(x: LossInputs, chunk_mode: str | None = None):
                          teacher_attention_mask=_std_mask(x), **_common(x))
 
 
-def dskd_cma_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
+def dskd_cma_method_loss(x: LossInputs) -> LossTerms:
     out = _cma_call(x)
-    return out.loss, _dskd_logs(out, x.n_student)
+    return LossTerms(out.loss, _dskd_logs(out, x.n_student))
 
 
 def _chunk_loss(mode: str) -> LossFn:
     """The two ablations of spec/cma_ga.md: DSKD-CMA with its attention confined to (or replaced by a uniform
     average over) the ground-truth chunk of each token (pipeline/probes.chunk_alignment)."""
 
-    def loss(x: LossInputs) -> tuple[Tensor, dict]:
+    def loss(x: LossInputs) -> LossTerms:
         out = _cma_call(x, mode)
-        return out.loss, _dskd_logs(out, x.n_student)
+        return LossTerms(out.loss, _dskd_logs(out, x.n_student))
 
     return loss
 
 
-def cma_ga_method_loss(x: LossInputs) -> tuple[Tensor, dict]:
+def cma_ga_method_loss(x: LossInputs) -> LossTerms:
     """DSKD-CMA plus the adversarial key-query matching (spec/cma_ga.md steps 3-5).
 
-    From optimizer step `ga_start_step` on: every `disc_every`-th micro-step D is stepped first on the detached
-    response keys/queries (its own optimizer); the generator term lambda_GA * L_G * n_s then joins the student-side
-    sum. --ga-mode released: the released code's term instead (objectives/cma_ga.released_kq_term: a D that is
-    never stepped, gradient reversal, every position, lambda_GA * L_KQ added unscaled); "l_g" logs L_KQ.
+    From optimizer step `ga_start_step` on, the generator term lambda_GA * L_G * n_s joins the student-side sum
+    (L_G against D as it stands at the start of the step). At the steps D is trained (Adversary.steps_at), L_D on
+    the detached response keys/queries is divided by the step's token counts, so D's one update per step follows
+    the L_D of the whole step's batch (spec step 3, "every k steps"), whatever the split into processes and
+    micro-batches. --ga-mode released: the released code's term instead (objectives/cma_ga.released_kq_term: a D
+    that is never stepped, gradient reversal, every position, lambda_GA * L_KQ added unscaled); "l_g" logs L_KQ.
     """
     from dskd_pipe.pipeline.objectives.cma_ga import (discriminator_accuracy, discriminator_loss, generator_loss,
                                                       generator_term, released_kq_term, response_tokens)
 
-    cfg, parts = x.cfg, x.parts
+    cfg, disc = x.cfg, x.parts.discriminator
     out = _cma_call(x)
     n_s = x.n_student
-    loss, logs = out.loss, _dskd_logs(out, n_s)
+    terms = LossTerms(out.loss, _dskd_logs(out, n_s))
     if x.step < cfg.ga_start_step:
-        return loss, logs
-    disc = parts.discriminator
+        return terms
     kr, qr = response_tokens(out.keys, out.queries, out.teacher_mask, out.student_mask)
     if cfg.ga_mode == "released":
         term, l_kq = released_kq_term(disc, out.queries, out.keys, cfg.lambda_ga)
         acc_real, acc_fake = discriminator_accuracy(disc, kr, qr)
         n_kr, n_qr = float(kr.shape[0]), float(qr.shape[0])
-        logs.update(l_g_sum=l_kq.detach() * n_s,
-                    d_acc_real_sum=torch.nan_to_num(acc_real) * n_kr, d_real_n=torch.tensor(n_kr),
-                    d_acc_fake_sum=torch.nan_to_num(acc_fake) * n_qr, d_fake_n=torch.tensor(n_qr))
-        return loss + term, logs
-    if x.micro_step % cfg.disc_every == 0:
-        l_d = discriminator_loss(disc, kr, qr)  # inputs detached inside: trains D only
-        parts.disc_optimizer.zero_grad(set_to_none=True)
-        l_d.backward()
-        if x.world > 1:
-            import torch.distributed as dist
-
-            for p in disc.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad.div_(x.world)
-        parts.disc_optimizer.step()
-        logs["l_d"] = l_d.detach()
-        logs["d_steps"] = torch.ones((), device=l_d.device)
+        terms.logs.update(l_g_sum=l_kq.detach() * n_s,
+                          d_acc_real_sum=torch.nan_to_num(acc_real) * n_kr, d_real_n=torch.tensor(n_kr),
+                          d_acc_fake_sum=torch.nan_to_num(acc_fake) * n_qr, d_fake_n=torch.tensor(n_qr))
+        terms.loss = terms.loss + term
+        return terms
+    if x.adversary_step:
+        # inputs detached inside: trains D only
+        terms.adversary_loss = discriminator_loss(disc, kr, qr, counts=(x.step_teacher_tokens, x.step_tokens))
+        terms.logs["l_d"] = terms.adversary_loss.detach()  # shares of the step add up to its L_D
     l_g = generator_loss(disc, qr)  # gradient into the query projector only
-    loss = loss + generator_term(l_g, n_s, cfg.lambda_ga)
+    terms.loss = terms.loss + generator_term(l_g, n_s, cfg.lambda_ga)
     acc_real, acc_fake = discriminator_accuracy(disc, kr, qr)  # NaN for a side with no tokens
     n_kr, n_qr = float(kr.shape[0]), float(qr.shape[0])
-    logs.update(l_g_sum=l_g.detach() * n_s,
-                d_acc_real_sum=torch.nan_to_num(acc_real) * n_kr, d_real_n=torch.tensor(n_kr),
-                d_acc_fake_sum=torch.nan_to_num(acc_fake) * n_qr, d_fake_n=torch.tensor(n_qr))
-    return loss, logs
+    terms.logs.update(l_g_sum=l_g.detach() * n_s,
+                      d_acc_real_sum=torch.nan_to_num(acc_real) * n_kr, d_real_n=torch.tensor(n_kr),
+                      d_acc_fake_sum=torch.nan_to_num(acc_fake) * n_qr, d_fake_n=torch.tensor(n_qr))
+    return terms
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -448,7 +481,7 @@ def _cma_ga_metrics(sums: dict, n_step: float) -> dict:
         m["d_acc_real"] = sums["d_acc_real_sum"] / max(1.0, sums["d_real_n"])
         m["d_acc_fake"] = sums["d_acc_fake_sum"] / max(1.0, sums["d_fake_n"])
     if "l_d" in sums:
-        m["l_d"] = sums["l_d"] / max(1.0, sums.get("d_steps", 1.0))
+        m["l_d"] = sums["l_d"]  # the shares of the step's micro-batches and processes add up to its L_D
     return m
 
 
@@ -474,7 +507,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("dskd-cma", "DSKD with cross-model attention, any tokenizers (spec/dskd.md)", dskd_cma_method_loss,
            _dskd_metrics(), build_parts=_projectors("dskd_cma"), defaults=_DSKD_DEFAULTS),
     Method("cma-ga", "DSKD-CMA with adversarial key-query matching (spec/cma_ga.md)", cma_ga_method_loss,
-           _cma_ga_metrics, build_parts=_cma_ga_parts, defaults=_DSKD_DEFAULTS),
+           _cma_ga_metrics, build_parts=_cma_ga_parts, adversary=Adversary(_disc_optimizer, _disc_steps_at),
+           defaults=_DSKD_DEFAULTS),
     Method("dskd-v2", "DSKDv2, same vocabulary: ideal projectors, teacher-argmax targets", dskd_v2_loss,
            _dskd_metrics(), same_vocabulary=True, build_parts=_v2_same_vocab_parts, defaults=_V2_DEFAULTS),
     Method("dskd-v2-eta", "DSKDv2 with exact token alignment, any tokenizers", dskd_v2_eta_method_loss,
@@ -527,5 +561,5 @@ def collate_extras(cfg: DistillConfig, teacher, student_tok):
     return None if make is None else make(teacher.tokenizer, student_tok)
 
 
-__all__ = ["METHODS", "Method", "MethodParts", "LossInputs", "AlignmentExtras", "chunk_extras", "get_method",
+__all__ = ["METHODS", "Method", "MethodParts", "LossInputs", "LossTerms", "Adversary", "AlignmentExtras", "chunk_extras", "get_method",
            "resolve", "build_parts", "collate_extras"]

@@ -93,8 +93,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, device: str | None = None,
-                   trust_remote_code: bool = False):
-    """A causal LM in eval mode on `device`, in `dtype` (default: bf16 on GPU, fp32 on CPU)."""
+                   trust_remote_code: bool = False, device_map: str | None = None):
+    """A causal LM in eval mode on `device`, in `dtype` (default: bf16 on GPU, fp32 on CPU).
+
+    device_map="auto": spread over the node's GPUs (and CPU memory beyond them) by accelerate's dispatch, for a
+    model larger than one GPU; its inputs go to the device of its input embeddings (`input_device`)."""
     from transformers import AutoModelForCausalLM
 
     name_or_path = _local_or_hub(name_or_path)
@@ -104,12 +107,24 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, device: 
                          "model.save_pretrained).")
     device = device or default_device()
     dtype = dtype or default_dtype(device)
+    kwargs = {}
+    if device_map:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise ModelError("--device-map needs the `accelerate` package: pip install accelerate") from None
+        kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"{name_or_path}: cannot load a causal LM ({_one_line(e)}). {_fix(folder)}") from e
-    return model.to(device).eval()
+    return (model if device_map else model.to(device)).eval()
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: the device of its input embeddings (the first device of a dispatched model)."""
+    return model.get_input_embeddings().weight.device
 
 
 def eos_token_id(tokenizer) -> int:

@@ -1,18 +1,22 @@
 """What training stages share: seeding, AdamW parameter groups, the cosine schedule, checkpoints, metrics.
 
-A checkpoint is a folder `step-NNNNNNNN/` holding the student (save_pretrained, safetensors), the extra modules
-(projectors, discriminator) as safetensors, optimizer and scheduler state dicts, RNG states and the trainer state
-(step, epoch, data position). It is written under a temporary name and renamed, so a killed run never leaves a
-half checkpoint that looks finished. Everything is loaded with `torch.load(weights_only=True)`.
+A checkpoint is a folder `step-NNNNNNNN/` holding the trained module (student, projectors, discriminator) and the
+optimizer states through torch.distributed.checkpoint (sharded as trained: a run saved by N processes resumes on
+M), each process's RNG states and the trainer state (step, epoch, data position, scheduler). It is written under a
+temporary name and renamed, so a killed run never leaves a half checkpoint that looks finished. Everything is
+loaded with `torch.load(weights_only=True)` or DCP (tensors only). The run's final outputs are ordinary
+safetensors folders (stages/distill.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,29 +113,147 @@ def load_safetensors(module: torch.nn.Module, path: Path) -> None:
     module.load_state_dict(load_file(str(path)))
 
 
-def save_checkpoint(run_dir: Path, step: int, *, student, modules: dict, optimizers: dict, scheduler,
-                    trainer_state: dict, keep: int = 2) -> Path:
-    """Write `run_dir/checkpoints/step-N` atomically; keep the newest `keep` checkpoints."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
-    tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    student.save_pretrained(tmp / "student", safe_serialization=True)
-    for name, module in modules.items():
-        if module is not None:
-            save_safetensors(module, tmp / f"{name}.safetensors")
+class CheckpointError(OSError):
+    """A checkpoint could not be written (a full disk) or read (another version, another model)."""
+
+
+def _state_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Frozen parameters (a LoRA student's base model) come from --student on every start: not stored.
+    return StateDictOptions(ignore_frozen_params=True, **kw)
+
+
+def _training_state(model: torch.nn.Module, optimizers: dict) -> dict:
+    """{"model": ..., "optimizer_NAME": ...} as torch.distributed.checkpoint sees them: keyed by parameter names,
+    sharded tensors (FSDP2's DTensors) kept sharded, so a state saved by N processes loads into M."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model, options=_state_options())}
     for name, opt in optimizers.items():
         if opt is not None:
-            torch.save(opt.state_dict(), tmp / f"optimizer_{name}.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save({**trainer_state, "rng": rng_state()}, tmp / TRAINER_STATE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+            state[f"optimizer_{name}"] = get_optimizer_state_dict(model, opt, options=_state_options())
+    return state
+
+
+def _state_bytes(state) -> int:
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return local.numel() * local.element_size()
+    return 0
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def _newest_file(folder: Path) -> Path:
+    files = [p for p in Path(folder).rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else Path(folder)
+
+
+def _no_space(where: Path, needed: int, free: int) -> CheckpointError:
+    return CheckpointError(f"{where}: no space left for the checkpoint (about {_gib(needed)} needed, {_gib(free)} "
+                           "free). Free some space and run the same command with --resume: it continues from the "
+                           "last complete checkpoint.")
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimizers: dict, scheduler,
+                    trainer_state: dict, rank: int = 0, world: int = 1, keep: int = 2) -> Path:
+    """Write `run_dir/checkpoints/step-N` atomically; keep the newest `keep` checkpoints. Every process calls it.
+
+    state/: the trained module and the optimizers through torch.distributed.checkpoint (each process writes its
+    shards; `model` is the module as trained: plain, DDP or FSDP2); rng-R.pt: each process's RNG states;
+    trainer_state.pt (written last, by rank 0): step, epoch, data position, the scheduler, the number of processes.
+    Everything goes to a temporary folder renamed when complete, so a killed run or a full disk never leaves a
+    half checkpoint that looks finished. A disk without room for it (checked first, and any failed write on a
+    disk left without room) raises CheckpointError naming the file and the space needed; the temporary folder
+    is removed and the earlier checkpoints stay.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier(world)
+    state = _training_state(model, optimizers)
+    # Every process's shards, plus 1% and 1 MiB for the metadata, RNG and trainer files (a shared folder).
+    needed = int(_sum_over_processes(_state_bytes(state), world) * 1.01) + 2**20
+    failed: CheckpointError | None = None
+    free = shutil.disk_usage(root).free
+    if free < needed:
+        failed = _no_space(final, needed, free)
+    else:
+        try:
+            with _one_process_quiet(world):
+                dcp.save(state, checkpoint_id=str(tmp / "state"), no_dist=world == 1)
+            torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+            _barrier(world)
+            if rank == 0:
+                torch.save({**trainer_state, "scheduler": scheduler.state_dict(), "world": world},
+                           tmp / TRAINER_STATE)
+        except Exception:  # a full disk surfaces as OSError, or as RuntimeError from torch's zip writer
+            free = shutil.disk_usage(root).free
+            if free >= 2**20 and free >= needed - _folder_bytes(tmp):
+                raise
+            failed = _no_space(_newest_file(tmp), needed, free)
+    if _any_process(failed is not None, world):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier(world)
+        raise failed or CheckpointError(f"{final}: another process found no space for its part of the checkpoint "
+                                        "(its message names the file). Free some space and run the same command "
+                                        "with --resume.")
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(world)
     return final
+
+
+@contextlib.contextmanager
+def _one_process_quiet(world: int):
+    """DCP warns that it works "in a single process" each time it does; with one process that is what was asked."""
+    with warnings.catch_warnings():
+        if world == 1:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _sum_over_processes(n: int, world: int) -> int:
+    if world <= 1:
+        return n
+    import torch.distributed as dist
+
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t)
+
+
+def _any_process(flag: bool, world: int) -> bool:
+    return _sum_over_processes(int(flag), world) > 0
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -142,25 +264,77 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
                   and (p / TRAINER_STATE).is_file())
 
 
-def load_checkpoint(folder: Path, *, modules: dict, optimizers: dict, scheduler) -> dict:
-    """Restore modules, optimizers, scheduler and RNG states in place; return the trainer state."""
+def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizers: dict, scheduler, rank: int = 0,
+                    world: int = 1, restore_rng: bool = True) -> dict:
+    """Restore the trained module, the optimizers, the scheduler and this process's RNG states in place (every
+    process calls it, with any number of processes); return the trainer state (step, epoch, position, ...).
+
+    `model` as in save_checkpoint. A process without its own RNG file (more processes than at saving) keeps its
+    seeded RNG.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     folder = Path(folder)
-    for name, module in modules.items():
-        if module is not None:
-            load_safetensors(module, folder / f"{name}.safetensors")
+    if not (folder / "state").is_dir():
+        raise CheckpointError(f"{folder}: not a checkpoint of this dskd-pipe version (no state/ folder). Finish that "
+                              "run with the version that started it, or start again in another --out.")
+    state = _training_state(model, optimizers)
+    stored = set(dcp.FileSystemReader(str(folder / "state")).read_metadata().state_dict_metadata)
+    missing = [k for k in _flat_keys(state["model"], "model") if k not in stored]
+    if missing:
+        raise CheckpointError(f"{folder / 'state'}: does not fit this run's model (no {missing[0]}, "
+                              f"{len(missing)} missing). Resume with the same --student, --method and LoRA settings.")
+    # Parameters that had no optimizer state when saved (no gradient yet) get none now either.
+    without_state = {k.split(".state.", 1)[1].rsplit(".", 1)[0] for k in _flat_keys(state, "")
+                     if ".state." in k and k.lstrip(".") not in stored}
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    try:
+        with _one_process_quiet(world):
+            dcp.load(state, checkpoint_id=str(folder / "state"), no_dist=world == 1,
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
+    except Exception as e:  # DCP wraps a shape mismatch in its own exception types
+        raise CheckpointError(f"{folder / 'state'}: does not fit this run's model ({str(e).splitlines()[0][:300]}). "
+                              "Resume with the same --student, --method and LoRA settings.") from None
+    set_model_state_dict(model, state["model"], options=_state_options(strict=False))
+    params = {_canonical(n): p for n, p in model.named_parameters()}
     for name, opt in optimizers.items():
         if opt is not None:
-            opt.load_state_dict(torch.load(folder / f"optimizer_{name}.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    state = torch.load(folder / TRAINER_STATE, weights_only=True)
-    set_rng_state(state.pop("rng"))
-    return state
+            set_optimizer_state_dict(model, opt, state[f"optimizer_{name}"], options=_state_options())
+            for fqn in without_state:
+                if fqn in params:
+                    opt.state.pop(params[fqn], None)
+    trainer = torch.load(folder / TRAINER_STATE, weights_only=True)
+    scheduler.load_state_dict(trainer.pop("scheduler"))
+    trainer.pop("world", None)
+    rng = folder / f"rng-{rank}.pt"
+    if restore_rng and rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=True))
+    return trainer
+
+
+def _flat_keys(tree, prefix: str) -> list[str]:
+    """DCP's flattened keys ("model.student.fc.weight", "optimizer_student.state.proj.bias.exp_avg")."""
+    if isinstance(tree, dict):
+        return [k for key, v in tree.items() for k in _flat_keys(v, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(tree, (list, tuple)):
+        return [k for i, v in enumerate(tree) for k in _flat_keys(v, f"{prefix}.{i}")]
+    return [prefix]
+
+
+def _canonical(name: str) -> str:
+    """A parameter name as DCP's state dicts write it: without DDP's "module." or checkpoint wrappers' prefixes."""
+    for wrapper in ("module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def peek_trainer_state(folder: Path) -> dict:
     """The trainer state of a checkpoint (step, epoch, position, ...) without restoring anything."""
     state = torch.load(Path(folder) / TRAINER_STATE, weights_only=True)
-    state.pop("rng", None)
+    for key in ("rng", "scheduler", "world"):
+        state.pop(key, None)
     return state
 
 

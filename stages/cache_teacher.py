@@ -21,7 +21,7 @@ from dskd_pipe.cache.writer import (PartWriter, check_out_path, finalize_store, 
 from dskd_pipe.pipeline.config import CacheConfig, config_to_dict, require
 from dskd_pipe.pipeline.data import TEMPLATE_ID, build_sequence, cut_report, file_fingerprint, load_examples
 from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
-                                       load_causal_lm, load_tokenizer, model_fingerprint, pad_token_id,
+                                       input_device, load_causal_lm, load_tokenizer, model_fingerprint, pad_token_id,
                                        tokenizer_fingerprint)
 from dskd_pipe.pipeline.objectives.dskd import TeacherHead, teacher_logits
 from dskd_pipe.pipeline.progress import Console, quiet_libraries
@@ -120,8 +120,11 @@ def run(cfg: CacheConfig) -> Path:
                 "hidden_storage": cfg.hidden_storage, "n_parts": n_shards}
     precheck_store(root, fingerprints, settings, plan.sha256(), shard)
 
+    if cfg.device_map not in ("", "auto"):
+        raise StoreError(f"--device-map '{cfg.device_map}': only 'auto' (accelerate's dispatch over the GPUs).")
     model = load_causal_lm(cfg.teacher, dtype=_DTYPES.get(cfg.dtype), device=device,
-                           trust_remote_code=cfg.trust_remote_code)
+                           trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map or None)
+    device = str(input_device(model))  # a dispatched model takes its inputs on its first device
     head = head_parts(model)
     dtype = next(model.parameters()).dtype
     manifest = Manifest(
@@ -182,7 +185,7 @@ def _cache_batches(model, writer, seqs, batches, head, pad, cfg, device, shard, 
             h = hidden[b, :lens[b]]  # [L, d]: row k is the state after ids[0..k]
             extra = {}
             if cfg.topk:
-                z = teacher_logits(h, logit_head)  # [L, V] fp32
+                z = teacher_logits(h.to(logit_head.weight.device), logit_head)  # [L, V] fp32
                 values, indices = z.topk(min(cfg.topk, z.shape[-1]), dim=-1)
                 extra = {"topk_values": values.cpu(), "topk_indices": indices.cpu(),
                          "logsumexp": torch.logsumexp(z, dim=-1).cpu()}

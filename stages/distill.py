@@ -6,8 +6,13 @@ The loop below never names a method: it asks the method's entry for its parts, c
 Offline (--cache) and online (--teacher) share one path: the same dataset and collate build the teacher view; the
 teacher's hidden states come from the store or from the teacher model, its head and embeddings from the store or
 the model. Every loss term is a token SUM; the step's total over its micro-batches (and ranks) is divided once by
-the step's supervised student tokens (spec/dskd.md "Reduction"). Under torchrun (WORLD_SIZE > 1) each rank streams
-its own part of the epoch order and gradients are summed across ranks before each optimizer step.
+the step's supervised student tokens (spec/dskd.md "Reduction").
+
+Under torchrun (WORLD_SIZE > 1) the student and the method's trained parts run under DDP, or FSDP2 with --fsdp
+(pipeline/distributed.py). Each optimizer step takes the next micro-batch x accumulation x processes examples of
+the epoch order, each process its own slice, so N processes x b x k compute the step of 1 process x b x N*k.
+Checkpoints go through torch.distributed.checkpoint (a run saved by N processes resumes on M); rank 0 prints the
+final lines and writes the outputs.
 
 Output folder: the student (save_pretrained, safetensors) and its tokenizer, projectors.safetensors
 (+ discriminator.safetensors), distill_config.json (the resolved config and the store's fingerprints),
@@ -29,7 +34,10 @@ from dskd_pipe.cache.streaming import (Collate, DistillDataset, Side, StoreSourc
                                        auto_num_workers, loader_advice, make_loader, teacher_hidden)
 from dskd_pipe.pipeline.config import OUTPUT_ONLY, ConfigError, DistillConfig, config_to_dict, require, save_config
 from dskd_pipe.pipeline.data import TEMPLATE_ID, cut_report, file_fingerprint, load_examples
-from dskd_pipe.pipeline.methods import METHODS, LossInputs, MethodParts, build_parts, collate_extras, resolve
+from dskd_pipe.pipeline.distributed import (Processes, all_reduce_sum, barrier, gradient_sync, local_tensor, setup,
+                                            transformer_blocks, wrap)
+from dskd_pipe.pipeline.methods import (METHODS, LossInputs, LossTerms, MethodParts, build_parts, collate_extras,
+                                        resolve)
 from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
                                        load_causal_lm, load_tokenizer, logit_transform, pad_token_id)
 from dskd_pipe.pipeline.objectives.divergences import DIVERGENCES, cross_entropy_sum
@@ -46,7 +54,10 @@ CHOICES = {"cma_std": ("valid", "padded"), "ga_mode": ("paper", "released"),
            "dwa_weights": ("paper", "released"), "dtw_inputs": ("raw", "normalised"),
            "dtw_positions": ("response", "released"), "dtw_reduction": ("sequence", "tokens"),
            "kd_warmup_terms": ("t2s", "both")}
-DIE_AT_STEP_ENV = "DSKD_PIPE_TEST_DIE_AT_STEP"  # tests: os._exit(137) right after the checkpoint of this step
+# Tests: os._exit(137) right after the checkpoint of step N; with DIE_RANK_ENV=R, only rank R dies instead, by
+# SIGKILL in the middle of step N+1 (gradients computed, not applied), on torchrun's first attempt only.
+DIE_AT_STEP_ENV = "DSKD_PIPE_TEST_DIE_AT_STEP"
+DIE_RANK_ENV = "DSKD_PIPE_TEST_DIE_RANK"
 RESOLVED_CONFIG = "distill_config.json"  # not config.json: that name is the student's HF config
 DONE = "distill_done.json"  # written last: the folder holds a finished student
 
@@ -97,32 +108,6 @@ def check_config(cfg: DistillConfig) -> None:
                         f"found {cfg.prefetch_factor}.")
     if problems:
         raise ConfigError("\n".join(problems))
-
-
-def setup_distributed(cfg: DistillConfig) -> tuple[int, int, str]:
-    """(rank, world, device). Initialises torch.distributed only under torchrun with WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world <= 1:
-        return 0, 1, cfg.device or default_device()
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available() and not cfg.device.startswith("cpu"):
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    else:
-        device = "cpu"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-    return t
 
 
 def expected_fingerprints(cfg: DistillConfig) -> dict:
@@ -198,27 +183,21 @@ def _teacher_head(parts: dict, device: str) -> TeacherHead:
                        None if parts["final_logit_softcap"] is None else float(parts["final_logit_softcap"]))
 
 
-def build_student(cfg: DistillConfig, device: str, checkpoint: Path | None = None):
-    """The trainable student (fp32 master weights); LoRA through peft when lora_rank > 0.
-
-    From a checkpoint: the full model saved there, or the base model plus the saved adapter.
-    """
-    source = str(checkpoint / "student") if checkpoint is not None and not cfg.lora_rank else cfg.student
-    model = load_causal_lm(source, dtype=torch.float32, device=device, trust_remote_code=cfg.trust_remote_code)
+def build_student(cfg: DistillConfig, device: str):
+    """The trainable student (fp32 master weights) from --student; LoRA through peft when lora_rank > 0. A resumed
+    run loads its trained weights from the checkpoint afterwards."""
+    model = load_causal_lm(cfg.student, dtype=torch.float32, device=device, trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora_rank:
         try:
-            from peft import LoraConfig, PeftModel, get_peft_model
+            from peft import LoraConfig, get_peft_model
         except ImportError:
             raise ConfigError("--lora-rank needs the `peft` package: pip install peft") from None
-        if checkpoint is not None:
-            model = PeftModel.from_pretrained(model, str(checkpoint / "student"), is_trainable=True)
-        else:
-            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
-            model = get_peft_model(model, lora)
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     model.train()
@@ -252,18 +231,18 @@ def _check_same_tokenisation(batch: dict, method: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One micro-batch
+# One micro-batch, one optimizer step
 # ---------------------------------------------------------------------------------------------------------------
 
 def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher, parts: MethodParts, *,
-                     step: int = 0, progress: float = 0.0, micro_step: int = 0, world: int = 1,
-                     total_steps: int = 1, step_tokens: float = 0.0,
-                     step_micro_batches: int = 1) -> tuple[torch.Tensor, dict]:
-    """(student-side loss SUM with grad, dict of detached sums/counts for the log) of one micro-batch.
+                     step: int = 0, progress: float = 0.0, adversary_step: bool = False, total_steps: int = 1,
+                     step_tokens: torch.Tensor | float = 1.0, step_teacher_tokens: torch.Tensor | float = 1.0,
+                     step_micro_batches: int = 1) -> LossTerms:
+    """The method's LossTerms of one micro-batch (student-side loss SUM, adversary share, logs).
 
     The student's forward, then the method's loss (pipeline/methods.py). step: optimizer steps done before this
-    one; progress: step / total steps; micro_step: micro-batches done before this one; step_tokens /
-    step_micro_batches: the step's supervised student tokens and micro-batches over all ranks (LossInputs).
+    one; progress: step / total steps; adversary_step, the step's token counts and micro-batches over all
+    processes: see LossInputs.
     """
     method = METHODS[cfg.method]
     hs, zs = student_forward(student, batch)
@@ -273,37 +252,64 @@ def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher,
     if method.same_vocabulary:
         _check_same_tokenisation(batch, cfg.method)
     inputs = LossInputs(cfg, batch, _hf(student), hs, zs, ht, teacher, parts, step=step, progress=progress,
-                        micro_step=micro_step, world=world, total_steps=total_steps, step_tokens=step_tokens,
-                        step_micro_batches=step_micro_batches)
-    loss, terms = method.loss(inputs)
-    return loss, {"n_student": inputs.n_student.float(), **terms}
+                        adversary_step=adversary_step, total_steps=total_steps, step_tokens=step_tokens,
+                        step_teacher_tokens=step_teacher_tokens, step_micro_batches=step_micro_batches)
+    terms = method.loss(inputs)
+    terms.logs = {"n_student": inputs.n_student.float(), **terms.logs}
+    return terms
 
 
-def accumulate_gradients(cfg: DistillConfig, micro: list[dict], student, teacher: Teacher, parts: MethodParts,
-                         world: int, device: str, trainable: list[torch.nn.Parameter], *, step: int = 0,
-                         progress: float = 0.0, micro_step: int = 0, total_steps: int = 1) -> tuple[dict, torch.Tensor]:
-    """Forward/backward every micro-batch of one optimizer step; (summed logs, the step's token count).
+class Trainee(torch.nn.Module):
+    """Everything one optimizer step trains, as one module for the engines (DDP replicates it, FSDP2 shards it):
+    the student, the method's projectors and its adversary. Its forward is one micro-batch's loss, so the engines
+    see every use of a trained parameter, the losses' direct use of the student's embeddings and head included."""
+
+    def __init__(self, student, parts: MethodParts):
+        super().__init__()
+        self.student = student
+        self.projectors = parts.projectors
+        self.discriminator = parts.discriminator
+        self.parts = parts  # the same modules (not registered twice: a plain record) and the token map
+
+    def forward(self, cfg: DistillConfig, batch: dict, teacher: Teacher, **clock) -> LossTerms:
+        return micro_batch_loss(cfg, batch, self.student, teacher, self.parts, **clock)
+
+
+def accumulate_gradients(cfg: DistillConfig, micro: list[dict], model, teacher: Teacher, procs: Processes, *,
+                         real: list[bool] | None = None, step: int = 0, progress: float = 0.0,
+                         adversary_step: bool = False, total_steps: int = 1) -> tuple[dict, torch.Tensor]:
+    """Forward/backward this process's micro-batches of one optimizer step; (summed logs, the step's supervised
+    student tokens over all processes).
 
     Reduction (spec/dskd.md): every term is a sum; the step's total is divided by its GLOBAL supervised student
-    tokens (all micro-batches, all ranks), so k micro-batches of b examples give the gradient of one batch of k*b.
+    tokens (all micro-batches, all processes), so k micro-batches of b examples on N processes give the gradient
+    of one batch of N*k*b. The engines average gradients over processes, hence the factor `world`. Gradients are
+    reduced in the backward of the last micro-batch only. `real[k]` False: a filler micro-batch (a process whose
+    share of the last step of an epoch is short) that runs with weight 0, so that every process takes part in
+    every collective. `model`: a Trainee, or the engine around one.
     """
-    n_step = _all_reduce(torch.stack([(b["labels"] != -100).sum() for b in micro]).sum().float(), world)
-    n_step = n_step.clamp_min(1.0)
-    n_micro = int(_all_reduce(torch.tensor(float(len(micro)), device=n_step.device), world))
+    real = [True] * len(micro) if real is None else real
+    counts = torch.zeros(3, device=procs.device)  # student tokens, teacher tokens, micro-batches: own, then all
+    for b, r in zip(micro, real):
+        if r:
+            counts += torch.stack([(b["labels"] != -100).sum(), (b["teacher_labels"] != -100).sum(),
+                                   torch.ones((), device=b["labels"].device)]).float()
+    n_step, n_teacher, n_micro = all_reduce_sum(counts, procs).clamp_min(1.0)
     sums: dict[str, torch.Tensor] = {}
-    for k, b in enumerate(micro):
-        with _autocast(device, cfg):
-            loss, logs = micro_batch_loss(cfg, b, student, teacher, parts, step=step, progress=progress,
-                                          micro_step=micro_step + k, world=world, total_steps=total_steps,
-                                          step_tokens=float(n_step), step_micro_batches=n_micro)
-        (loss / n_step).backward()
-        for name, v in logs.items():
-            sums[name] = sums.get(name, 0.0) + v.detach().float()
-        sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
-    if world > 1:  # each rank's loss is already divided by the global count: summed grads are exact
-        for p in trainable:
-            if p.grad is not None:
-                _all_reduce(p.grad, world)
+    for k, (b, r) in enumerate(zip(micro, real)):
+        with gradient_sync(model, procs, sync=k == len(micro) - 1):
+            with _autocast(procs.device, cfg):
+                terms = model(cfg, b, teacher, step=step, progress=progress, adversary_step=adversary_step,
+                              total_steps=total_steps, step_tokens=n_step, step_teacher_tokens=n_teacher,
+                              step_micro_batches=int(n_micro))
+            total = terms.loss / n_step
+            if terms.adversary_loss is not None:
+                total = total + terms.adversary_loss
+            (total * (float(procs.world) if r else 0.0)).backward()
+        weight = 1.0 if r else 0.0  # a filler adds nothing, but its names: every process sums the same logs
+        for name, v in terms.logs.items():
+            sums[name] = sums.get(name, 0.0) + weight * v.detach().float()
+        sums["loss"] = sums.get("loss", 0.0) + weight * terms.loss.detach().float()
     return sums, n_step
 
 
@@ -312,7 +318,7 @@ def accumulate_gradients(cfg: DistillConfig, micro: list[dict], student, teacher
 # ---------------------------------------------------------------------------------------------------------------
 
 def step_metrics(cfg: DistillConfig, sums: dict, n_step: float) -> dict:
-    """Normalised terms of one optimizer step from the summed logs of its micro-batches (and ranks)."""
+    """Normalised terms of one optimizer step from the summed logs of its micro-batches (and processes)."""
     return METHODS[cfg.method].metrics(sums, n_step)
 
 
@@ -371,13 +377,65 @@ def save_student(student, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def save_outputs(trainee: Trainee, procs: Processes, cfg: DistillConfig, tokenizer, folder: Path,
+                 parts: bool = True, student: bool = True) -> None:
+    """Rank 0 writes `folder`: with `student`, the student as an HF folder (safetensors, LoRA merged) and its
+    tokenizer; with `parts`, each trained part of the method as NAME.safetensors. Every process calls it: under
+    FSDP2 the full weights are gathered to rank 0 first, loaded there into a fresh student on the CPU."""
+    if procs.engine != "fsdp":
+        if procs.main and student:
+            save_student(trainee.student, tokenizer, folder)
+        if procs.main:
+            for name in ("projectors", "discriminator"):
+                if parts and getattr(trainee, name) is not None:
+                    save_safetensors(getattr(trainee, name), folder / f"{name}.safetensors")
+        return
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(trainee, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not procs.main:
+        return
+    if student:
+        model = build_student(cfg, "cpu")
+        model.load_state_dict({k[len("student."):]: v for k, v in full.items() if k.startswith("student.")})
+        save_student(model, tokenizer, folder)
+    for name in ("projectors", "discriminator"):
+        part = {k[len(name) + 1:]: v.contiguous() for k, v in full.items() if k.startswith(name + ".")}
+        if parts and part:
+            save_file(part, str(folder / f"{name}.safetensors"))
+
+
 def _autocast(device: str, cfg: DistillConfig):
     use = torch.device(device).type == "cuda" and cfg.dtype in ("", "bfloat16")
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use)
 
 
-def _steps_per_epoch(n_rank: int, cfg: DistillConfig) -> int:
-    return math.ceil(math.ceil(n_rank / cfg.micro_batch_size) / cfg.grad_accum)
+class _Steps:
+    """How one process cuts the epoch into optimizer steps: each step takes the next `global_batch` examples of
+    the epoch order (fewer in the last step), this process the slice `rank` of `rank_batch` of them, in
+    micro-batches of `micro` (cache/streaming.rank_positions). Every process runs as many micro-batches as rank 0,
+    the fullest, padding its own short share with fillers."""
+
+    def __init__(self, cfg: DistillConfig, procs: Processes, n: int):
+        self.n, self.micro, self.rank = n, cfg.micro_batch_size, procs.rank
+        self.rank_batch = cfg.micro_batch_size * cfg.grad_accum
+        self.global_batch = self.rank_batch * procs.world
+        self.per_epoch = math.ceil(n / self.global_batch)
+
+    def examples(self, position: int) -> int:
+        """Examples of the step that starts at `position` of the epoch order, over all processes."""
+        return min(self.global_batch, self.n - position)
+
+    def micro_batches(self, position: int) -> tuple[int, int]:
+        """(micro-batches every process runs, how many of them are this process's own) for that step."""
+        step = self.examples(position)
+        own = min(self.rank_batch, max(0, step - self.rank * self.rank_batch))
+        return math.ceil(min(self.rank_batch, step) / self.micro), math.ceil(own / self.micro)
+
+
+def _engine_blocks(student, procs: Processes) -> list:
+    return transformer_blocks(student) if procs.engine == "fsdp" else []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,7 +446,10 @@ def _steps_per_epoch(n_rank: int, cfg: DistillConfig) -> int:
 # may change too (a moved store), its fingerprints may not.
 RESUME_MAY_CHANGE = OUTPUT_ONLY | {"resume", "epochs", "max_steps", "save_every", "keep_checkpoints", "num_workers",
                                    "prefetch_factor", "device", "dev_data", "dev_limit", "dev_rouge",
-                                   "gradient_checkpointing", "trust_remote_code", "cache"}
+                                   "gradient_checkpointing", "trust_remote_code", "cache",
+                                   # a resume on another number of processes keeps the global batch through
+                                   # --grad-accum, and may change the engine (checkpoints load on any)
+                                   "grad_accum", "fsdp"}
 # What --init-from must share with the run it starts from: what its saved parts are (shapes and meaning). Data,
 # lengths and hyper-parameters may change (the next on-policy round trains on new samples).
 INIT_MUST_MATCH = ("method", "student", "teacher", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
@@ -504,8 +565,10 @@ def write_documents(cfg: DistillConfig, out: Path, state: dict, world: int, stor
 def run(cfg: DistillConfig) -> Path:
     check_config(cfg)
     cfg = resolve(cfg)  # the method's published defaults for options left unset
-    rank, world, device = setup_distributed(cfg)
-    console = Console.for_stage(cfg.progress and rank == 0, cfg.quiet or rank != 0)
+    procs = setup(cfg.device or default_device(), fsdp=cfg.fsdp)
+    rank, device = procs.rank, procs.device
+    method = METHODS[cfg.method]
+    console = Console.for_stage(cfg.progress and procs.main, cfg.quiet or not procs.main)
     out = Path(cfg.out)
     checkpoints = list_checkpoints(out)
     if checkpoints and not cfg.resume:
@@ -517,7 +580,7 @@ def run(cfg: DistillConfig) -> Path:
     store = store_record(cfg.cache)
     if resume_from is not None or init_from is not None:  # before any model is loaded
         check_same_run(cfg, out if resume_from is not None else Path(cfg.init_from), resume_from is not None, store)
-    seed_everything(cfg.seed + rank)
+    seed_everything(cfg.seed)  # the same on every process: one student, projector and discriminator init
 
     # Teacher side (store or model) and the student.
     teacher, source = open_teacher(cfg, device)
@@ -527,109 +590,130 @@ def run(cfg: DistillConfig) -> Path:
         gold = source.sources[0] if isinstance(source, UnionSource) else source  # samples are no --data records
         report_cut_examples(cfg, student_side, len(gold), console)
     plain_collate = Collate(student_side.pad_id, teacher.pad_id)
-    student = build_student(cfg, device, resume_from or init_from)
+    student = build_student(cfg, device)
 
-    # The method's parts (projectors, a discriminator with its own optimizer, token maps), optimizer, schedule.
+    # The method's parts (projectors, an adversary, token maps) and the student, as one module under the engine;
+    # the optimizers over the engine's parameters (FSDP2 replaces them by sharded ones); the schedule.
     parts = build_parts(cfg, teacher, tok, _hf(student), device)
     collate = Collate(student_side.pad_id, teacher.pad_id, collate_extras(cfg, teacher, tok))
-    projectors = parts.projectors
-    extra = [(projectors, cfg.projector_lr)] if projectors is not None else []
-    optimizer = torch.optim.AdamW(param_groups(student, cfg.lr, cfg.weight_decay, extra), lr=cfg.lr,
+    trainee = Trainee(student, parts)
+    model = wrap(trainee, procs, _engine_blocks(student, procs), find_unused_parameters=method.adversary is not None,
+                 bf16=device.startswith("cuda") and cfg.dtype in ("", "bfloat16"))
+    extra = [(trainee.projectors, cfg.projector_lr)] if trainee.projectors is not None else []
+    optimizer = torch.optim.AdamW(param_groups(trainee.student, cfg.lr, cfg.weight_decay, extra), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    n_rank = len(DistillDataset(source, student_side, cfg.seed, 0, rank, world))
-    spe = _steps_per_epoch(n_rank, cfg)
-    run_steps = min(cfg.max_steps, spe * cfg.epochs) if cfg.max_steps else spe * cfg.epochs
+    adversary_opt = (method.adversary.optimizer(cfg, trainee.discriminator) if method.adversary is not None
+                     else None)
+    steps = _Steps(cfg, procs, len(source))
+    run_steps = min(cfg.max_steps, steps.per_epoch * cfg.epochs) if cfg.max_steps else steps.per_epoch * cfg.epochs
     # Step numbers continue across --init-from runs: this run does steps start_step + 1 .. start_step + run_steps.
     start_step = (int(peek_trainer_state(resume_from).get("start_step", 0)) if resume_from is not None
                   else int(peek_trainer_state(init_from)["step"]) if init_from is not None else 0)
     total_steps = start_step + run_steps
     scheduler = cosine_schedule(optimizer, cfg.schedule_steps or total_steps, cfg.warmup_steps, cfg.min_lr)
-    modules = {"projectors": projectors, "discriminator": parts.discriminator}
-    optimizers = {"student": optimizer, "discriminator": parts.disc_optimizer}
+    optimizers = {"student": optimizer, "adversary": adversary_opt}
 
-    state = {"step": start_step, "start_step": start_step, "epoch": 0, "position": 0, "micro_step": 0, "best": None}
+    state = {"step": start_step, "start_step": start_step, "epoch": 0, "position": 0, "best": None}
     if resume_from is not None:
-        state.update(load_checkpoint(resume_from, modules=modules, optimizers=optimizers, scheduler=scheduler))
+        state.update(load_checkpoint(resume_from, model=model, optimizers=optimizers, scheduler=scheduler,
+                                     rank=rank, world=procs.world))
         console.note(f"resuming from {resume_from} (step {state['step']}, epoch {state['epoch']}, "
                      f"position {state['position']})")
     elif init_from is not None:
-        before = load_checkpoint(init_from, modules=modules, optimizers=optimizers, scheduler=scheduler)
-        state["micro_step"] = before["micro_step"]  # keeps CMA-GA's every-k discriminator rhythm
+        load_checkpoint(init_from, model=model, optimizers=optimizers, scheduler=scheduler, rank=rank,
+                        world=procs.world)
         console.note(f"starting from {init_from} (step {start_step}; this run's data from its first example)")
-    if rank == 0:
+    if rank and resume_from is None:
+        seed_everything(cfg.seed + rank)  # dropout: each process its own stream (rank 0 keeps one process's)
+    if procs.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / DONE).unlink(missing_ok=True)
         save_config(cfg, out / RESOLVED_CONFIG, **({"store": store["fingerprints"]} if store else {}))
     resumed_at = state["step"] if resume_from is not None else None
     trackers = (open_trackers(resolve_report_to(cfg.report_to, cfg.tensorboard), out, config_to_dict(cfg),
-                              resumed_at, note=console.note, warn=console.warn) if rank == 0 else [])
-    metrics = MetricsLogger(out / "metrics.jsonl", enabled=rank == 0, truncate_after_step=resumed_at,
+                              resumed_at, note=console.note, warn=console.warn) if procs.main else [])
+    metrics = MetricsLogger(out / "metrics.jsonl", enabled=procs.main, truncate_after_step=resumed_at,
                             trackers=trackers)
+    # Under FSDP2 every process takes part in the evaluation's forwards; otherwise rank 0 evaluates alone.
     dev_examples = None
-    if cfg.dev_data and rank == 0:
+    if cfg.dev_data and (procs.main or procs.engine == "fsdp"):
         from dskd_pipe.stages.score import unescape_newlines  # a literal "<n>" is a newline, as in `score`
 
         dev_examples = unescape_newlines(load_examples(cfg.dev_data, limit=cfg.dev_limit))
     die_at = int(os.environ.get(DIE_AT_STEP_ENV, 0))
+    die_rank = int(os.environ.get(DIE_RANK_ENV, -1))
+    die_rank = die_rank if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" else -2
 
     def checkpoint() -> None:
-        if rank == 0:
-            trainer_state = {k: v for k, v in state.items() if v is not None}
-            save_checkpoint(out, state["step"], student=student, modules=modules, optimizers=optimizers,
-                            scheduler=scheduler, trainer_state=trainer_state, keep=cfg.keep_checkpoints)
-        if world > 1:
-            torch.distributed.barrier()
-        if die_at and state["step"] == die_at:
+        trainer_state = {k: v for k, v in state.items() if v is not None}
+        save_checkpoint(out, state["step"], model=model, optimizers=optimizers, scheduler=scheduler,
+                        trainer_state=trainer_state, rank=rank, world=procs.world, keep=cfg.keep_checkpoints)
+        if die_at and state["step"] == die_at and die_rank == -1:
             os._exit(137)
 
     bar = console.bar(f"distill {cfg.method}", run_steps, "step", initial=state["step"] - start_step)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     workers = cfg.num_workers if cfg.num_workers >= 0 else auto_num_workers(device)
     wait_fracs = []  # loader wait shares of this run's first steps, for loader_advice
+    filler = None  # a batch this process ran before: the template of its filler micro-batches
     while state["step"] < total_steps and state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
-        dataset = DistillDataset(source, student_side, cfg.seed, epoch, rank, world, start=state["position"])
+        dataset = DistillDataset(source, student_side, cfg.seed, epoch, rank, procs.world, start=state["position"],
+                                 rank_batch=steps.rank_batch)
         # A loader-own generator: creating the iterator must not draw from the global RNG (exact resume).
         loader = make_loader(dataset, cfg.micro_batch_size, collate, workers, cfg.prefetch_factor,
                              pin_memory=device.startswith("cuda"))
         loader.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         batches = iter(loader)
-        while state["step"] < total_steps:
+        while state["step"] < total_steps and state["position"] < steps.n:
             t0 = time.perf_counter()
+            n_micro, own = steps.micro_batches(state["position"])
             micro, wait = [], 0.0
-            for _ in range(cfg.grad_accum):
+            for _ in range(own):
                 tw = time.perf_counter()
-                b = next(batches, None)
+                b = next(batches)
                 wait += time.perf_counter() - tw
-                if b is None:
-                    break
                 micro.append({k: v.to(device, non_blocking=True) for k, v in b.items()})
-            if not micro:
-                break
-            sums, n_step = accumulate_gradients(cfg, micro, student, teacher, parts, world, device, trainable,
-                                                step=state["step"], progress=state["step"] / max(1, total_steps),
-                                                micro_step=state["micro_step"], total_steps=total_steps)
-            state["micro_step"] += len(micro)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                         else torch.zeros(()))
+            if filler is None:
+                filler = micro[0] if micro else _first_batch(source, student_side, collate, cfg, epoch, device)
+            real = [True] * len(micro) + [False] * (n_micro - len(micro))
+            micro += [filler] * (n_micro - len(micro))
+            adversary_step = method.adversary is not None and method.adversary.steps_at(cfg, state["step"])
+            sums, n_step = accumulate_gradients(cfg, micro, model, teacher, procs, real=real, step=state["step"],
+                                                progress=state["step"] / max(1, total_steps),
+                                                adversary_step=adversary_step, total_steps=total_steps)
+            if die_at and state["step"] == die_at and die_rank == rank:
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+            grad_norm = (local_tensor(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                         if cfg.max_grad_norm > 0 else torch.zeros(()))
             step_lrs = [g["lr"] for g in optimizer.param_groups]  # the lrs this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            state["position"] += sum(int(b["input_ids"].shape[0]) for b in micro)
+            if adversary_opt is not None:
+                if adversary_step:
+                    adversary_opt.step()
+                adversary_opt.zero_grad(set_to_none=True)
+            state["position"] += steps.examples(state["position"])
             state["step"] += 1
 
             names = sorted(sums)
-            totals = _all_reduce(torch.stack([torch.as_tensor(sums[k], device=device).float() for k in names]), world)
+            totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], device=device).float() for k in names]),
+                                    procs)
             sums = dict(zip(names, totals.tolist()))
             elapsed = time.perf_counter() - t0
-            n_tokens = float(_all_reduce(torch.stack([b["attention_mask"].sum() for b in micro]).sum().float(), world))
+            own_tokens = sum(b["attention_mask"].sum() for b, r in zip(micro, real) if r)
+            n_tokens = float(all_reduce_sum(torch.as_tensor(own_tokens, device=device).float(), procs))
             record = {"step": state["step"], "epoch": epoch, "loss": sums["loss"] / float(n_step),
                       **step_metrics(cfg, sums, float(n_step)), "grad_norm": float(grad_norm),
                       "lr": step_lrs[0], "step_s": elapsed, "tokens_per_s": n_tokens / elapsed,
                       "loader_wait_frac": wait / elapsed, "supervised_tokens": float(n_step)}
-            if projectors is not None:
+            if trainee.projectors is not None:
                 record["projector_lr"] = step_lrs[-1]
+            if adversary_opt is not None:
+                record["adversary_steps"] = int(adversary_step)
             metrics.log(record)
             bar.update(1, values=step_values(record), counts={"tok": n_tokens})
             # Steps 3-22 of the run (past the workers' start): say once if the loader held the GPU up.
@@ -640,38 +724,36 @@ def run(cfg: DistillConfig) -> Path:
                     console.warn(advice)
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
                 checkpoint()
-        finished_epoch = state["position"] >= n_rank
+        finished_epoch = state["position"] >= steps.n
         if finished_epoch:
             state["epoch"] += 1
             state["position"] = 0
             if dev_examples is not None:
-                state["best"] = _evaluate(cfg, student, tok, dev_examples, student_side, plain_collate, device,
-                                          out, state, metrics)
+                state["best"] = _evaluate(cfg, trainee, procs, tok, dev_examples, student_side, plain_collate, out,
+                                          state, metrics)
         checkpoint()
         if not finished_epoch:
             break
     bar.close()
 
-    if rank == 0:
-        done = {"step": state["step"], "method": cfg.method}
-        if state.get("best") is not None and (out / "best" / "config.json").is_file():
-            # Model selection (spec/evaluation.md): the best dev epoch is the run's output; the last one stays.
-            save_student(student, tok, out / "last")
+    done = {"step": state["step"], "method": cfg.method}
+    if state.get("best") is not None and (out / "best" / "config.json").is_file():
+        # Model selection (spec/evaluation.md): the best dev epoch is the run's output; the last one stays.
+        save_outputs(trainee, procs, cfg, tok, out / "last", parts=False)
+        if procs.main:
             _copy_model_files(out / "best", out)
-            done.update(student="best", best_epoch=state.get("best_epoch"), best_step=state.get("best_step"),
-                        dev_metric="dev_rouge_l" if cfg.dev_rouge else "dev_loss")
-        else:
-            save_student(student, tok, out)
-        for name, module in modules.items():
-            if module is not None:
-                save_safetensors(module, out / f"{name}.safetensors")
+        done.update(student="best", best_epoch=state.get("best_epoch"), best_step=state.get("best_step"),
+                    dev_metric="dev_rouge_l" if cfg.dev_rouge else "dev_loss")
+        save_outputs(trainee, procs, cfg, tok, out, student=False)
+    else:
+        save_outputs(trainee, procs, cfg, tok, out)
+    if procs.main:
         metrics.close()
-        write_documents(cfg, out, state, world, store, done, console)
+        write_documents(cfg, out, state, procs.world, store, done, console)
         write_json_atomic(out / DONE, done)
         which = f"the best dev epoch ({state.get('best_epoch')})" if done.get("student") == "best" else "the student"
         print(f"{out}: {which} after {state['step']} steps ({cfg.method}).")
-    if world > 1:
-        torch.distributed.barrier()
+    barrier(procs)
     return out
 
 
@@ -687,12 +769,26 @@ def _copy_model_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def _evaluate(cfg, student, tok, examples, side, collate, device, out, state, metrics):
+def _first_batch(source, side: Side, collate: Collate, cfg: DistillConfig, epoch: int, device: str) -> dict:
+    """The epoch's first example as a batch: the filler of a process that has no example of its own yet."""
+    item = DistillDataset(source, side, cfg.seed, epoch)[0]
+    return {k: v.to(device) for k, v in collate([item]).items()}
+
+
+def _evaluate(cfg, trainee: Trainee, procs: Processes, tok, examples, side, collate, out, state, metrics):
     """Dev loss (and ROUGE-L when asked) at an epoch end; the best student so far goes to out/best, and the curve
-    with the selected epoch to out/dev_curve.json."""
+    with the selected epoch to out/dev_curve.json.
+
+    Under FSDP2 every process runs it (the root's parameters gathered for the while); otherwise rank 0 alone."""
     saved = rng_state()  # generation reseeds the RNGs; training must not notice the evaluation
-    loss = dev_loss(student, examples, side, collate, cfg, device)
-    rouge = dev_rouge(student, tok, examples, cfg) if cfg.dev_rouge else None
+    if procs.engine == "fsdp":
+        trainee.unshard()
+    try:
+        loss = dev_loss(trainee.student, examples, side, collate, cfg, procs.device)
+        rouge = dev_rouge(trainee.student, tok, examples, cfg) if cfg.dev_rouge else None
+    finally:
+        if procs.engine == "fsdp":
+            trainee.reshard()
     set_rng_state(saved)
     score = rouge if rouge is not None else -loss
     record = {"step": state["step"], "epoch": state["epoch"], "dev_loss": loss}
@@ -701,9 +797,11 @@ def _evaluate(cfg, student, tok, examples, side, collate, device, out, state, me
     metrics.log(record)
     best = state.get("best")
     if best is None or score > best:
-        save_student(student, tok, out / "best")
+        save_outputs(trainee, procs, cfg, tok, out / "best", parts=False)
         best = score
         state["best_epoch"], state["best_step"] = state["epoch"], state["step"]
+    if not procs.main:
+        return best
     curve_path = out / DEV_CURVE
     curve = json.loads(curve_path.read_text())["curve"] if curve_path.is_file() else []
     curve = [r for r in curve if r["step"] < state["step"]] + [record]  # a resumed run replaces what it redoes

@@ -52,8 +52,8 @@ def check_config(cfg: OnPolicyConfig, base: DistillConfig) -> None:
     if base.max_steps or base.init_from or base.sample_caches or base.schedule_steps:
         problems.append(f"{cfg.distill}: max_steps, init_from, sample_caches and schedule_steps are set by the "
                         "rounds; remove them.")
-    if cfg.rounds < 1 or cfg.start_epochs < 1 or cfg.epochs_per_round < 1:
-        problems.append("--rounds, --start-epochs and --epochs-per-round must be >= 1.")
+    if cfg.rounds < 1 or cfg.start_epochs < 1 or cfg.epochs_per_round < 1 or cfg.nproc_per_node < 1:
+        problems.append("--rounds, --start-epochs, --epochs-per-round and --nproc-per-node must be >= 1.")
     if not 0.0 < cfg.share <= 1.0:
         problems.append(f"--share must be in (0, 1], found {cfg.share}.")
     if problems:
@@ -68,18 +68,23 @@ def round_prompts(n_gold: int, share: float, seed: int, round_index: int) -> lis
 
 
 def schedule_steps(n_gold: int, n_share: int, cfg: OnPolicyConfig, base: DistillConfig) -> int:
-    """Optimizer steps of the whole run (one process; the union grows by n_share examples per round)."""
+    """Optimizer steps of the whole run (the union grows by n_share examples per round; each step takes
+    micro-batch x accumulation x processes examples)."""
     def per_epoch(n: int) -> int:
-        return math.ceil(math.ceil(n / base.micro_batch_size) / base.grad_accum)
+        return math.ceil(n / (base.micro_batch_size * base.grad_accum * cfg.nproc_per_node))
 
     return per_epoch(n_gold) * cfg.start_epochs + sum(per_epoch(n_gold + r * n_share) * cfg.epochs_per_round
                                                       for r in range(1, cfg.rounds + 1))
 
 
-def _dskd_pipe(args: list[str], what: str) -> None:
-    """Run one step as its own `dskd-pipe` process (the student and the teacher never share one)."""
-    print(f"[on-policy] {what}: dskd-pipe {' '.join(args)}", flush=True)
-    code = subprocess.call([sys.executable, "-c", "from dskd_pipe.pipeline.cli import main; main()", *args])
+def _dskd_pipe(args: list[str], what: str, nproc: int = 1) -> None:
+    """Run one step as its own `dskd-pipe` process (the student and the teacher never share one); with nproc > 1
+    as `nproc` processes under torchrun on this node."""
+    launch = (["torchrun", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else []) + ["dskd-pipe"]
+    print(f"[on-policy] {what}: {' '.join(launch + args)}", flush=True)
+    python = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
+              "dskd_pipe.pipeline.cli"] if nproc > 1 else [sys.executable, "-m", "dskd_pipe.pipeline.cli"]
+    code = subprocess.call([*python, *args])
     if code != 0:
         raise StepFailed(f"{what} failed (exit {code}); its messages are above. Fix the cause and run the same "
                          "command again: finished steps are kept.")
@@ -91,7 +96,7 @@ def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
     tmp.replace(path)
 
 
-def _distill(round_cfg: DistillConfig, folder: Path, what: str) -> Path:
+def _distill(round_cfg: DistillConfig, folder: Path, what: str, nproc: int = 1) -> Path:
     """Train unless `folder` holds this very config's finished student; resume an unfinished one."""
     from dskd_pipe.pipeline.methods import resolve
     from dskd_pipe.stages.distill import DONE as DISTILL_DONE, RESOLVED_CONFIG
@@ -104,7 +109,7 @@ def _distill(round_cfg: DistillConfig, folder: Path, what: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     request = folder.parent / "distill_request.json"
     save_config(round_cfg, request)
-    _dskd_pipe(["distill", "--config", str(request)], what)
+    _dskd_pipe(["distill", "--config", str(request)], what, nproc)
     return folder
 
 
@@ -150,7 +155,8 @@ def run(cfg: OnPolicyConfig) -> Path:
 
     common = dict(resume=True, schedule_steps=total)
     student = _distill(dataclasses.replace(base, out=str(out / "round-0" / "student"), epochs=cfg.start_epochs,
-                                           **common), out / "round-0" / "student", "round 0: distill on gold")
+                                           **common), out / "round-0" / "student", "round 0: distill on gold",
+                       cfg.nproc_per_node)
     sample_stores: list[str] = []
     for r in range(1, cfg.rounds + 1):
         folder = out / f"round-{r}"
@@ -185,7 +191,8 @@ def run(cfg: OnPolicyConfig) -> Path:
         sample_stores.append(str(store))
         student = _distill(dataclasses.replace(base, out=str(folder / "student"), epochs=cfg.epochs_per_round,
                                                init_from=str(student), sample_caches=tuple(sample_stores), **common),
-                           folder / "student", f"round {r}: distill on gold + samples of rounds 1..{r}")
+                           folder / "student", f"round {r}: distill on gold + samples of rounds 1..{r}",
+                           cfg.nproc_per_node)
     (out / DONE).write_text(json.dumps({"student": str(student), "rounds": cfg.rounds,
                                         "sample_stores": sample_stores, "schedule_steps": total}, indent=2) + "\n")
     print(f"[on-policy] done: {student}", flush=True)

@@ -86,15 +86,22 @@ def _logits(disc: nn.Module, x: Tensor) -> Tensor:
     return disc(x).squeeze(-1)  # [N]
 
 
-def discriminator_loss(disc: nn.Module, keys_r: Tensor, queries_r: Tensor, normalize_directions: bool = False) -> Tensor:
+def discriminator_loss(disc: nn.Module, keys_r: Tensor, queries_r: Tensor, normalize_directions: bool = False,
+                       counts: tuple[Tensor | float, Tensor | float] | None = None) -> Tensor:
     """L_D = BCE(D(Kr), 1) + BCE(D(Qr), 0), each a mean over its tokens (step 3).
 
     Both inputs are detached here, so L_D trains D only. Shapes: Kr [Nt, 2dt], Qr [Ns, 2dt].
+    counts = (n_real, n_fake): divide the two BCE sums by these token counts instead of Nt and Ns. With the counts
+    of a whole optimizer step (all micro-batches and processes), the micro-batches' L_D add up to the L_D of the
+    step's batch, whatever its split.
     """
     with fp32_region(keys_r.device):  # D's step is fp32 under any autocast (spec/cma_ga.md step 2)
         real = _logits(disc, _prepare(keys_r.detach(), normalize_directions))  # [Nt]
         fake = _logits(disc, _prepare(queries_r.detach(), normalize_directions))  # [Ns]
-        return _bce_mean(real, 1.0) + _bce_mean(fake, 0.0)
+        if counts is None:
+            return _bce_mean(real, 1.0) + _bce_mean(fake, 0.0)
+        n_real, n_fake = counts
+        return _bce_sum(real, 1.0) / n_real + _bce_sum(fake, 0.0) / n_fake
 
 
 def _bce_mean(logits: Tensor, target: float) -> Tensor:
@@ -102,6 +109,11 @@ def _bce_mean(logits: Tensor, target: float) -> Tensor:
     if logits.numel() == 0:
         return logits.sum()
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def _bce_sum(logits: Tensor, target: float) -> Tensor:
+    """BCE-with-logits against a constant label, summed over tokens."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target), reduction="sum")
 
 
 class _GradientReversal(torch.autograd.Function):

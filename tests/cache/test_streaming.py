@@ -37,15 +37,23 @@ def test_order_is_a_function_of_seed_and_epoch():
     assert sorted(epoch_order(50, 3, 7).tolist()) == list(range(50))
 
 
-@pytest.mark.parametrize("n,world", [(12, 3), (10, 3), (7, 2), (5, 1)])
-def test_rank_split_is_disjoint_covering_and_even(n, world):
-    parts = [rank_positions(n, r, world).tolist() for r in range(world)]
-    assert len({len(p) for p in parts}) == 1  # every rank runs the same number of steps
-    assert set().union(*map(set, parts)) == set(range(n))
-    if n % world == 0:
-        assert sum(len(p) for p in parts) == n  # disjoint
-    else:
-        assert sum(len(p) for p in parts) == world * (-(-n // world))  # only the wrap-around repeats
+@pytest.mark.parametrize("n,world,rank_batch,start", [(12, 3, 1, 0), (10, 3, 2, 0), (7, 2, 3, 0), (5, 1, 2, 0),
+                                                      (23, 2, 4, 8)])
+def test_rank_split_is_disjoint_and_covering(n, world, rank_batch, start):
+    parts = [rank_positions(n, r, world, rank_batch, start).tolist() for r in range(world)]
+    assert sorted(sum(parts, [])) == list(range(start, n))  # nothing repeated, nothing left out
+
+
+@pytest.mark.parametrize("world,b,k", [(2, 2, 1), (2, 1, 3), (3, 2, 2), (4, 1, 1)])
+def test_a_step_takes_the_same_examples_whatever_the_split(world, b, k):
+    """N processes x micro-batch b x accumulation k: the examples of each optimizer step are those of one process
+    with micro-batch b x accumulation N k, also in the short last step (23 examples)."""
+    n, g = 23, world * b * k
+    one = rank_positions(n, 0, 1, g)
+    ranks = [rank_positions(n, r, world, b * k) for r in range(world)]
+    for step in range(-(-n // g)):
+        per_rank = [p[step * b * k:(step + 1) * b * k].tolist() for p in ranks]
+        assert sum(per_rank, []) == one[step * g:(step + 1) * g].tolist()
 
 
 def test_items_carry_both_tokenisations_of_the_stored_text(store, student_side):

@@ -57,13 +57,13 @@ def test_parts_of_each_method(name, has_projectors, has_disc):
     parts = build_parts(cfg, teacher, None, _Student(), "cpu")
     assert isinstance(parts, MethodParts) and parts.token_map is None
     assert (parts.projectors is not None) == has_projectors
-    assert (parts.discriminator is not None) == has_disc == (parts.disc_optimizer is not None)
+    assert (parts.discriminator is not None) == has_disc == (METHODS[name].adversary is not None)
     if has_projectors:
         shapes = {tuple(p.shape) for p in parts.projectors.parameters()}
         assert shapes and all(set(s) <= {4, 6, 8, 12} for s in shapes), shapes
     if has_disc:
         assert parts.discriminator(torch.randn(3, 8)).shape == (3, 1)
-        (group,) = parts.disc_optimizer.param_groups
+        (group,) = METHODS[name].adversary.optimizer(cfg, parts.discriminator).param_groups
         assert group["lr"] == 3e-4 and len(group["params"]) == len(list(parts.discriminator.parameters()))
 
 
@@ -93,8 +93,13 @@ def test_published_defaults_of_the_fidelity_items():
 
 def test_released_ga_mode_has_no_discriminator_optimizer():
     teacher = SimpleNamespace(head=TeacherHead(torch.randn(11, 4)), tokenizer=None)
-    parts = build_parts(resolve(DistillConfig(method="cma-ga", ga_mode="released")), teacher, None, _Student(), "cpu")
-    assert parts.discriminator is not None and parts.disc_optimizer is None
+    cfg = resolve(DistillConfig(method="cma-ga", ga_mode="released"))
+    parts = build_parts(cfg, teacher, None, _Student(), "cpu")
+    adversary = METHODS["cma-ga"].adversary
+    assert parts.discriminator is not None and adversary.optimizer(cfg, parts.discriminator) is None
+    assert not any(adversary.steps_at(cfg, step) for step in range(5))
+    paper = resolve(DistillConfig(method="cma-ga", disc_every=2, ga_start_step=1))
+    assert [adversary.steps_at(paper, step) for step in range(5)] == [False, False, True, False, True]
 
 
 def _inputs(cfg, **kw):

@@ -1,4 +1,4 @@
-"""pipeline/training.py: param groups, the cosine schedule, RNG states, checkpoints, the metrics log."""
+"""pipeline/training.py: param groups, the cosine schedule, RNG states, checkpoints (DCP), the metrics log."""
 import json
 import random
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dskd_pipe.pipeline.training import (MetricsLogger, cosine_schedule, list_checkpoints, load_checkpoint,
-                                         param_groups, rng_state, save_checkpoint, set_rng_state)
+from dskd_pipe.pipeline.training import (CheckpointError, MetricsLogger, cosine_schedule, list_checkpoints,
+                                         load_checkpoint, param_groups, rng_state, save_checkpoint, set_rng_state)
 
 
 class Tiny(torch.nn.Module):
@@ -70,31 +70,52 @@ def test_rng_states_round_trip_through_weights_only_load(tmp_path):
 
 
 def test_checkpoint_round_trip_and_keep(tmp_path):
-    student, proj = Tiny(), torch.nn.Linear(2, 2)
-    opt = torch.optim.AdamW(param_groups(student, 1e-3, 0.01, [(proj, 1e-3)]))
+    """The trained module (student and parts as one module) and both optimizers through DCP; trainer state,
+    scheduler and RNG restored; only the newest `keep` checkpoints stay; no temporary folder is left."""
+    torch.manual_seed(1)
+    model = torch.nn.ModuleDict({"student": Tiny(), "proj": torch.nn.Linear(2, 2), "disc": torch.nn.Linear(2, 1)})
+    opt = torch.optim.AdamW(param_groups(model["student"], 1e-3, 0.01, [(model["proj"], 1e-3)]))
+    disc_opt = torch.optim.AdamW(model["disc"].parameters(), lr=1e-4)
     sched = cosine_schedule(opt, 10)
-    proj(torch.ones(2)).sum().backward()
-    opt.step()
+    (model["proj"](torch.ones(2)).sum() + model["student"].fc(torch.ones(4)).sum() + model["disc"](torch.ones(2)).sum()
+     ).backward()
+    opt.step(), disc_opt.step()
     sched.step()
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, student=student, modules={"projectors": proj, "disc": None},
-                        optimizers={"student": opt, "disc": None}, scheduler=sched,
-                        trainer_state={"step": step, "epoch": 0, "position": 4 * step}, keep=2)
+        save_checkpoint(tmp_path, step, model=model, optimizers={"student": opt, "adversary": disc_opt},
+                        scheduler=sched, trainer_state={"step": step, "epoch": 0, "position": 4 * step}, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
-    want = {k: v.clone() for k, v in proj.state_dict().items()}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    want = {k: v.clone() for k, v in model.state_dict().items() if "frozen" not in k}
     torch.manual_seed(0)
     after = torch.rand(1)
-    proj2 = torch.nn.Linear(2, 2)
-    opt2 = torch.optim.AdamW(param_groups(Tiny(), 1e-3, 0.01, [(proj2, 1e-3)]))
+    torch.manual_seed(7)
+    model2 = torch.nn.ModuleDict({"student": Tiny(), "proj": torch.nn.Linear(2, 2), "disc": torch.nn.Linear(2, 1)})
+    opt2 = torch.optim.AdamW(param_groups(model2["student"], 1e-3, 0.01, [(model2["proj"], 1e-3)]))
+    disc_opt2 = torch.optim.AdamW(model2["disc"].parameters(), lr=1e-4)
     sched2 = cosine_schedule(opt2, 10)
     torch.manual_seed(0)
-    state = load_checkpoint(list_checkpoints(tmp_path)[-1], modules={"projectors": proj2},
-                            optimizers={"student": opt2}, scheduler=sched2)
+    state = load_checkpoint(list_checkpoints(tmp_path)[-1], model=model2,
+                            optimizers={"student": opt2, "adversary": disc_opt2}, scheduler=sched2)
     assert state == {"step": 3, "epoch": 0, "position": 12}
     for k, v in want.items():
-        assert torch.equal(proj2.state_dict()[k], v)
-    assert sched2.state_dict()["last_epoch"] == 1 and len(opt2.state_dict()["state"]) == len(opt.state_dict()["state"])
+        assert torch.equal(model2.state_dict()[k], v), k
+    assert sched2.state_dict()["last_epoch"] == 1
+    for a, b in ((opt, opt2), (disc_opt, disc_opt2)):
+        sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+        assert len(sa) == len(sb) and all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
     assert torch.rand(1) != after  # the RNG was restored to the checkpoint's, not left at seed 0
+    assert not torch.equal(model2["student"].frozen.weight, model["student"].frozen.weight)  # frozen: not stored
+
+
+def test_a_checkpoint_of_an_older_version_is_a_clear_error(tmp_path):
+    old = tmp_path / "checkpoints" / "step-00000001"
+    (old / "student").mkdir(parents=True)
+    torch.save({"step": 1}, old / "trainer_state.pt")
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(CheckpointError, match=r"step-00000001: not a checkpoint of this dskd-pipe version"):
+        load_checkpoint(old, model=model, optimizers={"student": opt}, scheduler=cosine_schedule(opt, 3))
 
 
 def test_metrics_logger_truncates_after_the_resumed_step(tmp_path):

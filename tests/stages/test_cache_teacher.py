@@ -247,3 +247,28 @@ def test_progress_line_cut_examples_and_no_library_bars(teacher, tmp_path):
                             "--max-prompt-length", "512"))
     assert quiet.exit_code == 0, quiet.output
     assert quiet.stderr == "" and quiet.stdout.count("\n") == 1 and "10 examples" in quiet.stdout
+
+
+def test_device_map_auto_writes_the_same_store(teacher, clean_store, tmp_path):
+    """--device-map auto (accelerate's dispatch; on this CPU-only machine every layer lands on the CPU): the inputs
+    go to the dispatched model's first device and the store equals the plain run's."""
+    pytest.importorskip("accelerate")
+    out = tmp_path / "t.zarr"
+    r = cli(*cache_args(teacher, out, DATA, "--device-map", "auto"))
+    assert r.exit_code == 0, r.output
+    assert_same_examples(out, clean_store)
+    r = cli(*cache_args(teacher, tmp_path / "u.zarr", DATA, "--device-map", "balanced"))
+    assert r.exit_code == 2 and "--device-map 'balanced': only 'auto'" in r.output
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_write_disjoint_parts_of_one_store(teacher, clean_store, tmp_path):
+    """Under torchrun each rank writes its own part (RANK/WORLD_SIZE); the finished store equals one process's."""
+    out = tmp_path / "t.zarr"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "dskd_pipe.pipeline.cli", *map(str, cache_args(teacher, out))],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    store = open_store(str(out))
+    assert store.manifest.n_parts == 2 and {store.locate(i)[0] for i in range(40)} == {0, 1}
+    assert_same_examples(out, clean_store)

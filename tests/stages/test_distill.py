@@ -16,6 +16,7 @@ from dskd_pipe.cache.format import StoreError
 from dskd_pipe.cache.streaming import Collate, DistillDataset, Side
 from dskd_pipe.pipeline.config import CacheConfig, ConfigError, DistillConfig
 from dskd_pipe.pipeline import methods
+from dskd_pipe.pipeline.distributed import Processes
 from dskd_pipe.pipeline.methods import MethodParts, resolve
 from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id, save_tiny_model
 from dskd_pipe.pipeline.objectives.dskd import build_projectors
@@ -114,7 +115,8 @@ def test_a_new_method_is_one_entry(env, monkeypatch):
     def loss(x):  # CE plus a pull of the mean projected student state towards the mean teacher state
         ce = cross_entropy_sum(x.logits, x.labels)
         pull = ((x.parts.projectors(x.hidden.mean(1)) - x.teacher_hidden.mean(1)) ** 2).sum() * x.n_student
-        return ce + pull, {"ce_student": ce.detach(), "pull": pull.detach(), "items": x.batch["n_items"].float()}
+        return methods.LossTerms(ce + pull, {"ce_student": ce.detach(), "pull": pull.detach(),
+                                             "items": x.batch["n_items"].float()})
 
     def metrics(sums, n_step):
         return {"ce_student": sums["ce_student"] / n_step, "pull": sums["pull"] / n_step, "items": sums["items"]}
@@ -212,7 +214,7 @@ def _grads(env, cfg, micro):
     student = distill.build_student(cfg, "cpu")
     projectors = build_projectors("dskd", 32, teacher.head.weight.shape[1])
     trainable = list(student.parameters()) + list(projectors.parameters())
-    distill.accumulate_gradients(cfg, micro, student, teacher, MethodParts(projectors), 1, "cpu", trainable)
+    distill.accumulate_gradients(cfg, micro, distill.Trainee(student, MethodParts(projectors)), teacher, Processes())
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trainable]
 
 

@@ -81,14 +81,14 @@ def test_samples_feed_kd_terms_only(env):
     as_gold = dict(batch, gold=torch.ones(2, dtype=torch.bool))
     student = distill.build_student(cfg, "cpu").eval()  # no dropout: the two calls must see one function
     parts = build_parts(cfg, teacher, tok, student, "cpu")
-    _, mixed = distill.micro_batch_loss(cfg, batch, student, teacher, parts)
-    _, both = distill.micro_batch_loss(cfg, as_gold, student, teacher, parts)
+    mixed = distill.micro_batch_loss(cfg, batch, student, teacher, parts).logs
+    both = distill.micro_batch_loss(cfg, as_gold, student, teacher, parts).logs
     for name in ("kd_t2s", "kd_s2t", "ce_t2s"):
         torch.testing.assert_close(mixed[name], both[name])
     n0 = int(batch["teacher_attention_mask"][0].sum())  # the packed teacher rows of example 0
     row0 = dict(batch, **{k: batch[k][:1] for k in batch if k != "teacher_hidden_rows"},
                 teacher_hidden_rows=batch["teacher_hidden_rows"][:n0])
-    _, gold_only = distill.micro_batch_loss(cfg, row0, student, teacher, parts)
+    gold_only = distill.micro_batch_loss(cfg, row0, student, teacher, parts).logs
     torch.testing.assert_close(mixed["ce_student"], gold_only["ce_student"])  # CE of the gold row only
     assert float(both["ce_student"]) > float(mixed["ce_student"]) > 0
 
@@ -137,3 +137,21 @@ def test_bad_settings_are_refused_together(env, tmp_path):
         on_policy.run(OnPolicyConfig(distill=str(bad), out=str(tmp_path / "o"), share=1.5))
     text = str(e.value)
     assert "sft uses no teacher" in text and "max_steps" in text and "--share" in text
+
+
+def test_nproc_per_node_runs_each_rounds_distill_under_torchrun(monkeypatch, tmp_path):
+    """--nproc-per-node N: the distill steps run as N processes under torchrun; the schedule counts steps of
+    micro-batch x accumulation x N examples."""
+    calls = []
+    monkeypatch.setattr(on_policy.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    on_policy._dskd_pipe(["distill", "--config", "x.json"], "round 0", nproc=4)
+    on_policy._dskd_pipe(["generate", "--model", "m"], "round 1")
+    torchrun, plain = calls
+    assert torchrun[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
+    assert torchrun[6:] == ["-m", "dskd_pipe.pipeline.cli", "distill", "--config", "x.json"]
+    assert plain[1:] == ["-m", "dskd_pipe.pipeline.cli", "generate", "--model", "m"]
+    base = DistillConfig(micro_batch_size=2, grad_accum=2)
+    cfg = OnPolicyConfig(rounds=2, start_epochs=3, epochs_per_round=1, nproc_per_node=2)
+    # 8 per step: gold 8 -> 1 step/epoch x 3; round 1: 12 -> 2; round 2: 16 -> 2
+    assert on_policy.schedule_steps(8, 4, cfg, base) == 3 + 2 + 2
+

@@ -58,6 +58,15 @@ def test_losses_by_hand(disc):
     assert acc_fake.item() == pytest.approx((dq < 0).float().mean().item())
 
 
+def test_discriminator_loss_over_parts_with_the_whole_counts_is_the_loss_of_the_whole(disc):
+    """Micro-batches of one step, each divided by the step's token counts, add up to the step's L_D."""
+    disc.eval()
+    k, q = torch.randn(7, 12), torch.randn(5, 12)
+    parts = [(k[:3], q[:1]), (k[3:], q[1:4]), (k[:0], q[4:])]  # one part without real tokens
+    summed = sum(discriminator_loss(disc, kp, qp, counts=(7.0, 5.0)) for kp, qp in parts)
+    torch.testing.assert_close(summed, discriminator_loss(disc, k, q))
+
+
 def test_accuracy_turns_dropout_off_and_restores_mode(disc):
     disc.train()
     k, q = torch.randn(50, 12), torch.randn(50, 12)
