@@ -5,8 +5,9 @@ stored prompt/response text tokenised with the student tokenizer by `build_seque
 The order is a seeded permutation that depends only on (seed, epoch); under torchrun it is cut into blocks of
 `rank_batch` positions (one rank's micro-batch x accumulation) dealt to the W ranks in turn, so every optimizer
 step takes the next W x rank_batch examples of the order whatever the split into processes and micro-batches.
-Resume state is a small dict {"epoch", "position"} (examples of that epoch's order all ranks have consumed). No process-wide state: the reader's
-handles open lazily in each DataLoader worker, so many students can read one store at once.
+Resume state is a small dict {"epoch", "position"} (examples of that epoch's order all ranks have consumed). No
+process-wide state: the reader's handles open lazily in each DataLoader worker, so many students can read one store
+at once.
 
 Online mode uses the same dataset over `TextSource` (the teacher tokenised on the fly, no hidden rows); the stage
 runs the teacher model where the cached rows would be unpacked, so both modes share collate and loss code.

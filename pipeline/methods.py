@@ -561,5 +561,5 @@ def collate_extras(cfg: DistillConfig, teacher, student_tok):
     return None if make is None else make(teacher.tokenizer, student_tok)
 
 
-__all__ = ["METHODS", "Method", "MethodParts", "LossInputs", "LossTerms", "Adversary", "AlignmentExtras", "chunk_extras", "get_method",
-           "resolve", "build_parts", "collate_extras"]
+__all__ = ["METHODS", "Method", "MethodParts", "LossInputs", "LossTerms", "Adversary", "AlignmentExtras",
+           "chunk_extras", "get_method", "resolve", "build_parts", "collate_extras"]

@@ -63,6 +63,19 @@ def check_settings(cfg: CacheConfig) -> None:
         raise StoreError(f"--dtype '{cfg.dtype}': choose bfloat16, float16 or float32.")
     if cfg.topk < 0:
         raise StoreError(f"--topk ({cfg.topk}) must be >= 0.")
+    if cfg.device_map not in ("", "auto"):
+        raise StoreError(f"--device-map '{cfg.device_map}': only 'auto' (accelerate's dispatch over the GPUs).")
+    if cfg.device_map and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise StoreError("--device-map auto spreads one teacher over all the node's GPUs: run it as one process "
+                         "(without torchrun), or drop it to give each torchrun process a GPU of its own.")
+
+
+def teacher_device(cfg: CacheConfig) -> str:
+    """--device, or cuda when there is one (under torchrun: this process's own GPU, cuda:LOCAL_RANK), else cpu."""
+    device = cfg.device or default_device()
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
 
 
 def precheck_store(root: Path, fingerprints: dict, settings: dict, plan_sha256: str, shard: int) -> None:
@@ -99,7 +112,7 @@ def run(cfg: CacheConfig) -> Path:
     shard, n_shards = parse_shard(cfg.shard)
     console = Console.for_stage(cfg.progress, cfg.quiet)
     examples = load_examples(cfg.data, limit=cfg.limit, skip_bad=cfg.skip_bad, report=console.warn)
-    device = cfg.device or default_device()
+    device = teacher_device(cfg)
     tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     eos, pad = eos_token_id(tok), pad_token_id(tok)
     # The whole data set is tokenised by every process: the plan (and so every byte) depends on all lengths.
@@ -120,8 +133,6 @@ def run(cfg: CacheConfig) -> Path:
                 "hidden_storage": cfg.hidden_storage, "n_parts": n_shards}
     precheck_store(root, fingerprints, settings, plan.sha256(), shard)
 
-    if cfg.device_map not in ("", "auto"):
-        raise StoreError(f"--device-map '{cfg.device_map}': only 'auto' (accelerate's dispatch over the GPUs).")
     model = load_causal_lm(cfg.teacher, dtype=_DTYPES.get(cfg.dtype), device=device,
                            trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map or None)
     device = str(input_device(model))  # a dispatched model takes its inputs on its first device

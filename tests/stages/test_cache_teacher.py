@@ -261,14 +261,43 @@ def test_device_map_auto_writes_the_same_store(teacher, clean_store, tmp_path):
     assert r.exit_code == 2 and "--device-map 'balanced': only 'auto'" in r.output
 
 
+def test_each_torchrun_process_takes_its_own_gpu_and_device_map_runs_alone(monkeypatch):
+    """Under torchrun, cuda means this process's GPU (cuda:LOCAL_RANK), not GPU 0 for all; --device-map auto (one
+    teacher over every GPU) with several processes is refused before anything is loaded."""
+    from dataclasses import replace
+
+    from dskd_pipe.cache.format import StoreError
+    from dskd_pipe.pipeline.config import CacheConfig
+    from dskd_pipe.stages.cache_teacher import check_settings, teacher_device
+
+    cfg = CacheConfig(device="cuda")
+    assert teacher_device(cfg) == "cuda"
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert [teacher_device(replace(cfg, device=d)) for d in ("cuda", "cuda:1", "cpu")] == ["cuda:3", "cuda:1", "cpu"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(StoreError, match=r"^--device-map auto spreads one teacher over all the node's GPUs: run it "
+                                         r"as one process"):
+        check_settings(CacheConfig(device_map="auto"))
+    check_settings(CacheConfig())
+
+
 @pytest.mark.slow
 def test_torchrun_ranks_write_disjoint_parts_of_one_store(teacher, clean_store, tmp_path):
-    """Under torchrun each rank writes its own part (RANK/WORLD_SIZE); the finished store equals one process's."""
+    """Under torchrun each rank writes its own part (RANK/WORLD_SIZE, no --shard); the finished store equals one
+    process's. CI sets torchrun's variables for two runs in this process; DSKD_PIPE_FULL_TRIALS=1 launches torchrun
+    with 2 processes (several seconds of imports each)."""
     out = tmp_path / "t.zarr"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "dskd_pipe.pipeline.cli", *map(str, cache_args(teacher, out))],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    if os.environ.get("DSKD_PIPE_FULL_TRIALS") == "1":
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "dskd_pipe.pipeline.cli", *map(str, cache_args(teacher, out))],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    else:
+        for rank in (1, 0):
+            r = CliRunner().invoke(main, [*map(str, cache_args(teacher, out))],
+                                   env={"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"})
+            assert r.exit_code == 0, r.output
+            assert f"part {rank}/2" in r.output
     store = open_store(str(out))
     assert store.manifest.n_parts == 2 and {store.locate(i)[0] for i in range(40)} == {0, 1}
     assert_same_examples(out, clean_store)
