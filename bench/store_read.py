@@ -9,7 +9,8 @@ bench/results/store_read.json.
 
 Readers: memmap (the reference), store (default options: crc32c of every inner chunk read), store_noverify (no
 per-read crc32c), store_c<N> (another inner-chunk size). The write rate is the store's alone (bytes of hidden states
-per second through PartWriter, fsync included).
+per second through PartWriter, fsync of every shard included) against the raw file's (written in 32 MiB pieces,
+fsynced), and the writer's own ceiling on tmpfs (/dev/shm: no disk).
 """
 from __future__ import annotations
 
@@ -64,9 +65,9 @@ def rows_of(pool: torch.Tensor, pos: int, n: int) -> torch.Tensor:
 
 
 def build(root: Path, raw: Path | None, lengths: list[int], chunk_tokens: int, shard_tokens: int,
-          pool: torch.Tensor) -> tuple[list[tuple[int, int]], float]:
+          pool: torch.Tensor) -> tuple[list[tuple[int, int]], float, float]:
     """The store (and the raw file, rows in the store's order); returns (spans of the examples in the raw file,
-    seconds the store's writer took)."""
+    seconds the store's writer took, seconds the raw file took: written in 32 MiB pieces, fsynced at the end)."""
     plan = plan_store(lengths, [64] * len(lengths), 1 << 20, 1)
     m = Manifest(fingerprints={"data": {"n_examples": len(lengths)}}, hidden_dtype="bfloat16", d_model=D,
                  vocab_size=32000, eos_id=2, pad_id=2, chunk_tokens=chunk_tokens, shard_tokens=shard_tokens,
@@ -79,11 +80,21 @@ def build(root: Path, raw: Path | None, lengths: list[int], chunk_tokens: int, s
     for i in order:
         spans[i] = (pos, lengths[i])
         pos += lengths[i]
+    raw_s = 0.0
     if raw is not None:
+        data = [rows_of(pool, spans[i][0], lengths[i]).view(torch.int16).numpy() for i in order]
+        t0 = time.perf_counter()
         with open(raw, "wb") as fraw:
-            for i in order:
-                fraw.write(rows_of(pool, spans[i][0], lengths[i]).view(torch.int16).numpy().tobytes())
+            piece, size = [], 0
+            for a in data + [None]:
+                if a is None or size >= 32 << 20:
+                    fraw.write(b"".join(piece))
+                    piece, size = [], 0
+                if a is not None:
+                    piece.append(a.tobytes())
+                    size += a.nbytes
             os.fsync(fraw.fileno())
+        raw_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     w = PartWriter(root_path, 0, m, plan)
     for i in order:
@@ -92,7 +103,7 @@ def build(root: Path, raw: Path | None, lengths: list[int], chunk_tokens: int, s
     w.close()
     elapsed = time.perf_counter() - t0
     finalize_store(root_path)
-    return spans, elapsed
+    return spans, elapsed, raw_s
 
 
 def read_store(url: str, order, verify: bool = True) -> int:
@@ -141,12 +152,21 @@ def main() -> None:
     work.mkdir(parents=True)
     sizes = [int(x) for x in args.chunk_tokens.split(",")]
     raw = work / "raw.bin"
-    roots, write_s = {}, {}
+    roots, write_s, raw_write_s = {}, {}, 0.0
     lengths = lengths_for(args.gb)
     pool = torch.randn(1 << 15, D).to(torch.bfloat16)  # 128 MiB of bf16 rows, reused cyclically
     for k, c in enumerate(sizes):
         roots[c] = work / f"store-c{c}.zarr"
-        spans, write_s[c] = build(roots[c], raw if k == 0 else None, lengths, c, args.shard_tokens, pool)
+        spans, write_s[c], raw_s = build(roots[c], raw if k == 0 else None, lengths, c, args.shard_tokens, pool)
+        raw_write_s = raw_s if k == 0 else raw_write_s
+    tmpfs = Path("/dev/shm")
+    write_tmpfs_s = None
+    if tmpfs.is_dir() and shutil.disk_usage(tmpfs).free > 3 * args.gb * 2**30:
+        shm = tmpfs / f"store_read_bench_{os.getpid()}"
+        shutil.rmtree(shm, ignore_errors=True)
+        shm.mkdir()
+        _, write_tmpfs_s, _ = build(shm / "s.zarr", None, lengths, sizes[0], args.shard_tokens, pool)
+        shutil.rmtree(shm, ignore_errors=True)
     total_mb = sum(n for _, n in spans) * D * 2 / 2**20
     order = np.random.default_rng(1).permutation(len(spans))
     halves = [order[0::2], order[1::2]]
@@ -156,11 +176,17 @@ def main() -> None:
            "command": "python bench/store_read.py " + " ".join(a for a in sys.argv[1:]),
            "shard_tokens": args.shard_tokens,
            "write_mib_s_store": round(total_mb / write_s[head], 1),
+           "write_mib_s_raw_file_fsync": round(total_mb / raw_write_s, 1),
+           "write_ratio_store_vs_raw": round(raw_write_s / write_s[head], 2),
+           "write_mib_s_store_tmpfs": round(total_mb / write_tmpfs_s, 1) if write_tmpfs_s else None,
            "bytes_on_disk_store": sum(p.stat().st_size for p in roots[head].rglob("*") if p.is_file()),
            "bytes_raw": raw.stat().st_size,
            "note": "store reads verify crc32c unless the key says noverify; ratio = store / memmap, same run"}
     for c in sizes[1:]:
         res[f"write_mib_s_store_c{c}"] = round(total_mb / write_s[c], 1)
+    for c in sizes:  # bytes of the inner chunks an example touches / its own bytes (what a checked read must read)
+        touched = sum(((s + n - 1) // c - s // c + 1) * c for s, n in spans)
+        res[f"read_amplification_c{c}"] = round(touched / sum(n for _, n in spans), 3)
     # name -> (fn, args); "store" is the headline reader: default options, first chunk size.
     readers = {"memmap": (read_memmap, (str(raw), spans))}
     for c in sizes:

@@ -388,9 +388,12 @@ class PartWriter:
         # The rows on disk end at a shard boundary, maybe inside an example: its first rows are there already (the
         # same bytes: the plan recomputes it in the same batch), so they are dropped when it is added again.
         self.skip = written - self.entries[self.next][1] if self.next < len(self.entries) else 0
-        self.buf_start = written
-        self.buf = {name: [] for name in self.layouts}
-        self.buf_rows = 0
+        self.buf_start = written  # first row of the shard being filled (a shard boundary)
+        self.buf_rows = 0  # rows of it filled so far
+        # Shard buffers, filled in place and recycled once written: at most 2 in flight + 1 filling per array.
+        # (Concatenating per-example pieces into a fresh 32 MiB array each shard cost ~3x the copy: page faults.)
+        self._free: list[dict] = []
+        self.buf = self._new_buffers()
         self._pool = ThreadPoolExecutor(max_workers=1) if background else None
         self._pending: list[Future] = []
         self._flushes = 0
@@ -420,30 +423,35 @@ class PartWriter:
             rows[TOPK_INDICES] = to_storage(topk_indices.to(torch.int32))
             rows[LOGSUMEXP] = to_storage(logsumexp.float())
         skip, self.skip = self.skip, 0
-        for name, r in rows.items():
-            self.buf[name].append(r[skip:])
-        self.buf_rows += n - skip
         self.next += 1
-        while self.buf_rows and self.buf_start + self.buf_rows >= (self.buf_start // self.S + 1) * self.S:
-            self._flush(self.S - self.buf_start % self.S, final=False)
+        pos = skip
+        while pos < n:
+            take = min(n - pos, self.S - self.buf_rows)
+            for name, r in rows.items():
+                self.buf[name][self.buf_rows:self.buf_rows + take] = r[pos:pos + take]
+            self.buf_rows += take
+            pos += take
+            if self.buf_rows == self.S:
+                self._flush(final=False)
 
-    def _flush(self, n_write: int, final: bool) -> None:
-        """Hand the first n_write buffered rows (one shard, or the last rows with `final`) to the write thread."""
-        data = {}
-        for name in self.buf:
-            cat = np.concatenate(self.buf[name]) if self.buf[name] else np.zeros((0,) + self.layouts[name].shape[1:],
-                                                                                  self.layouts[name].dtype)
-            data[name] = cat[:n_write]
-            self.buf[name] = [cat[n_write:]] if len(cat) > n_write else []
-        start = self.buf_start
-        self.buf_rows -= n_write
-        self.buf_start += n_write
-        job = (start, start + n_write, data, final)
+    def _new_buffers(self) -> dict:
+        if self._free:
+            return self._free.pop()
+        return {name: np.empty((self.S,) + layout.shape[1:], layout.dtype) for name, layout in self.layouts.items()}
+
+    def _flush(self, final: bool) -> None:
+        """Hand the filled rows (a whole shard, or the last rows with `final`) to the write thread."""
+        start, n = self.buf_start, self.buf_rows
+        job = (start, start + n, self.buf, final)
+        self.buf_start += n
+        self.buf_rows = 0
         if self._pool is None:
             self._write(*job)
+            self._free.append(job[2])
         else:
             self._raise_errors(block=len(self._pending) >= 2)  # bounded queue: at most 2 shards in flight
             self._pending.append(self._pool.submit(self._write, *job))
+        self.buf = self._new_buffers()
 
     def _write(self, start: int, end: int, data: dict, final: bool) -> None:
         if self._failed:
@@ -458,14 +466,16 @@ class PartWriter:
                 for name, layout in self.layouts.items():
                     path = self.dir / name / shards.shard_key(k, len(layout.shape))
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    _write(path, shards.encode_shard(data[name], layout), f"rows {start}..{end} of {self.where}",
-                           (self.total_rows - start) * row_bytes, then)
+                    _write(path, shards.encode_shard(data[name][:end - start], layout),
+                           f"rows {start}..{end} of {self.where}", (self.total_rows - start) * row_bytes, then)
             _write(self.dir / PROGRESS, [(json.dumps({"rows": end, "complete": final}) + "\n").encode()],
                    f"the progress of {self.where}", 64, then)
         except BaseException:
             self._failed = True
             raise
         self._flushes += 1
+        if self._pool is not None:
+            self._free.append(data)  # recycled (list append and pop are atomic under the GIL)
         if self._die_after and self._flushes >= self._die_after:
             os._exit(137)  # test hook: die like kill -9 right after a committed shard
 
@@ -486,7 +496,7 @@ class PartWriter:
                 if self.next < len(self.entries):
                     raise StoreError(f"{self.where}: closed with {len(self.entries) - self.next} example(s) of its "
                                      f"plan not written; {RESUME}.")
-                self._flush(self.buf_rows, final=True)
+                self._flush(final=True)
             while self._pending:
                 self._pending.pop(0).result()
             self.complete = self.complete or (complete and not self._failed)
