@@ -147,8 +147,8 @@ def main() -> None:
 
     def cache_cmd(out: Path, resume: bool) -> list[str]:
         return [DSKD, "cache-teacher", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
-                "--limit", str(a.limit), "--batch-tokens", "1024", "--chunk-tokens", "16", "--shard-tokens", "256",
-                "--device", "cpu"]
+                "--limit", str(a.limit), "--max-length", "128", "--batch-tokens", "1024", "--chunk-tokens", "16",
+                "--shard-tokens", "256", "--device", "cpu"]
 
     store = work / "store.zarr"
     subprocess.run(cache_cmd(store, False), check=True, capture_output=True)
@@ -156,18 +156,21 @@ def main() -> None:
     def distill_cmd(out: Path, resume: bool) -> list[str]:
         return [DSKD, "distill", "--cache", str(store), "--student", str(student), "--method", "cma-ga",
                 "--data", str(data), "--out", str(out), "--limit", str(a.limit), "--max-length", "128",
-                "--micro-batch-size", "4", "--grad-accum", "1", "--max-steps", "40", "--save-every", "5",
+                "--micro-batch-size", "2", "--grad-accum", "1", "--max-steps", "12", "--save-every", "2",
                 "--num-workers", "0", "--device", "cpu", "--seed", "0", "--no-progress"] + (["--resume"] if resume
                                                                                             else [])
 
     rng = random.Random(a.seed)
-    results = {"command": "python bench/chaos.py " + " ".join(sys.argv[1:]), "stages": {}}
+    # Stages run separately add to one results file.
+    previous = json.loads(Path(a.out).read_text()) if Path(a.out).is_file() else {}
+    results = {"stages": previous.get("stages", {}), "commands": previous.get("commands", {})}
     stages = {"cache-teacher": (cache_cmd, compare_stores), "distill": (distill_cmd, compare_runs)}
     for stage in a.stages.split(","):
         make_cmd, compare = stages[stage]
         results["stages"][stage] = chaos(stage, a.kills, work, rng, make_cmd, compare)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
+        results["commands"][stage] = "python bench/chaos.py " + " ".join(sys.argv[1:])
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(results, indent=2) + "\n")  # after each stage: a later failure keeps it
     for stage, r in results["stages"].items():
         print(f"{stage}: {r['summary']}")
     tmp.cleanup()

@@ -196,6 +196,7 @@ class LocalFiles:
         self._reset()
 
     def _reset(self) -> None:
+        self._probe = bytearray(1)
         self.fds: OrderedDict[str, int] = OrderedDict()
         self.maps: OrderedDict[str, tuple] = OrderedDict()
         self.pid = os.getpid()
@@ -230,14 +231,13 @@ class LocalFiles:
             self.maps.move_to_end(path)
         return m
 
-    def cached(self, path: str, offset: int, end: int) -> bool:
-        """Whether the first and last byte of [offset, end) are in the page cache (a read that may not wait)."""
+    def cached(self, path: str, offset: int) -> bool:
+        """Whether the byte at `offset` is in the page cache (a read that may not wait): a range's pages come and
+        go together, so its first byte stands for it."""
         if not _RWF_NOWAIT:
             return False
-        fd, probe = self.fd(path), bytearray(1)
         try:
-            return os.preadv(fd, [probe], offset, _RWF_NOWAIT) == 1 and os.preadv(fd, [probe], end - 1,
-                                                                                   _RWF_NOWAIT) == 1
+            return os.preadv(self.fd(path), [self._probe], offset, _RWF_NOWAIT) == 1
         except OSError:  # EAGAIN: not cached (or no RWF_NOWAIT on this filesystem)
             return False
 
@@ -334,8 +334,10 @@ class ShardedArray:
         self.verify = verify
         self._indexes: dict[int, np.ndarray] = {}
         self._dense_shards: dict[int, bool] = {}
+        self._views: dict[int, tuple] = {}  # shard -> (pid, memoryview, [chunks, c, *tail] rows) of its mapped file
         tail = layout.shape[1:]
         self.tail, self.dtype = tuple(tail), np.dtype(layout.dtype)
+        self._S, self._c, self._rb = layout.shard_rows, layout.chunk_rows, layout.row_bytes  # ints: read's hot path
         self._scratch = memoryview(bytearray(2 * layout.chunk_rows * layout.row_bytes))
 
     @property
@@ -411,10 +413,9 @@ class ShardedArray:
             raise IndexError(f"{self.name}: rows {a}..{b} outside 0..{L.shape[0]}")
         if L.compression != "none":
             return self._read_compressed(a, b, out)
-        shard_ids = range(a // L.shard_rows, (b - 1) // L.shard_rows + 1)
-        if self.files.local and all(self._dense(k) for k in shard_ids):
+        S, c, rb = self._S, self._c, self._rb
+        if self.files.local and all(self._dense(k) for k in range(a // S, (b - 1) // S + 1)):
             return self._read_mapped(a, b, out)
-        S, c, rb = L.shard_rows, L.chunk_rows, L.row_bytes
         cb, stored = c * rb, c * rb + 4
         ob = memoryview(out.reshape(-1).view(np.uint8))
         scratch = self._scratch
@@ -464,30 +465,37 @@ class ShardedArray:
                     raise self.error(k, j, "is corrupt (crc32c mismatch)")
         return out
 
+    def _mapped_rows(self, k: int) -> tuple[memoryview, np.ndarray]:
+        """(memoryview of shard k's mapped file, its rows as a [chunks, c, *tail] view), once per process."""
+        v = self._views.get(k)
+        if v is None or v[0] != os.getpid():
+            mv, raw = self.files.map(self.shard_path(k))
+            n, stored, cb = self.n_chunks_in(k), self._c * self._rb + 4, self._c * self._rb
+            rows = raw[:n * stored].reshape(n, stored)[:, :cb].view(self.dtype).reshape((n, self._c) + self.tail)
+            v = self._views[k] = (os.getpid(), mv, rows)
+        return v[1], v[2]
+
     def _read_mapped(self, a: int, b: int, out: np.ndarray) -> np.ndarray:
         """Local, uncompressed, dense shards: check each inner chunk's crc32c on the mapped file, then copy the rows
         with one numpy assignment per run of whole chunks. On page-cache-resident data this is a memmap's own cost
         plus the crc (BENCHMARKS.md); a range not in the page cache is queued whole first (posix_fadvise)."""
-        L = self.layout
-        S, c, rb = L.shard_rows, L.chunk_rows, L.row_bytes
+        S, c, rb = self._S, self._c, self._rb
         cb, stored = c * rb, c * rb + 4
         segments = []
         for k in range(a // S, (b - 1) // S + 1):
             lo, hi = max(a, k * S) - k * S, min(b, (k + 1) * S) - k * S  # rows of shard k wanted
-            segments.append((k, self.shard_path(k), lo, hi, lo // c, (hi - 1) // c))
-        for k, path, lo, hi, j0, j1 in segments:
-            if not self.files.cached(path, j0 * stored, (j1 + 1) * stored):
+            segments.append((k, lo, hi, lo // c, (hi - 1) // c))
+        for k, lo, hi, j0, j1 in segments:
+            path = self.shard_path(k)
+            if not self.files.cached(path, j0 * stored):
                 self.files.willneed(path, j0 * stored, (j1 - j0 + 1) * stored)
-        for k, path, lo, hi, j0, j1 in segments:
-            mv, raw = self.files.map(path)
+        for k, lo, hi, j0, j1 in segments:
+            mv, rows = self._mapped_rows(k)
             if self.verify:
                 for j in range(j0, j1 + 1):
                     o = j * stored
                     if crc32c(mv[o:o + cb]) != int.from_bytes(mv[o + cb:o + stored], "little"):
                         raise self.error(k, j, "is corrupt (crc32c mismatch)")
-            n_used = self.n_chunks_in(k)
-            rows = raw[:n_used * stored].reshape(n_used, stored)[:, :cb].view(self.dtype)
-            rows = rows.reshape((n_used, c) + self.tail)  # [chunks, c, *tail], a view of the mapped file
             base = k * S - a  # row of `out` where shard k's row 0 would go
             r = lo
             if lo % c:  # the first chunk, entered part-way
