@@ -8,7 +8,10 @@ bench/results/store_read.json.
     python bench/store_read.py --gb 1.0 --dir /tmp/store_bench --chunk-tokens 32,64,256 --repeats 3
 
 Readers: memmap (the reference), store (default options: crc32c of every inner chunk read), store_noverify (no
-per-read crc32c), store_c<N> (another inner-chunk size). The write rate is the store's alone (bytes of hidden states
+per-read crc32c), store_c<N> (another inner-chunk size), store_mapcold (cold ranges read through the map after a
+posix_fadvise, not with preadv). Ratios are best-of-repeats wall-time ratios in one run; warm
+reads also get CPU-time ratios (no I/O is waited for, so they stand for an unshared machine's wall-time ratios when
+other jobs share the cores). The write rate is the store's alone (bytes of hidden states
 per second through PartWriter, fsync of every shard included) against the raw file's (written in 32 MiB pieces,
 fsynced), and the writer's own ceiling on tmpfs (/dev/shm: no disk).
 """
@@ -106,35 +109,37 @@ def build(root: Path, raw: Path | None, lengths: list[int], chunk_tokens: int, s
     return spans, elapsed, raw_s
 
 
-def read_store(url: str, order, verify: bool = True) -> int:
+def read_store(url: str, order, verify: bool = True, pread_cold: bool = True) -> tuple[int, float]:
+    """(hidden bytes read, CPU seconds of this process) for whole examples in `order`, through the reader."""
+    from dskd_pipe.cache.shards import ShardedArray
+
+    ShardedArray.pread_cold = pread_cold
+    c0 = time.process_time()
     store = open_store(url, verify=verify)
     nbytes = 0
     for i in order:
         nbytes += store.read(int(i))["hidden"].numel() * 2
-    return nbytes
+    return nbytes, time.process_time() - c0
 
 
-def read_memmap(raw: str, spans, order) -> int:
+def read_memmap(raw: str, spans, order) -> tuple[int, float]:
+    c0 = time.process_time()
     mm = np.memmap(raw, dtype=np.uint16, mode="r").reshape(-1, D)
     nbytes = 0
     for i in order:
         s, n = spans[i]
         nbytes += np.array(mm[s:s + n]).nbytes
-    return nbytes
+    return nbytes, time.process_time() - c0
 
 
-def timed(fn, *args) -> float:
-    t0 = time.perf_counter()
-    nbytes = fn(*args)
-    return nbytes / 2**20 / (time.perf_counter() - t0)
-
-
-def timed_2proc(fn, args_for) -> float:
+def timed_2proc(fn, args_for) -> tuple[float, float]:
+    """(MiB/s over wall time, MiB/s by CPU time: each process's bytes / its CPU seconds, summed)."""
     ctx = mp.get_context("fork")
     t0 = time.perf_counter()
     with ctx.Pool(2) as pool:
-        nbytes = sum(pool.starmap(fn, [args_for(0), args_for(1)]))
-    return nbytes / 2**20 / (time.perf_counter() - t0)
+        got = pool.starmap(fn, [args_for(0), args_for(1)])
+    wall = time.perf_counter() - t0
+    return sum(n for n, _ in got) / 2**20 / wall, sum(n / 2**20 / max(c, 1e-9) for n, c in got)
 
 
 def main() -> None:
@@ -193,6 +198,7 @@ def main() -> None:
         tag = "" if c == head else f"_c{c}"
         readers[f"store{tag}"] = (read_store, (str(roots[c]),))
     readers["store_noverify"] = (read_store, (str(roots[head]),), {"verify": False})
+    readers["store_mapcold"] = (read_store, (str(roots[head]),), {"pread_cold": False})
     paths = [raw, *roots.values()]
 
     def call(name, idx):
@@ -203,20 +209,22 @@ def main() -> None:
         if mode == "warm":
             for name in readers:
                 call(name, order)  # the page cache can hold every file of a modest run
-        best = {}
+        best, best_cpu = {}, {}
         for _ in range(args.repeats):  # interleaved, so a slow spell of the shared machine hits every reader
             for name in readers:
                 if mode == "cold":
                     res["cache_drop"] = drop_caches(paths)
                 t0 = time.perf_counter()
-                nbytes = call(name, order)
+                nbytes, cpu = call(name, order)
                 best[name] = max(best.get(name, 0), nbytes / 2**20 / (time.perf_counter() - t0))
+                best_cpu[name] = max(best_cpu.get(name, 0), nbytes / 2**20 / cpu)
             for name in ("memmap", "store"):
                 if mode == "cold":
                     drop_caches(paths)
                 fn, a = readers[name][:2]
                 key = f"2proc_{name}"
-                best[key] = max(best.get(key, 0), timed_2proc(fn, lambda k, a=a: (*a, halves[k])))
+                wall, cpu = timed_2proc(fn, lambda k, a=a: (*a, halves[k]))
+                best[key], best_cpu[key] = max(best.get(key, 0), wall), max(best_cpu.get(key, 0), cpu)
         for name, v in best.items():
             if name.startswith("2proc_"):
                 continue
@@ -226,6 +234,13 @@ def main() -> None:
         res[f"{mode}_2proc_memmap_mib_s"] = round(best["2proc_memmap"], 1)
         res[f"{mode}_2proc_store_mib_s"] = round(best["2proc_store"], 1)
         res[f"{mode}_2proc_ratio"] = round(best["2proc_store"] / best["2proc_memmap"], 2)
+        if mode == "warm":  # warm reads do no I/O: CPU time is what an idle machine's wall time would be
+            for name, v in best_cpu.items():
+                if name not in ("memmap", "2proc_memmap"):
+                    ref = best_cpu["2proc_memmap" if name.startswith("2proc") else "memmap"]
+                    tag = "2proc" if name.startswith("2proc") else "1proc"
+                    res[f"warm_{tag}_cpu_time_ratio" + name.removeprefix("2proc_").removeprefix("store")] = round(
+                        v / ref, 2)
     # Zarr's own reader on the same store (any Zarr v3 reader can open it), one slice per example, warm.
     import zarr
     arr = zarr.open_array(str(roots[head] / part_name(0) / "hidden"), mode="r")

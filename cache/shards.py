@@ -327,6 +327,10 @@ class ShardedArray:
     describe(a, b) -> ", examples [..]" names what rows [a, b) hold, for error messages.
     """
 
+    # Local rows not in the page cache are read with preadv (one disk request per range, no page faults) rather
+    # than through the map; bench/store_read.py turns this off to compare.
+    pread_cold = True
+
     def __init__(self, files, folder: str, layout: ArrayLayout, name: str, store: str, describe=None,
                  verify: bool = True):
         self.files, self.folder, self.layout, self.name, self.store = files, folder.rstrip("/"), layout, name, store
@@ -415,7 +419,11 @@ class ShardedArray:
             return self._read_compressed(a, b, out)
         S, c, rb = self._S, self._c, self._rb
         if self.files.local and all(self._dense(k) for k in range(a // S, (b - 1) // S + 1)):
-            return self._read_mapped(a, b, out)
+            stored = c * rb + 4
+            warm = all(self.files.cached(self.shard_path(k), (max(a, k * S) - k * S) // c * stored)
+                       for k in range(a // S, (b - 1) // S + 1))
+            if warm or not self.pread_cold:
+                return self._read_mapped(a, b, out)
         cb, stored = c * rb, c * rb + 4
         ob = memoryview(out.reshape(-1).view(np.uint8))
         scratch = self._scratch
@@ -476,9 +484,9 @@ class ShardedArray:
         return v[1], v[2]
 
     def _read_mapped(self, a: int, b: int, out: np.ndarray) -> np.ndarray:
-        """Local, uncompressed, dense shards: check each inner chunk's crc32c on the mapped file, then copy the rows
-        with one numpy assignment per run of whole chunks. On page-cache-resident data this is a memmap's own cost
-        plus the crc (BENCHMARKS.md); a range not in the page cache is queued whole first (posix_fadvise)."""
+        """Local, uncompressed, dense shards in the page cache: check each inner chunk's crc32c on the mapped file,
+        then copy the rows with one numpy assignment per run of whole chunks: a memmap's own cost plus the crc
+        (BENCHMARKS.md). (With pread_cold off, a range not in the page cache is first queued whole.)"""
         S, c, rb = self._S, self._c, self._rb
         cb, stored = c * rb, c * rb + 4
         segments = []
@@ -487,7 +495,7 @@ class ShardedArray:
             segments.append((k, lo, hi, lo // c, (hi - 1) // c))
         for k, lo, hi, j0, j1 in segments:
             path = self.shard_path(k)
-            if not self.files.cached(path, j0 * stored):
+            if not self.pread_cold and not self.files.cached(path, j0 * stored):
                 self.files.willneed(path, j0 * stored, (j1 - j0 + 1) * stored)
         for k, lo, hi, j0, j1 in segments:
             mv, rows = self._mapped_rows(k)
