@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one go, on a lent machine (python 3.12, torch preinstalled; zarr & co. carried as wheels in
 # .whl/). Results land in $OUT (or bench/results). Usage: bash bench/gpu_run.sh [all|s2t|distill|capture|store|methods|loader|students]
+# Each part stops at its own time cap (s2t 2 min, capture 5, distill 7, store 7, loader 7, methods 9.5, students 9.5:
+# 47 min for `all`); a shorter lend runs the parts one call each, in the order of the rows it most needs.
 set -uo pipefail
 what=${1:-all}
 res=${OUT:-bench/results}
