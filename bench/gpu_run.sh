@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmarks in one go, on a lent machine (python 3.12, torch preinstalled; zarr & co. carried as wheels in
-# .whl/). Results land in $OUT (or bench/results). Usage: bash bench/gpu_run.sh [all|s2t|distill|capture|store|methods|loader|students]
-# Each part stops at its own time cap (s2t 2 min, capture 5, distill 7, store 7, loader 7, methods 9.5, students 9.5:
-# 47 min for `all`); a shorter lend runs the parts one call each, in the order of the rows it most needs.
+# .whl/). Results land in $OUT (or bench/results). Usage: bash bench/gpu_run.sh [all|s2t|distill|capture|store|methods|loader|students|distributed]
+# Each part stops at its own time cap (s2t 2 min, capture 5, distill 7, store 7, loader 7, methods 9.5, students 9.5,
+# distributed 7 and only with 2+ GPUs: 47-54 min for `all`); a shorter lend runs the parts one call each, in the
+# order of the rows it most needs.
 set -uo pipefail
 what=${1:-all}
 res=${OUT:-bench/results}
@@ -49,5 +50,16 @@ if [[ $what == all || $what == students ]]; then
   timeout 570 python3 bench/many_students.py --teacher-shape qwen1.5-1.8b --student-shape gpt2 --device cuda \
     --limit 128 --max-length 512 --micro-batch-size 8 --grad-accum 1 --num-workers -1 --students 10 --out "$res" \
     || echo "many-students bench failed"
+fi
+if [[ $what == all || $what == distributed ]]; then
+  # DDP / FSDP2 / one process on the node's GPUs (issue 12); one GPU has nothing to compare
+  ngpu=$(nvidia-smi -L | wc -l)
+  if (( ngpu >= 2 )); then
+    timeout 420 python3 bench/distributed.py --student-size 200m --nproc "$ngpu" --device cuda --micro-batch-size 4 \
+      --steps 10 --out "$res/distributed-gpu-200m.json" \
+      || echo "distributed bench failed"
+  else
+    echo "distributed bench skipped: $ngpu GPU(s), it compares 2+ processes against one"
+  fi
 fi
 ls -la "$res"
