@@ -301,13 +301,13 @@ def generate_cmd(config_path, model, data, seed, **flags) -> None:
 # --- demo (stages/demo.py) ---
 @main.command("demo")
 @click.option("--out", default="dskd-demo", show_default=True, help="Output folder; a rerun reuses finished steps.")
-@click.option("--size", type=click.Choice(["small", "tiny"]), default="small", show_default=True,
-              help="small: a few minutes on a 2-core CPU; tiny: a smoke test in seconds.")
-@click.option("--config", "config_path", default=None, help="A demo TOML like configs/demo.toml (default: it).")
+@click.option("--size", type=click.Choice(["demo", "ci"]), default="demo", show_default=True,
+              help="demo: a few minutes on a 2-core CPU; ci: a smoke test in seconds.")
+@click.option("--config", "config_path", default=None, help="A recipe TOML like configs/quality.toml (default: it).")
 @click.option("--fresh", is_flag=True, help="Remove this demo's outputs in --out first.")
 @click.option("--progress/--no-progress", default=True, help="The stages' progress bars on stderr.")
 def demo(out, size, config_path, fresh, progress) -> None:
-    """Cache a tiny SFT'd Qwen2 teacher, distil a tiny GPT-2 student (sft, cma-ga), score all: the whole job."""
+    """The quality benchmark at demo size: train a teacher, distil students across tokenizers, score, compare."""
     from dskd_pipe.stages.demo import run
 
     _show(run(out, size=size, config=config_path, fresh=fresh, progress=progress))
@@ -331,7 +331,8 @@ def _show(result: dict) -> None:
 @click.option("--fresh", is_flag=True, help="Remove this recipe's outputs in --out first.")
 @click.option("--progress/--no-progress", default=True, help="The stages' progress bars on stderr.")
 def recipe(config, size, out, data_root, fresh, progress) -> None:
-    """A whole experiment from one config: models -> teacher SFT -> cache -> methods x seeds -> score, summary."""
+    """A whole experiment from one config: data, tokenizers, models -> teacher SFT -> cache -> methods x seeds ->
+    score, summary."""
     from dskd_pipe.stages.recipe import run
 
     _show(run(config, size=size, out=out, data_root=data_root, fresh=fresh, progress=progress))

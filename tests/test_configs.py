@@ -5,9 +5,9 @@ import pytest
 
 from dskd_pipe.pipeline.config import CacheConfig, DistillConfig, ScoreConfig, load_config
 
+RECIPES = ("quality.toml", "real_gemma3_smollm2.toml")  # recipe files (stages/recipe.py): tests/stages/test_recipe.py
 CONFIGS = sorted(p.name for p in resources.files("dskd_pipe.configs").iterdir()
-                 if p.name.endswith(".toml") and p.name != "demo.toml"  # demo.toml: tests/stages/test_demo.py
-                 and not p.name.startswith("real_"))  # recipe files (stages/recipe.py): tests/stages/test_recipe.py
+                 if p.name.endswith(".toml") and p.name not in RECIPES)
 
 
 def stage_of(name: str):

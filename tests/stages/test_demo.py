@@ -1,5 +1,7 @@
-"""stages/demo.py (configs/demo.toml through stages/recipe.py): the whole job at --size tiny (< 60 s on a 2-core
-CPU), its reuse on a rerun, its config checks."""
+"""stages/demo.py (configs/quality.toml through stages/recipe.py): the quality benchmark's `ci` size end to end
+(generated world, trained tokenizers, teacher SFT, cache, students across and within tokenizers, NLL and ROUGE-L,
+paired comparison, plots), the benchmark's teacher beating the student it starts from, reuse on a rerun, and the
+config checks."""
 from __future__ import annotations
 
 import json
@@ -12,48 +14,91 @@ from dskd_pipe.pipeline.config import ConfigError
 from dskd_pipe.stages import demo
 
 
-def test_tokenizers_ship_with_the_package():
-    from dskd_pipe.pipeline.models import load_tokenizer
-
-    assert len(load_tokenizer(str(demo.shipped("tokenizers", "gpt2")))) == 50257
-    assert len(load_tokenizer(str(demo.shipped("tokenizers", "qwen2")))) == 151669
-    assert demo.shipped("tokenizers", "SOURCES.md").is_file()
-
-
-def test_demo_tiny_end_to_end_then_reuses_finished_steps(tmp_path):
-    out = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--size", "tiny", "--no-progress"])
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality") / "ci"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--size", "ci", "--no-progress"])
     assert result.exit_code == 0, result.output
-    for line in ("| teacher | student-init | sft | cma-ga |", "where everything lies:", str(out / "teacher.zarr")):
-        assert line in result.output
-    report = json.loads((out / "score" / "report.json").read_text())
-    assert set(report["models"]) == {"teacher", "student-init", "sft", "cma-ga"}
-    for folder in ("models/teacher-init", "models/student-init", "teacher", "students/sft", "students/cma-ga"):
-        assert (out / folder / "model.safetensors").is_file(), folder
-    # The cma-ga student learnt from the Qwen-tokenised store: its projectors and discriminator are saved.
-    assert (out / "students" / "cma-ga" / "discriminator.safetensors").is_file()
-    assert json.loads((out / "teacher" / "distill_config.json").read_text())["config"]["method"] == "sft"
+    return out, result.output
 
+
+def test_ci_size_end_to_end(ci_run):
+    out, output = ci_run
+    for line in ("| sft@teacher-tok | bpe-300 |", "| kd@teacher-tok | bpe-300 |", "| dskd-cma | wordpiece-320 |",
+                 "where everything lies:", str(out / "teacher.zarr"), str(out / "dev_curves.png")):
+        assert line in output, line
+    for folder in ("data", "tokenizers/teacher", "tokenizers/student", "teacher", "models/student-init@teacher-tok"):
+        assert (out / folder).is_dir(), folder
+    # Four students x two seeds, each from the start its tokenizer asks for.
+    for method, init in (("sft", "student-init"), ("dskd-cma", "student-init"),
+                         ("sft@teacher-tok", "student-init@teacher-tok"), ("kd@teacher-tok", "student-init@teacher-tok")):
+        for seed in (1, 2):
+            cfg = json.loads((out / "students" / f"{method}-seed{seed}" / "distill_config.json").read_text())["config"]
+            assert cfg["student"] == str(out / "models" / init) and cfg["seed"] == seed
+            assert cfg["method"] == method.split("@")[0]
+    agreement = json.loads((out / "tokenizers" / "agreement.json").read_text())
+    assert 0.3 < agreement["student_tokens_ending_on_a_teacher_end"] < 1.0  # really two tokenizations
+    summary = json.loads((out / "summary.json").read_text())
+    kd = summary["rows"]["kd@teacher-tok"]
+    assert kd["baseline"] == "sft@teacher-tok" and set(kd["metrics"]["nll_char/test"]["per_seed"]) == {"1", "2"}
+    diff = kd["vs_baseline"]["nll_char/test"]
+    sft_nll = summary["rows"]["sft@teacher-tok"]["metrics"]["nll_char/test"]["per_seed"]
+    assert diff["per_seed"] == pytest.approx([kd["metrics"]["nll_char/test"]["per_seed"][s] - sft_nll[s]
+                                              for s in ("1", "2")])
+    nll = json.loads((out / "score" / "nll.json").read_text())
+    assert nll["teacher"]["test"]["examples"] == 16 and nll["teacher"]["test"]["truncated"] == 0
+    assert (out / "scores.png").is_file() and (out / "dev_curves.png").is_file()
+
+
+def test_the_benchmark_teacher_beats_the_student_it_starts_from(ci_run):
+    """The benchmark means nothing if its teacher does not know more than the students start with: held-out NLL
+    per character (comparable across the two tokenizers) of the SFT'd teacher must be below both initial students
+    and every trained student."""
+    out, _ = ci_run
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    teacher = rows["teacher"]["metrics"]["nll_char/test"]["mean"]
+    for name, row in rows.items():
+        if name != "teacher":
+            assert teacher < row["metrics"]["nll_char/test"]["mean"], name
+
+
+def test_rerun_reuses_every_finished_step(ci_run):
+    out, _ = ci_run
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
-    again = CliRunner().invoke(main, ["demo", "--out", str(out), "--size", "tiny", "--no-progress"])
+    again = CliRunner().invoke(main, ["demo", "--out", str(out), "--size", "ci", "--no-progress"])
     assert again.exit_code == 0, again.output
-    assert "finished before, kept" in again.output and "already complete" in again.output
+    assert again.output.count("finished before, kept") == 9  # the teacher and 8 students
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == mtimes
+    timings = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()]
+    rerun = timings[max(i for i, t in enumerate(timings) if t["step"] == "data"):]
+    assert [t["step"] for t in rerun if not t["reused"]] == ["score", "summary"]  # scores are re-read from disk
 
 
 def test_other_size_in_the_same_folder_is_refused(tmp_path):
-    (tmp_path / "recipe.json").write_text(json.dumps({"config": "demo.toml", "size": "tiny", "settings": {}}))
-    with pytest.raises(ConfigError, match=r"holds a run with other settings \(demo.toml, size tiny\)\. Pass --fresh"):
-        demo.run(tmp_path, size="small")
+    (tmp_path / "recipe.json").write_text(json.dumps({"config": "quality.toml", "size": "ci", "settings": {}}))
+    with pytest.raises(ConfigError, match=r"holds a run with other settings \(quality.toml, size ci\)\. Pass --fresh"):
+        demo.run(tmp_path, size="demo")
 
 
 def test_demo_config_problems_are_reported_together(tmp_path):
-    bad = tmp_path / "demo.toml"
-    bad.write_text((demo.shipped("demo.toml")).read_text()
-                   + '\n[odd.models]\nteacher_d_model = 0\n[odd.distill]\nout = "x"\nlr = "fast"\n')
+    bad = tmp_path / "q.toml"
+    bad.write_text(demo.shipped("quality.toml").read_text()
+                   + '\n[odd]\nmethods = ["sft"]\nsame_tokenizer_methods = ["kd"]\n[odd.models]\nteacher = "tiny"\n'
+                   'teacher_arch = "llama"\nteacher_d_model = 0\nteacher_layers = 1\nteacher_heads = 1\n'
+                   'teacher_tokenizer = "gpt2"\nstudent = "tiny"\nstudent_arch = "llama"\nstudent_d_model = 8\n'
+                   'student_layers = 1\nstudent_heads = 1\n[odd.world]\nn_towns = 20\nteacher_train = 10\n'
+                   'student_train = 20\ndev = 4\ntest = 4\n[odd.tokenizers]\nteacher = "sentencepiece"\n'
+                   'teacher_vocab = 10\nstudent = "wordpiece"\nstudent_vocab = 300\n[odd.distill]\nout = "x"\n'
+                   'lr = "fast"\n[odd.student_pretrain]\nepochs = 1\n')
     with pytest.raises(ConfigError) as e:
         demo.load_demo_config("odd", bad)
     msg = str(e.value)
-    assert "[odd.models] teacher_d_model: expected a positive integer, found 0." in msg
-    assert "[odd.distill] 'out' is set by the recipe; remove it." in msg
-    assert "[odd.distill] key 'lr': expected a number, found 'fast'." in msg
+    for line in ("[odd.models] teacher_d_model: expected a positive integer, found 0.",
+                 "[odd.models] teacher_tokenizer: the [tokenizers] table trains this tokenizer; remove it.",
+                 "[odd.world] student_train (20) must be <= teacher_train (10)",
+                 "[odd.tokenizers] teacher: expected one of bpe, wordpiece, found 'sentencepiece'.",
+                 "[odd.tokenizers] teacher_vocab: expected an integer >= 64, found 10.",
+                 "[odd.student_pretrain] needs pretraining data: [world] pretrain = N or [data] pretrain = FILE.",
+                 "[odd.distill] 'out' is set by the recipe; remove it.",
+                 "[odd.distill] key 'lr': expected a number, found 'fast'."):
+        assert line in msg, line

@@ -95,21 +95,32 @@ def test_tiny_recipe_trains_every_method_and_seed_then_reuses_them(tmp_path, dat
     assert report["sets"] == ["dolly", "other"]
 
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["rows"]) == ["dolly", "other", "Average"]
-    cell = summary["rows"]["dolly"]["dskd-cma"]
+    assert list(summary["rows"]) == ["teacher", "student-init", "sft", "dskd-cma"] and summary["sets"] == [
+        "dolly", "other"]
+    cell = summary["rows"]["dskd-cma"]["metrics"]["rouge_l/dolly"]
     per_seed = [report["models"][f"dskd-cma-seed{s}"]["sets"]["dolly"]["mean"] for s in (1, 2)]
     assert cell["per_seed"] == {"1": per_seed[0], "2": per_seed[1]}
     assert cell["mean"] == pytest.approx(sum(per_seed) / 2)
     assert cell["std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2)
-    assert summary["rows"]["dolly"]["teacher"]["mean"] == report["models"]["teacher"]["sets"]["dolly"]["mean"]
+    teacher = summary["rows"]["teacher"]["metrics"]
+    assert teacher["rouge_l/dolly"]["mean"] == report["models"]["teacher"]["sets"]["dolly"]["mean"]
+    nll = json.loads((out / "score" / "nll.json").read_text())
+    assert teacher["nll_char/other"]["mean"] == nll["teacher"]["other"]["per_char"]
+    assert nll["teacher"]["other"]["examples"] == 4  # every example of the set
     # The student as it started: the row that distillation has to improve on.
-    init = summary["rows"]["other"]["student-init"]
-    assert (init["mean"], init["n_models"]) == (report["models"]["student-init"]["sets"]["other"]["mean"], 1)
-    assert "| Set | n | teacher | student-init | sft | dskd-cma |" in result.output
+    init = summary["rows"]["student-init"]["metrics"]["rouge_l/other"]
+    assert (init["mean"], init["n"]) == (report["models"]["student-init"]["sets"]["other"]["mean"], 1)
+    # dskd-cma against sft, seed by seed.
+    diff = summary["rows"]["dskd-cma"]["vs_baseline"]["nll_char/dolly"]
+    sft = summary["rows"]["sft"]["metrics"]["nll_char/dolly"]["per_seed"]
+    ours = summary["rows"]["dskd-cma"]["metrics"]["nll_char/dolly"]["per_seed"]
+    assert diff["per_seed"] == pytest.approx([ours[s] - sft[s] for s in ("1", "2")])
+    assert "| model | tokenizer | NLL/char | Δ vs sft [95% CI] | NLL/token | ROUGE-L | Δ vs sft [95% CI] |" in \
+        result.output
     assert "mean ± std over training seeds 1, 2" in (out / "summary.md").read_text()
     steps = [json.loads(line)["step"] for line in (out / "timings.jsonl").read_text().splitlines()]
     assert steps == ["models", "cache", "distill sft-seed1", "distill sft-seed2", "distill dskd-cma-seed1",
-                     "distill dskd-cma-seed2", "score"]
+                     "distill dskd-cma-seed2", "score", "summary"]
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     again = CliRunner().invoke(main, args)
@@ -117,7 +128,7 @@ def test_tiny_recipe_trains_every_method_and_seed_then_reuses_them(tmp_path, dat
     assert again.output.count("finished before, kept") == 4 and "already complete" in again.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == mtimes
     rerun = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()][len(steps):]
-    assert [(t["step"], t["reused"]) for t in rerun[1:-1]] == [(s, True) for s in steps[1:-1]]  # store, students
+    assert [(t["step"], t["reused"]) for t in rerun[1:-2]] == [(s, True) for s in steps[1:-2]]  # store, students
     # Another data root is another run: refused in the same folder.
     other = tmp_path / "elsewhere"
     other.mkdir()
@@ -169,7 +180,8 @@ out = "here"
         recipe.load_recipe_config(bad, "x")
     msg = str(e.value)
     for line in (
-        ": unknown key or table [x.extra] (known: methods, seeds, models, data, teacher_sft, cache, distill, score).",
+        ": unknown key or table [x.extra] (known: methods, same_tokenizer_methods, seeds, jobs, models, data, world, "
+        "tokenizers, nll, teacher_sft, student_pretrain, cache, distill, score).",
         "[x] methods: expected a list of sft, ",
         "[x] seeds: expected a list of distinct integers, found [1, 1].",
         "[x.models] unknown key 'colour'",
@@ -205,5 +217,7 @@ def test_shipped_recipes_load():
     assert (d["lr"], d["projector_lr"], d["epochs"], d["micro_batch_size"] * d["grad_accum"]) == (5e-4, 1e-3, 20, 32)
     assert recipe.resolve_data("dolly-minillm/train.jsonl", "/data") == "/data/dolly-minillm/train.jsonl"
     assert recipe.resolve_data("/abs/train.jsonl", "/data") == "/abs/train.jsonl"
-    for size in ("small", "tiny"):
-        assert recipe.load_recipe_config("demo", size)[1]["methods"] == ["sft", "cma-ga"]
+    for size in ("full", "demo", "ci"):
+        q = recipe.load_recipe_config("quality", size)[1]
+        assert "sft" in q["methods"] and q["same_tokenizer_methods"][:2] == ["sft", "kd"] and len(q["seeds"]) >= 2
+        assert q["world"]["student_train"] < q["world"]["teacher_train"]

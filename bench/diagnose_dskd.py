@@ -1,0 +1,207 @@
+"""Why does (or does not) a DSKD-family student learn from its teacher? Measure it on a finished distill run.
+
+    python bench/diagnose_dskd.py --run RUN --data TRAIN.jsonl [--batches 4] [--out bench/results/diag.json]
+
+RUN is a `dskd-pipe distill` output folder of dskd-cma, cma-ga or chunk-attention trained with --save-every K and
+--keep-checkpoints 0 (every checkpoint kept). For each checkpoint, on the same fixed batches of the run's store (the
+first --batches of epoch 0's order, seed 0), the script recomputes the loss terms with the checkpoint's student and
+projectors and reports:
+    grad_norm[term]        norm of the gradient each term sends into the student's parameters, as the loss weighs
+                           it ((1-l) CE_s, l KD_t2s, l KD_s2t; per supervised student token), and its cosine with
+                           the CE gradient; `kd_t2s_all_rows` is KD_t2s without the accuracy mask (what it would send)
+    nll_per_char           the student's CE, the t2s target's CE (CE_t2s: how good the distribution KD_t2s pulls the
+                           student to is on the gold tokens) and the teacher's own CE, each per character of the
+                           responses, so the three are comparable
+    t2s_acc, mask_kept     argmax(Zt2s) == gold: the share of rows the accuracy mask keeps for KD_t2s
+    s2t_acc                argmax of the s2t logits == the teacher's label
+    attention              entropy of a_t2s rows and the share of student tokens whose argmax attention falls inside
+                           their ground-truth chunk (pipeline/probes.chunk_alignment), with the uniform baseline
+    discriminator (cma-ga) D's accuracy on response keys / queries and the mean L2 norm of both
+and from metrics.jsonl every logged step's terms (ce_student, kd_t2s, kd_s2t, ce_t2s, t2s_acc, s2t_acc, attention
+entropy, and for cma-ga l_d, l_g, d_acc_real, d_acc_fake). The JSON goes to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dskd_pipe.cache.streaming import Collate, DistillDataset, Side
+from dskd_pipe.pipeline.config import DistillConfig, load_config
+from dskd_pipe.pipeline.methods import chunk_extras, resolve
+from dskd_pipe.pipeline.models import eos_token_id, load_causal_lm, load_tokenizer, pad_token_id
+from dskd_pipe.pipeline.objectives.divergences import cross_entropy_sum, get_divergence
+from dskd_pipe.pipeline.objectives.dskd import (build_projectors, cross_model_attention, dskd_cma_loss,
+                                                teacher_logits)
+from dskd_pipe.pipeline.probes import alignment_counts
+from dskd_pipe.pipeline.training import list_checkpoints, load_safetensors
+from dskd_pipe.stages import distill
+
+METHODS = {"dskd-cma": "dskd_cma", "cma-ga": "dskd_cma_ga", "chunk-attention": "dskd_cma"}  # -> projector kind
+CHUNK_MODES = {"chunk-attention": "attention"}
+CURVE_KEYS = ("loss", "ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "t2s_acc", "s2t_acc", "attention_entropy", "l_d",
+              "l_g", "d_acc_real", "d_acc_fake", "grad_norm", "dev_loss")
+
+
+def fixed_batches(cfg: DistillConfig, teacher, tok, n: int) -> list[dict]:
+    """The first n batches of epoch 0 in seed 0's order, each with "response_chars": characters of its responses
+    (+1 each for the end), the scale of the per-character NLLs."""
+    side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
+    _, source = distill.open_teacher(cfg, "cpu")
+    dataset = DistillDataset(source, side, seed=0, epoch=0)
+    collate = Collate(side.pad_id, teacher.pad_id, chunk_extras)
+    bs = cfg.micro_batch_size
+    out = []
+    for start in range(0, min(n * bs, len(dataset)), bs):
+        items = [dataset[k] for k in range(start, min(start + bs, len(dataset)))]
+        batch = collate(items)
+        batch["response_chars"] = float(sum(len(it["response"]) + 1 for it in items))
+        out.append(batch)
+    return out
+
+
+def _flat(grads, params) -> torch.Tensor:
+    """One vector over all parameters; a parameter a term does not reach counts as zeros."""
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm() + 1e-12))
+
+
+def measure(cfg: DistillConfig, checkpoint: Path, batches: list[dict], teacher) -> dict:
+    """The quantities of the module docstring for one checkpoint, summed over the batches."""
+    student = load_causal_lm(str(checkpoint / "student"), dtype=torch.float32, device="cpu")
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    es, ws = student.get_input_embeddings().weight, student.get_output_embeddings().weight
+    projectors = build_projectors(METHODS[cfg.method], es.shape[1], teacher.head.weight.shape[1])
+    load_safetensors(projectors, checkpoint / "projectors.safetensors")
+    disc = None
+    if cfg.method == "cma-ga" and (checkpoint / "discriminator.safetensors").is_file():
+        from dskd_pipe.pipeline.objectives.cma_ga import build_discriminator
+
+        disc = build_discriminator(2 * teacher.head.weight.shape[1])
+        load_safetensors(disc, checkpoint / "discriminator.safetensors")
+        disc.eval()
+    lam, div, chunk_mode = cfg.kd_rate, get_divergence(cfg.divergence), CHUNK_MODES.get(cfg.method)
+    sums: dict[str, float] = {}
+    grads: dict[str, torch.Tensor] = {}
+
+    def add(key: str, value: float) -> None:
+        sums[key] = sums.get(key, 0.0) + float(value)
+
+    for batch in batches:
+        hs, zs = distill.student_forward(student, batch)
+        labels, t_labels = batch["labels"], batch["teacher_labels"]
+        ms, mt = labels != -100, t_labels != -100
+        out = dskd_cma_loss(hs, zs, labels, batch["input_ids"], es, ws, batch["teacher_input_ids"], t_labels,
+                            batch["teacher_hidden"], teacher.embed, teacher.head, projectors,
+                            divergence=cfg.divergence, kd_rate=lam, tau=cfg.kd_temperature,
+                            teacher_temperature=cfg.teacher_temperature, teacher_embed_scale=teacher.embed_scale,
+                            chunks=batch.get("chunks"), chunk_mode=chunk_mode)
+        # Zt2s again (dskd_cma_loss step 5) for KD_t2s over every supervised row: what the accuracy mask removes.
+        cma = cross_model_attention(hs, labels, batch["input_ids"], es, batch["teacher_input_ids"], t_labels,
+                                    batch["teacher_hidden"], teacher.embed, projectors, teacher.embed_scale,
+                                    batch.get("chunks"), chunk_mode)
+        zt2s = ((cma.a_t2s @ cma.v_t2s)[ms] @ ws.detach().T).detach()  # [Ns, Vs]
+        terms = {"ce_student": (1 - lam) * out.ce_student, "kd_t2s": lam * out.kd_t2s, "kd_s2t": lam * out.kd_s2t,
+                 "kd_t2s_all_rows": lam * div(zs[ms], zt2s / cfg.teacher_temperature,
+                                              torch.ones(int(ms.sum()), dtype=torch.bool), tau=cfg.kd_temperature)}
+        for name, term in terms.items():  # summed over the batches, divided by all their tokens below
+            g = _flat(torch.autograd.grad(term, params, retain_graph=True, allow_unused=True), params)
+            grads[name] = grads[name] + g if name in grads else g
+        with torch.no_grad():
+            zt = teacher_logits(batch["teacher_hidden"][mt], teacher.head)  # [Nt, Vt]
+            add("ce_teacher", cross_entropy_sum(zt, t_labels[mt]))
+            rows = cma.a_t2s[ms]  # [Ns, T]
+            add("entropy", (-torch.where(rows > 0, rows * rows.log(), torch.zeros_like(rows)).sum(-1)).sum())
+            chunks = batch["chunks"].bool()
+            for b in range(labels.shape[0]):
+                hits, mass, n = alignment_counts(cma.a_t2s[b], chunks[b], ms[b])
+                add("align_hits", hits)
+                add("align_mass", mass)
+                add("align_rows", n)
+                has = ms[b] & chunks[b].any(-1)
+                add("align_uniform", (chunks[b][has].sum(-1).float() / max(1, int(mt[b].sum()))).sum())
+            if disc is not None:
+                from dskd_pipe.pipeline.objectives.cma_ga import discriminator_accuracy, response_tokens
+
+                kr, qr = response_tokens(out.keys, out.queries, out.teacher_mask, out.student_mask)
+                acc_real, acc_fake = discriminator_accuracy(disc, kr, qr)
+                add("d_real", acc_real * kr.shape[0])
+                add("d_fake", acc_fake * qr.shape[0])
+                add("key_norm", kr.norm(dim=-1).sum())
+                add("query_norm", qr.norm(dim=-1).sum())
+        for key, value in (("n_student", ms.sum()), ("n_teacher", mt.sum()), ("ce_student", out.ce_student),
+                           ("ce_t2s", out.ce_t2s), ("kd_t2s", out.kd_t2s), ("kd_s2t", out.kd_s2t),
+                           ("t2s_correct", out.t2s_correct), ("s2t_correct", out.s2t_correct),
+                           ("chars", batch["response_chars"])):
+            add(key, value.detach() if torch.is_tensor(value) else value)
+    n, nt, chars = sums["n_student"], sums["n_teacher"], sums["chars"]
+    ce = grads["ce_student"]
+    result = {
+        "grad_norm": {k: float(g.norm()) / n for k, g in grads.items()},
+        "grad_cos_with_ce": {k: _cos(g, ce) for k, g in grads.items() if k != "ce_student"},
+        "per_student_token": {k: sums[k] / n for k in ("ce_student", "ce_t2s", "kd_t2s")},
+        "kd_s2t_per_teacher_token": sums["kd_s2t"] / nt,
+        "nll_per_char": {"student": sums["ce_student"] / chars, "t2s_target": sums["ce_t2s"] / chars,
+                         "teacher": sums["ce_teacher"] / chars},
+        "t2s_acc": sums["t2s_correct"] / n,  # = the share of rows the accuracy mask keeps
+        "s2t_acc": sums["s2t_correct"] / nt,
+        "attention_entropy": sums["entropy"] / n,
+    }
+    if sums.get("align_rows"):
+        r = sums["align_rows"]
+        result["alignment"] = {"argmax_in_chunk": sums["align_hits"] / r, "mass_in_chunk": sums["align_mass"] / r,
+                               "uniform_mass_in_chunk": sums["align_uniform"] / r}
+    if disc is not None:
+        k, q = sum(int((b["teacher_labels"] != -100).sum()) for b in batches), n
+        result["discriminator"] = {"acc_real": sums["d_real"] / k, "acc_fake": sums["d_fake"] / q,
+                                   "key_norm": sums["key_norm"] / k, "query_norm": sums["query_norm"] / q}
+    return result
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--data", required=True, help="The data file the run's store was built from.")
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    run = Path(args.run)
+    cfg = resolve(load_config(DistillConfig, run / distill.RESOLVED_CONFIG, {"data": args.data, "num_workers": 0}))
+    if cfg.method not in METHODS:
+        print(f"{run}: --method {cfg.method}; this diagnosis covers {', '.join(METHODS)}.", file=sys.stderr)
+        return 2
+    teacher, _ = distill.open_teacher(cfg, "cpu")
+    tok = load_tokenizer(cfg.student)
+    batches = fixed_batches(cfg, teacher, tok, args.batches)
+    checkpoints = list_checkpoints(run)
+    report = {"run": str(run), "method": cfg.method, "kd_rate": cfg.kd_rate, "tau": cfg.kd_temperature,
+              "batches": args.batches, "checkpoints": []}
+    for ckpt in checkpoints:
+        step = int(ckpt.name.split("-")[-1])
+        with torch.enable_grad():
+            report["checkpoints"].append({"step": step, **measure(cfg, ckpt, batches, teacher)})
+        print(json.dumps(report["checkpoints"][-1]))
+    curves: dict[str, list] = {k: [] for k in CURVE_KEYS}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        for k in CURVE_KEYS:
+            if k in rec:
+                curves[k].append([rec["step"], rec[k]])
+    report["curves"] = {k: v for k, v in curves.items() if v}
+    out = Path(args.out) if args.out else Path("bench/results") / f"diagnose_{run.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
