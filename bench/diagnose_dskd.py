@@ -169,12 +169,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True)
     ap.add_argument("--data", required=True, help="The data file the run's store was built from.")
+    ap.add_argument("--cache", default=None, help="Measure on another store of the same teacher (e.g. over the dev "
+                    "set: held-out batches) instead of the run's own; --data is then that store's data file.")
     ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--steps", default=None, help="Only these checkpoint steps, e.g. 20,100,320 (default: all).")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     run = Path(args.run)
-    cfg = resolve(load_config(DistillConfig, run / distill.RESOLVED_CONFIG, {"data": args.data, "num_workers": 0}))
+    cfg = resolve(load_config(DistillConfig, run / distill.RESOLVED_CONFIG,
+                              {"data": args.data, "num_workers": 0, "cache": args.cache}))
     if cfg.method not in METHODS:
         print(f"{run}: --method {cfg.method}; this diagnosis covers {', '.join(METHODS)}.", file=sys.stderr)
         return 2
@@ -182,13 +186,16 @@ def main(argv=None) -> int:
     tok = load_tokenizer(cfg.student)
     batches = fixed_batches(cfg, teacher, tok, args.batches)
     checkpoints = list_checkpoints(run)
+    if args.steps:
+        wanted = {int(x) for x in args.steps.split(",")}
+        checkpoints = [c for c in checkpoints if int(c.name.split("-")[-1]) in wanted]
     report = {"run": str(run), "method": cfg.method, "kd_rate": cfg.kd_rate, "tau": cfg.kd_temperature,
-              "batches": args.batches, "checkpoints": []}
+              "store": cfg.cache, "batches": args.batches, "checkpoints": []}
     for ckpt in checkpoints:
         step = int(ckpt.name.split("-")[-1])
         with torch.enable_grad():
             report["checkpoints"].append({"step": step, **measure(cfg, ckpt, batches, teacher)})
-        print(json.dumps(report["checkpoints"][-1]))
+        print(json.dumps(report["checkpoints"][-1]), flush=True)
     curves: dict[str, list] = {k: [] for k in CURVE_KEYS}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)

@@ -2,10 +2,12 @@
 
 Shared by DSKDv2 (ideal projector init, Exact Token Alignment), MinED and probes (spec/other_methods.md).
 
-Two tokenizer families are handled:
+Three tokenizer families are handled:
 - byte-level BPE (GPT-2, Qwen): every byte is shown as one printable character (" " -> "Ġ", "\\n" -> "Ċ");
   the token's bytes come back through the inverse of GPT-2's bytes_to_unicode table.
 - SentencePiece-style (Llama-2): "▁" marks a space; byte-fallback tokens "<0x0A>" stand for one raw byte.
+- WordPiece (BERT; the quality benchmark's student): "##" marks a piece that continues a word; any other token
+  starts a word, which in text follows a space unless it is punctuation (BERT's pre-tokenizer splits it off).
 Special tokens (EOS, ...) keep their own string.
 
 A normalised token is BYTES, not str: byte-level tokens often hold part of a UTF-8 character ("Ġæ", "Ŀ", "±" for
@@ -25,6 +27,8 @@ from torch import Tensor
 
 BYTE_LEVEL = "byte_level"
 SENTENCEPIECE = "sentencepiece"
+WORDPIECE = "wordpiece"
+CONTINUATION_WP = "##"  # WordPiece's mark of a piece inside a word
 SPACE_MARKER_BL = "Ġ"  # byte-level BPE's picture of the space byte
 SPACE_MARKER_SP = "▁"  # SentencePiece's space marker
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -62,18 +66,34 @@ def tokenizer_kind(tokenizer) -> str:
         return BYTE_LEVEL
     if SPACE_MARKER_SP in state or '"Metaspace"' in state:
         return SENTENCEPIECE
+    if '"WordPiece"' in state:
+        return WORDPIECE
     raise AlignmentError(f"{getattr(tokenizer, 'name_or_path', tokenizer)}: unknown token format (decoder: "
-                         f"{state[:120] or 'none'}); expected a byte-level BPE or a SentencePiece '▁' tokenizer.")
+                         f"{state[:120] or 'none'}); expected a byte-level BPE, a SentencePiece '▁' or a WordPiece "
+                         "tokenizer.")
+
+
+def _wordpiece_text(token: str) -> str:
+    """A WordPiece token as text: "##ing" -> "ing" (inside a word), "the" -> " the" (a word after a space),
+    "." -> "." (punctuation: BERT splits it off the word it follows)."""
+    if token.startswith(CONTINUATION_WP) and len(token) > len(CONTINUATION_WP):
+        return token[len(CONTINUATION_WP):]
+    if all(not c.isalnum() for c in token):
+        return token
+    return " " + token
 
 
 def token_bytes(token: str, kind: str, special: bool = False) -> bytes:
     """The text bytes one token stands for, with spaces as real spaces (the markers decoded).
 
     byte-level: "Ġthe" -> b" the", "Ċ" -> b"\\n", "Ã©" -> b"\\xc3\\xa9" ("é");
-    SentencePiece: "▁the" -> b" the", "<0x0A>" -> b"\\n"; special tokens: their own string, UTF-8.
+    SentencePiece: "▁the" -> b" the", "<0x0A>" -> b"\\n"; WordPiece: "the" -> b" the", "##e" -> b"e", "." -> b".";
+    special tokens: their own string, UTF-8.
     """
     if special:
         return token.encode("utf-8")
+    if kind == WORDPIECE:
+        return _wordpiece_text(token).encode("utf-8")
     if kind == BYTE_LEVEL:
         if all(c in _BYTE_DECODER for c in token):
             return bytes(_BYTE_DECODER[c] for c in token)
@@ -142,6 +162,8 @@ def vocab_key(token: str, kind: str, special: bool, match: str = "string"):
     if special:
         return ("special", token)
     if match == "string":
+        if kind == WORDPIECE:  # in the "▁" convention: "the" meets "Ġthe" / "▁the", "##e" meets "e"
+            return _wordpiece_text(token).replace(" ", SPACE_MARKER_SP)
         return token.replace(SPACE_MARKER_BL, SPACE_MARKER_SP)
     if match == "bytes":
         return token_bytes(token, kind)

@@ -179,6 +179,14 @@ def cache_verify(store) -> None:
 @click.option("--kd-warmup-terms", type=click.Choice(["t2s", "both"]), default=None)
 @click.option("--disc-lr", type=float, default=None)
 @click.option("--disc-every", type=int, default=None, help="CMA-GA: a discriminator update every k optimizer steps.")
+# Options from the quality benchmark's diagnosis (BENCHMARKS.md), off by default.
+@click.option("--t2s-kd-rows", type=click.Choice(["accurate", "all", "none"]), default=None,
+              help="DSKD-CMA family: KD_t2s on the rows whose t2s argmax is right (default), on every row, or none.")
+@click.option("--projector-warmup-steps", type=int, default=None,
+              help="DSKD-CMA family: the first N steps train only the projectors on the KD terms (default 0).")
+@click.option("--t2s-values", type=click.Choice(["hidden+target", "hidden"]), default=None,
+              help="DSKD-CMA family: t2s values from the teacher's hidden state and its gold target embedding "
+              "(default, published) or from the hidden state alone.")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0 = epoch ends only).")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint in --out.")
 @click.option("--init-from", default=None, help="Start from another run's last checkpoint (weights, optimizer, "

@@ -137,6 +137,11 @@ class DistillConfig:
     dtw_positions: str = "response"  # DWA-KD Soft-DTW positions: "response" | "released" (first n_b from index 0)
     dtw_reduction: str = "sequence"  # DWA-KD: sum_b nDTW_b | "tokens" (sum_b n_b nDTW_b)
     kd_warmup_terms: str = "t2s"  # DWA-KD: the warm-up ramps KD_t2s | "both" (KD_t2s and KD_s2t)
+    # Options from the quality benchmark's diagnosis (BENCHMARKS.md "Why the DSKD family did not transfer"), off
+    # by default: reference mode is unchanged.
+    t2s_kd_rows: str = "accurate"  # DSKD-CMA family: KD_t2s on rows whose t2s argmax is the gold token | "all" | "none"
+    projector_warmup_steps: int = 0  # DSKD-CMA family: the first N steps train only the projectors on the KD terms
+    t2s_values: str = "hidden+target"  # DSKD-CMA family: Vt2s = t2s(Ht~ + Etg~) | "hidden": t2s(Ht~), no gold embedding
     save_every: int = 0  # checkpoint every N optimizer steps (0 = only at epoch ends)
     keep_checkpoints: int = 2
     resume: bool = False

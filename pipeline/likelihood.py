@@ -7,7 +7,8 @@ appended to the response), and the model's NLL is summed over the response token
     per_char   nats per character of the responses, the end of each response counting as one character
                (comparable across tokenizers: the same text costs the same number of characters)
 Only the first reference of an example is scored (Example.response). Sequences longer than max_length are cut as in
-training; `truncated` counts the examples that lost response tokens, so a too-small max_length is visible.
+training; then only the characters the kept tokens cover count (the end only when EOS is kept), and `truncated`
+counts the examples that lost response tokens, so a too-small max_length is visible.
 """
 from __future__ import annotations
 
@@ -29,11 +30,16 @@ def response_nll(model, tokenizer, examples: list[Example], max_prompt_length: i
     model's own head and logit transform (scale, soft-cap), so a large vocabulary never needs a [B, S, V] tensor.
     """
     eos, pad = eos_token_id(tokenizer), pad_token_id(tokenizer)
-    rows, truncated = [], 0
+    rows, truncated, chars = [], 0, 0
     for ex in examples:
         seq = build_sequence(tokenizer, ex.prompt, ex.response, eos, max_prompt_length, max_length)
-        full = build_sequence(tokenizer, ex.prompt, ex.response, eos, max_prompt_length, 1 << 30)
-        truncated += len(seq.ids) < len(full.ids)
+        full_len = len(build_sequence(tokenizer, ex.prompt, ex.response, eos, max_prompt_length, 1 << 30).ids)
+        if len(seq.ids) < full_len:
+            truncated += 1
+            if len(seq.ids) > seq.prompt_len:  # the response characters its kept tokens cover
+                chars += max(0, seq.offsets[len(seq.ids) - 1][1] - len(ex.prompt))
+        else:
+            chars += len(ex.response) + 1  # + the end (EOS)
         rows.append((seq.ids[:-1], shifted_labels(seq.ids, seq.prompt_len)))
     was = model.training
     model.eval()
@@ -61,6 +67,5 @@ def response_nll(model, tokenizer, examples: list[Example], max_prompt_length: i
             total += float(torch.nn.functional.cross_entropy(z, y[c:c + ROWS_PER_CHUNK], reduction="sum"))
         tokens += int(y.numel())
     model.train(was)
-    chars = sum(len(ex.response) + 1 for ex in examples)
     return {"nll": total, "tokens": tokens, "chars": chars, "per_token": total / max(1, tokens),
             "per_char": total / max(1, chars), "examples": len(examples), "truncated": truncated}

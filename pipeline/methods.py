@@ -384,6 +384,8 @@ def _cma_call(x: LossInputs, chunk_mode: str | None = None):
     return dskd_cma_loss(x.hidden, x.logits, x.labels, b["input_ids"], _embed(x), _head(x), b["teacher_input_ids"],
                          b["teacher_labels"], x.teacher_hidden, x.teacher.embed, x.teacher.head, x.parts.projectors,
                          teacher_embed_scale=x.teacher.embed_scale, chunks=b.get("chunks"), chunk_mode=chunk_mode,
+                         t2s_kd_rows=x.cfg.t2s_kd_rows, student_kd=x.step >= x.cfg.projector_warmup_steps,
+                         t2s_values=x.cfg.t2s_values,
                          teacher_attention_mask=_std_mask(x), **_common(x))
 
 

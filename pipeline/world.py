@@ -7,18 +7,22 @@ knows. A narrow domain makes a small teacher strong, and a known generator makes
 is drawn from a stated distribution, and each record carries the negative log-likelihood of the draw that made it
 (`nll`), so the floor any model can reach is known.
 
-The world (`build_world`): `n_towns` towns with made-up names (syllables + a suffix), each with a region, a size, a
-main product, a river (or none), a festival month and 2-3 neighbours in its region. Instructions (`TASKS`, drawn
-with `TASK_WEIGHTS`), answers drawn uniformly among their stated choices:
-    describe   "Tell me about T." -> the town's size and region, then 1-3 of its other facts in a random order,
-               each in one of three phrasings
-    product    "What is T known for?" -> one of three phrasings of its product
-    river      "Which river flows through T?" -> one of two phrasings (or of "no river")
-    festival   "When is the festival in T?" -> one of three phrasings of its month
-    region     "Name a town in R." -> ANY town of region R (uniform), in one of two phrasings
-    buy        "Where can I buy P?" -> ANY town that makes P (uniform), in one of two phrasings
-    neighbours "Which towns are near T?" -> its neighbours in a random order, one of two phrasings
-    trip       "Plan a short trip starting in T." -> a random walk of 2-3 stops over neighbours, facts at each stop
+The world (`build_world`): `n_towns` towns with made-up names (syllables + a suffix), each with facts (a region, a
+size, a main product, a river or none, a festival month, 2-3 neighbours in its region) and its own distributions
+(flat-Dirichlet draws): the weather over 6 kinds, 4 starters / mains / desserts out of the cuisine's lists, 5 market
+goods out of 16, and where a trip goes next among its neighbours. Instructions (`TASKS`, drawn with
+`TASK_WEIGHTS`); phrasings are uniform, the rest as stated:
+    describe   "Tell me about T." -> size and region, then 1-3 of its other facts in a random order (3 phrasings each)
+    product / river / festival / neighbours    one fact in one of 2-3 phrasings (neighbours in a random order)
+    region     "Name a town in R." -> ANY town of region R (uniform)
+    buy        "Where can I buy P?" -> ANY town that makes P (uniform)
+    forecast   "What will the weather be like in T over the next three days?" -> 3 draws of T's weather
+    meal       "Describe a typical meal in T." -> one draw from each of T's three courses
+    market     "What can I buy at the market in T?" -> 2 of T's goods (weighted, without replacement)
+    trip       "Plan a short trip starting in T." -> 2-3 stops, each next town drawn by the current town's weights,
+               its product or one of its mains named
+Most of an answer's uncertainty is town-specific: a student that sees each town a few times cannot estimate T's
+weather or menu, a teacher that saw 20x more data can, and its soft labels carry them.
 A draw's `nll` sums -log(1 / number of choices) over its choices; it is the exact NLL of the text whenever no
 other draw writes the same text (true here except in rare coincidences, which only make `nll` an upper bound).
 
@@ -57,11 +61,17 @@ CODAS = ("", "", "n", "r", "l", "s", "th", "m", "sk", "nd")
 SUFFIXES = ("ford", "holm", "wick", "by", "ton", "mere", "dale", "stead", "gate", "port", "", "")
 RIVER_SUFFIXES = ("", "water", "burn", "rill")
 WEATHERS = ("sunny", "rainy", "windy", "foggy", "snowy", "cloudy")
-DISHES = ("barley soup", "apple cake", "smoked fish", "mutton stew", "honey bread", "onion pie", "river trout",
-          "plum dumplings", "goat cheese", "salted pork", "mushroom broth", "pear tart", "roast duck", "bean porridge",
-          "pickled herring", "nut bread", "cabbage rolls", "pepper sausage")
-TASKS = ("describe", "product", "river", "festival", "neighbours", "region", "buy", "weather", "food", "trip")
-TASK_WEIGHTS = (0.18, 0.05, 0.05, 0.05, 0.05, 0.08, 0.08, 0.14, 0.14, 0.18)
+STARTERS = ("barley soup", "onion pie", "pickled herring", "mushroom broth", "goat cheese", "cabbage rolls",
+            "bean salad", "smoked eel")
+MAINS = ("mutton stew", "river trout", "roast duck", "salted pork", "pepper sausage", "smoked fish", "bean porridge",
+         "lamb pie", "fried carp", "venison")
+DESSERTS = ("apple cake", "honey bread", "plum dumplings", "pear tart", "nut bread", "cherry pudding", "sweet buns",
+            "baked figs")
+GOODS = ("wool", "salt", "copper pots", "apples", "honey", "timber", "glass beads", "cheese", "linen", "silver rings",
+         "pottery", "wine", "leather", "candles", "rope", "spices")
+TASKS = ("describe", "product", "river", "festival", "neighbours", "region", "buy", "forecast", "meal", "market",
+         "trip")
+TASK_WEIGHTS = (0.12, 0.04, 0.04, 0.04, 0.04, 0.06, 0.06, 0.16, 0.14, 0.10, 0.20)
 FILES = ("teacher_train", "student_train", "dev", "test", "pretrain")
 
 
@@ -74,9 +84,10 @@ class Town:
     river: str  # "" = no river
     month: str
     neighbours: tuple[str, ...]
+    neighbour_weights: tuple[float, ...]  # where a trip goes next from here
     weather: tuple[float, ...]  # probabilities over WEATHERS
-    dishes: tuple[str, ...]  # three local dishes
-    dish_weights: tuple[float, ...]  # their probabilities
+    menu: tuple[tuple[tuple[str, ...], tuple[float, ...]], ...]  # (dishes, probabilities) per course: 4 of each list
+    goods: tuple[tuple[str, ...], tuple[float, ...]]  # 5 market goods and their probabilities
 
 
 class Draws:
@@ -158,9 +169,10 @@ def build_world(seed: int, n_towns: int) -> list[Town]:
         same = [f[0] for f in facts if f[1] == region and f[0] != name]
         k = min(len(same), 2 + draws.index(2))
         neighbours = tuple(draws.permutation(same)[:k])
-        dishes = tuple(draws.permutation(DISHES)[:3])
-        towns.append(Town(name, region, size, product, river, month, neighbours, draws.simplex(len(WEATHERS)),
-                          dishes, draws.simplex(3)))
+        menu = tuple((tuple(draws.permutation(course)[:4]), draws.simplex(4)) for course in (STARTERS, MAINS, DESSERTS))
+        goods = (tuple(draws.permutation(GOODS)[:5]), draws.simplex(5))
+        towns.append(Town(name, region, size, product, river, month, neighbours, draws.simplex(len(neighbours)),
+                          draws.simplex(len(WEATHERS)), menu, goods))
     return towns
 
 
@@ -212,8 +224,10 @@ INSTRUCTIONS = {
     "neighbours": ("Which towns are near {t}?", "What are the neighbours of {t}?"),
     "region": ("Name a town {where}.", "Can you name a place {where}?"),
     "buy": ("Where can I buy {p}?", "Which town should I visit for {p}?"),
-    "weather": ("What is the weather like in {t} today?", "How is the weather in {t}?"),
-    "food": ("What should I eat in {t}?", "What food is good in {t}?"),
+    "forecast": ("What will the weather be like in {t} over the next three days?",
+                 "Give me the weather forecast for {t}."),
+    "meal": ("Describe a typical meal in {t}.", "What would I eat for dinner in {t}?"),
+    "market": ("What can I buy at the market in {t}?", "What is sold at the market of {t}?"),
     "trip": ("Plan a short trip starting in {t}.", "Suggest a journey that begins in {t}."),
 }
 
@@ -240,25 +254,34 @@ def _response(d: Draws, task: str, town: Town, towns: list[Town], by_name: dict)
         p = town.product
         pick = d.choice([x for x in towns if x.product == p])
         return d.choice((f"You can buy {p} in {pick.name}.", f"Try {pick.name}, which is known for its {p}."))
-    if task == "weather":
-        w = d.weighted(WEATHERS, town.weather, count=True)
-        return d.choice((f"It is {w} in {t} today.", f"The weather in {t} is {w} today."))
-    if task == "food":
-        dish = d.weighted(town.dishes, town.dish_weights, count=True)
-        return d.choice((f"Try the {dish}.", f"You should eat the {dish} in {t}.", f"The {dish} of {t} is very good."))
+    if task == "forecast":
+        w1, w2, w3 = (d.weighted(WEATHERS, town.weather, count=True) for _ in range(3))
+        return d.choice((f"In {t} it will be {w1} tomorrow, {w2} the day after and {w3} after that.",
+                         f"Expect {w1} weather tomorrow, then {w2}, then {w3}."))
+    if task == "meal":
+        s_, m, e = (d.weighted(dishes, weights, count=True) for dishes, weights in town.menu)
+        return d.choice((f"Start with {s_}, then have {m}, and finish with {e}.",
+                         f"A meal in {t} begins with {s_}, goes on with {m} and ends with {e}."))
+    if task == "market":
+        goods, weights = town.goods
+        first = d.weighted(goods, weights, count=True)
+        rest = [(g, w) for g, w in zip(goods, weights) if g != first]
+        second = d.weighted([g for g, _ in rest], [w for _, w in rest], count=True)
+        return d.choice((f"At the market in {t} you can buy {first} and {second}.",
+                         f"The market of {t} sells {first} and {second}."))
     if task == "trip":
         lines = [f"Start in {t}, {_article(town.size)} {town.size} known for its {town.product}."]
         here, seen = town, {t}
         for _ in range(1 + d.index(2)):
-            options = [n for n in here.neighbours if n not in seen]
+            options = [(n, w) for n, w in zip(here.neighbours, here.neighbour_weights) if n not in seen]
             if not options:
                 break
-            here = by_name[d.choice(options)]
+            here = by_name[d.weighted([n for n, _ in options], [w for _, w in options], count=True)]
             seen.add(here.name)
-            dish = d.weighted(here.dishes, here.dish_weights, count=True)
-            lines.append(d.choice((f"Then travel to {here.name}, where you can buy {here.product}.",
-                                   f"Next, visit {here.name} for its {here.product}.",
-                                   f"Go on to {here.name} and try the {dish}.")))
+            phrasing = d.index(3)  # the dish is drawn only when the sentence names one
+            lines.append(f"Then travel to {here.name}, where you can buy {here.product}." if phrasing == 0 else
+                         f"Next, visit {here.name} for its {here.product}." if phrasing == 1 else
+                         f"Go on to {here.name} and try the {d.weighted(*here.menu[1], count=True)}.")
         lines.append(d.choice(("Enjoy the journey!", "Have a good trip!")))
         return " ".join(lines)
     raise ValueError(task)

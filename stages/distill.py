@@ -53,7 +53,8 @@ CHOICES = {"cma_std": ("valid", "padded"), "ga_mode": ("paper", "released"),
            "v2_mean_weighting": ("tokens", "micro-batch"), "eta_unmapped": ("drop", "unk"),
            "dwa_weights": ("paper", "released"), "dtw_inputs": ("raw", "normalised"),
            "dtw_positions": ("response", "released"), "dtw_reduction": ("sequence", "tokens"),
-           "kd_warmup_terms": ("t2s", "both")}
+           "kd_warmup_terms": ("t2s", "both"), "t2s_kd_rows": ("accurate", "all", "none"),
+           "t2s_values": ("hidden+target", "hidden")}
 # Tests: os._exit(137) right after the checkpoint of step N; with DIE_RANK_ENV=R, only rank R dies instead, by
 # SIGKILL in the middle of step N+1 (gradients computed, not applied), on torchrun's first attempt only.
 DIE_AT_STEP_ENV = "DSKD_PIPE_TEST_DIE_AT_STEP"
@@ -106,6 +107,8 @@ def check_config(cfg: DistillConfig) -> None:
     if cfg.num_workers < -1 or cfg.prefetch_factor < 1:
         problems.append(f"--num-workers must be >= 0 or -1 (auto), found {cfg.num_workers}; --prefetch-factor >= 1, "
                         f"found {cfg.prefetch_factor}.")
+    if cfg.projector_warmup_steps < 0:
+        problems.append(f"--projector-warmup-steps must be >= 0, found {cfg.projector_warmup_steps}.")
     if problems:
         raise ConfigError("\n".join(problems))
 

@@ -39,7 +39,8 @@ A config file holds one table per size. Each size table holds:
     [SIZE.cache]                      CacheConfig keys
     [SIZE.distill]                    DistillConfig keys shared by all methods
     [SIZE.score]                      ScoreConfig keys over configs/score_default.toml
-    [SIZE.nll]                        limit, batch_size (the lengths are the distill table's)
+    [SIZE.nll]                        limit, batch_size, max_prompt_length, max_length (default: the distill
+                                      table's lengths)
 Data files: an absolute path as is; a relative one under --data-root when given, else among the files shipped in
 configs/data. Paths that the runner sets itself (PATH_KEYS) are refused in the stage tables.
 
@@ -84,7 +85,7 @@ TINY_KEYS = ("arch", "tokenizer", "d_model", "layers", "heads")  # per role: tea
 DATA_KEYS = ("train", "eval", "dev", "teacher_train", "pretrain")
 WORLD_KEYS = ("seed", "n_towns", "teacher_train", "student_train", "dev", "test", "pretrain", "references")
 TOKENIZER_KEYS = ("teacher", "teacher_vocab", "student", "student_vocab")
-NLL_KEYS = ("limit", "batch_size")
+NLL_KEYS = ("limit", "batch_size", "max_prompt_length", "max_length")
 TABLES = ("models", "data", "world", "tokenizers", "nll", *STAGES)
 # Set by the runner: a value for these in a stage table would be ignored, so it is refused instead.
 _TRAIN_PATHS = ("teacher", "student", "data", "cache", "out", "method", "resume", "dev_data")
@@ -519,7 +520,8 @@ def _nll_scores(out: Path, models: dict[str, str], sets: list[str], settings: di
     path = out / "score" / "nll.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = json.loads(path.read_text()) if path.is_file() else {}
-    lengths = {k: settings["distill"].get(k, v) for k, v in (("max_prompt_length", 256), ("max_length", 512))}
+    lengths = {k: settings["nll"].get(k, settings["distill"].get(k, v))
+               for k, v in (("max_prompt_length", 256), ("max_length", 512))}
     limit, batch = settings["nll"].get("limit"), settings["nll"].get("batch_size", 16)
     device = settings["score"].get("device") or default_device()
     data = {name: (p, file_fingerprint(p)) for name, p in (s.split("=", 1) for s in sets)}

@@ -26,6 +26,8 @@ from torch import Tensor
 
 from dskd_pipe.pipeline.objectives.divergences import cross_entropy_sum, get_divergence
 
+T2S_VALUES = ("hidden+target", "hidden")  # DSKD-CMA's t2s values: t2s(Ht~ + Etg~) as published | t2s(Ht~)
+T2S_KD_ROWS = ("accurate", "all", "none")  # DSKD-CMA's KD_t2s rows: the reference accuracy mask | every row | none
 MASK_LOGIT = -1e5  # additive attention mask of the reference code (not -inf: fully masked rows stay finite)
 DEFAULT_CHUNK_TOKENS = 1024  # rows of [chunk, Vt] fp32 logits: 1024 x 152k x 4 B = 0.6 GB for a Qwen teacher
 
@@ -405,6 +407,7 @@ def cross_model_attention(
     chunks: Tensor | None = None,
     chunk_mode: str | None = None,
     teacher_attention_mask: Tensor | None = None,
+    t2s_values: str = "hidden+target",
 ) -> CrossModelAttention:
     """spec/dskd.md "DSKD-CMA" steps 1-4.
 
@@ -425,7 +428,15 @@ def cross_model_attention(
       a row (or column) with no chunk (a truncated tail) keeps its plain CMA attention.
     - chunk_mode "projection": no query and no keys; a_t2s[i] is the uniform average over i's chunk (a_s2t[j]
       over j's chunk); a row with no chunk averages uniformly over the other side's response positions.
+
+    t2s_values="hidden" (an option; reference "hidden+target"): Vt2s = t2s(Ht~) without the teacher's target
+    embedding. Etg~ is the embedding of the gold next token, so with it the t2s logits can read the label they are
+    asked to predict: on held-out data they score below the generator's own entropy, and KD_t2s then passes the
+    student mostly its own gold label rather than the teacher's distribution (BENCHMARKS.md "Why the DSKD family
+    did not transfer").
     """
+    if t2s_values not in T2S_VALUES:
+        raise ValueError(f"t2s_values {t2s_values!r}: expected one of {', '.join(T2S_VALUES)}")
     if chunk_mode not in (None, "attention", "projection"):
         raise ValueError(f"chunk_mode {chunk_mode!r}: expected None, 'attention' or 'projection'")
     if chunk_mode is not None and chunks is None:
@@ -447,7 +458,7 @@ def cross_model_attention(
     ht_norm = _scalar_std_normalise(teacher_hidden.detach(), valid)  # [B, T, dt]; the teacher is frozen
 
     # Step 3: projections; attention math in fp32.
-    v_t2s = _apply(projectors.t2s, ht_norm + e_tg).float()  # [B, T, ds]
+    v_t2s = _apply(projectors.t2s, ht_norm + e_tg if t2s_values == "hidden+target" else ht_norm).float()  # [B,T,ds]
     v_s2t = _apply(projectors.s2t, student_hidden).float()  # [B, S, dt]
     if chunk_mode == "projection":
         a_t2s, a_s2t = _chunk_average(chunks, allowed)
@@ -508,6 +519,9 @@ def dskd_cma_loss(
     chunk_mode: str | None = None,
     ce_labels: Tensor | None = None,
     teacher_attention_mask: Tensor | None = None,
+    t2s_kd_rows: str = "accurate",
+    student_kd: bool = True,
+    t2s_values: str = "hidden+target",
 ) -> DSKDOutput:
     """DSKD-CMA (spec/dskd.md "DSKD-CMA", steps 1-7), all terms token sums.
 
@@ -523,13 +537,24 @@ def dskd_cma_loss(
     Shapes: Hs [B,S,ds], Zs [B,S,Vs], y/x [B,S], Es/Ws [Vs,ds]; xt/yt [B,T], Ht [B,T,dt], Et [Vt,dt].
     `chunks` [B,S,T] and `chunk_mode` ("attention" | "projection"): the chunk-level ablations of step 4 (see
     cross_model_attention); steps 5-7 are unchanged.
+
+    Options, off in reference mode (measured in BENCHMARKS.md "Why the DSKD family did not transfer"):
+    - t2s_kd_rows="all": KD_t2s over every supervised row, not only those where argmax Zt2s == y; "none": no
+      KD_t2s (the teacher reaches the student through KD_s2t only; CE_t2s still trains the attention).
+    - student_kd=False: the student gets no gradient from the KD terms: KD_t2s stays out of L (it is still
+      returned) and Hs enters the s2t branch detached, so CE_t2s and KD_s2t train the projectors only. The distill
+      stage uses it for a projector warm-up (--projector-warmup-steps).
+    - t2s_values="hidden": Vt2s = t2s(Ht~), without the gold target's embedding (see cross_model_attention).
     """
+    if t2s_kd_rows not in T2S_KD_ROWS:
+        raise ValueError(f"t2s_kd_rows {t2s_kd_rows!r}: expected one of {', '.join(T2S_KD_ROWS)}")
     div = get_divergence(divergence)
     ht = teacher_hidden.detach()  # the teacher is frozen (cached states)
     ce_student = cross_entropy_sum(student_logits, labels if ce_labels is None else ce_labels)
-    cma = cross_model_attention(student_hidden, labels, input_ids, student_embed, teacher_input_ids, teacher_labels,
+    hs = student_hidden if student_kd else student_hidden.detach()  # warm-up: KD_s2t trains s2t (and query) only
+    cma = cross_model_attention(hs, labels, input_ids, student_embed, teacher_input_ids, teacher_labels,
                                 teacher_hidden, teacher_embed, projectors, teacher_embed_scale, chunks,
-                                chunk_mode, teacher_attention_mask)  # steps 1-4
+                                chunk_mode, teacher_attention_mask, t2s_values)  # steps 1-4
     ms, mt, a_t2s, a_s2t = cma.student_mask, cma.teacher_mask, cma.a_t2s, cma.a_s2t
 
     # Step 5: teacher -> student, only the supervised student rows need logits.
@@ -542,7 +567,8 @@ def dskd_cma_loss(
         zt2s = ht2s[ms].float() @ ws.float().T  # [Ns, Vs]
     ce_t2s = cross_entropy_sum(zt2s, y)
     acc = zt2s.detach().argmax(-1) == y  # [Ns]
-    kd_t2s = div(student_logits[ms], zt2s.detach() / teacher_temperature, acc, tau=tau)
+    rows = {"accurate": acc, "all": torch.ones_like(acc), "none": torch.zeros_like(acc)}[t2s_kd_rows]
+    kd_t2s = div(student_logits[ms], zt2s.detach() / teacher_temperature, rows, tau=tau)
 
     # Step 6: student -> teacher over the full teacher vocabulary, chunked.
     kd_s2t, s2t_argmax = chunked_fkl_over_head(
@@ -551,7 +577,7 @@ def dskd_cma_loss(
     s2t_correct = (s2t_argmax == teacher_labels[mt]).sum()
 
     return DSKDOutput(
-        loss=_combine(ce_student, ce_t2s, kd_t2s, kd_s2t, kd_rate),
+        loss=_combine(ce_student, ce_t2s, kd_t2s if student_kd else torch.zeros_like(kd_t2s), kd_s2t, kd_rate),
         ce_student=ce_student,
         ce_t2s=ce_t2s,
         kd_t2s=kd_t2s,
@@ -560,7 +586,7 @@ def dskd_cma_loss(
         n_teacher=mt.sum(),
         t2s_correct=acc.sum(),
         s2t_correct=s2t_correct,
-        t2s_kd_tokens=acc.sum(),
+        t2s_kd_tokens=rows.sum(),
         attention_entropy=cma.attention_entropy(),
         queries=cma.queries,
         keys=cma.keys,

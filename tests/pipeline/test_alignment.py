@@ -9,6 +9,7 @@ from dskd_pipe.pipeline.alignment import (
     AlignmentError,
     BYTE_LEVEL,
     SENTENCEPIECE,
+    WORDPIECE,
     TokenStrings,
     eta_align,
     eta_pairs_for_batch,
@@ -169,3 +170,36 @@ def test_token_map_unk_option_is_the_released_lookup(toks):
     assert (teacher_to_student_token_map(g, q, unmapped="unk") == -1).any()
     with pytest.raises(AlignmentError, match="unknown unmapped='x'; expected one of: drop, unk"):
         teacher_to_student_token_map(q, g, unmapped="x")
+
+
+@pytest.fixture(scope="module")
+def wordpiece(tmp_path_factory):
+    from dskd_pipe.pipeline.tokenizer_training import train_tokenizer
+
+    texts = ["Expect snowy weather tomorrow, then windy, then foggy.", "The weather in Velmar is sunny today."] * 30
+    return train_tokenizer("wordpiece", texts, 60, tmp_path_factory.mktemp("wp"))
+
+
+def test_wordpiece_tokens_as_text(wordpiece):
+    assert tokenizer_kind(wordpiece) == WORDPIECE
+    assert token_bytes("the", WORDPIECE) == b" the" and token_bytes("##e", WORDPIECE) == b"e"
+    assert token_bytes(",", WORDPIECE) == b"," and token_bytes("##", WORDPIECE) == b"##"  # punctuation
+    text = "Expect snowy weather tomorrow, then windy."
+    ids = wordpiece(text, add_special_tokens=False)["input_ids"]
+    strings = TokenStrings(wordpiece)
+    assert b"".join(strings.token_bytes(i) for i in ids).strip() == text.encode()
+    assert b"".join(strings.eta(ids)) == text.replace(" ", "").encode()
+
+
+def test_eta_between_byte_level_and_wordpiece(toks, wordpiece):
+    """ETA aligns the tokens whose text (spaces removed) and preceding text agree on both sides."""
+    text = "Expect snowy weather tomorrow."
+    pairs, g_tokens, w_tokens = _eta(text, toks["gpt2"], wordpiece)
+    for i, j in pairs[:-1]:  # every aligned pair is the same piece of text
+        assert g_tokens[i].replace("Ġ", "") == w_tokens[j].replace("##", "")
+    assert pairs[-1] == (len(g_tokens) - 1, len(w_tokens) - 1)  # both EOS
+    # "the" (a word) meets GPT-2's "Ġthe" by token string, "##e" meets "e".
+    t_ids, s_ids = vocab_overlap(toks["gpt2"], wordpiece)
+    pairs = {(toks["gpt2"].convert_ids_to_tokens(int(a)), wordpiece.convert_ids_to_tokens(int(b)))
+             for a, b in zip(t_ids, s_ids)}
+    assert ("e", "##e") in pairs and (".", ".") in pairs

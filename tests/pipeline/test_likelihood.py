@@ -32,3 +32,7 @@ def test_response_nll_equals_the_cross_entropy_of_the_response(monkeypatch):
     assert abs(likelihood.response_nll(model, tok, examples, batch_size=1)["nll"] - total) < 1e-3
     cut = likelihood.response_nll(model, tok, examples, max_length=6)  # both prompts are < 6 tokens
     assert cut["truncated"] == 2 and cut["tokens"] < tokens
+    # Only the characters of the kept tokens count: "Hello there" of ex 1 (4-token prompt + 2 response tokens),
+    # "one two three" minus its EOS of ex 2 (3 + 3 tokens).
+    kept = [build_sequence(tok, e.prompt, e.response, tok.eos_token_id, max_length=6) for e in examples]
+    assert cut["chars"] == sum(s.offsets[-1][1] - len(e.prompt) for s, e in zip(kept, examples)) == 11 + 13

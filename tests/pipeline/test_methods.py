@@ -141,6 +141,21 @@ def test_cma_std_option_reaches_the_attention(monkeypatch, cma_std):
         assert mask.tolist() == [[True, True, True, True, False]]
 
 
+@pytest.mark.parametrize("method", ["dskd-cma", "cma-ga", "chunk-attention"])
+def test_diagnosis_options_reach_the_cma_loss(monkeypatch, method):
+    """--t2s-kd-rows and --projector-warmup-steps (BENCHMARKS.md): the student gets KD only from step N on."""
+    seen = _record(monkeypatch, "dskd_cma_loss")
+    for step, student_kd in ((0, True), (4, True)):
+        with pytest.raises(StopIteration):
+            METHODS[method].loss(_inputs(DistillConfig(method=method), step=step))
+        assert (seen["t2s_kd_rows"], seen["student_kd"]) == ("accurate", student_kd)
+    cfg = DistillConfig(method=method, t2s_kd_rows="all", projector_warmup_steps=5)
+    for step, student_kd in ((0, False), (4, False), (5, True)):
+        with pytest.raises(StopIteration):
+            METHODS[method].loss(_inputs(cfg, step=step))
+        assert (seen["t2s_kd_rows"], seen["student_kd"]) == ("all", student_kd)
+
+
 def test_dskd_v2_options_reach_the_loss(monkeypatch):
     seen = _record(monkeypatch, "dskd_v2_same_vocab_loss")
     cfg = DistillConfig(method="dskd-v2", v2_mean_weighting="micro-batch", v2_agreement_threshold=1.0,

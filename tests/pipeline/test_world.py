@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 
 import pytest
@@ -19,8 +20,12 @@ def test_world_has_every_region_product_and_distinct_names():
     for t in towns:
         assert 2 <= len(t.neighbours) <= 3 and t.name not in t.neighbours
         assert all(n in {x.name for x in towns if x.region == t.region} for n in t.neighbours)
-        assert sum(t.weather) == pytest.approx(1.0) and sum(t.dish_weights) == pytest.approx(1.0)
-        assert len(set(t.dishes)) == 3
+        assert len(t.neighbour_weights) == len(t.neighbours)
+        for dist in (t.weather, t.neighbour_weights, *(w for _, w in t.menu), t.goods[1]):
+            assert sum(dist) == pytest.approx(1.0) and min(dist) > 0
+        for (dishes, weights), course in zip(t.menu, (world.STARTERS, world.MAINS, world.DESSERTS)):
+            assert len(set(dishes)) == len(weights) == 4 and set(dishes) <= set(course)
+        assert len(set(t.goods[0])) == 5 and set(t.goods[0]) <= set(world.GOODS)
     assert world.build_world(3, 30) == towns
     assert world.build_world(4, 30) != towns
     with pytest.raises(ValueError, match="n_towns must be >= 12"):
@@ -35,14 +40,24 @@ def test_nll_is_the_negative_log_probability_of_the_draw():
         town = next(t for t in towns if t.name in r["instruction"]) if r["task"] not in ("region", "buy") else None
         if r["task"] in ("product", "festival"):
             assert r["nll"] == pytest.approx(math.log(3))  # one of three phrasings
-        elif r["task"] == "weather":
-            w = next(w for w in world.WEATHERS if f" {w} " in f" {r['output']} ")
-            p = town.weather[world.WEATHERS.index(w)]
-            assert r["nll"] == pytest.approx(math.log(2) - math.log(p), abs=1e-5)
-        elif r["task"] == "food":
-            dish = next(d for d in town.dishes if d in r["output"])
-            p = town.dish_weights[town.dishes.index(dish)]
-            assert r["nll"] == pytest.approx(math.log(3) - math.log(p), abs=1e-5)
+        elif r["task"] == "forecast":  # three independent draws of the town's weather, one of two phrasings
+            days = re.findall(r"\b(" + "|".join(world.WEATHERS) + r")\b", r["output"].replace(town.name, ""))
+            assert len(days) == 3
+            nll = math.log(2) - sum(math.log(town.weather[world.WEATHERS.index(w)]) for w in days)
+            assert r["nll"] == pytest.approx(nll, abs=1e-5)
+        elif r["task"] == "meal":  # one draw per course
+            nll = math.log(2)
+            for dishes, weights in town.menu:
+                eaten = [i for i, d in enumerate(dishes) if d in r["output"]]
+                assert len(eaten) == 1
+                nll -= math.log(weights[eaten[0]])
+            assert r["nll"] == pytest.approx(nll, abs=1e-5)
+        elif r["task"] == "market":  # two goods without replacement, in the order drawn
+            text = r["output"].replace(town.name, "")
+            goods, weights = town.goods
+            first, second = sorted((i for i, g in enumerate(goods) if g in text), key=lambda i: text.index(goods[i]))
+            nll = math.log(2) - math.log(weights[first]) - math.log(weights[second] / (1 - weights[first]))
+            assert r["nll"] == pytest.approx(nll, abs=1e-5)
         elif r["task"] == "buy":
             product = r["instruction"].split(" buy ")[-1].rstrip("?") if " buy " in r["instruction"] else \
                 r["instruction"].split(" for ")[-1].rstrip("?")

@@ -409,6 +409,66 @@ def test_cma_gradient_routing(divergence):
     assert not _grads(out.kd_s2t, {"Ws": b["Ws"]})["Ws"]
 
 
+def test_cma_t2s_kd_over_every_row_option():
+    """t2s_kd_rows="all" sums KD_t2s over every supervised student row; the default keeps the rows whose t2s
+    argmax is the gold token (the reference accuracy mask)."""
+    from dskd_pipe.pipeline.objectives.divergences import forward_kl
+
+    b, proj = make_batch(), _proj()
+    ref = run_cma(b, proj, chunk_tokens=3)
+    every = run_cma(b, proj, chunk_tokens=3, t2s_kd_rows="all")
+    ms = b["y"] != -100
+    cma = cross_model_attention(b["Hs"], b["y"], b["x"], b["Es"], b["xt"], b["yt"],
+                                b["Ht"], b["Et"], proj)
+    zt2s = ((cma.a_t2s @ cma.v_t2s)[ms] @ b["Ws"].detach().T).detach()
+    acc = zt2s.argmax(-1) == b["y"][ms]
+    assert 0 < int(acc.sum()) < int(ms.sum())  # the mask removes some rows here
+    torch.testing.assert_close(every.kd_t2s, forward_kl(b["Zs"][ms], zt2s, torch.ones_like(acc), tau=2.0))
+    torch.testing.assert_close(ref.kd_t2s, forward_kl(b["Zs"][ms], zt2s, acc, tau=2.0))
+    assert every.t2s_kd_tokens == ms.sum() and ref.t2s_kd_tokens == acc.sum()
+    for name in ("ce_student", "ce_t2s", "kd_s2t"):
+        torch.testing.assert_close(getattr(every, name), getattr(ref, name), msg=name)
+    with pytest.raises(ValueError, match="t2s_kd_rows 'some'"):
+        run_cma(b, proj, t2s_kd_rows="some")
+
+
+def test_cma_projector_warmup_sends_no_kd_gradient_into_the_student():
+    """student_kd=False (the projector warm-up): the loss's gradient into Hs and Zs is (1 - lambda) CE_s's alone,
+    while the projectors get the same gradients from CE_t2s and KD_s2t as in reference mode."""
+    b, proj = make_batch(), _proj()
+    ref = run_cma(b, proj, chunk_tokens=4)
+    warm = run_cma(b, proj, chunk_tokens=4, student_kd=False)
+    for name in ("ce_student", "ce_t2s", "kd_t2s", "kd_s2t"):  # the terms themselves are unchanged (logged)
+        torch.testing.assert_close(getattr(warm, name), getattr(ref, name), msg=name)
+    torch.testing.assert_close(warm.loss, 0.5 * ref.ce_student + 0.5 * (ref.ce_t2s + ref.kd_s2t))
+    hs_warm, = torch.autograd.grad(warm.loss, [b["Hs"]], retain_graph=True)
+    hs_ce, = torch.autograd.grad(0.5 * ref.ce_student, [b["Hs"]], retain_graph=True)
+    torch.testing.assert_close(hs_warm, hs_ce)
+    params = [proj.query.weight, proj.t2s.weight, proj.s2t.weight]
+    g_warm = torch.autograd.grad(warm.loss, params, retain_graph=True)
+    g_ref = torch.autograd.grad(0.5 * (ref.ce_t2s + ref.kd_s2t), params, retain_graph=True)
+    for a, c in zip(g_warm, g_ref):
+        torch.testing.assert_close(a, c)
+
+
+def test_cma_t2s_values_hidden_option_drops_the_target_embedding():
+    """t2s_values="hidden": Vt2s = t2s(Ht~) (no gold target embedding); the attention and the s2t branch are
+    unchanged, and KD_t2s / CE_t2s change only through the values."""
+    b, proj = make_batch(), _proj()
+    args = (b["Hs"], b["y"], b["x"], b["Es"], b["xt"], b["yt"], b["Ht"], b["Et"], proj)
+    ref = cross_model_attention(*args)
+    hidden = cross_model_attention(*args, t2s_values="hidden")
+    torch.testing.assert_close(ref.v_t2s, proj.t2s(ref.ht_norm + ref.e_tg).float())
+    torch.testing.assert_close(hidden.v_t2s, proj.t2s(ref.ht_norm).float())
+    for name in ("a_t2s", "a_s2t", "v_s2t", "queries"):
+        torch.testing.assert_close(getattr(hidden, name), getattr(ref, name), msg=name)
+    out_ref, out_hidden = run_cma(b, proj), run_cma(b, proj, t2s_values="hidden")
+    torch.testing.assert_close(out_hidden.kd_s2t, out_ref.kd_s2t)
+    assert not torch.allclose(out_hidden.ce_t2s, out_ref.ce_t2s)
+    with pytest.raises(ValueError, match="t2s_values 'target'"):
+        run_cma(b, proj, t2s_values="target")
+
+
 def test_cma_bf16_models_fp32_projectors_run():
     b, proj = make_batch(), _proj()
     for k in ["Hs", "Zs", "Es", "Ws", "Ht", "Et"]:
