@@ -38,6 +38,8 @@ A config file holds one table per size. Each size table holds:
     [SIZE.student_pretrain]           DistillConfig keys (optional: pretrain each student base first)
     [SIZE.cache]                      CacheConfig keys
     [SIZE.distill]                    DistillConfig keys shared by all methods
+    [SIZE.method_distill.METHOD]      DistillConfig keys for one method over [SIZE.distill] (e.g. its kd_rate and
+                                      temperature, chosen on dev); used by METHOD on both tokenizers
     [SIZE.score]                      ScoreConfig keys over configs/score_default.toml
     [SIZE.nll]                        limit, batch_size, max_prompt_length, max_length (default: the distill
                                       table's lengths)
@@ -86,7 +88,7 @@ DATA_KEYS = ("train", "eval", "dev", "teacher_train", "pretrain")
 WORLD_KEYS = ("seed", "n_towns", "teacher_train", "student_train", "dev", "test", "pretrain", "references")
 TOKENIZER_KEYS = ("teacher", "teacher_vocab", "student", "student_vocab")
 NLL_KEYS = ("limit", "batch_size", "max_prompt_length", "max_length")
-TABLES = ("models", "data", "world", "tokenizers", "nll", *STAGES)
+TABLES = ("models", "data", "world", "tokenizers", "nll", *STAGES, "method_distill")
 # Set by the runner: a value for these in a stage table would be ignored, so it is refused instead.
 _TRAIN_PATHS = ("teacher", "student", "data", "cache", "out", "method", "resume", "dev_data")
 PATH_KEYS = {
@@ -280,6 +282,21 @@ def load_recipe_config(config: str | Path, size: str | None = None) -> tuple[str
         except ConfigError as e:
             problems += [f"{path}: [{size}.{name}] {line.removeprefix('command line: ')}"
                          for line in str(e).splitlines()]
+    per_method = table.get("method_distill", {})
+    for method in sorted(per_method):
+        where = f"{path}: [{size}.method_distill.{method}]"
+        if method not in [*(methods or []), *same] or not isinstance(per_method[method], dict):
+            problems.append(f"{where}: expected a table for one of this size's methods "
+                            f"({', '.join(dict.fromkeys([*(methods or []), *same]))}).")
+            continue
+        section = per_method[method]
+        for key in sorted(set(section) & set(PATH_KEYS["distill"])):
+            problems.append(f"{where} '{key}' is set by the recipe; remove it.")
+        try:
+            load_config(DistillConfig, None, {**table.get("distill", {}), **{
+                k: v for k, v in section.items() if k not in PATH_KEYS["distill"]}, "method": method})
+        except ConfigError as e:
+            problems += [f"{where} {line.removeprefix('command line: ')}" for line in str(e).splitlines()]
     if problems:
         raise ConfigError("\n".join(problems))
     settings = {"methods": list(methods), "same_tokenizer_methods": list(same), "seeds": list(seeds),
@@ -287,7 +304,8 @@ def load_recipe_config(config: str | Path, size: str | None = None) -> tuple[str
                 "data": dict(table["data"]) if world is None else None, "world": dict(world) if world else None,
                 "tokenizers": dict(tokenizers) if tokenizers else None, "nll": dict(nll),
                 **{name: dict(table[name]) if name in table else None for name in ("teacher_sft", "student_pretrain")},
-                **{name: dict(table.get(name, {})) for name in ("cache", "distill", "score")}}
+                **{name: dict(table.get(name, {})) for name in ("cache", "distill", "score")},
+                "method_distill": {m: dict(v) for m, v in per_method.items()}}
     return size, settings
 
 
@@ -686,7 +704,8 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
                 label = student_name(name, seed, seeds)
                 groups[name]["labels"][seed] = label
                 jobs.append((label, load_config(DistillConfig, None, {
-                    **settings["distill"], "method": method, "seed": seed, "student": str(inits[init_name]),
+                    **settings["distill"], **settings["method_distill"].get(method, {}), "method": method,
+                    "seed": seed, "student": str(inits[init_name]),
                     "data": data["train"], "cache": str(store) if method != "sft" else "", "dev_data": data["dev"],
                     "out": str(out / "students" / label), "resume": True,
                     "progress": progress and settings["jobs"] == 1})))
@@ -770,6 +789,10 @@ def _header(summary: dict, settings: dict) -> str:
                      f"{tk['student_tokens_ending_on_a_teacher_end']:.1%} of the student's response tokens (and "
                      f"{tk['teacher_tokens_ending_on_a_student_end']:.1%} of the teacher's) end where a token of the "
                      "other tokenizer ends.")
+    if settings.get("method_distill"):
+        parts.append("Per-method settings over the shared distill table: " + "; ".join(
+            f"{m}: " + ", ".join(f"{k} = {v}" for k, v in kv.items()) for m, kv in settings["method_distill"].items())
+            + ".")
     return " ".join(parts)
 
 

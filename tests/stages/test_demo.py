@@ -36,6 +36,7 @@ def test_ci_size_end_to_end(ci_run):
             cfg = json.loads((out / "students" / f"{method}-seed{seed}" / "distill_config.json").read_text())["config"]
             assert cfg["student"] == str(out / "models" / init) and cfg["seed"] == seed
             assert cfg["method"] == method.split("@")[0]
+            assert (cfg["kd_rate"], cfg["kd_temperature"]) == ((0.9, 1.0) if method.startswith("kd") else (0.5, 2.0))
     agreement = json.loads((out / "tokenizers" / "agreement.json").read_text())
     assert 0.3 < agreement["student_tokens_ending_on_a_teacher_end"] < 1.0  # really two tokenizations
     summary = json.loads((out / "summary.json").read_text())

@@ -181,7 +181,7 @@ out = "here"
     msg = str(e.value)
     for line in (
         ": unknown key or table [x.extra] (known: methods, same_tokenizer_methods, seeds, jobs, models, data, world, "
-        "tokenizers, nll, teacher_sft, student_pretrain, cache, distill, score).",
+        "tokenizers, nll, teacher_sft, student_pretrain, cache, distill, score, method_distill).",
         "[x] methods: expected a list of sft, ",
         "[x] seeds: expected a list of distinct integers, found [1, 1].",
         "[x.models] unknown key 'colour'",
@@ -200,6 +200,46 @@ out = "here"
         recipe.load_recipe_config(bad, "gpu")
     with pytest.raises(ConfigError, match=r"nope: no such recipe file"):
         recipe.load_recipe_config("nope")
+
+
+def test_method_distill_tables_are_checked_per_method(tmp_path):
+    """[SIZE.method_distill.METHOD]: one method's distill keys over the shared table, checked like it."""
+    base = """
+[x]
+methods = ["sft", "dskd-cma"]
+same_tokenizer_methods = ["kd"]
+[x.models]
+teacher = "tiny"
+teacher_arch = "llama"
+teacher_tokenizer = "gpt2"
+teacher_d_model = 8
+teacher_layers = 1
+teacher_heads = 1
+student = "tiny"
+student_arch = "llama"
+student_tokenizer = "gpt2"
+student_d_model = 8
+student_layers = 1
+student_heads = 1
+[x.data]
+train = "train.jsonl"
+eval = ["dev=dev.jsonl"]
+[x.distill]
+kd_rate = 0.5
+"""
+    good = tmp_path / "good.toml"
+    good.write_text(base + "[x.method_distill.kd]\nkd_rate = 0.9\nkd_temperature = 1.0\n")
+    settings = recipe.load_recipe_config(good, "x")[1]
+    assert settings["method_distill"] == {"kd": {"kd_rate": 0.9, "kd_temperature": 1.0}}
+    bad = tmp_path / "bad.toml"
+    bad.write_text(base + "[x.method_distill.kd]\nkd_rate = \"high\"\nseed = 2\n[x.method_distill.uld]\nkd_rate = 0.2\n")
+    with pytest.raises(ConfigError) as e:
+        recipe.load_recipe_config(bad, "x")
+    msg = str(e.value)
+    for line in ("[x.method_distill.kd] 'seed' is set by the recipe; remove it.",
+                 "[x.method_distill.kd] key 'kd_rate': expected a number, found 'high'.",
+                 "[x.method_distill.uld]: expected a table for one of this size's methods (sft, dskd-cma, kd)."):
+        assert line in msg, line
 
 
 def test_shipped_recipes_load():
