@@ -232,7 +232,8 @@ kd_rate = 0.5
     settings = recipe.load_recipe_config(good, "x")[1]
     assert settings["method_distill"] == {"kd": {"kd_rate": 0.9, "kd_temperature": 1.0}}
     bad = tmp_path / "bad.toml"
-    bad.write_text(base + "[x.method_distill.kd]\nkd_rate = \"high\"\nseed = 2\n[x.method_distill.uld]\nkd_rate = 0.2\n")
+    bad.write_text(base + "[x.method_distill.kd]\nkd_rate = \"high\"\nseed = 2\n"
+                   "[x.method_distill.uld]\nkd_rate = 0.2\n")
     with pytest.raises(ConfigError) as e:
         recipe.load_recipe_config(bad, "x")
     msg = str(e.value)
