@@ -201,3 +201,18 @@ def test_eta_unmapped_option_builds_the_token_map():
     missing = maps["drop"] == -1
     assert missing.any() and (maps["unk"][missing] == gpt2.unk_token_id).all()
     assert torch.equal(maps["unk"][~missing], maps["drop"][~missing])
+
+
+def test_diagnosis_option_values_are_checked_together():
+    """Bad values of the quality-diagnosis options are reported with the others, by flag name."""
+    from dskd_pipe.pipeline.config import ConfigError
+    from dskd_pipe.stages.distill import check_config
+
+    cfg = DistillConfig(method="dskd-cma", student="s", data="d.jsonl", out="o", cache="c.zarr",
+                        projector_warmup_steps=-1, t2s_kd_rows="some", t2s_values="target")
+    with pytest.raises(ConfigError) as e:
+        check_config(cfg)
+    for line in ("--projector-warmup-steps must be >= 0, found -1.",
+                 "--t2s-kd-rows 'some': choose one of accurate, all, none.",
+                 "--t2s-values 'target': choose one of hidden+target, hidden."):
+        assert line in str(e.value), line
