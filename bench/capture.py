@@ -16,7 +16,6 @@ GPU, random weights of a real shape (no download: config only, tokenizer from th
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import tempfile
@@ -32,6 +31,8 @@ from dskd_pipe.pipeline.data import TEMPLATE_ID, build_sequence, load_examples
 from dskd_pipe.pipeline.models import (eos_token_id, head_parts, load_causal_lm, load_tokenizer, pad_token_id,
                                        save_tiny_model)
 from dskd_pipe.stages.cache_teacher import _DTYPES, _cache_batches, teacher_states
+
+from results_file import write_result  # bench/ is on sys.path when a benchmark runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN_TOK = ROOT / "tests" / "fixtures" / "tokenizers" / "qwen2"
@@ -200,11 +201,7 @@ def main() -> None:
         "command": "python bench/capture.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v not in ("", None) and k != "results"),
     }
-    path = Path(a.results) / f"capture-{dev.type}-{a.teacher_shape}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_result(a.results, f"capture-{dev.type}-{a.teacher_shape}", result)
     if not a.out_dir:
         shutil.rmtree(out, ignore_errors=True)
     tmp.cleanup()

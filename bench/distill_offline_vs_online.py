@@ -16,7 +16,6 @@ import argparse
 import json
 import multiprocessing
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ import torch
 
 from dskd_pipe.pipeline.config import CacheConfig, DistillConfig
 from dskd_pipe.pipeline.models import load_tokenizer, save_tiny_model
+
+from results_file import write_result  # bench/ is on sys.path when a benchmark runs as a script
 
 TOK = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers"
 DATA = Path(__file__).resolve().parents[1] / "configs" / "data" / "dolly_train_200.jsonl"
@@ -130,12 +131,8 @@ def main(argv=None) -> dict:
     result = {"device": device,
               "args": vars(args), "cache_teacher_s": cache_s, "offline": offline, "online": online,
               "online_over_offline_step_time": online["s_per_step"] / offline["s_per_step"]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"distill_offline_vs_online-{args.device.split(':')[0]}-{args.teacher_shape}_{args.student_shape}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"wrote {path}", file=sys.stderr)
+    write_result(args.out, f"distill_offline_vs_online-{args.device.split(':')[0]}-{args.teacher_shape}_"
+                           f"{args.student_shape}", result)
     return result
 
 

@@ -36,7 +36,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dskd_pipe.cache import streaming
@@ -46,6 +45,8 @@ from dskd_pipe.cache.streaming import Collate, DistillDataset, Side, StoreSource
 from dskd_pipe.cache.writer import PartWriter, finalize_store, open_for_writing, write_json
 from dskd_pipe.pipeline.data import build_sequence, load_examples
 from dskd_pipe.pipeline.models import load_tokenizer
+
+from results_file import write_result  # bench/ is on sys.path when a benchmark runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 TOK = REPO / "tests" / "fixtures" / "tokenizers"
@@ -253,12 +254,7 @@ def main(argv=None) -> dict:
         machine = f"cpu, {os.cpu_count()} cores"
     machine += f", load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     result = {"machine": machine, "args": vars(args), "worker_cpu": costs, "summary": summary, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"loader-{args.device.split(':')[0]}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(summary, indent=1))
-    print(f"wrote {path}", file=sys.stderr)
+    write_result(args.out, f"loader-{args.device.split(':')[0]}", result, shown=summary, indent=1)
     return result
 
 

@@ -19,7 +19,6 @@ Writes bench/results/many_students-<device>-<teacher>_<student>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_offline_vs_online import DATA, SHAPES, build_model  # noqa: E402
+from results_file import write_result  # noqa: E402
 
 CLI = [sys.executable, "-c", "from dskd_pipe.pipeline.cli import main; main()"]
 
@@ -102,12 +102,8 @@ def main(argv=None) -> dict:
               "cache_teacher_s": round(cache_s, 1), "offline_runs_s": [round(s, 1) for s in runs["offline"]],
               "online_runs_s": [round(s, 1) for s in runs["online"]], "by_n": table,
               "saving_per_student_s": round(per_student_saving, 1), "break_even_n": break_even}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"many_students-{args.device.split(':')[0]}-{args.teacher_shape}_{args.student_shape}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"wrote {path}", file=sys.stderr)
+    write_result(args.out, f"many_students-{args.device.split(':')[0]}-{args.teacher_shape}_{args.student_shape}",
+                 result)
     return result
 
 

@@ -13,7 +13,6 @@ Writes bench/results/s2t_memory-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ import torch
 
 from dskd_pipe.pipeline.objectives.divergences import forward_kl
 from dskd_pipe.pipeline.objectives.dskd import TeacherHead, chunked_fkl_over_head, teacher_logits
+
+from results_file import write_result  # bench/ is on sys.path when a benchmark runs as a script
 
 
 def unchunked(ht, hs, head, mask, tau):
@@ -77,11 +78,8 @@ def main() -> None:
     if "peak_bytes" in results["chunked"] and "peak_bytes" in results["unchunked"]:
         results["peak_saved_bytes"] = results["unchunked"]["peak_bytes"] - results["chunked"]["peak_bytes"]
         results["peak_ratio_chunked_over_unchunked"] = results["chunked"]["peak_bytes"] / results["unchunked"]["peak_bytes"]
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"s2t_memory-{device.type}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in results.items() if k != "args"}, indent=2))
-    print(f"wrote {path}")
+    write_result(args.out, f"s2t_memory-{device.type}", results,
+                 shown={k: v for k, v in results.items() if k != "args"})
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ def s3_server():
     Credentials and the endpoint reach every client (s3fs here, subprocesses too) through the standard environment
     variables, as a user's would."""
     import logging
-    import os
 
+    import fsspec
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
@@ -57,18 +57,12 @@ def s3_server():
     host, port = server.get_host_and_port()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import fsspec
-
-    fs, _ = fsspec.core.url_to_fs("s3://dskd-test")
-    fs.mkdir("dskd-test")
-    try:
-        yield "s3://dskd-test"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+    with pytest.MonkeyPatch.context() as mp:  # session-scoped: the environment is restored after the last test
+        for key, value in env.items():
+            mp.setenv(key, value)
+        fs, _ = fsspec.core.url_to_fs("s3://dskd-test")
+        fs.mkdir("dskd-test")
+        try:
+            yield "s3://dskd-test"
+        finally:
+            server.stop()

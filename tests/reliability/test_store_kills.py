@@ -71,6 +71,9 @@ def test_two_shards_and_two_torchrun_ranks_equal_one_process(models, clean, tmp_
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
+    from dskd_pipe.cache.reader import open_store
+    split = open_store(str(shards))
+    assert split.manifest.n_parts == 2 and {split.locate(i)[0] for i in range(LIMIT)} == {0, 1}  # both wrote
     assert example_bytes(shards) == want
     ranks = tmp_path / "ranks.zarr"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -78,6 +81,5 @@ def test_two_shards_and_two_torchrun_ranks_equal_one_process(models, clean, tmp_
                                                                   limit=LIMIT))],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    from dskd_pipe.cache.reader import open_store
     assert open_store(str(ranks)).manifest.n_parts == 2
     assert example_bytes(ranks) == want

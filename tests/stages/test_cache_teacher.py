@@ -103,19 +103,6 @@ def test_sigkill_then_resume_equals_clean_run(teacher, clean_store, tmp_path):
     assert_same_bytes(out, clean_store)
 
 
-def test_two_shard_processes_equal_one_process(teacher, clean_store, tmp_path):
-    out = tmp_path / "t.zarr"
-    procs = [subprocess.Popen([DSKD, *map(str, cache_args(teacher, out, DATA, "--shard", f"{i}/2"))],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = [p.communicate()[0] for p in procs]
-    failed = [f"shard {i}/2 exited {p.returncode}:\n{out_}" for i, (p, out_) in enumerate(zip(procs, outputs))
-              if p.returncode != 0]
-    assert not failed, "\n".join(failed)
-    store = open_store(str(out))
-    assert store.manifest.n_parts == 2 and {store.locate(i)[0] for i in range(40)} == {0, 1}
-    assert_same_examples(out, clean_store)
-
-
 def test_second_process_on_same_part_refused(teacher, tmp_path):
     out = tmp_path / "t.zarr"
     env = dict(os.environ, DSKD_PIPE_TEST_DIE_AFTER_FLUSHES="1")

@@ -22,6 +22,7 @@ def ci_run(tmp_path_factory):
     return out, result.output
 
 
+@pytest.mark.slow  # an end-to-end run in its reduced (CI) size
 def test_ci_size_end_to_end(ci_run):
     out, output = ci_run
     for line in ("| sft@teacher-tok | bpe-300 |", "| kd@teacher-tok | bpe-300 |", "| dskd-cma | wordpiece-320 |",

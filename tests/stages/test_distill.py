@@ -235,6 +235,7 @@ def test_two_micro_batches_times_four_accumulation_equal_eight_times_one(env):
     assert sum(float(g.abs().sum()) for g in g_big) > 0
 
 
+@pytest.mark.slow  # an end-to-end run in its reduced (CI) size
 def test_kill_and_resume_equals_an_uninterrupted_run(env):
     kw = dict(method="cma-ga", cache=str(env["store_q"]), student=str(env["student_dropout"]), grad_accum=1,
               epochs=2, save_every=3, dev_data=DEV, dev_limit=4)

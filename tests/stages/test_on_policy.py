@@ -93,6 +93,7 @@ def test_samples_feed_kd_terms_only(env):
     assert float(both["ce_student"]) > float(mixed["ce_student"]) > 0
 
 
+@pytest.mark.slow  # an end-to-end run in its reduced (CI) size
 def test_rounds_end_to_end_then_rerun_keeps_everything(env, capsys):
     out = env["tmp"] / "run"
     cfg = OnPolicyConfig(distill=str(env["distill"]), out=str(out), rounds=1, share=0.5, start_epochs=1,

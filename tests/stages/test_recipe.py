@@ -74,6 +74,7 @@ def data_root(tmp_path):
     return root
 
 
+@pytest.mark.slow  # an end-to-end run in its reduced (CI) size
 def test_tiny_recipe_trains_every_method_and_seed_then_reuses_them(tmp_path, data_root):
     config = tmp_path / "tiny.toml"
     config.write_text(TINY)
