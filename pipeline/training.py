@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dskd_pipe.pipeline.distributed import Processes, all_reduce_sum, barrier
 
 CHECKPOINT_PREFIX = "step-"
 TRAINER_STATE = "trainer_state.pt"
@@ -163,7 +164,7 @@ def _no_space(where: Path, needed: int, free: int) -> CheckpointError:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimizers: dict, scheduler,
-                    trainer_state: dict, rank: int = 0, world: int = 1, keep: int = 2) -> Path:
+                    trainer_state: dict, procs: Processes = Processes(), keep: int = 2) -> Path:
     """Write `run_dir/checkpoints/step-N` atomically; keep the newest `keep` checkpoints. Every process calls it.
 
     state/: the trained module and the optimizers through torch.distributed.checkpoint (each process writes its
@@ -176,6 +177,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
     """
     import torch.distributed.checkpoint as dcp
 
+    rank, world = procs.rank, procs.world
     root = Path(run_dir) / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -183,10 +185,10 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    _barrier(world)
+    barrier(procs)
     state = _training_state(model, optimizers)
     # Every process's shards, plus 1% and 1 MiB for the metadata, RNG and trainer files (a shared folder).
-    needed = int(_sum_over_processes(_state_bytes(state), world) * 1.01) + 2**20
+    needed = int(_sum_over_processes(_state_bytes(state), procs) * 1.01) + 2**20
     failed: CheckpointError | None = None
     free = shutil.disk_usage(root).free
     if free < needed:
@@ -196,7 +198,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
             with _one_process_quiet(world):
                 dcp.save(state, checkpoint_id=str(tmp / "state"), no_dist=world == 1)
             torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-            _barrier(world)
+            barrier(procs)
             if rank == 0:
                 torch.save({**trainer_state, "scheduler": scheduler.state_dict(), "world": world},
                            tmp / TRAINER_STATE)
@@ -205,10 +207,10 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
             if free >= 2**20 and free >= needed - _folder_bytes(tmp):
                 raise
             failed = _no_space(_newest_file(tmp), needed, free)
-    if _any_process(failed is not None, world):
+    if _sum_over_processes(failed is not None, procs):
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        _barrier(world)
+        barrier(procs)
         raise failed or CheckpointError(f"{final}: another process found no space for its part of the checkpoint "
                                         "(its message names the file). Free some space and run the same command "
                                         "with --resume.")
@@ -217,7 +219,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, optimiz
         os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier(world)
+    barrier(procs)
     return final
 
 
@@ -234,26 +236,8 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _sum_over_processes(n: int, world: int) -> int:
-    if world <= 1:
-        return n
-    import torch.distributed as dist
-
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([n], dtype=torch.int64, device=device)
-    dist.all_reduce(t)
-    return int(t)
-
-
-def _any_process(flag: bool, world: int) -> bool:
-    return _sum_over_processes(int(flag), world) > 0
+def _sum_over_processes(n: int, procs: Processes) -> int:
+    return int(all_reduce_sum(torch.tensor([int(n)], dtype=torch.int64, device=procs.device), procs))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -264,8 +248,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
                   and (p / TRAINER_STATE).is_file())
 
 
-def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizers: dict, scheduler, rank: int = 0,
-                    world: int = 1, restore_rng: bool = True) -> dict:
+def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizers: dict, scheduler,
+                    procs: Processes = Processes(), restore_rng: bool = True) -> dict:
     """Restore the trained module, the optimizers, the scheduler and this process's RNG states in place (every
     process calls it, with any number of processes); return the trainer state (step, epoch, position, ...).
 
@@ -291,8 +275,8 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizers: dict, s
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     try:
-        with _one_process_quiet(world):
-            dcp.load(state, checkpoint_id=str(folder / "state"), no_dist=world == 1,
+        with _one_process_quiet(procs.world):
+            dcp.load(state, checkpoint_id=str(folder / "state"), no_dist=procs.world == 1,
                      planner=DefaultLoadPlanner(allow_partial_load=True))
     except Exception as e:  # DCP wraps a shape mismatch in its own exception types
         raise CheckpointError(f"{folder / 'state'}: does not fit this run's model ({str(e).splitlines()[0][:300]}). "
@@ -308,7 +292,7 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizers: dict, s
     trainer = torch.load(folder / TRAINER_STATE, weights_only=True)
     scheduler.load_state_dict(trainer.pop("scheduler"))
     trainer.pop("world", None)
-    rng = folder / f"rng-{rank}.pt"
+    rng = folder / f"rng-{procs.rank}.pt"
     if restore_rng and rng.is_file():
         set_rng_state(torch.load(rng, weights_only=True))
     return trainer

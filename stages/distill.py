@@ -619,12 +619,11 @@ def run(cfg: DistillConfig) -> Path:
     state = {"step": start_step, "start_step": start_step, "epoch": 0, "position": 0, "best": None}
     if resume_from is not None:
         state.update(load_checkpoint(resume_from, model=model, optimizers=optimizers, scheduler=scheduler,
-                                     rank=rank, world=procs.world))
+                                     procs=procs))
         console.note(f"resuming from {resume_from} (step {state['step']}, epoch {state['epoch']}, "
                      f"position {state['position']})")
     elif init_from is not None:
-        load_checkpoint(init_from, model=model, optimizers=optimizers, scheduler=scheduler, rank=rank,
-                        world=procs.world)
+        load_checkpoint(init_from, model=model, optimizers=optimizers, scheduler=scheduler, procs=procs)
         console.note(f"starting from {init_from} (step {start_step}; this run's data from its first example)")
     if rank and resume_from is None:
         seed_everything(cfg.seed + rank)  # dropout: each process its own stream (rank 0 keeps one process's)
@@ -650,7 +649,7 @@ def run(cfg: DistillConfig) -> Path:
     def checkpoint() -> None:
         trainer_state = {k: v for k, v in state.items() if v is not None}
         save_checkpoint(out, state["step"], model=model, optimizers=optimizers, scheduler=scheduler,
-                        trainer_state=trainer_state, rank=rank, world=procs.world, keep=cfg.keep_checkpoints)
+                        trainer_state=trainer_state, procs=procs, keep=cfg.keep_checkpoints)
         if die_at and state["step"] == die_at and die_rank == -1:
             os._exit(137)
 

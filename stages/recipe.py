@@ -495,8 +495,8 @@ def _train_all(out: Path, jobs: list[tuple[str, DistillConfig]], n_jobs: int, st
     import torch
 
     threads = 0 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // n_jobs)
-    print(f"[recipe {step}/{STEPS}] distill {len(jobs)} students, {n_jobs} at once"
-          + (f" ({threads} thread(s) each)" if threads else ""), flush=True)
+    _step(step, f"distill {len(jobs)} students, {n_jobs} at once"
+          + (f" ({threads} thread(s) each)" if threads else ""))
     kwargs = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
     with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"), **kwargs) as pool:
         futures = {pool.submit(_distill_job, cfg, threads): label for label, cfg in jobs}
@@ -636,7 +636,7 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
         _done(out, "data", t0, f"data: {out / 'data'}", reused)
         paths["data"] = out / "data"
     else:
-        print(f"[recipe 1/{STEPS}] data: {data['train']}", flush=True)
+        _step(1, f"data: {data['train']}")
 
     models = dict(settings["models"])
     tok_folders = {}
@@ -650,7 +650,7 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
             f"{agreement['student_tokens_ending_on_a_teacher_end']:.1%}", agreement["of"]), reused)
         paths["tokenizers"] = out / "tokenizers"
     else:
-        print(f"[recipe 2/{STEPS}] no [{size}.tokenizers] table: the models' own tokenizers", flush=True)
+        _step(2, f"no [{size}.tokenizers] table: the models' own tokenizers")
 
     t0 = _step(3, f"models ({models['teacher']} -> {models['student']})")
     teacher_init, kept_t = _model(out, "teacher", models, tok_folders.get("teacher"))
@@ -670,17 +670,17 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
         teacher = _best(teacher)
         _done(out, "teacher_sft", t0, f"teacher: {teacher}", reused)
     else:
-        print(f"[recipe 4/{STEPS}] no [{size}.teacher_sft] table: the teacher is used as given", flush=True)
+        _step(4, f"no [{size}.teacher_sft] table: the teacher is used as given")
 
     if settings["student_pretrain"] is not None:
         jobs = [(f"student-base/{name}", load_config(DistillConfig, None, {
             **settings["student_pretrain"], "method": "sft", "student": str(init), "data": data["pretrain"],
             "out": str(out / "student-base" / name), "resume": True,
             "progress": progress and settings["jobs"] == 1})) for name, init in inits.items()]
-        print(f"[recipe 5/{STEPS}] pretrain the student base(s) on {data['pretrain']}", flush=True)
+        _step(5, f"pretrain the student base(s) on {data['pretrain']}")
         inits = {name: folder for name, folder in zip(inits, _train_all(out, jobs, settings["jobs"], 5).values())}
     else:
-        print(f"[recipe 5/{STEPS}] no [{size}.student_pretrain] table: the students start as built", flush=True)
+        _step(5, f"no [{size}.student_pretrain] table: the students start as built")
 
     store = None
     if any(m != "sft" for m in [*methods, *same]):
@@ -691,7 +691,7 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
             **settings["cache"], "teacher": str(teacher), "data": data["train"], "out": str(store_dir)}))
         _done(out, "cache", t0, f"store: {store}", finished)
     else:
-        print(f"[recipe 6/{STEPS}] every method is sft: no teacher store", flush=True)
+        _step(6, "every method is sft: no teacher store")
 
     groups: dict[str, dict] = {}
     jobs = []
