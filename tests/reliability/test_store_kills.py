@@ -1,6 +1,6 @@
 """kill -9 at random moments and any shard split: the store's bytes do not change (issue 14).
 
-Slow (behind the `slow` marker); CI runs them on 20 examples, DSKD_PIPE_FULL_TRIALS=1 on 40. bench/chaos.py runs the
+Slow (behind the `slow` marker); CI runs them on 20 examples and 3 kills, DSKD_PIPE_FULL_TRIALS=1 on 40 and 5. bench/chaos.py runs the
 same trial N times and reports the figure in BENCHMARKS.md.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from reliability_helpers import DSKD, FULL, cache_args, differing_files, example
 
 pytestmark = pytest.mark.slow
 LIMIT = 40 if FULL else 20
+KILLS = 5 if FULL else 3
 # Each shard write sleeps this long in these trials, so that random kill moments land while rows are written
 # (a tiny teacher computes its whole store in well under a second, after ~4 s of imports).
 SLOW_WRITES = {"DSKD_PIPE_TEST_WRITE_DELAY_S": "0.15"}
@@ -38,14 +39,14 @@ def clean(models, tmp_path_factory):
     return out, time.monotonic() - t0
 
 
-def test_five_kills_at_random_moments_give_the_same_bytes(models, clean, tmp_path):
-    """5 x SIGKILL at moments drawn over a whole run's length (imports, creation, head, rows, finalize), each time the
+def test_kills_at_random_moments_give_the_same_bytes(models, clean, tmp_path):
+    """KILLS x SIGKILL at moments drawn over a whole run's length (imports, creation, head, rows, finalize), each time the
     same command again; then one more run to finish. Every file equals the uninterrupted run's, byte for byte."""
     reference, seconds = clean
     out = tmp_path / "t.zarr"
     rng = random.Random(14)
     moments = []
-    for _ in range(5):
+    for _ in range(KILLS):
         p = subprocess.Popen([DSKD, *map(str, cache_args(models["teacher"], out, "--topk", "2", limit=LIMIT))],
                              env={**os.environ, **SLOW_WRITES}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         moment = rng.uniform(0.2, 0.75) * seconds
@@ -55,7 +56,7 @@ def test_five_kills_at_random_moments_give_the_same_bytes(models, clean, tmp_pat
             p.send_signal(signal.SIGKILL)
             p.wait()
         moments.append((round(moment, 2), p.returncode))
-    assert sum(rc == -signal.SIGKILL for _, rc in moments) >= 3, moments  # most runs were really killed
+    assert sum(rc == -signal.SIGKILL for _, rc in moments) > KILLS // 2, moments  # most runs were really killed
     _run(cache_args(models["teacher"], out, "--topk", "2", limit=LIMIT))
     assert differing_files(out, reference) == [], moments
 

@@ -2,13 +2,16 @@
 one LR schedule and one step count across rounds; a rerun keeps finished steps; other settings are refused."""
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from dskd_pipe.cache.reader import open_store
 from dskd_pipe.cache.streaming import Collate, DistillDataset, Side, StoreSource, UnionSource
+from dskd_pipe.pipeline.cli import main
 from dskd_pipe.pipeline.config import CacheConfig, ConfigError, DistillConfig, OnPolicyConfig, load_config
 from dskd_pipe.pipeline.methods import build_parts, resolve
 from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id, save_tiny_model
@@ -23,14 +26,15 @@ def env(tmp_path_factory):
     from dskd_pipe.stages.cache_teacher import run as cache
 
     tmp = tmp_path_factory.mktemp("on_policy")
-    qwen, gpt2 = load_tokenizer(f"{TOK}/qwen2"), load_tokenizer(f"{TOK}/gpt2")
-    teacher = save_tiny_model(tmp / "teacher", "qwen2", qwen, d_model=32, layers=1)
+    # Llama-2's 32k vocabulary, not Qwen's 151k: every step here is its own process that loads the teacher's head
+    llama, gpt2 = load_tokenizer(f"{TOK}/llama2"), load_tokenizer(f"{TOK}/gpt2")
+    teacher = save_tiny_model(tmp / "teacher", "llama", llama, d_model=32, layers=1)
     student = save_tiny_model(tmp / "student", "gpt2", gpt2, d_model=32, layers=1, seed=2)
     store = cache(CacheConfig(teacher=str(teacher), data=DATA, out=str(tmp / "gold.zarr"), limit=8, max_length=64,
                               max_prompt_length=48, device="cpu"))
     distill_toml = tmp / "distill.toml"
     distill_toml.write_text(f'''
-method = "dskd-v2-eta"
+method = "dskd-cma"
 student = "{student}"
 cache = "{store}"
 data = "{DATA}"
@@ -47,6 +51,17 @@ device = "cpu"
 seed = 3
 ''')
     return {"tmp": tmp, "teacher": teacher, "student": student, "store": store, "distill": distill_toml}
+
+
+def _in_this_process(cmd: list[str]) -> int:
+    """on_policy's launch of one step, run here through the same CLI: the command is what a user's process would
+    get, without starting torch and transformers four times over (~10 s each on 2 cores)."""
+    assert cmd[:3] == [sys.executable, "-m", "dskd_pipe.pipeline.cli"], cmd
+    result = CliRunner().invoke(main, cmd[3:])
+    print(result.output, end="")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code
 
 
 def _metrics(folder):
@@ -94,7 +109,8 @@ def test_samples_feed_kd_terms_only(env):
 
 
 @pytest.mark.slow  # an end-to-end run in its reduced (CI) size
-def test_rounds_end_to_end_then_rerun_keeps_everything(env, capsys):
+def test_rounds_end_to_end_then_rerun_keeps_everything(env, capsys, monkeypatch):
+    monkeypatch.setattr(on_policy.subprocess, "call", _in_this_process)
     out = env["tmp"] / "run"
     cfg = OnPolicyConfig(distill=str(env["distill"]), out=str(out), rounds=1, share=0.5, start_epochs=1,
                          epochs_per_round=1, max_new_tokens=6, generate_batch_size=4, teacher_device="cpu")
@@ -133,7 +149,7 @@ def test_rounds_end_to_end_then_rerun_keeps_everything(env, capsys):
 
 def test_bad_settings_are_refused_together(env, tmp_path):
     bad = tmp_path / "sft.toml"
-    bad.write_text(env["distill"].read_text().replace('method = "dskd-v2-eta"', 'method = "sft"\nmax_steps = 3'))
+    bad.write_text(env["distill"].read_text().replace('method = "dskd-cma"', 'method = "sft"\nmax_steps = 3'))
     with pytest.raises(ConfigError) as e:
         on_policy.run(OnPolicyConfig(distill=str(bad), out=str(tmp_path / "o"), share=1.5))
     text = str(e.value)
