@@ -123,7 +123,7 @@ def cache_verify(store) -> None:
 @click.option("--teacher", default=None, help="Teacher model run on the fly instead of --cache (online).")
 @click.option("--student", default=None, help="Student model: hub id or local folder.")
 @click.option("--method", default=None, help="sft, kd, dskd, dskd-cma, cma-ga, dskd-v2, dskd-v2-eta, dwa-kd, "
-              "mined, uld, chunk-attention, chunk-projection: any entry of pipeline/methods.METHODS (README "
+              "mined, uld, alm, chunk-attention, chunk-projection: any entry of pipeline/methods.METHODS (README "
               "\"Methods\").")
 @click.option("--data", default=None, help="Training data: the file the store was built from.")
 @click.option("--out", default=None, help="Output folder: an HF model folder + projectors, metrics, checkpoints.")

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from dskd_pipe.pipeline.alignment import (EtaPairs, TokenStrings, eta_pairs_for_batch,
                                           teacher_to_student_token_map, vocab_overlap)
 from dskd_pipe.pipeline.config import DistillConfig
+from dskd_pipe.pipeline.objectives.alm import chunk_likelihood_loss
 from dskd_pipe.pipeline.objectives.baselines import mined_loss, mined_pairs_for_batch, mined_token_map, uld_loss
 from dskd_pipe.pipeline.objectives.divergences import DIVERGENCES, cross_entropy_sum
 from dskd_pipe.pipeline.objectives.dskd import build_projectors, dskd_cma_loss, dskd_same_vocab_loss, teacher_logits
@@ -327,6 +328,13 @@ def mined_method_loss(x: LossInputs) -> LossTerms:
     return LossTerms(out.loss, {"ce_student": out.ce_student.detach(), "kd": out.kd.detach()})
 
 
+def alm_method_loss(x: LossInputs) -> LossTerms:
+    out = chunk_likelihood_loss(x.logits, x.labels, x.teacher_hidden, x.batch["teacher_labels"], x.teacher.head,
+                                x.batch["chunks"], kd_rate=x.cfg.kd_rate, tau=x.cfg.kd_temperature,
+                                ce_labels=x.ce_labels)
+    return LossTerms(out.loss, {"ce_student": out.ce_student.detach(), "kd": out.kd.detach()})
+
+
 def uld_method_loss(x: LossInputs) -> LossTerms:
     out = uld_loss(x.logits, x.labels, x.teacher_hidden, x.batch["teacher_labels"], x.teacher.head,
                    kd_rate=x.cfg.kd_rate, ce_labels=x.ce_labels)
@@ -520,6 +528,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mined", "MinED: edit-distance token map and DTW alignment (baseline)", mined_method_loss,
            _per_token("ce_student", "kd"), build_parts=_mined_parts, collate_extras=_mined_extras),
     Method("uld", "ULD: sorted-probability distance (baseline)", uld_method_loss, _per_token("ce_student", "kd")),
+    Method("alm", "ALM: the two models' likelihoods of each chunk of text both tokenizations end on, matched",
+           alm_method_loss, _per_token("ce_student", "kd"), collate_extras=_chunk_extras),
     # Chunk-level projection has no query: DSKD's t2s/s2t pair only.
     Method("chunk-attention", "ablation: CMA attention confined to each token's ground-truth chunk",
            _chunk_loss("attention"), _dskd_metrics(), build_parts=_projectors("dskd_cma"),

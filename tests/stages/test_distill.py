@@ -76,7 +76,7 @@ def _metrics(out):
 @pytest.mark.parametrize("method,store", [("sft", None), ("kd", "store_g"), ("dskd", "store_g"),
                                           ("dskd-cma", "store_q"), ("cma-ga", "store_q"), ("dskd-v2", "store_g"),
                                           ("dskd-v2-eta", "store_l"), ("dwa-kd", "store_q"), ("uld", "store_q"),
-                                          ("mined", "store_l"), ("chunk-attention", "store_q"),
+                                          ("mined", "store_l"), ("alm", "store_q"), ("chunk-attention", "store_q"),
                                           ("chunk-projection", "store_l")])
 def test_one_step_per_method_changes_the_student(env, method, store, monkeypatch):
     monkeypatch.setattr(methods, "TOKEN_MAP_CACHE", env["tmp"] / "token_maps")  # MinED's cache: not the user's
