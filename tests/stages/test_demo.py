@@ -26,18 +26,21 @@ def ci_run(tmp_path_factory):
 def test_ci_size_end_to_end(ci_run):
     out, output = ci_run
     for line in ("| sft@teacher-tok | bpe-300 |", "| kd@teacher-tok | bpe-300 |", "| dskd-cma | wordpiece-320 |",
+                 "| alm | wordpiece-320 |",
                  "where everything lies:", str(out / "teacher.zarr"), str(out / "dev_curves.png")):
         assert line in output, line
-    for folder in ("data", "tokenizers/teacher", "tokenizers/student", "teacher", "models/student-init@teacher-tok"):
+    for folder in ("data", "tokenizers/teacher", "tokenizers/student", "teacher", "models/student-init@teacher-tok",
+                   "student-base/student", "student-base/teacher-tok"):
         assert (out / folder).is_dir(), folder
-    # Four students x two seeds, each from the start its tokenizer asks for.
-    for method, init in (("sft", "student-init"), ("dskd-cma", "student-init"),
-                         ("sft@teacher-tok", "student-init@teacher-tok"), ("kd@teacher-tok", "student-init@teacher-tok")):
+    # Five students x two seeds, each from the pretrained base of its tokenizer, with its method's settings.
+    settings = {"kd@teacher-tok": (0.9, 1.0), "alm": (0.5, 1.0)}
+    for method, base in (("sft", "student"), ("alm", "student"), ("dskd-cma", "student"),
+                         ("sft@teacher-tok", "teacher-tok"), ("kd@teacher-tok", "teacher-tok")):
         for seed in (1, 2):
             cfg = json.loads((out / "students" / f"{method}-seed{seed}" / "distill_config.json").read_text())["config"]
-            assert cfg["student"] == str(out / "models" / init) and cfg["seed"] == seed
+            assert cfg["student"].startswith(str(out / "student-base" / base)) and cfg["seed"] == seed
             assert cfg["method"] == method.split("@")[0]
-            assert (cfg["kd_rate"], cfg["kd_temperature"]) == ((0.9, 1.0) if method.startswith("kd") else (0.5, 2.0))
+            assert (cfg["kd_rate"], cfg["kd_temperature"]) == settings.get(method, (0.5, 2.0))
     agreement = json.loads((out / "tokenizers" / "agreement.json").read_text())
     assert 0.3 < agreement["student_tokens_ending_on_a_teacher_end"] < 1.0  # really two tokenizations
     summary = json.loads((out / "summary.json").read_text())
@@ -69,7 +72,7 @@ def test_rerun_reuses_every_finished_step(ci_run):
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
     again = CliRunner().invoke(main, ["demo", "--out", str(out), "--size", "ci", "--no-progress"])
     assert again.exit_code == 0, again.output
-    assert again.output.count("finished before, kept") == 9  # the teacher and 8 students
+    assert again.output.count("finished before, kept") == 13  # the teacher, 2 student bases and 10 students
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == mtimes
     timings = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()]
     rerun = timings[max(i for i, t in enumerate(timings) if t["step"] == "data"):]
