@@ -28,9 +28,8 @@ def t_975(df: int) -> float:
 
 
 def mean_std(values: list[float]) -> dict:
-    """Mean and population std (0 for one value) of the values: the spread over training seeds."""
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    """Mean and population std (numpy's default, ddof=0; 0 for one value) of the values: the spread over seeds."""
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
 
 
 def paired_difference(method: list[float], baseline: list[float], direction: str) -> dict:
@@ -61,7 +60,7 @@ def summarise(values: dict[str, dict[str, dict[str, float]]], groups: dict[str, 
         for key in keys:
             per = {str(s): values[lab][key] for s, lab in labels.items() if key in values.get(lab, {})}
             if per:
-                cells[key] = {**mean_std(list(per.values())), "per_seed": per}
+                cells[key] = {**mean_std(list(per.values())), "n": len(per), "per_seed": per}
         row = {"kind": g["kind"], "tokenizer": g.get("tokenizer", ""), "baseline": g.get("baseline"),
                "metrics": cells, "vs_baseline": {}}
         base = groups.get(g.get("baseline") or "")

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from dskd_pipe.pipeline.comparison import mean_std
 from dskd_pipe.pipeline.config import ConfigError, ScoreConfig, require, save_config
 from dskd_pipe.pipeline.data import DataError, Example, file_fingerprint, load_examples
 from dskd_pipe.pipeline.models import (default_device, default_dtype, eos_token_id, load_causal_lm, load_tokenizer,
@@ -306,11 +307,6 @@ def read_generations(path: Path, header: dict, n: int) -> list[dict] | None:
 # Report
 # ---------------------------------------------------------------------------------------------------------------
 
-def _mean_std(values: list[float]) -> dict:
-    # Population std (numpy's default, ddof=0) over seeds; 0 for one seed.
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
-
-
 def summarise(scores: dict[str, dict[str, dict[str, float]]], set_names: list[str], in_domain: str,
               sizes: dict[str, int]) -> dict:
     """scores[model][set][seed] = mean ROUGE-L x100 -> per set mean/std over seeds, all-set and OOD averages.
@@ -321,10 +317,10 @@ def summarise(scores: dict[str, dict[str, dict[str, float]]], set_names: list[st
     models = {}
     for label, per_set in scores.items():
         seeds = list(next(iter(per_set.values())))
-        entry = {"sets": {s: {**_mean_std(list(per_set[s].values())), "per_seed": per_set[s], "n": sizes[s]}
+        entry = {"sets": {s: {**mean_std(list(per_set[s].values())), "per_seed": per_set[s], "n": sizes[s]}
                           for s in set_names}}
-        entry["average"] = _mean_std([statistics.fmean(per_set[s][k] for s in set_names) for k in seeds])
-        entry["ood_average"] = (_mean_std([statistics.fmean(per_set[s][k] for s in ood) for k in seeds])
+        entry["average"] = mean_std([statistics.fmean(per_set[s][k] for s in set_names) for k in seeds])
+        entry["ood_average"] = (mean_std([statistics.fmean(per_set[s][k] for s in ood) for k in seeds])
                                 if ood else None)
         models[label] = entry
     return {"sets": set_names, "in_domain": in_domain, "ood_sets": ood, "models": models}
