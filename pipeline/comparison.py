@@ -153,14 +153,18 @@ def dev_curves(curves: dict[str, dict[int, list[float]]], path: Path, ylabel: st
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in curves.items():
+    colors = plt.get_cmap("tab10").colors
+    for i, (name, points) in enumerate(curves.items()):
         steps = sorted(points)
         if not steps:
             continue
+        # Ten colours, then the same colours dashed, then dotted: no two groups share a line (a recipe has 12).
+        color, style = colors[i % 10], ("-", "--", ":")[i // 10 % 3]
         mean = [statistics.fmean(points[s]) for s in steps]
-        ax.plot(steps, mean, label=name, marker="." if len(steps) < 30 else None)
+        ax.plot(steps, mean, label=name, color=color, linestyle=style, marker="." if len(steps) < 30 else None)
         if any(len(points[s]) > 1 for s in steps):
-            ax.fill_between(steps, [min(points[s]) for s in steps], [max(points[s]) for s in steps], alpha=0.15)
+            ax.fill_between(steps, [min(points[s]) for s in steps], [max(points[s]) for s in steps], alpha=0.15,
+                            color=color)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.set_title("dev loss per method (mean over training seeds, band: min-max)")

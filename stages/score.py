@@ -368,14 +368,17 @@ def plot_report(report: dict, path: Path) -> bool:
         return e["average"] if g == "Average" else e["ood_average"] if g == "OOD average" else e["sets"][g]
 
     width = 0.8 / len(labels)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(labels) / 2)), 4))
+    # The legend sits right of the axes, at most 20 names a column, so a recipe's 39 models still fit the figure.
+    columns = -(-len(labels) // 20)
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.25 * len(groups) * len(labels))) + 1.8 * columns,
+                                    max(4.0, 0.2 * -(-len(labels) // columns))))
     for j, m in enumerate(labels):
         xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(groups))]
         ax.bar(xs, [get(m, g)["mean"] for g in groups], width, yerr=[get(m, g)["std"] for g in groups], label=m,
                capsize=2)
     ax.set_xticks(range(len(groups)), groups, rotation=20)
     ax.set_ylabel("ROUGE-L x100")
-    ax.legend()
+    ax.legend(fontsize="small", ncol=columns, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -53,6 +53,10 @@ def test_ci_size_end_to_end(ci_run):
     nll = json.loads((out / "score" / "nll.json").read_text())
     assert nll["teacher"]["test"]["examples"] == 16 and nll["teacher"]["test"]["truncated"] == 0
     assert (out / "scores.png").is_file() and (out / "dev_curves.png").is_file()
+    # A finished run keeps its model, best/ and last/, not the resume state the recipe never reads again.
+    finished = [p.parent for p in out.rglob("distill_done.json")]
+    assert len(finished) == 13 and not [f for f in finished if (f / "checkpoints").exists()]
+    assert all((f / "model.safetensors").is_file() for f in finished)
 
 
 def test_the_benchmark_teacher_beats_the_student_it_starts_from(ci_run):

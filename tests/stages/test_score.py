@@ -1,4 +1,5 @@
 import json
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -155,6 +156,20 @@ def test_run_writes_generations_report_and_table(tiny, tmp_path):
     except ImportError:
         has_matplotlib = False
     assert (out / "rouge_l.png").exists() == has_matplotlib
+
+
+def test_chart_of_a_recipe_sized_report_fits_its_figure(tmp_path):
+    """A quality recipe scores 39 models: every name must fit in the legend (matplotlib warns when the layout cannot
+    place the axes and their decorations)."""
+    pytest.importorskip("matplotlib")
+    from dskd_pipe.stages.score import plot_report
+
+    cell = {"mean": 70.0, "std": 1.0, "n": 3}
+    models = {f"method-{i}-seed{i % 3 + 1}": {"sets": {"test": cell}, "average": cell} for i in range(39)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_report({"models": models, "sets": ["test"], "ood_sets": []}, tmp_path / "rouge_l.png")
+    assert (tmp_path / "rouge_l.png").stat().st_size > 0
 
 
 def test_several_models_side_by_side_and_in_domain(tiny, tmp_path):
