@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from dskd_pipe.cache.streaming import Collate, DistillDataset, Side
+from dskd_pipe.cache.streaming import Collate, DistillDataset, Side, teacher_hidden
 from dskd_pipe.pipeline.config import DistillConfig, load_config
 from dskd_pipe.pipeline.methods import chunk_extras, resolve
 from dskd_pipe.pipeline.models import eos_token_id, load_causal_lm, load_tokenizer, pad_token_id
@@ -58,6 +58,7 @@ def fixed_batches(cfg: DistillConfig, teacher, tok, n: int) -> list[dict]:
     for start in range(0, min(n * bs, len(dataset)), bs):
         items = [dataset[k] for k in range(start, min(start + bs, len(dataset)))]
         batch = collate(items)
+        batch["teacher_hidden"] = teacher_hidden(batch).float()  # the store sends packed rows
         batch["response_chars"] = float(sum(len(it["response"]) + 1 for it in items))
         out.append(batch)
     return out
@@ -74,7 +75,12 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def measure(cfg: DistillConfig, checkpoint: Path, batches: list[dict], teacher) -> dict:
     """The quantities of the module docstring for one checkpoint, summed over the batches."""
-    student = load_causal_lm(str(checkpoint / "student"), dtype=torch.float32, device="cpu")
+    if (checkpoint / "state").is_dir():
+        raise SystemExit(f"{checkpoint}: a torch.distributed.checkpoint folder, which this script does not read; "
+                         "measure the finished run with --steps final.")
+    # An old-format checkpoint holds student/ and the parts' safetensors; the finished run folder holds the same.
+    student_dir = checkpoint / "student" if (checkpoint / "student").is_dir() else checkpoint
+    student = load_causal_lm(str(student_dir), dtype=torch.float32, device="cpu")
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     es, ws = student.get_input_embeddings().weight, student.get_output_embeddings().weight
@@ -84,12 +90,13 @@ def measure(cfg: DistillConfig, checkpoint: Path, batches: list[dict], teacher) 
     if cfg.method == "cma-ga" and (checkpoint / "discriminator.safetensors").is_file():
         from dskd_pipe.pipeline.objectives.cma_ga import build_discriminator
 
-        disc = build_discriminator(2 * teacher.head.weight.shape[1])
+        disc = build_discriminator(2 * teacher.head.weight.shape[1], spectral_norm=cfg.disc_spectral_norm)
         load_safetensors(disc, checkpoint / "discriminator.safetensors")
         disc.eval()
     lam, div, chunk_mode = cfg.kd_rate, get_divergence(cfg.divergence), CHUNK_MODES.get(cfg.method)
     sums: dict[str, float] = {}
     grads: dict[str, torch.Tensor] = {}
+    key_rows, query_rows = [], []
 
     def add(key: str, value: float) -> None:
         sums[key] = sums.get(key, 0.0) + float(value)
@@ -131,7 +138,9 @@ def measure(cfg: DistillConfig, checkpoint: Path, batches: list[dict], teacher) 
                 from dskd_pipe.pipeline.objectives.cma_ga import discriminator_accuracy, response_tokens
 
                 kr, qr = response_tokens(out.keys, out.queries, out.teacher_mask, out.student_mask)
-                acc_real, acc_fake = discriminator_accuracy(disc, kr, qr)
+                acc_real, acc_fake = discriminator_accuracy(disc, kr, qr, cfg.ga_directions)
+                key_rows.append(kr.detach().float())
+                query_rows.append(qr.detach().float())
                 add("d_real", acc_real * kr.shape[0])
                 add("d_fake", acc_fake * qr.shape[0])
                 add("key_norm", kr.norm(dim=-1).sum())
@@ -161,8 +170,63 @@ def measure(cfg: DistillConfig, checkpoint: Path, batches: list[dict], teacher) 
     if disc is not None:
         k, q = sum(int((b["teacher_labels"] != -100).sum()) for b in batches), n
         result["discriminator"] = {"acc_real": sums["d_real"] / k, "acc_fake": sums["d_fake"] / q,
-                                   "key_norm": sums["key_norm"] / k, "query_norm": sums["query_norm"] / q}
+                                   "key_norm": sums["key_norm"] / k, "query_norm": sums["query_norm"] / q,
+                                   **separability(torch.cat(key_rows), torch.cat(query_rows))}
     return result
+
+
+def _balanced_accuracy(score_k: torch.Tensor, score_q: torch.Tensor) -> float:
+    """Mean of the two classes' accuracies for 'key' = score > 0."""
+    return 0.5 * (float((score_k > 0).float().mean()) + float((score_q <= 0).float().mean()))
+
+
+def _probe(k: torch.Tensor, q: torch.Tensor) -> float:
+    """Balanced held-out accuracy of a logistic regression telling keys from queries (even rows fit, odd rows test;
+    features standardised on the fit rows)."""
+    x = torch.cat([k[0::2], q[0::2]])
+    y = torch.cat([torch.ones(len(k[0::2])), torch.zeros(len(q[0::2]))])
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    weight = torch.where(y > 0, 0.5 / y.sum(), 0.5 / (1 - y).sum())  # the classes count equally
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = ((x - mu) / sd) @ w + b
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * weight).sum() \
+            + 1e-4 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return _balanced_accuracy(((k[1::2] - mu) / sd) @ w + b, ((q[1::2] - mu) / sd) @ w + b)
+
+
+def separability(k: torch.Tensor, q: torch.Tensor) -> dict:
+    """How easily response keys [Nk, 2dt] and queries [Nq, 2dt] are told apart, whatever D learned: by the L2 norm
+    alone (the best threshold), by a linear probe on the vectors and on their directions, and the norms of each
+    half (the keys are [teacher embedding; teacher hidden state], each scaled by its std)."""
+    nk, nq = k.norm(dim=-1), q.norm(dim=-1)
+    cut = torch.cat([nk, nq]).sort().values
+    best = max(_balanced_accuracy(nk - c, nq - c) for c in cut[::max(1, len(cut) // 400)])
+    best = max(best, max(_balanced_accuracy(c - nk, c - nq) for c in cut[::max(1, len(cut) // 400)]))
+    half = k.shape[1] // 2
+    # The queries are an affine image of 2 ds numbers (the query projector is Linear(2ds, 2dt)): their span, and
+    # the share of the keys' spread (about the queries' mean) that lies outside it, where only keys vary.
+    qc = q - q.mean(0)
+    sv, basis = torch.linalg.svd(qc, full_matrices=False)[1:]
+    rank = int((sv > 1e-4 * sv[0]).sum())
+    kc = k - q.mean(0)
+    inside = kc @ basis[:rank].T
+    outside_share = 1.0 - float(inside.square().sum() / kc.square().sum())
+    return {"query_rank": rank, "dims": k.shape[1], "key_spread_outside_query_span": outside_share,
+            "norm_threshold_acc": best, "linear_probe_acc": _probe(k, q),
+            "linear_probe_acc_directions": _probe(torch.nn.functional.normalize(k, dim=-1),
+                                                  torch.nn.functional.normalize(q, dim=-1)),
+            "key_norm_halves": [float(k[:, :half].norm(dim=-1).mean()), float(k[:, half:].norm(dim=-1).mean())],
+            "query_norm_halves": [float(q[:, :half].norm(dim=-1).mean()), float(q[:, half:].norm(dim=-1).mean())]}
 
 
 def main(argv=None) -> int:
@@ -172,7 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=None, help="Measure on another store of the same teacher (e.g. over the dev "
                     "set: held-out batches) instead of the run's own; --data is then that store's data file.")
     ap.add_argument("--batches", type=int, default=4)
-    ap.add_argument("--steps", default=None, help="Only these checkpoint steps, e.g. 20,100,320 (default: all).")
+    ap.add_argument("--steps", default=None, help="Only these checkpoint steps, e.g. 20,100,320 (default: all), "
+                    "or `final`: the finished run's saved student and parts.")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -186,13 +251,16 @@ def main(argv=None) -> int:
     tok = load_tokenizer(cfg.student)
     batches = fixed_batches(cfg, teacher, tok, args.batches)
     checkpoints = list_checkpoints(run)
-    if args.steps:
+    if args.steps == "final":  # the finished run's own student, projectors (and discriminator)
+        checkpoints = [run]
+    elif args.steps:
         wanted = {int(x) for x in args.steps.split(",")}
         checkpoints = [c for c in checkpoints if int(c.name.split("-")[-1]) in wanted]
     report = {"run": str(run), "method": cfg.method, "kd_rate": cfg.kd_rate, "tau": cfg.kd_temperature,
               "store": cfg.cache, "batches": args.batches, "checkpoints": []}
     for ckpt in checkpoints:
-        step = int(ckpt.name.split("-")[-1])
+        step = (json.loads((run / "distill_done.json").read_text()).get("step", -1) if ckpt == run
+                else int(ckpt.name.split("-")[-1]))
         with torch.enable_grad():
             report["checkpoints"].append({"step": step, **measure(cfg, ckpt, batches, teacher)})
         print(json.dumps(report["checkpoints"][-1]), flush=True)

@@ -187,6 +187,13 @@ def cache_verify(store) -> None:
 @click.option("--t2s-values", type=click.Choice(["hidden+target", "hidden"]), default=None,
               help="DSKD-CMA family: t2s values from the teacher's hidden state and its gold target embedding "
               "(default, published) or from the hidden state alone.")
+@click.option("--ga-directions", is_flag=True, default=None,
+              help="CMA-GA: D judges the directions of keys and queries (each L2-normalised), not their norms.")
+@click.option("--disc-spectral-norm", is_flag=True, default=None,
+              help="CMA-GA: spectral normalisation on every linear layer of D.")
+@click.option("--ga-reachable-keys", is_flag=True, default=None,
+              help="CMA-GA: D sees each key projected onto the span the query projector can reach (what a query "
+              "can match), not the whole key.")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0 = epoch ends only).")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint in --out.")
 @click.option("--init-from", default=None, help="Start from another run's last checkpoint (weights, optimizer, "

@@ -142,6 +142,9 @@ class DistillConfig:
     t2s_kd_rows: str = "accurate"  # DSKD-CMA family: KD_t2s on rows whose t2s argmax is the gold token | "all" | "none"
     projector_warmup_steps: int = 0  # DSKD-CMA family: the first N steps train only the projectors on the KD terms
     t2s_values: str = "hidden+target"  # DSKD-CMA family: Vt2s = t2s(Ht~ + Etg~) | "hidden": t2s(Ht~), no gold embedding
+    ga_directions: bool = False  # CMA-GA: D sees L2-normalised keys and queries (their directions, not their norms)
+    disc_spectral_norm: bool = False  # CMA-GA: every Linear of D spectrally normalised
+    ga_reachable_keys: bool = False  # CMA-GA: D sees keys projected onto the span the query projector can reach
     save_every: int = 0  # checkpoint every N optimizer steps (0 = only at epoch ends)
     keep_checkpoints: int = 2
     resume: bool = False

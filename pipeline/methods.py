@@ -231,7 +231,8 @@ def _cma_ga_parts(cfg, teacher, student_tok, student, device) -> MethodParts:
     from dskd_pipe.pipeline.objectives.cma_ga import build_discriminator
 
     parts = _projectors("dskd_cma_ga")(cfg, teacher, student_tok, student, device)
-    parts.discriminator = build_discriminator(2 * teacher.head.weight.shape[1]).to(device)
+    parts.discriminator = build_discriminator(2 * teacher.head.weight.shape[1],
+                                              spectral_norm=cfg.disc_spectral_norm).to(device)
     return parts
 
 
@@ -424,7 +425,8 @@ def cma_ga_method_loss(x: LossInputs) -> LossTerms:
     that is never stepped, gradient reversal, every position, lambda_GA * L_KQ added unscaled); "l_g" logs L_KQ.
     """
     from dskd_pipe.pipeline.objectives.cma_ga import (discriminator_accuracy, discriminator_loss, generator_loss,
-                                                      generator_term, released_kq_term, response_tokens)
+                                                      generator_term, reachable_keys, released_kq_term,
+                                                      response_tokens)
 
     cfg, disc = x.cfg, x.parts.discriminator
     out = _cma_call(x)
@@ -433,6 +435,8 @@ def cma_ga_method_loss(x: LossInputs) -> LossTerms:
     if x.step < cfg.ga_start_step:
         return terms
     kr, qr = response_tokens(out.keys, out.queries, out.teacher_mask, out.student_mask)
+    if cfg.ga_reachable_keys and cfg.ga_mode != "released":
+        kr = reachable_keys(kr, x.parts.projectors.query)
     if cfg.ga_mode == "released":
         term, l_kq = released_kq_term(disc, out.queries, out.keys, cfg.lambda_ga)
         acc_real, acc_fake = discriminator_accuracy(disc, kr, qr)
@@ -444,11 +448,12 @@ def cma_ga_method_loss(x: LossInputs) -> LossTerms:
         return terms
     if x.adversary_step:
         # inputs detached inside: trains D only
-        terms.adversary_loss = discriminator_loss(disc, kr, qr, counts=(x.step_teacher_tokens, x.step_tokens))
+        terms.adversary_loss = discriminator_loss(disc, kr, qr, normalize_directions=cfg.ga_directions,
+                                                  counts=(x.step_teacher_tokens, x.step_tokens))
         terms.logs["l_d"] = terms.adversary_loss.detach()  # shares of the step add up to its L_D
-    l_g = generator_loss(disc, qr)  # gradient into the query projector only
+    l_g = generator_loss(disc, qr, normalize_directions=cfg.ga_directions)  # gradient into the query projector only
     terms.loss = terms.loss + generator_term(l_g, n_s, cfg.lambda_ga)
-    acc_real, acc_fake = discriminator_accuracy(disc, kr, qr)  # NaN for a side with no tokens
+    acc_real, acc_fake = discriminator_accuracy(disc, kr, qr, cfg.ga_directions)  # NaN for a side with no tokens
     n_kr, n_qr = float(kr.shape[0]), float(qr.shape[0])
     terms.logs.update(l_g_sum=l_g.detach() * n_s,
                       d_acc_real_sum=torch.nan_to_num(acc_real) * n_kr, d_real_n=torch.tensor(n_kr),

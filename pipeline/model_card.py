@@ -18,8 +18,9 @@ CARD = "README.md"
 # The card's "method settings": the KD settings of every method with a teacher, the values the method's entry sets
 # (pipeline/methods.py `defaults`), and any of these that differ from what the method resolves to by default.
 KD_SETTINGS = ("kd_rate", "kd_temperature", "divergence")
-METHOD_SETTINGS = ("lambda_ga", "ga_start_step", "disc_lr", "disc_every", "projector_lr", "overlap_top_k",
-                   "kd_warmup_steps", "teacher_temperature")
+METHOD_SETTINGS = ("lambda_ga", "ga_start_step", "disc_lr", "disc_every", "ga_directions", "disc_spectral_norm",
+                   "ga_reachable_keys", "t2s_kd_rows", "projector_warmup_steps", "t2s_values", "projector_lr",
+                   "overlap_top_k", "kd_warmup_steps", "teacher_temperature")
 TRAIN_TERMS = ("loss", "ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "kd", "dtw", "t2s_acc", "s2t_acc", "l_g",
                "d_acc_real", "d_acc_fake", "l_d")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "Qwen/Qwen2.5-0.5B"

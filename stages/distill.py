@@ -107,6 +107,9 @@ def check_config(cfg: DistillConfig) -> None:
     if cfg.num_workers < -1 or cfg.prefetch_factor < 1:
         problems.append(f"--num-workers must be >= 0 or -1 (auto), found {cfg.num_workers}; --prefetch-factor >= 1, "
                         f"found {cfg.prefetch_factor}.")
+    if cfg.ga_mode == "released" and (cfg.ga_directions or cfg.disc_spectral_norm or cfg.ga_reachable_keys):
+        problems.append("--ga-directions, --disc-spectral-norm and --ga-reachable-keys change the paper's trained D; "
+                        "--ga-mode released keeps the released code's fixed random D. Drop one of them.")
     if cfg.projector_warmup_steps < 0:
         problems.append(f"--projector-warmup-steps must be >= 0, found {cfg.projector_warmup_steps}.")
     if problems:

@@ -180,6 +180,24 @@ def released_kq_term(disc: nn.Module, queries: Tensor, keys: Tensor, lambda_ga: 
     return lambda_ga * l_kq, l_kq
 
 
+def reachable_keys(keys_r: Tensor, query: nn.Linear) -> Tensor:
+    """Each key projected onto the set the query projector can produce, {W x + b}: b + W W^+ (k - b), with W^+ the
+    pseudo-inverse of W [2dt, 2ds] (W and b detached: the projection only chooses what D is shown).
+
+    With 2ds < 2dt the queries fill a 2ds-dimensional affine subspace of the keys' space; a D shown whole keys can
+    separate the two along the directions no query reaches, whatever the generator does (BENCHMARKS.md "Why the
+    discriminator wins"). Shown these keys, D must tell them apart where the queries can move. With 2ds >= 2dt
+    (a full-rank W) the keys come back unchanged.
+    """
+    weight, bias = query.weight.detach(), query.bias.detach()
+    if hasattr(weight, "full_tensor"):  # FSDP2 shards the projectors: the whole matrix, on every process
+        weight, bias = weight.full_tensor(), bias.full_tensor()
+    weight, bias = weight.float(), bias.float()
+    with fp32_region(keys_r.device):
+        onto_span = weight @ torch.linalg.pinv(weight)  # [2dt, 2dt], symmetric
+        return (keys_r.detach().float() - bias) @ onto_span + bias
+
+
 @torch.no_grad()
 def discriminator_accuracy(
     disc: nn.Module, keys_r: Tensor, queries_r: Tensor, normalize_directions: bool = False
@@ -216,6 +234,7 @@ __all__ = [
     "discriminator_loss",
     "generator_loss",
     "generator_term",
+    "reachable_keys",
     "released_kq_term",
     "response_tokens",
 ]

@@ -1,4 +1,5 @@
 """pipeline/methods.py: one entry per method, the published defaults, the parts each entry builds."""
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -156,6 +157,53 @@ def test_diagnosis_options_reach_the_cma_loss(monkeypatch, method):
         assert (seen["t2s_kd_rows"], seen["student_kd"]) == ("all", student_kd)
 
 
+def test_ga_balance_options_reach_the_discriminator(monkeypatch):
+    """--disc-spectral-norm builds D with spectrally normalised layers; --ga-reachable-keys shows D (its step, the
+    generator term, the logged accuracy) the keys projected onto the query projector's span; --ga-directions asks
+    every D call to normalise its inputs (BENCHMARKS.md "Why the discriminator wins")."""
+    from torch.nn.utils import parametrize
+
+    from dskd_pipe.pipeline import methods
+    from dskd_pipe.pipeline.objectives import cma_ga
+
+    # dt = 8 > ds = 6: the query projector Linear(12, 16) reaches a 12-dimensional part of the keys' 16
+    teacher = SimpleNamespace(head=TeacherHead(torch.randn(11, 8)), tokenizer=None)
+    for spectral in (False, True):
+        parts = build_parts(resolve(DistillConfig(method="cma-ga", disc_spectral_norm=spectral)), teacher, None,
+                            _Student(), "cpu")
+        assert any(parametrize.is_parametrized(m) for m in parts.discriminator.modules()) == spectral
+    zero = torch.tensor(0.0)
+    out = SimpleNamespace(loss=zero, keys=torch.randn(1, 5, 16), queries=torch.randn(1, 4, 16, requires_grad=True),
+                          teacher_mask=torch.tensor([[0, 1, 1, 1, 0]]), student_mask=torch.tensor([[0, 1, 1, 0]]),
+                          ce_student=zero, ce_t2s=zero, kd_t2s=zero, kd_s2t=zero, t2s_correct=zero, s2t_correct=zero,
+                          n_teacher=zero, attention_entropy=None)
+    monkeypatch.setattr(methods, "_cma_call", lambda x: out)
+    seen = {}
+    for name in ("discriminator_loss", "generator_loss", "discriminator_accuracy"):
+        real = getattr(cma_ga, name)
+
+        def spy(disc, *args, _name=name, _real=real, **kwargs):
+            seen[_name] = (args, kwargs)
+            return _real(disc, *args, **kwargs)
+
+        monkeypatch.setattr(cma_ga, name, spy)
+    for reachable, directions in ((False, False), (True, True)):
+        cfg = resolve(DistillConfig(method="cma-ga", ga_reachable_keys=reachable, ga_directions=directions))
+        parts = build_parts(cfg, teacher, None, _Student(), "cpu")
+        x = _inputs(DistillConfig(method="cma-ga", ga_reachable_keys=reachable, ga_directions=directions),
+                    adversary_step=True)
+        x = replace(x, parts=parts)
+        METHODS["cma-ga"].loss(x)
+        keys_r = out.keys[out.teacher_mask.bool()]
+        shown = cma_ga.reachable_keys(keys_r, parts.projectors.query) if reachable else keys_r
+        assert reachable == (not torch.allclose(shown, keys_r))
+        assert torch.allclose(seen["discriminator_loss"][0][0], shown)
+        assert torch.allclose(seen["discriminator_accuracy"][0][0], shown)
+        assert seen["discriminator_loss"][1]["normalize_directions"] == directions
+        assert seen["generator_loss"][1]["normalize_directions"] == directions
+        assert seen["discriminator_accuracy"][0][2] == directions
+
+
 def test_dskd_v2_options_reach_the_loss(monkeypatch):
     seen = _record(monkeypatch, "dskd_v2_same_vocab_loss")
     cfg = DistillConfig(method="dskd-v2", v2_mean_weighting="micro-batch", v2_agreement_threshold=1.0,
@@ -216,3 +264,7 @@ def test_diagnosis_option_values_are_checked_together():
                  "--t2s-kd-rows 'some': choose one of accurate, all, none.",
                  "--t2s-values 'target': choose one of hidden+target, hidden."):
         assert line in str(e.value), line
+    released = DistillConfig(method="cma-ga", student="s", data="d.jsonl", out="o", cache="c.zarr",
+                             ga_mode="released", ga_reachable_keys=True)
+    with pytest.raises(ConfigError, match="--ga-mode released keeps the released code's fixed random D"):
+        check_config(released)

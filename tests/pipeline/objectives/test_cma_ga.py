@@ -13,6 +13,7 @@ from dskd_pipe.pipeline.objectives.cma_ga import (
     discriminator_loss,
     generator_loss,
     generator_term,
+    reachable_keys,
     released_kq_term,
     response_tokens,
 )
@@ -261,3 +262,54 @@ def test_discriminator_runs_fp32_under_autocast(disc):
     assert got_d == want_d and got_g == want_g and got_kq == want_kq
     assert acc == discriminator_accuracy(disc, k, q)
     assert plain != discriminator_loss(disc, k, q[:0])  # without the fp32 region D would run in bf16
+
+
+def test_reachable_keys_lie_where_queries_can_go():
+    """Keys are projected onto {W x + b} of a narrow query projector (2ds < 2dt): every projected key is W x + b for
+    some x, a projected key and any query stay as they are, the part removed is orthogonal to W's columns, and no
+    gradient reaches the projector."""
+    torch.manual_seed(0)
+    query = torch.nn.Linear(3, 6)  # 2ds = 3 -> 2dt = 6
+    keys = torch.randn(10, 6)
+    reached = reachable_keys(keys, query)
+    W, b = query.weight.detach(), query.bias.detach()
+    x = torch.linalg.lstsq(W, (reached - b).T).solution
+    torch.testing.assert_close((W @ x).T + b, reached, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reachable_keys(reached, query), reached, atol=1e-5, rtol=1e-5)
+    queries = query(torch.randn(4, 3)).detach()
+    torch.testing.assert_close(reachable_keys(queries, query), queries, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(W.T @ (keys - reached).T, torch.zeros(3, 10), atol=1e-5, rtol=0)
+    assert (keys - reached).norm() > 0.5  # random keys do leave the 3-dimensional span
+    assert not reachable_keys(keys.requires_grad_(), query).requires_grad
+
+
+def test_reachable_keys_are_the_keys_when_the_queries_span_everything():
+    query = torch.nn.Linear(8, 6)  # 2ds >= 2dt: W has full row rank
+    keys = torch.randn(5, 6)
+    torch.testing.assert_close(reachable_keys(keys, query), keys, atol=1e-5, rtol=1e-5)
+
+
+def test_a_discriminator_shown_reachable_keys_loses_the_dimensions_no_query_has():
+    """Keys that differ from the queries only outside the query span: a D trained on whole keys separates them, one
+    trained on reachable keys cannot: held-out accuracy at chance (BENCHMARKS.md "Why the discriminator wins")."""
+    torch.manual_seed(0)
+    query = torch.nn.Linear(4, 8)
+    queries = query(torch.randn(800, 4)).detach()
+    W = query.weight.detach()
+    off_span = torch.linalg.svd(W, full_matrices=True)[0][:, 4:]  # [8, 4], orthogonal to W's columns
+    keys = query(torch.randn(800, 4)).detach() + torch.randn(800, 4) @ off_span.T * 3.0
+
+    def held_out_accuracy(k):
+        d = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+        opt = torch.optim.Adam(d.parameters(), lr=1e-2)
+        for _ in range(300):
+            opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(d(k[:400]).squeeze(-1), torch.ones(400)) + \
+                F.binary_cross_entropy_with_logits(d(queries[:400]).squeeze(-1), torch.zeros(400))
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return 0.5 * (float((d(k[400:]) > 0).float().mean()) + float((d(queries[400:]) <= 0).float().mean()))
+
+    assert held_out_accuracy(keys) > 0.95
+    assert held_out_accuracy(reachable_keys(keys, query)) < 0.6
