@@ -207,7 +207,7 @@ def _probe(k: torch.Tensor, q: torch.Tensor) -> float:
 def separability(k: torch.Tensor, q: torch.Tensor) -> dict:
     """How easily response keys [Nk, 2dt] and queries [Nq, 2dt] are told apart, whatever D learned: by the L2 norm
     alone (the best threshold), by a linear probe on the vectors and on their directions, and the norms of each
-    half (the keys are [teacher embedding; teacher hidden state], each scaled by its std)."""
+    half (keys: the teacher's [input; target] token embeddings, scaled by one std)."""
     nk, nq = k.norm(dim=-1), q.norm(dim=-1)
     cut = torch.cat([nk, nq]).sort().values
     best = max(_balanced_accuracy(nk - c, nq - c) for c in cut[::max(1, len(cut) // 400)])
