@@ -3,7 +3,8 @@
     python bench/diagnose_dskd.py --run RUN --data TRAIN.jsonl [--batches 4] [--out bench/results/diag.json]
 
 RUN is a `dskd-pipe distill` output folder of dskd-cma, cma-ga or chunk-attention trained with --save-every K and
---keep-checkpoints 0 (every checkpoint kept). For each checkpoint, on the same fixed batches of the run's store (the
+--keep-checkpoints 0 (every checkpoint kept), or any finished one with `--steps final` (its saved student and
+parts only). For each checkpoint, on the same fixed batches of the run's store (the
 first --batches of epoch 0's order, seed 0), the script recomputes the loss terms with the checkpoint's student and
 projectors and reports:
     grad_norm[term]        norm of the gradient each term sends into the student's parameters, as the loss weighs
@@ -73,18 +74,25 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm() + 1e-12))
 
 
-def measure(cfg: DistillConfig, checkpoint: Path, batches: list[dict], teacher) -> dict:
-    """The quantities of the module docstring for one checkpoint, summed over the batches."""
+def load_trained(cfg: DistillConfig, checkpoint: Path, teacher) -> tuple:
+    """(student, projectors, discriminator or None), fp32 on the CPU, from a checkpoint of the current format
+    (torch.distributed.checkpoint: state/), an older one (student/ and the parts' safetensors) or a finished run
+    folder (the student itself and the parts' safetensors)."""
     if (checkpoint / "state").is_dir():
-        raise SystemExit(f"{checkpoint}: a torch.distributed.checkpoint folder, which this script does not read; "
-                         "measure the finished run with --steps final.")
-    # An old-format checkpoint holds student/ and the parts' safetensors; the finished run folder holds the same.
+        from dskd_pipe.pipeline.methods import build_parts
+        from dskd_pipe.pipeline.training import load_checkpoint
+
+        student = distill.build_student(cfg, "cpu")
+        parts = build_parts(cfg, teacher, load_tokenizer(cfg.student), distill._hf(student), "cpu")
+        schedule = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), lambda s: 1.0)
+        load_checkpoint(checkpoint, model=distill.Trainee(student, parts), optimizers={}, scheduler=schedule,
+                        restore_rng=False)  # the weights only: no optimizer is given, the schedule is a stand-in
+        disc = parts.discriminator.eval() if parts.discriminator is not None else None
+        return distill._hf(student), parts.projectors, disc
     student_dir = checkpoint / "student" if (checkpoint / "student").is_dir() else checkpoint
     student = load_causal_lm(str(student_dir), dtype=torch.float32, device="cpu")
-    student.train()
-    params = [p for p in student.parameters() if p.requires_grad]
-    es, ws = student.get_input_embeddings().weight, student.get_output_embeddings().weight
-    projectors = build_projectors(METHODS[cfg.method], es.shape[1], teacher.head.weight.shape[1])
+    projectors = build_projectors(METHODS[cfg.method], student.get_input_embeddings().weight.shape[1],
+                                  teacher.head.weight.shape[1])
     load_safetensors(projectors, checkpoint / "projectors.safetensors")
     disc = None
     if cfg.method == "cma-ga" and (checkpoint / "discriminator.safetensors").is_file():
@@ -93,6 +101,15 @@ def measure(cfg: DistillConfig, checkpoint: Path, batches: list[dict], teacher) 
         disc = build_discriminator(2 * teacher.head.weight.shape[1], spectral_norm=cfg.disc_spectral_norm)
         load_safetensors(disc, checkpoint / "discriminator.safetensors")
         disc.eval()
+    return student, projectors, disc
+
+
+def measure(cfg: DistillConfig, checkpoint: Path, batches: list[dict], teacher) -> dict:
+    """The quantities of the module docstring for one checkpoint, summed over the batches."""
+    student, projectors, disc = load_trained(cfg, checkpoint, teacher)
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    es, ws = student.get_input_embeddings().weight, student.get_output_embeddings().weight
     lam, div, chunk_mode = cfg.kd_rate, get_divergence(cfg.divergence), CHUNK_MODES.get(cfg.method)
     sums: dict[str, float] = {}
     grads: dict[str, torch.Tensor] = {}
