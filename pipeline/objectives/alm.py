@@ -83,13 +83,15 @@ def chunk_likelihood_loss(
     batch, width_s, width_t = chunks.shape
     device = student_logits.device
     chunks = chunks.to(device)
-    ce_student = cross_entropy_sum(student_logits, labels if ce_labels is None else ce_labels)
-
-    # log-probabilities of the gold tokens on both sides, 0 where there is no label
-    ms = labels[:, :width_s] != -100  # [B, S']
-    zs = student_logits[:, :width_s][ms].float()  # [Ns, Vs]
-    ls = torch.zeros(batch, width_s, dtype=torch.float32, device=device)
-    ls[ms] = zs.gather(-1, labels[:, :width_s][ms][:, None]).squeeze(-1) - torch.logsumexp(zs, dim=-1)
+    # log-probabilities of the gold tokens on both sides, 0 where there is no label. The student's also give its
+    # CE (the negated sum), so its [Ns, Vs] logits go to fp32 once.
+    labelled = labels != -100  # [B, S]
+    zs = student_logits[labelled].float()  # [Ns, Vs]
+    gold_s = zs.gather(-1, labels[labelled][:, None]).squeeze(-1) - torch.logsumexp(zs, dim=-1)  # [Ns]
+    ce_student = -gold_s.sum() if ce_labels is None else cross_entropy_sum(student_logits, ce_labels)
+    ls_all = torch.zeros(labels.shape, dtype=torch.float32, device=device)
+    ls_all[labelled] = gold_s
+    ms, ls = labelled[:, :width_s], ls_all[:, :width_s]  # [B, S']
     mt = teacher_labels[:, :width_t] != -100  # [B, T']
     lt = torch.zeros(batch, width_t, dtype=torch.float32, device=device)
     lt[mt] = gold_log_probs(teacher_hidden[:, :width_t][mt], teacher_labels[:, :width_t][mt], teacher_head,

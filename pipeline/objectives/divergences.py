@@ -145,10 +145,11 @@ def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy summed over the positions with label != -100, fp32.
 
     CE = sum_{i: y_i != -100} -log softmax(z_i)[y_i]. Shapes: logits [..., V], labels [...] (already aligned:
-    labels[i] is the target of logits[i], no shift here).
+    labels[i] is the target of logits[i], no shift here). Only the labelled rows are taken to fp32: prompt and pad
+    rows would double the [rows, V] buffers that a large vocabulary makes the biggest of the step.
     """
-    vocab = logits.shape[-1]
-    return F.cross_entropy(logits.reshape(-1, vocab).float(), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    labelled = labels != -100
+    return F.cross_entropy(logits[labelled].float(), labels[labelled], reduction="sum")
 
 
 Divergence = Callable[..., Tensor]
