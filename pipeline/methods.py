@@ -435,8 +435,6 @@ def cma_ga_method_loss(x: LossInputs) -> LossTerms:
     if x.step < cfg.ga_start_step:
         return terms
     kr, qr = response_tokens(out.keys, out.queries, out.teacher_mask, out.student_mask)
-    if cfg.ga_reachable_keys and cfg.ga_mode != "released":
-        kr = reachable_keys(kr, x.parts.projectors.query)
     if cfg.ga_mode == "released":
         term, l_kq = released_kq_term(disc, out.queries, out.keys, cfg.lambda_ga)
         acc_real, acc_fake = discriminator_accuracy(disc, kr, qr)
@@ -446,6 +444,8 @@ def cma_ga_method_loss(x: LossInputs) -> LossTerms:
                           d_acc_fake_sum=torch.nan_to_num(acc_fake) * n_qr, d_fake_n=torch.tensor(n_qr))
         terms.loss = terms.loss + term
         return terms
+    if cfg.ga_reachable_keys:
+        kr = reachable_keys(kr, x.parts.projectors.query)
     if x.adversary_step:
         # inputs detached inside: trains D only
         terms.adversary_loss = discriminator_loss(disc, kr, qr, normalize_directions=cfg.ga_directions,

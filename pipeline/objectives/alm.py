@@ -50,6 +50,12 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+def _label_log_probs(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[label] per row, fp32: logits [N, V], labels [N] -> [N]."""
+    z = logits.float()
+    return z.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
 def gold_log_probs(hidden: Tensor, labels: Tensor, head: TeacherHead,
                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tensor:
     """The teacher's log-probability of each gold label, fp32, detached: hidden [N, dt], labels [N] -> [N].
@@ -57,8 +63,7 @@ def gold_log_probs(hidden: Tensor, labels: Tensor, head: TeacherHead,
     out = []
     for start in range(0, hidden.shape[0], chunk_tokens):
         z = teacher_logits(hidden[start : start + chunk_tokens].detach(), head)  # [c, Vt]
-        y = labels[start : start + chunk_tokens].to(z.device)
-        out.append(z.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1))
+        out.append(_label_log_probs(z, labels[start : start + chunk_tokens].to(z.device)))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -86,8 +91,7 @@ def chunk_likelihood_loss(
     # log-probabilities of the gold tokens on both sides, 0 where there is no label. The student's also give its
     # CE (the negated sum), so its [Ns, Vs] logits go to fp32 once.
     labelled = labels != -100  # [B, S]
-    zs = student_logits[labelled].float()  # [Ns, Vs]
-    gold_s = zs.gather(-1, labels[labelled][:, None]).squeeze(-1) - torch.logsumexp(zs, dim=-1)  # [Ns]
+    gold_s = _label_log_probs(student_logits[labelled], labels[labelled])  # [Ns]
     ce_student = -gold_s.sum() if ce_labels is None else cross_entropy_sum(student_logits, ce_labels)
     ls_all = torch.zeros(labels.shape, dtype=torch.float32, device=device)
     ls_all[labelled] = gold_s

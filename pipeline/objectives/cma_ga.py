@@ -194,8 +194,8 @@ def reachable_keys(keys_r: Tensor, query: nn.Linear) -> Tensor:
         weight, bias = weight.full_tensor(), bias.full_tensor()
     weight, bias = weight.float(), bias.float()
     with fp32_region(keys_r.device):
-        onto_span = weight @ torch.linalg.pinv(weight)  # [2dt, 2dt], symmetric
-        return (keys_r.detach().float() - bias) @ onto_span + bias
+        coords = (keys_r.detach().float() - bias) @ torch.linalg.pinv(weight).T  # [Nt, 2ds]: never a [2dt, 2dt]
+        return coords @ weight.T + bias
 
 
 @torch.no_grad()

@@ -31,8 +31,9 @@ def test_checkpoints_and_the_finished_run_are_measured_alike(tmp_path):
     store = cache(CacheConfig(teacher=str(teacher), data=DATA, out=str(tmp_path / "store"), limit=8, max_length=64,
                               device="cpu"))
     run = distill.run(DistillConfig(method="cma-ga", student=str(student), cache=str(store), data=DATA, limit=8,
-                                    max_length=64, micro_batch_size=4, grad_accum=1, epochs=1, save_every=1, keep_checkpoints=0,
-                                    num_workers=0, progress=False, device="cpu", out=str(tmp_path / "run")))
+                                    max_length=64, micro_batch_size=4, grad_accum=1, epochs=1, save_every=1,
+                                    keep_checkpoints=0, num_workers=0, progress=False, device="cpu",
+                                    out=str(tmp_path / "run")))
     diagnose = _script()
     for steps in ("1,2", "final"):
         assert diagnose.main(["--run", str(run), "--data", DATA, "--batches", "1", "--steps", steps,
