@@ -119,6 +119,28 @@ def test_flipped_byte_in_an_inner_chunk(written, verify):
     assert len(problems) == 1 and problems[0].startswith("h shard 1 inner chunk 3 (rows 88..96")
 
 
+# Rows 60..140 of `written` (shards of 64 rows, inner chunks of 8): shard 0 inner chunk 7 entered part-way, shard 1
+# whole, shard 2 inner chunk 1 left part-way. Each case flips a byte of one chunk the read touches; the last one
+# flips a row of the chunk that the read does not ask for (rows 136..144, asked 136..140): a check covers whole chunks.
+@pytest.mark.parametrize("path", ["mapped", "pread"])
+@pytest.mark.parametrize("shard,chunk,row", [(0, 7, 57), (1, 4, 3), (2, 1, 6)])
+def test_each_read_path_checks_every_chunk_it_touches(written, monkeypatch, path, shard, chunk, row):
+    root, layout, data = written
+    # A local shard in the page cache is read through its map, one that is not by preadv: force either.
+    monkeypatch.setattr(shards.LocalFiles, "cached", lambda self, p, offset: path == "mapped")
+    used = {"mapped": 0, "pread": 0}
+    for name, key in [("_read_mapped", "mapped"), ("read_into", "pread")]:
+        owner = shards.ShardedArray if name == "_read_mapped" else shards.LocalFiles
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, real=real, key=key: used.__setitem__(key, 1) or real(*a))
+    np.testing.assert_array_equal(_array(root, "h").read(60, 140), data[60:140])
+    assert used == {"mapped": int(path == "mapped"), "pread": int(path == "pread")}
+    stored = layout.chunk_rows * layout.row_bytes + 4
+    _flip(root / "h" / "c" / str(shard) / "0", chunk * stored + (row % layout.chunk_rows) * layout.row_bytes + 5)
+    with pytest.raises(StoreError, match=rf"h shard {shard} inner chunk {chunk} \(rows .* is corrupt \(crc32c"):
+        _array(root, "h").read(60, 140)
+
+
 def test_damaged_index_truncated_and_missing_shards(written):
     root, layout, data = written
     idx_at = (root / "h" / "c" / "0" / "0").stat().st_size - 10
