@@ -140,17 +140,43 @@ class DistillDataset(Dataset):
         return item
 
 
-def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor for a batch; in a DataLoader worker, in shared memory from the start.
+_SLOT_ALIGN = 64  # bytes: each tensor of a shared batch starts on a cache line
 
-    A worker hands its batch to the training process through shared memory: a tensor in private memory is copied
-    there whole when it is sent (as torch's default_collate, allocate it shared instead). Measured on the 2-core CPU
-    (bench/loader.py, 16 examples, 19 MB of bf16 teacher_hidden): that copy took 30 ms of a worker's 80 ms.
+
+def shared_batch(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> "SharedBatch":
+    """Uninitialised tensors of these shapes and dtypes, carved from ONE shared-memory buffer, for a batch that a
+    DataLoader worker fills and sends.
+
+    Sending a tensor from a worker passes its storage's file descriptor, and torch opens a socket connection to the
+    worker for every descriptor the training process receives: a batch of nine separate tensors cost the training
+    process 2.2 ms of CPU to receive, one buffer 0.65 ms (2-core CPU, two workers; BENCHMARKS.md, "A loader that
+    keeps a GPU fed"), eight micro-batches a step. A tensor in private memory would also be copied into shared
+    memory whole when sent; allocated here, nothing is copied.
     """
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    n_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(n_bytes), 0, shape)
+    layout, size = [], 0
+    for name, (shape, dtype) in tensors.items():
+        layout.append((name, dtype, tuple(shape), size))
+        size += -(-int(np.prod(shape, dtype=np.int64)) * dtype.itemsize // _SLOT_ALIGN) * _SLOT_ALIGN
+    return SharedBatch(_views(torch.UntypedStorage._new_shared(max(size, 1)), layout))
+
+
+def _views(storage: torch.UntypedStorage, layout: list) -> dict[str, torch.Tensor]:
+    return {name: torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
+            for name, dtype, shape, offset in layout}
+
+
+def _unpack_batch(buffer: torch.Tensor, layout: list) -> dict[str, torch.Tensor]:
+    return _views(buffer.untyped_storage(), layout)
+
+
+class SharedBatch(dict):
+    """A batch whose tensors all view one shared-memory buffer (`shared_batch`). Pickled (a worker sending it), it
+    passes that buffer once with the tensors' places in it; unpickled, it is a plain dict of tensors."""
+
+    def __reduce__(self):
+        storage = next(iter(self.values())).untyped_storage()
+        layout = [(name, t.dtype, tuple(t.shape), t.storage_offset() * t.dtype.itemsize) for name, t in self.items()]
+        return _unpack_batch, (torch.empty(0, dtype=torch.uint8).set_(storage), layout)
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -200,13 +226,24 @@ class Collate:
             "example_ids": torch.tensor([it["example_id"] for it in items], dtype=torch.long),
             "gold": torch.tensor([it.get("gold", True) for it in items], dtype=torch.bool),
         }
+        rows = None
         if items[0]["hidden"] is not None:
             rows = [it["hidden"][:len(t_in[b])] for b, it in enumerate(items)]  # row k: state after ids[0..k]
-            packed = batch_buffer((sum(len(r) for r in t_in), rows[0].shape[-1]), rows[0].dtype)  # [N, d]
-            batch["teacher_hidden_rows"] = torch.cat(rows, out=packed)
         if self.extras is not None:
             batch.update(self.extras(items, t_lab, s_lab))
-        return batch
+        if get_worker_info() is None:  # the training process itself: plain tensors
+            if rows is not None:
+                batch["teacher_hidden_rows"] = torch.cat(rows)
+            return batch
+        shapes = {name: (t.shape, t.dtype) for name, t in batch.items()}
+        if rows is not None:
+            shapes["teacher_hidden_rows"] = ((sum(len(r) for r in rows), rows[0].shape[-1]), rows[0].dtype)  # [N, d]
+        shared = shared_batch(shapes)
+        for name, t in batch.items():
+            shared[name].copy_(t)
+        if rows is not None:
+            torch.cat(rows, out=shared["teacher_hidden_rows"])
+        return shared
 
 
 def teacher_hidden(batch: dict) -> torch.Tensor:
@@ -222,9 +259,9 @@ def auto_num_workers(device: str) -> int:
 
     CPU training: 0 (workers would take the cores the step itself needs: BENCHMARKS.md, offline vs online). GPU: the
     cores this process may use (its CPU affinity, shared among torchrun's processes on the node) less one for the
-    training loop, at most 8. bench/loader.py measured a worker's CPU time per 16k-token step at 0.22-0.48 s for
-    2-8 KB of hidden state per token on a busy 2-core CPU: 3-5 workers keep up with 100 ms steps, 5-10 with 50 ms
-    steps (BENCHMARKS.md, "A loader that keeps a GPU fed").
+    training loop, at most 8. bench/loader.py measured a worker's CPU time per 16k-token step at 0.09-0.22 s for
+    2-8 KB of hidden state per token on an idle 2-core CPU (0.22-0.48 s on a busy one): 1-3 workers keep up with
+    100 ms steps, 2-5 with 50 ms steps (BENCHMARKS.md, "A loader that keeps a GPU fed").
     """
     if not device.startswith("cuda"):
         return 0

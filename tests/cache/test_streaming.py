@@ -107,20 +107,40 @@ def test_workers_stream_the_same_batches(store, student_side):
     plain = list(make_loader(ds, 3, collate, num_workers=0))
     workers = list(make_loader(ds, 3, collate, num_workers=2))
     assert len(plain) == len(workers) == 4
+    assert not any(t.is_shared() for t in plain[0].values())  # made in the training process: private memory
     for a, b in zip(plain, workers):
-        assert a.keys() == b.keys()
+        assert type(b) is dict and a.keys() == b.keys() and "teacher_hidden_rows" in b
         for k in a:
-            assert torch.equal(a[k], b[k])
+            assert torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype
+        # a worker's batch arrives as one shared buffer (one descriptor to receive), every tensor a view of it
+        assert len({t.untyped_storage().data_ptr() for t in b.values()}) == 1
+        assert all(t.is_shared() for t in b.values())
 
 
-def test_worker_batches_are_allocated_in_shared_memory(monkeypatch):
-    """In a DataLoader worker the batch is made in shared memory, so sending it copies nothing; outside, private."""
+def test_a_shared_batch_pickles_as_one_buffer():
+    """Collate in a worker fills one shared-memory buffer; pickled as a worker's queue does, it is one storage and
+    comes back as a plain dict of equal tensors (bool, int64, bf16, empty ones included)."""
+    import io
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
     from dskd_pipe.cache import streaming
 
-    assert not streaming.batch_buffer((2, 3, 4), torch.bfloat16).is_shared()
-    monkeypatch.setattr(streaming, "get_worker_info", lambda: object())
-    t = streaming.batch_buffer((2, 3, 4), torch.bfloat16)
-    assert t.is_shared() and t.shape == (2, 3, 4) and t.dtype == torch.bfloat16
+    shapes = {"ids": ((2, 3), torch.long), "gold": ((2,), torch.bool), "rows": ((5, 4), torch.bfloat16),
+              "none": ((0, 7), torch.long)}
+    batch = streaming.shared_batch(shapes)
+    batch["ids"].copy_(torch.arange(6).view(2, 3))
+    batch["gold"].copy_(torch.tensor([True, False]))
+    batch["rows"].copy_(torch.randn(5, 4).to(torch.bfloat16))
+    ptrs = {t.untyped_storage().data_ptr() for t in batch.values()}
+    assert len(ptrs) == 1 and batch["rows"].is_shared()
+    assert all(t.data_ptr() % 64 == 0 for t in batch.values() if t.numel())
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(batch)
+    back = pickle.loads(buf.getvalue())
+    assert type(back) is dict and list(back) == list(shapes)
+    for k in shapes:
+        assert back[k].shape == shapes[k][0] and back[k].dtype == shapes[k][1] and torch.equal(back[k], batch[k])
 
 
 def test_auto_num_workers(monkeypatch):
