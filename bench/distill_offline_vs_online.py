@@ -87,6 +87,23 @@ def time_mode(cfg: DistillConfig, warmup: int) -> dict:
             "final_loss": rows[-1]["loss"], **peak_memory(cfg.device)}
 
 
+def _time_mode_to_file(cfg: DistillConfig, warmup: int, path: str) -> None:
+    Path(path).write_text(json.dumps(time_mode(cfg, warmup)))
+
+
+def in_own_process(cfg: DistillConfig, warmup: int) -> dict:
+    """time_mode in a fresh process, so that peak RSS (CPU) and peak allocated memory (GPU) are the mode's own. A
+    plain (non-daemonic) process: a Pool's daemonic workers may not start the run's DataLoader workers."""
+    result = Path(cfg.out).with_suffix(".result.json")
+    proc = multiprocessing.get_context("spawn").Process(target=_time_mode_to_file, args=(cfg, warmup, str(result)))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0 or not result.exists():
+        raise SystemExit(f"the {'offline' if cfg.cache else 'online'} run failed (exit code {proc.exitcode}); its "
+                         "error is printed above")
+    return json.loads(result.read_text())
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher-shape", default="tiny-qwen2", choices=sorted(SHAPES))
@@ -118,14 +135,8 @@ def main(argv=None) -> dict:
                       max_length=args.max_length, micro_batch_size=args.micro_batch_size,
                       grad_accum=args.grad_accum, max_steps=args.steps, epochs=1000, device=args.device,
                       num_workers=args.num_workers, progress=False, seed=0)
-        # Each mode in its own fresh process: peak RSS (CPU) and peak allocated memory (GPU) are then its own.
-        spawn = multiprocessing.get_context("spawn")
-        with spawn.Pool(1) as pool:
-            offline = pool.apply(time_mode, (DistillConfig(cache=str(store), out=str(work / "offline"), **common),
-                                             args.warmup))
-        with spawn.Pool(1) as pool:
-            online = pool.apply(time_mode, (DistillConfig(teacher=str(teacher), out=str(work / "online"), **common),
-                                            args.warmup))
+        offline = in_own_process(DistillConfig(cache=str(store), out=str(work / "offline"), **common), args.warmup)
+        online = in_own_process(DistillConfig(teacher=str(teacher), out=str(work / "online"), **common), args.warmup)
     device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
               else f"cpu, {torch.get_num_threads()} threads")
     result = {"device": device,

@@ -1,27 +1,50 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one go, on a lent machine (python 3.12, torch preinstalled; zarr & co. carried as wheels in
-# .whl/). Results land in $OUT (or bench/results). Usage: bash bench/gpu_run.sh [all|s2t|distill|capture|store|methods|loader|students|distributed]
-# Each part stops at its own time cap (s2t 2 min, capture 5, distill 7, store 7, loader 7, methods 9.5, students 9.5,
-# distributed 7 and only with 2+ GPUs: 47-54 min for `all`); a shorter lend runs the parts one call each, in the
-# order of the rows it most needs.
+# The GPU benchmarks on a lent machine (python 3.12, torch preinstalled; zarr & co. carried as wheels in .whl/, made
+# here by `bash bench/gpu_wheels.sh`). Results land in $OUT (or bench/results).
+# Usage: bash bench/gpu_run.sh [fit|all|s2t|distill|capture|store|methods|loader|students|distributed]
+# `fit` (the default) is what one 15-minute lend holds with room for a rerun: the s2t memory, offline vs online
+# distillation and the loader rows, ~7 min at their caps (s2t 1 min, distill 4, loader 2). `capture` (2.5 min) is
+# the next call if time is left. `all` runs every part at full size, each stopping at its own cap (s2t 2 min,
+# capture 5, distill 7, store 7, loader 7, methods 9.5, students 9.5, distributed 7 and only with 2+ GPUs: 47-54 min).
+# DEVICE, TEACHER_SHAPE and STUDENT_SHAPE override cuda / qwen1.5-1.8b / gpt2 (a CPU smoke test of the commands:
+# DEVICE=cpu TEACHER_SHAPE=tiny-qwen2 STUDENT_SHAPE=tiny-gpt2 OUT=/tmp/gpu_run_smoke bash bench/gpu_run.sh fit).
 set -uo pipefail
-what=${1:-all}
+what=${1:-fit}
 res=${OUT:-bench/results}
-if [ -d .whl ]; then
+dev=${DEVICE:-cuda}
+teacher=${TEACHER_SHAPE:-qwen1.5-1.8b}
+student=${STUDENT_SHAPE:-gpt2}
+mkdir -p "$res"
+if [ -d .whl ] && command -v nvidia-smi >/dev/null; then  # the lent machine (here .whl is for its Python)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD/.ns || exit 1
 fi
 # The project's folders import as dskd_pipe.*: make that namespace without installing (no network there).
 mkdir -p .ns/dskd_pipe && for d in pipeline cache stages configs; do ln -sfn "$PWD/$d" ".ns/dskd_pipe/$d"; done
 export PYTHONPATH=${PYTHONPATH:-}:$PWD/.ns PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no nvidia-smi"
 python3 -c "import torch, transformers, zarr; print('torch', torch.__version__, 'transformers', transformers.__version__, 'zarr', zarr.__version__)"
+if [[ $what == fit ]]; then
+  SECONDS=0
+  timeout 60 python3 bench/s2t_memory.py --device "$dev" --tokens 8192 --vocab 151936 --d-teacher 2048 --out "$res" \
+    || echo "s2t bench failed"
+  echo "s2t: ${SECONDS}s"
+  timeout 240 python3 bench/distill_offline_vs_online.py --teacher-shape "$teacher" --student-shape "$student" \
+    --device "$dev" --limit 64 --max-length 512 --micro-batch-size 4 --grad-accum 4 --steps 4 --num-workers 4 \
+    --out "$res" || echo "distill bench failed"
+  echo "s2t + distill: ${SECONDS}s"
+  timeout 120 python3 bench/loader.py --device "$dev" --workers 0,2,4,8 --kb-per-token 4 --steps 20 \
+    --dir /tmp/loader_bench --out "$res" || echo "loader bench failed"
+  echo "s2t + distill + loader: ${SECONDS}s"
+fi
 if [[ $what == all || $what == s2t ]]; then
   timeout 120 python3 bench/s2t_memory.py --device cuda --tokens 8192 --vocab 151936 --d-teacher 2048 --out "$res"
 fi
 if [[ $what == all || $what == capture ]]; then
-  timeout 300 python3 bench/capture.py --teacher-shape qwen1.5-1.8b --device cuda --out-dir /tmp/capture --results "$res" \
-    || echo "capture bench failed"
+  # the full set: ~2,000 records; alone after `fit`, 400 records keep it within 2.5 min
+  n=$([[ $what == capture ]] && echo 400 || echo 0)
+  timeout $([[ $what == capture ]] && echo 150 || echo 300) python3 bench/capture.py --teacher-shape qwen1.5-1.8b \
+    --device "$dev" --examples "$n" --out-dir /tmp/capture --results "$res" || echo "capture bench failed"
 fi
 if [[ $what == all || $what == distill ]]; then
   timeout 420 python3 bench/distill_offline_vs_online.py --teacher-shape qwen1.5-1.8b --student-shape gpt2 --device cuda \
