@@ -9,7 +9,8 @@ bench/results/store_read.json.
 
 Readers: memmap (the reference), store (default options: crc32c of every inner chunk read), store_noverify (no
 per-read crc32c), store_c<N> (another inner-chunk size), store_mapcold (cold ranges read through the map after a
-posix_fadvise, not with preadv). Ratios are best-of-repeats wall-time ratios in one run; warm
+posix_fadvise, not with preadv), store_batch16 (16 examples' reads queued at once, then read one by one: what a
+DataLoader worker does for a micro-batch). Ratios are best-of-repeats wall-time ratios in one run; warm
 reads also get CPU-time ratios (no I/O is waited for, so they stand for an unshared machine's wall-time ratios when
 other jobs share the cores). The write rate is the store's alone (bytes of hidden states
 per second through PartWriter, fsync of every shard included) against the raw file's (written in 32 MiB pieces,
@@ -109,16 +110,22 @@ def build(root: Path, raw: Path | None, lengths: list[int], chunk_tokens: int, s
     return spans, elapsed, raw_s
 
 
-def read_store(url: str, order, verify: bool = True, pread_cold: bool = True) -> tuple[int, float]:
-    """(hidden bytes read, CPU seconds of this process) for whole examples in `order`, through the reader."""
+def read_store(url: str, order, verify: bool = True, pread_cold: bool = True, batch: int = 1) -> tuple[int, float]:
+    """(hidden bytes read, CPU seconds of this process) for whole examples in `order`, through the reader; with
+    batch > 1, each run of `batch` examples is queued at once first (StoreReader.prefetch), as a loader worker does
+    for a micro-batch."""
     from dskd_pipe.cache.shards import ShardedArray
 
     ShardedArray.pread_cold = pread_cold
     c0 = time.process_time()
     store = open_store(url, verify=verify)
     nbytes = 0
-    for i in order:
-        nbytes += store.read(int(i))["hidden"].numel() * 2
+    for g in range(0, len(order), batch):
+        group = order[g:g + batch]
+        if batch > 1:
+            store.prefetch(group)
+        for i in group:
+            nbytes += store.read(int(i))["hidden"].numel() * 2
     return nbytes, time.process_time() - c0
 
 
@@ -222,6 +229,7 @@ def main() -> None:
         readers[f"store{tag}"] = (read_store, (str(roots[c]),))
     readers["store_noverify"] = (read_store, (str(roots[head]),), {"verify": False})
     readers["store_mapcold"] = (read_store, (str(roots[head]),), {"pread_cold": False})
+    readers["store_batch16"] = (read_store, (str(roots[head]),), {"batch": 16})
     paths = [raw, *roots.values()]
 
     def call(name, idx):

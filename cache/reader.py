@@ -254,6 +254,15 @@ class StoreReader:
                               _TORCH_DTYPES[self.logical_dtype])
         return from_storage(arrays[HIDDEN].read(start, start + n), self.logical_dtype)
 
+    def prefetch(self, indices) -> None:
+        """Queue the disk reads of these examples' rows at once (ShardedArray.prefetch), before reading them one by
+        one: a DataLoader worker does this for each micro-batch, so a cold store is read with many requests in
+        flight rather than one example's at a time (BENCHMARKS.md, store reads)."""
+        for i in indices:
+            p, start, n, _ = self.locate(int(i))
+            for arr in self.part_arrays(p).values():
+                arr.prefetch(start, start + n)
+
     def read_many(self, indices) -> list[dict]:
         return [self.read(int(i)) for i in indices]
 

@@ -50,6 +50,9 @@ class StoreSource:
     def __len__(self) -> int:
         return self.n
 
+    def prefetch(self, indices) -> None:
+        self.reader.prefetch(indices)
+
     def item(self, i: int) -> dict:
         rec = self.reader.read(i)
         return {"example_id": i, "ids": [int(x) for x in rec["ids"]], "prompt_len": int(rec["prompt_len"]),
@@ -89,6 +92,12 @@ class UnionSource:
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    def prefetch(self, indices) -> None:
+        for k, source in enumerate(self.sources):
+            mine = [i - int(self.starts[k]) for i in indices if self.starts[k] <= i < self.starts[k + 1]]
+            if mine and hasattr(source, "prefetch"):
+                source.prefetch(mine)
 
     def item(self, i: int) -> dict:
         k = int(np.searchsorted(self.starts, i, side="right")) - 1
@@ -131,6 +140,12 @@ class DistillDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def __getitems__(self, ks: list[int]) -> list[dict]:
+        """A micro-batch (the DataLoader asks for all of it at once): its store reads are queued together first."""
+        if hasattr(self.source, "prefetch"):
+            self.source.prefetch([int(self.indices[k]) for k in ks])
+        return [self[k] for k in ks]
+
     def __getitem__(self, k: int) -> dict:
         item = self.source.item(int(self.indices[k]))
         s = self.student.encode(item["prompt"], item["response"])
@@ -151,7 +166,8 @@ def shared_batch(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> "Sh
     worker for every descriptor the training process receives: a batch of nine separate tensors cost the training
     process 2.2 ms of CPU to receive, one buffer 0.65 ms (2-core CPU, two workers; BENCHMARKS.md, "A loader that
     keeps a GPU fed"), eight micro-batches a step. A tensor in private memory would also be copied into shared
-    memory whole when sent; allocated here, nothing is copied.
+    memory whole when sent (30 ms of a worker's 80 ms for 19 MB of teacher rows, measured earlier); allocated here,
+    nothing is copied.
     """
     layout, size = [], 0
     for name, (shape, dtype) in tensors.items():

@@ -141,6 +141,39 @@ def test_each_read_path_checks_every_chunk_it_touches(written, monkeypatch, path
         _array(root, "h").read(60, 140)
 
 
+def test_prefetch_queues_exactly_the_chunks_a_read_touches(written, monkeypatch):
+    """prefetch(a, b) asks the disk for the byte ranges read(a, b) will need (whole inner chunks, one range per
+    shard), reads nothing itself, and is a no-op where ranges are not ours to queue (fsspec, compressed)."""
+    root, layout, data = written
+    queued = []
+    monkeypatch.setattr(shards.LocalFiles, "willneed", lambda self, path, off, n: queued.append((path, off, n)))
+    arr = _array(root, "h")
+    stored = layout.chunk_rows * layout.row_bytes + 4
+    arr.prefetch(60, 140)  # shard 0 chunk 7, shard 1 chunks 0..7, shard 2 chunks 0..1
+    assert queued == [(arr.shard_path(0), 7 * stored, stored), (arr.shard_path(1), 0, 8 * stored),
+                      (arr.shard_path(2), 0, 2 * stored)]
+    queued.clear()
+    arr.prefetch(5, 5)
+    assert queued == []
+    np.testing.assert_array_equal(arr.read(60, 140), data[60:140])
+    for name, other in [("memory", "2d-bf16"), ("zstd", "2d-f32-zstd")]:
+        lay = LAYOUTS[other]
+        write_array(root / name, lay, _data(lay), "test", 1)
+        files = None
+        if name == "memory":
+            from dskd_pipe.cache.shards import FsspecFiles
+            fs = fsspec.filesystem("memory")
+            for f in (root / name).rglob("*"):
+                if f.is_file():
+                    fs.pipe(f"/pf/{name}/{f.relative_to(root / name).as_posix()}", f.read_bytes())
+            files = FsspecFiles(fs)
+            a = shards.ShardedArray(files, f"/pf/{name}", lay, name, "memory://pf")
+        else:
+            a = _array(root, name)
+        a.prefetch(0, lay.shape[0])
+    assert queued == []
+
+
 def test_damaged_index_truncated_and_missing_shards(written):
     root, layout, data = written
     idx_at = (root / "h" / "c" / "0" / "0").stat().st_size - 10

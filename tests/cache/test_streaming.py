@@ -117,6 +117,27 @@ def test_workers_stream_the_same_batches(store, student_side):
         assert all(t.is_shared() for t in b.values())
 
 
+def test_a_micro_batch_queues_its_store_reads_first(store, student_side, monkeypatch):
+    """The DataLoader asks DistillDataset for a whole micro-batch (__getitems__): its examples' reads are queued at
+    once (StoreReader.prefetch of every array they touch), then read; the items are those of __getitem__."""
+    from dskd_pipe.cache import shards
+
+    reader = open_store(str(store))
+    queued, prefetched = [], []
+    monkeypatch.setattr(shards.LocalFiles, "willneed", lambda self, path, off, n: queued.append(path))
+    real = reader.prefetch
+    monkeypatch.setattr(reader, "prefetch", lambda ids: prefetched.append(list(ids)) or real(ids))
+    ds = DistillDataset(StoreSource(reader), student_side, seed=5, epoch=0)
+    collate = Collate(student_side.pad_id, reader.manifest.pad_id)
+    batches = list(make_loader(ds, 3, collate, num_workers=0))
+    assert prefetched == [[int(i) for i in ds.indices[k:k + 3]] for k in range(0, len(ds), 3)]
+    assert any("/part-00000/hidden/c/" in p for p in queued)
+    assert [int(i) for b in batches for i in b["example_ids"]] == [int(i) for i in ds.indices]
+    ks = [4, 1, 7]
+    for got, want in zip(ds.__getitems__(ks), [ds[k] for k in ks]):
+        assert got["example_id"] == want["example_id"] and torch.equal(got["hidden"], want["hidden"])
+
+
 def test_a_shared_batch_pickles_as_one_buffer():
     """Collate in a worker fills one shared-memory buffer; pickled as a worker's queue does, it is one storage and
     comes back as a plain dict of equal tensors (bool, int64, bf16, empty ones included)."""
