@@ -267,8 +267,11 @@ class StoreReader:
         return [self.read(int(i)) for i in indices]
 
     def _tensor(self, rel: str) -> torch.Tensor:
+        """A whole array, read once (head, embeddings): its files are unmapped after (ShardedArray.release)."""
         arr, attrs = self._h()["files"].array(rel)
-        return from_storage(arr.read(0, arr.shape[0]), attrs.get("dtype", "float32"))
+        rows = arr.read(0, arr.shape[0])
+        arr.release()
+        return from_storage(rows, attrs.get("dtype", "float32"))
 
     def _group_attrs(self, rel: str) -> dict:
         return self._h()["files"].metadata(f"{rel}/zarr.json").get("attributes", {})
