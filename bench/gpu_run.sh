@@ -38,7 +38,7 @@ if [[ $what == fit ]]; then
   echo "s2t + distill + loader: ${SECONDS}s"
 fi
 if [[ $what == all || $what == s2t ]]; then
-  timeout 120 python3 bench/s2t_memory.py --device cuda --tokens 8192 --vocab 151936 --d-teacher 2048 --out "$res"
+  timeout 120 python3 bench/s2t_memory.py --device "$dev" --tokens 8192 --vocab 151936 --d-teacher 2048 --out "$res"
 fi
 if [[ $what == all || $what == capture ]]; then
   # the full set: ~2,000 records; alone after `fit`, 400 records keep it within 2.5 min
@@ -47,14 +47,14 @@ if [[ $what == all || $what == capture ]]; then
     --device "$dev" --examples "$n" --out-dir /tmp/capture --results "$res" || echo "capture bench failed"
 fi
 if [[ $what == all || $what == distill ]]; then
-  timeout 420 python3 bench/distill_offline_vs_online.py --teacher-shape qwen1.5-1.8b --student-shape gpt2 --device cuda \
-    --limit 256 --max-length 512 --micro-batch-size 4 --grad-accum 8 --steps 6 --num-workers 4 --out "$res" \
-    || echo "distill bench failed"
+  timeout 420 python3 bench/distill_offline_vs_online.py --teacher-shape "$teacher" --student-shape "$student" \
+    --device "$dev" --limit 256 --max-length 512 --micro-batch-size 4 --grad-accum 8 --steps 6 --num-workers 4 \
+    --out "$res" || echo "distill bench failed"
 fi
 if [[ $what == all || $what == methods ]]; then
   # every distill method vs dskd-cma: Qwen1.5-1.8B -> GPT-2 and GPT-2 1.5B -> GPT-2 shapes, batch 4 x 512 (issue 5);
   # a dedicated GPU: isolated timing (one process per method) fits the time limit, paired would double the set-ups
-  timeout 570 python3 bench/methods.py --shape gpu --device cuda --timing isolated --work /tmp/methods_bench \
+  timeout 570 python3 bench/methods.py --shape gpu --device "$dev" --timing isolated --work /tmp/methods_bench \
     --out "$res" \
     || echo "methods bench failed"
 fi
@@ -64,13 +64,13 @@ if [[ $what == all || $what == store ]]; then
 fi
 if [[ $what == all || $what == loader ]]; then
   # the DataLoader path against a simulated GPU step (sleep kernel), pinned memory and real H2D copies (issue 15)
-  timeout 420 python3 bench/loader.py --device cuda --workers 0,1,2,4,8 --steps 30 --dir /tmp/loader_bench \
+  timeout 420 python3 bench/loader.py --device "$dev" --workers 0,1,2,4,8 --steps 30 --dir /tmp/loader_bench \
     --out "$res" \
     || echo "loader bench failed"
 fi
 if [[ $what == all || $what == students ]]; then
   # one cache + N students vs N online runs, N = 1, 3, 10 (issue 15); Qwen1.5-1.8B -> GPT-2 shapes
-  timeout 570 python3 bench/many_students.py --teacher-shape qwen1.5-1.8b --student-shape gpt2 --device cuda \
+  timeout 570 python3 bench/many_students.py --teacher-shape "$teacher" --student-shape "$student" --device "$dev" \
     --limit 128 --max-length 512 --micro-batch-size 8 --grad-accum 1 --num-workers -1 --students 10 --out "$res" \
     || echo "many-students bench failed"
 fi
@@ -78,7 +78,7 @@ if [[ $what == all || $what == distributed ]]; then
   # DDP / FSDP2 / one process on the node's GPUs (issue 12); one GPU has nothing to compare
   ngpu=$(nvidia-smi -L | wc -l)
   if (( ngpu >= 2 )); then
-    timeout 420 python3 bench/distributed.py --student-size 200m --nproc "$ngpu" --device cuda --micro-batch-size 4 \
+    timeout 420 python3 bench/distributed.py --student-size 200m --nproc "$ngpu" --device "$dev" --micro-batch-size 4 \
       --steps 10 --out "$res/distributed-gpu-200m.json" \
       || echo "distributed bench failed"
   else

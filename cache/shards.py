@@ -427,12 +427,20 @@ class ShardedArray:
         cache or on their way. Local dense shards only (the layout our writer makes): elsewhere nothing is done."""
         if b <= a or not self.files.local or self.layout.compression != "none":
             return
-        S, c, stored = self._S, self._c, self._c * self._rb + 4
+        stored = self._c * self._rb + 4
+        for k, _, _, j0, j1 in self._segments(a, b):
+            if self._dense(k):
+                self.files.willneed(self.shard_path(k), j0 * stored, (j1 - j0 + 1) * stored)
+
+    def _segments(self, a: int, b: int) -> list[tuple[int, int, int, int, int]]:
+        """(shard k, its first and end row wanted, its first and last inner chunk touched) for each shard that rows
+        [a, b) touch (rows counted within the shard)."""
+        S, c = self._S, self._c
+        out = []
         for k in range(a // S, (b - 1) // S + 1):
-            if not self._dense(k):
-                continue
-            j0, j1 = (max(a, k * S) - k * S) // c, (min(b, (k + 1) * S) - 1 - k * S) // c
-            self.files.willneed(self.shard_path(k), j0 * stored, (j1 - j0 + 1) * stored)
+            lo, hi = max(a, k * S) - k * S, min(b, (k + 1) * S) - k * S
+            out.append((k, lo, hi, lo // c, (hi - 1) // c))
+        return out
 
     def read(self, a: int, b: int) -> np.ndarray:
         """Rows [a, b) as a numpy array, every inner chunk touched checked (crc32c) unless verify is off."""
@@ -445,19 +453,16 @@ class ShardedArray:
         if L.compression != "none":
             return self._read_compressed(a, b, out)
         S, c, rb = self._S, self._c, self._rb
-        if self.files.local and all(self._dense(k) for k in range(a // S, (b - 1) // S + 1)):
-            stored = c * rb + 4
-            warm = all(self.files.cached(self.shard_path(k), (max(a, k * S) - k * S) // c * stored)
-                       for k in range(a // S, (b - 1) // S + 1))
-            if warm or not self.pread_cold:
-                return self._read_mapped(a, b, out)
         cb, stored = c * rb, c * rb + 4
+        segments = self._segments(a, b)
+        if self.files.local and all(self._dense(k) for k, *_ in segments):
+            warm = all(self.files.cached(self.shard_path(k), j0 * stored) for k, _, _, j0, _ in segments)
+            if warm or not self.pread_cold:
+                return self._read_mapped(a, segments, out)
         ob = memoryview(out.reshape(-1).view(np.uint8))
         scratch = self._scratch
         requests, checks = [], []
-        for k in range(a // S, (b - 1) // S + 1):
-            lo_row, hi_row = max(a, k * S) - k * S, min(b, (k + 1) * S) - k * S  # rows of shard k wanted
-            j0, j1 = lo_row // c, (hi_row - 1) // c
+        for k, lo_row, hi_row, j0, j1 in segments:  # rows of shard k wanted, its inner chunks touched
             n = j1 - j0 + 1
             crcs = memoryview(bytearray(4 * n))
             bufs = []
@@ -510,18 +515,14 @@ class ShardedArray:
             v = self._views[k] = (os.getpid(), mv, rows)
         return v[1], v[2]
 
-    def _read_mapped(self, a: int, b: int, out: np.ndarray) -> np.ndarray:
+    def _read_mapped(self, a: int, segments: list, out: np.ndarray) -> np.ndarray:
         """Local, uncompressed, dense shards in the page cache: rows copied from the mapped file. Checked, each inner
         chunk's crc32c is computed on the mapped bytes and the chunk copied right after, while its bytes (128 KiB at
         d 2048) are still in the core's cache: the check reads them once from memory, the copy again from cache
         (0.52 -> 0.59 of a memmap, warm; BENCHMARKS.md). Unchecked, one numpy assignment per run of whole chunks.
-        (With pread_cold off, a range not in the page cache is first queued whole.)"""
+        (With pread_cold off, a range not in the page cache is first queued whole.) `segments`: _segments(a, b)."""
         S, c, rb = self._S, self._c, self._rb
         cb, stored = c * rb, c * rb + 4
-        segments = []
-        for k in range(a // S, (b - 1) // S + 1):
-            lo, hi = max(a, k * S) - k * S, min(b, (k + 1) * S) - k * S  # rows of shard k wanted
-            segments.append((k, lo, hi, lo // c, (hi - 1) // c))
         for k, lo, hi, j0, j1 in segments:
             path = self.shard_path(k)
             if not self.pread_cold and not self.files.cached(path, j0 * stored):
