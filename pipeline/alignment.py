@@ -334,3 +334,113 @@ def aligned_pairs_for_batch(teacher_labels: LabelRows, student_labels: LabelRows
 def eta_pairs_for_batch(teacher_labels: LabelRows, student_labels: LabelRows, teacher_tok, student_tok) -> EtaPairs:
     """ETA pairs for a batch (spec/other_methods.md DSKDv2 step 3); see aligned_pairs_for_batch."""
     return aligned_pairs_for_batch(teacher_labels, student_labels, teacher_tok, student_tok, eta_align)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-vocabulary tables of the likelihood methods (ALM's debiasing, prefix-kd's next-text events)
+# --------------------------------------------------------------------------------------------------------
+
+WHITESPACE = b" \t\n\r\x0b\x0c"
+# tokenkit's space_mask_mode "space+tab+newline+special": a token "starts a word" when its text starts with one
+# of these bytes (the marker decoded: "Ġ", "▁", a WordPiece word start) or it is a special token (EOS).
+WORD_START_BYTES = b" \t\n"
+
+
+def _vocab_bytes(tokenizer, size: int | None = None) -> tuple[list[bytes | None], TokenStrings]:
+    """The text bytes of every id in [0, size) (token_bytes), None for special tokens and ids past the tokenizer
+    (a model's head is often padded beyond len(tokenizer))."""
+    strings = TokenStrings(tokenizer)
+    size = len(tokenizer) if size is None else size
+    tokens = tokenizer.convert_ids_to_tokens(list(range(min(size, len(tokenizer)))))
+    out: list[bytes | None] = []
+    for idx, token in enumerate(tokens):
+        out.append(None if idx in strings.special_ids or token is None else token_bytes(token, strings.kind))
+    return out + [None] * (size - len(out)), strings
+
+
+def word_start_mask(tokenizer, size: int | None = None) -> Tensor:
+    """bool [size]: True where the token's text starts with a space, tab or newline (after decoding its marker:
+    "Ġthe", "▁the", a WordPiece word "the") or the token is special (EOS), as tokenkit's
+    `get_space_mask(tokenizer, "space+tab+newline+special")` on its byte-level view of the vocabulary.
+    Ids past the tokenizer (padded heads) are False. ALM's debiasing sums the next-token probabilities over it."""
+    texts, strings = _vocab_bytes(tokenizer, size)
+    mask = torch.zeros(len(texts), dtype=torch.bool)
+    for idx, text in enumerate(texts):
+        if idx < len(tokenizer) and (idx in strings.special_ids or (text and text[0] in WORD_START_BYTES)):
+            mask[idx] = True
+    return mask
+
+
+def blank_mask(tokenizer, size: int | None = None) -> Tensor:
+    """bool [size]: True for tokens whose text is only whitespace ("Ġ", "Ċ", "▁"): they carry no character a
+    boundary can be matched on (special tokens are not blank)."""
+    texts, _ = _vocab_bytes(tokenizer, size)
+    return torch.tensor([t is not None and not t.strip(WHITESPACE) for t in texts], dtype=torch.bool)
+
+
+@dataclass(frozen=True)
+class NextTextEvents:
+    """Two vocabularies mapped onto one set of events "the next token's text starts with e" (prefix-kd).
+
+    teacher [Vt], student [Vs]: the event id of each token, -1 for tokens outside every event (whitespace-only,
+    special tokens other than EOS, padded head rows); names[e]: the event's bytes (b"" = the end of the text, EOS).
+    """
+
+    teacher: Tensor
+    student: Tensor
+    names: tuple[bytes, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+
+def _prefixes(text: bytes | None, chars: int) -> list[bytes]:
+    """A token's event candidates: its text without whitespace, cut to 1..chars bytes (longest last)."""
+    if text is None:
+        return []
+    core = bytes(b for b in text if b not in WHITESPACE)
+    return [core[:j] for j in range(1, min(chars, len(core)) + 1)]
+
+
+def next_text_events(teacher_tok, student_tok, chars: int = 1, teacher_size: int | None = None,
+                     student_size: int | None = None) -> NextTextEvents:
+    """The events both vocabularies can be summed onto: each token's text with its whitespace and markers dropped
+    ("Ġsunny", "▁sunny" and WordPiece "sunny" all read b"sunny"), cut to its first `chars` bytes; an event is a cut
+    that is the longest such cut of some token on BOTH sides; a token goes to the longest of its own cuts that is an
+    event (with chars = 1: its first byte, which both sides nearly always share). EOS of each side is the event b"" (the text
+    ends). Whitespace-only tokens, other special tokens and padded head rows belong to no event (-1).
+
+    Whitespace is dropped because tokenizers disagree on where it goes (byte-level glues a space to the next word,
+    WordPiece drops it, a newline is a token of its own): after a shared boundary the next non-space bytes are
+    what both models predict. Built once per tokenizer pair (a pass over both vocabularies).
+    """
+    if chars < 1:
+        raise AlignmentError(f"chars must be >= 1, found {chars}.")
+    t_texts, t_strings = _vocab_bytes(teacher_tok, teacher_size)
+    s_texts, s_strings = _vocab_bytes(student_tok, student_size)
+    t_cuts = [_prefixes(text, chars) for text in t_texts]
+    s_cuts = [_prefixes(text, chars) for text in s_texts]
+    shared = {c for cuts in t_cuts for c in cuts} & {c for cuts in s_cuts for c in cuts}
+
+    def assign(cuts: list[list[bytes]], eos_id: int) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for idx, own in enumerate(cuts):
+            out.append(b"" if idx == eos_id else next((c for c in reversed(own) if c in shared), None))
+        return out
+
+    # An event must be the longest shared cut of some token on BOTH sides (else one side has no mass on it):
+    # drop the ones that are not and assign again, until every event has tokens on both sides.
+    while True:
+        t_ev, s_ev = assign(t_cuts, t_strings.eos_id), assign(s_cuts, s_strings.eos_id)
+        supported = set(t_ev) & set(s_ev)
+        if shared <= supported:
+            break
+        shared &= supported
+    names = (b"",) + tuple(sorted(shared))
+    index = {name: i for i, name in enumerate(names)}
+
+    def table(events: list[bytes | None]) -> Tensor:
+        return torch.tensor([-1 if e is None else index[e] for e in events], dtype=torch.long)
+
+    return NextTextEvents(table(t_ev), table(s_ev), names)

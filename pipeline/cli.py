@@ -194,6 +194,19 @@ def cache_verify(store) -> None:
 @click.option("--ga-reachable-keys", is_flag=True, default=None,
               help="CMA-GA: D sees each key projected onto the span the query projector can reach (what a query "
               "can match), not the whole key.")
+@click.option("--alm-temperature", type=float, default=None, help="ALM: binarisation temperature (published 100).")
+@click.option("--alm-debias", type=click.Choice(["space+merge", "space", "none"]), default=None,
+              help="ALM: chunks merged by the teacher's word-start probability and closed on a word start "
+              "(space+merge, published), closed only (space), or the plain form (none).")
+@click.option("--alm-merge-threshold", type=float, default=None,
+              help="ALM space+merge: a merged chunk ends where the teacher's word-start probability exceeds this (0.1).")
+@click.option("--alm-mean", type=click.Choice(["chunks", "released"]), default=None,
+              help="ALM: the mean over the merged chunks (default) or over the released code's count, merged twice.")
+@click.option("--prefix-chars", type=int, default=None,
+              help="prefix-kd: match the distributions over the next token's first N non-space bytes (default 1).")
+@click.option("--loss-balance", type=click.Choice(["weights", "gradmag"]), default=None,
+              help="alm, prefix-kd and compositions: combine the parts by --kd-rate (default) or by gradient "
+              "magnitude on the student's last block (tokenkit's approx_gradmag_preserve_mag).")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0 = epoch ends only).")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the newest checkpoint in --out.")
 @click.option("--init-from", default=None, help="Start from another run's last checkpoint (weights, optimizer, "

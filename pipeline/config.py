@@ -145,6 +145,17 @@ class DistillConfig:
     ga_directions: bool = False  # CMA-GA: D sees L2-normalised keys and queries (their directions, not their norms)
     disc_spectral_norm: bool = False  # CMA-GA: every Linear of D spectrally normalised
     ga_reachable_keys: bool = False  # CMA-GA: D sees keys projected onto the span the query projector can reach
+    # ALM (pipeline/objectives/alm.py): tokenkit's published settings
+    alm_temperature: float = 100.0  # the binarisation temperature (tokenkit's binarization_temp)
+    alm_debias: str = "space+merge"  # "space+merge" (published) | "space" (append_space only) | "none" (plain form)
+    alm_merge_threshold: float = 0.1  # merge chunks until the teacher's word-start probability exceeds this
+    alm_mean: str = "chunks"  # ALM's mean over the merged chunks | "released" (tokenkit's count, merged twice)
+    # prefix-kd (pipeline/objectives/prefix_kd.py): events are the next token's first k non-space bytes
+    prefix_chars: int = 1
+    # Methods whose loss has several parts (alm, prefix-kd, compositions "A+B"): "weights" = (1 - kd_rate) CE (or
+    # the base method's loss) + kd_rate * each added term | "gradmag": each part scaled by the inverse norm of its
+    # gradient on the student's last block (tokenkit's approx_gradmag_preserve_mag)
+    loss_balance: str = "weights"
     save_every: int = 0  # checkpoint every N optimizer steps (0 = only at epoch ends)
     keep_checkpoints: int = 2
     resume: bool = False

@@ -27,6 +27,8 @@ PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
     ("KD t2s (student space)", [("kd_t2s", "-")], "per token"),
     ("KD s2t (teacher space)", [("kd_s2t", "-")], "per token"),
     ("KD", [("kd", "-")], "per token"),
+    ("ALM (chunk likelihoods, BCE)", [("alm", "-")], "mean per chunk"),
+    ("prefix-kd (next-text KL)", [("prefix_kd", "-")], "per token"),
     ("Soft-DTW", [("dtw", "-")], "per token"),
     ("projection accuracy (t2s solid, s2t dashed)", [("t2s_acc", "-"), ("s2t_acc", "--")], "top-1 agreement"),
     ("D accuracy (real keys solid, fake queries dashed)", [("d_acc_real", "-"), ("d_acc_fake", "--")], "accuracy"),

@@ -28,16 +28,18 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from dskd_pipe.pipeline.alignment import (EtaPairs, TokenStrings, eta_pairs_for_batch,
-                                          teacher_to_student_token_map, vocab_overlap)
+from dskd_pipe.pipeline.alignment import (EtaPairs, TokenStrings, blank_mask, eta_pairs_for_batch, next_text_events,
+                                          teacher_to_student_token_map, vocab_overlap, word_start_mask)
 from dskd_pipe.pipeline.config import DistillConfig
-from dskd_pipe.pipeline.objectives.alm import chunk_likelihood_loss
+from dskd_pipe.pipeline.objectives.alm import alm_loss
+from dskd_pipe.pipeline.objectives.balance import balanced_sum, gradmag_weights, last_block_parameters
 from dskd_pipe.pipeline.objectives.baselines import mined_loss, mined_pairs_for_batch, mined_token_map, uld_loss
 from dskd_pipe.pipeline.objectives.divergences import DIVERGENCES, cross_entropy_sum
 from dskd_pipe.pipeline.objectives.dskd import build_projectors, dskd_cma_loss, dskd_same_vocab_loss, teacher_logits
 from dskd_pipe.pipeline.objectives.dskd_v2 import dskd_v2_eta_loss, dskd_v2_same_vocab_loss, ideal_projector_init
 from dskd_pipe.pipeline.objectives.dwa import build_dwa_projectors, dtw_gamma, dwa_kd_loss, kd_warmup
-from dskd_pipe.pipeline.probes import chunk_alignment, label_offsets
+from dskd_pipe.pipeline.objectives.prefix_kd import prefix_kd_loss, shared_boundaries
+from dskd_pipe.pipeline.probes import chunk_alignment, chunk_ids, label_offsets
 
 PROJECTOR_LR = 1e-3  # DSKD (spec/dskd.md "Published training setup"); DSKDv2 and DWA-KD build on its setup
 # MinED's token map is computed once per tokenizer pair (about 30 s for Qwen -> GPT-2 on 2 cores) and kept here.
@@ -53,12 +55,14 @@ class MethodParts:
     """What a method trains or looks up besides the student.
 
     projectors: trained by the student's optimizer (own lr group); discriminator: trained by its own optimizer
-    (Method.adversary); token_map: a fixed teacher -> student id table [Vt] (DSKDv2-ETA, MinED).
+    (Method.adversary); token_map: a fixed teacher -> student id table [Vt] (DSKDv2-ETA, MinED); tables: the fixed
+    per-vocabulary tables of a composed method's terms (`Term.tables`: word-start masks, next-text events).
     """
 
     projectors: nn.Module | None = None
     discriminator: nn.Module | None = None
     token_map: Tensor | None = None
+    tables: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -190,6 +194,22 @@ def chunk_extras(items, teacher_labels, student_labels) -> dict:
                                 torch.tensor(t_lab) != -100, torch.tensor(s_lab) != -100)  # [S_b, T_b]
         chunks[b, :block.shape[0], :block.shape[1]] = block
     return {"chunks": chunks}
+
+
+def chunk_id_extras(items, teacher_labels, student_labels) -> dict:
+    """Collate extra of the likelihood terms (ALM, prefix-kd): "teacher_chunk" [B, T] and "student_chunk" [B, S]
+    long, the ordinal of the ground-truth chunk of each label position (pipeline/probes.chunk_ids), -1 outside and
+    in the padding."""
+    width_s = max(len(r) for r in student_labels)
+    width_t = max(len(r) for r in teacher_labels)
+    teacher = torch.full((len(items), width_t), -1, dtype=torch.long)
+    student = torch.full((len(items), width_s), -1, dtype=torch.long)
+    for b, (it, t_lab, s_lab) in enumerate(zip(items, teacher_labels, student_labels)):
+        t_ids, s_ids = chunk_ids(label_offsets(it["offsets"]), label_offsets(it["student_offsets"]),
+                                 torch.tensor(t_lab) != -100, torch.tensor(s_lab) != -100)
+        teacher[b, :t_ids.shape[0]] = t_ids
+        student[b, :s_ids.shape[0]] = s_ids
+    return {"teacher_chunk": teacher, "student_chunk": student}
 
 
 def _eta_extras(teacher_tok, student_tok) -> AlignmentExtras:
@@ -329,13 +349,6 @@ def mined_method_loss(x: LossInputs) -> LossTerms:
     return LossTerms(out.loss, {"ce_student": out.ce_student.detach(), "kd": out.kd.detach()})
 
 
-def alm_method_loss(x: LossInputs) -> LossTerms:
-    out = chunk_likelihood_loss(x.logits, x.labels, x.teacher_hidden, x.batch["teacher_labels"], x.teacher.head,
-                                x.batch["chunks"], kd_rate=x.cfg.kd_rate, tau=x.cfg.kd_temperature,
-                                ce_labels=x.ce_labels)
-    return LossTerms(out.loss, {"ce_student": out.ce_student.detach(), "kd": out.kd.detach()})
-
-
 def uld_method_loss(x: LossInputs) -> LossTerms:
     out = uld_loss(x.logits, x.labels, x.teacher_hidden, x.batch["teacher_labels"], x.teacher.head,
                    kd_rate=x.cfg.kd_rate, ce_labels=x.ce_labels)
@@ -462,6 +475,157 @@ def cma_ga_method_loss(x: LossInputs) -> LossTerms:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Terms an entry adds to its loss (ALM, prefix-kd), and entries composed of a base method and terms
+# ---------------------------------------------------------------------------------------------------------------
+
+TablesFn = Callable[[DistillConfig, object, object, nn.Module, str], dict]
+
+
+@dataclass(frozen=True)
+class Term:
+    """A term a method entry adds to its loss (`compose`).
+
+    value(x) -> (the term on the micro-batch in the stage's SUM convention, its log sums); logged: the log names
+    shown per student token; collate_extras: the batch tensors it reads, built in the loader workers;
+    tables(cfg, teacher, student_tok, student, device) -> the fixed per-vocabulary tables it looks up
+    (MethodParts.tables), built once per run.
+    """
+
+    name: str
+    value: Callable[[LossInputs], tuple[Tensor, dict]]
+    logged: tuple[str, ...]
+    collate_extras: ExtrasFn | None = None
+    tables: TablesFn | None = None
+
+
+def _sizes(teacher, student: nn.Module) -> tuple[int, int]:
+    """(Vt, Vs): the rows of the teacher's and the student's heads (padded vocabularies included)."""
+    return teacher.head.weight.shape[0], student.get_output_embeddings().weight.shape[0]
+
+
+def _word_start_tables(cfg, teacher, student_tok, student, device) -> dict:
+    if cfg.alm_debias == "none":
+        return {}
+    vt, vs = _sizes(teacher, student)
+    return {"teacher_word_start": word_start_mask(teacher.tokenizer, vt).to(device),
+            "student_word_start": word_start_mask(student_tok, vs).to(device)}
+
+
+def _alm_value(x: LossInputs) -> tuple[Tensor, dict]:
+    """ALM's chunk mean of this micro-batch, times the step's tokens per micro-batch: after the stage's division
+    by the step's tokens, the step's term is the mean over its micro-batches of their chunk means (tokenkit's
+    gradient accumulation of per-batch means)."""
+    cfg, tables = x.cfg, x.parts.tables
+    out = alm_loss(x.logits, x.labels, x.teacher_hidden, x.batch["teacher_labels"], x.teacher.head,
+                   x.batch["student_chunk"], x.batch["teacher_chunk"], tau=cfg.alm_temperature,
+                   debias=cfg.alm_debias, student_word_start=tables.get("student_word_start"),
+                   teacher_word_start=tables.get("teacher_word_start"), merge_threshold=cfg.alm_merge_threshold,
+                   mean_over=cfg.alm_mean)
+    value = out.loss * x.micro_batch_mean_weight
+    return value, {"alm": value.detach(), "alm_chunks": out.chunks.detach()}
+
+
+def _next_text_tables(cfg, teacher, student_tok, student, device) -> dict:
+    vt, vs = _sizes(teacher, student)
+    events = next_text_events(teacher.tokenizer, student_tok, cfg.prefix_chars, vt, vs)
+    return {"teacher_events": events.teacher.to(device), "student_events": events.student.to(device),
+            "n_events": events.size, "teacher_blank": blank_mask(teacher.tokenizer, vt).to(device),
+            "student_blank": blank_mask(student_tok, vs).to(device)}
+
+
+def _prefix_kd_value(x: LossInputs) -> tuple[Tensor, dict]:
+    tables, b = x.parts.tables, x.batch
+    t_chunk, s_chunk = b["teacher_chunk"].to(x.logits.device), b["student_chunk"].to(x.logits.device)
+    t_lab = b["teacher_labels"][:, :t_chunk.shape[1]].to(x.logits.device)
+    s_lab = x.labels[:, :s_chunk.shape[1]]
+    t_blank = tables["teacher_blank"][t_lab.clamp_min(0)]
+    s_blank = tables["student_blank"][s_lab.clamp_min(0)]
+    t_pos, s_pos = shared_boundaries(t_chunk, s_chunk, t_blank, s_blank)
+    out = prefix_kd_loss(x.logits, x.teacher_hidden, x.teacher.head, t_pos, s_pos, tables["teacher_events"],
+                         tables["student_events"], tables["n_events"], tau=x.cfg.kd_temperature)
+    return out.kd, {"prefix_kd": out.kd.detach(), "boundaries": out.boundaries,
+                    "teacher_next_text_entropy": out.teacher_entropy}
+
+
+ALM = Term("alm", _alm_value, ("alm",), collate_extras=lambda teacher_tok, student_tok: chunk_id_extras,
+           tables=_word_start_tables)
+PREFIX_KD = Term("prefix-kd", _prefix_kd_value, ("prefix_kd",),
+                 collate_extras=lambda teacher_tok, student_tok: chunk_id_extras, tables=_next_text_tables)
+
+
+def _ce_part(x: LossInputs) -> LossTerms:
+    """(1 - kd_rate) CE: the base of a composition with no base method."""
+    ce = cross_entropy_sum(x.logits, x.labels if x.ce_labels is None else x.ce_labels)
+    return LossTerms((1.0 - x.cfg.kd_rate) * ce, {"ce_student": ce.detach()})
+
+
+def _merged_extras(makers: list[ExtrasFn]) -> ExtrasFn | None:
+    """One Collate extra calling each distinct extra once and merging their tensors."""
+    if not makers:
+        return None
+
+    def make(teacher_tok, student_tok):
+        extras = list(dict.fromkeys(m(teacher_tok, student_tok) for m in makers))
+
+        def call(items, teacher_labels, student_labels) -> dict:
+            out = {}
+            for extra in extras:
+                out.update(extra(items, teacher_labels, student_labels))
+            return out
+
+        return call
+
+    return make
+
+
+def compose(name: str, summary: str, base: Method | None, *terms: Term) -> Method:
+    """One entry: the base method's loss ((1 - kd_rate) CE when None) plus kd_rate x each term, combined as
+    --loss-balance says ("weights": that sum; "gradmag": the parts balanced by their gradient on the student's last
+    block, objectives/balance.py). The base keeps its parts, adversary, extras and published defaults; the terms'
+    tables join its parts."""
+    base_loss = _ce_part if base is None else base.loss
+    base_metrics = _per_token("ce_student") if base is None else base.metrics
+    logged = tuple(n for t in terms for n in t.logged)
+
+    def loss(x: LossInputs) -> LossTerms:
+        head = base_loss(x)
+        parts, logs = [head.loss], dict(head.logs)
+        for term in terms:
+            value, term_logs = term.value(x)
+            parts.append(x.cfg.kd_rate * value)
+            logs.update(term_logs)
+        if x.cfg.loss_balance == "gradmag":
+            weights = gradmag_weights(parts, last_block_parameters(x.student))
+            total = balanced_sum(parts, weights)
+            share = weights / weights.sum().clamp_min(1e-30)
+            logs.update({f"gradmag_{part}_sum": share[k] * x.n_student.float()
+                         for k, part in enumerate(("base", *(t.name for t in terms)))})
+        else:
+            total = sum(parts[1:], parts[0])
+        return LossTerms(total, logs, head.adversary_loss)
+
+    def metrics(sums: dict, n_step: float) -> dict:
+        m = base_metrics(sums, n_step)
+        m.update({k: sums[k] / n_step for k in logged if k in sums})
+        m.update({k[:-4]: sums[k] / n_step for k in sums if k.startswith("gradmag_")})
+        return m
+
+    def build(cfg, teacher, student_tok, student, device) -> MethodParts:
+        parts = MethodParts() if base is None or base.build_parts is None else \
+            base.build_parts(cfg, teacher, student_tok, student, device)
+        for term in terms:
+            if term.tables is not None:
+                parts.tables.update(term.tables(cfg, teacher, student_tok, student, device))
+        return parts
+
+    extras = [m for m in ([base.collate_extras] if base is not None else []) + [t.collate_extras for t in terms]
+              if m is not None]
+    return Method(name, summary, loss, metrics, build_parts=build,
+                  adversary=None if base is None else base.adversary, collate_extras=_merged_extras(extras),
+                  defaults={} if base is None else base.defaults)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Step metrics: the summed log terms of one optimizer step (all micro-batches and ranks) -> logged numbers
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -533,8 +697,6 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mined", "MinED: edit-distance token map and DTW alignment (baseline)", mined_method_loss,
            _per_token("ce_student", "kd"), build_parts=_mined_parts, collate_extras=_mined_extras),
     Method("uld", "ULD: sorted-probability distance (baseline)", uld_method_loss, _per_token("ce_student", "kd")),
-    Method("alm", "ALM: the two models' likelihoods of each chunk of text both tokenizations end on, matched",
-           alm_method_loss, _per_token("ce_student", "kd"), collate_extras=_chunk_extras),
     # Chunk-level projection has no query: DSKD's t2s/s2t pair only.
     Method("chunk-attention", "ablation: CMA attention confined to each token's ground-truth chunk",
            _chunk_loss("attention"), _dskd_metrics(), build_parts=_projectors("dskd_cma"),
@@ -543,6 +705,18 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            _chunk_loss("projection"), _dskd_metrics(), build_parts=_projectors("dskd"),
            collate_extras=_chunk_extras, defaults=_DSKD_DEFAULTS),
 )}
+# Entries composed of a base method and likelihood terms (`compose`): one record each, as the others.
+METHODS.update({m.name: m for m in (
+    compose("alm", "ALM: the two models' likelihoods of each chunk of text both tokenizations end on, matched "
+            "(tokenkit's published form)", None, ALM),
+    compose("prefix-kd", "the teacher's distribution over the next characters, matched at every shared token "
+            "boundary", None, PREFIX_KD),
+    compose("alm+prefix-kd", "ALM and prefix-kd together", None, ALM, PREFIX_KD),
+    compose("cma-ga+alm", "CMA-GA with ALM's chunk likelihoods added", METHODS["cma-ga"], ALM),
+    compose("cma-ga+prefix-kd", "CMA-GA with prefix-kd's next-character distributions added", METHODS["cma-ga"],
+            PREFIX_KD),
+    compose("cma-ga+alm+prefix-kd", "CMA-GA with ALM and prefix-kd added", METHODS["cma-ga"], ALM, PREFIX_KD),
+)})
 
 
 def get_method(name: str) -> Method:
@@ -578,5 +752,5 @@ def collate_extras(cfg: DistillConfig, teacher, student_tok):
     return None if make is None else make(teacher.tokenizer, student_tok)
 
 
-__all__ = ["METHODS", "Method", "MethodParts", "LossInputs", "LossTerms", "Adversary", "AlignmentExtras",
-           "chunk_extras", "get_method", "resolve", "build_parts", "collate_extras"]
+__all__ = ["METHODS", "Method", "MethodParts", "LossInputs", "LossTerms", "Adversary", "AlignmentExtras", "Term",
+           "compose", "chunk_extras", "chunk_id_extras", "get_method", "resolve", "build_parts", "collate_extras"]

@@ -22,17 +22,17 @@ def label_offsets(offsets) -> Tensor:
     return off[1:]
 
 
-def chunk_alignment(teacher_offsets, student_offsets, teacher_mask, student_mask) -> Tensor:
-    """bool [S, T]: True where student position i and teacher position j lie in the same ground-truth chunk.
+def chunk_ids(teacher_offsets, student_offsets, teacher_mask, student_mask) -> tuple[Tensor, Tensor]:
+    """(teacher [T], student [S]) long: the ordinal of the ground-truth chunk each label position lies in, -1 outside.
 
     Only masked (response) positions take part, in order. Walk both lists by character END offsets: start a chunk
     at the next token of each side; while the two end offsets differ, extend the side with the smaller end; when
-    they meet the stretch is one chunk and its block (student chunk tokens x teacher chunk tokens) is set to True.
-    After a meeting at end e, following tokens with a non-empty span that also end at e are absorbed into the
-    chunk (byte-level tokenizers split one character into several tokens with the same span). An empty-span token
-    (EOS, span (L, L) at the end of the text) is not absorbed, so EOS forms its own chunk with the other side's EOS.
-    A trailing stretch whose ends never meet (one side cut by max_length) gets no chunk: its rows/columns stay False.
-    Shapes: offsets [S, 2] / [T, 2] (label positions, see module doc), masks [S] / [T] bool.
+    they meet the stretch is one chunk (numbered 0, 1, ... in text order). After a meeting at end e, following
+    tokens with a non-empty span that also end at e are absorbed into the chunk (byte-level tokenizers split one
+    character into several tokens with the same span). An empty-span token (EOS, span (L, L) at the end of the text)
+    is not absorbed, so EOS forms its own chunk with the other side's EOS. A trailing stretch whose ends never meet
+    (one side cut by max_length) gets no chunk: its positions stay -1.
+    Shapes: offsets [T, 2] / [S, 2] (label positions, see module doc), masks [T] / [S] bool.
     """
     s_off = torch.as_tensor(student_offsets, dtype=torch.long).reshape(-1, 2)
     t_off = torch.as_tensor(teacher_offsets, dtype=torch.long).reshape(-1, 2)
@@ -40,8 +40,9 @@ def chunk_alignment(teacher_offsets, student_offsets, teacher_mask, student_mask
     t_pos = torch.nonzero(torch.as_tensor(teacher_mask, dtype=torch.bool).reshape(-1)[: t_off.shape[0]]).flatten()
     s_span = s_off[s_pos].tolist()  # [[start, end], ...] of response tokens, in order
     t_span = t_off[t_pos].tolist()
-    out = torch.zeros(len(student_mask), len(teacher_mask), dtype=torch.bool)
-    i = j = 0
+    t_ids = torch.full((len(teacher_mask),), -1, dtype=torch.long)
+    s_ids = torch.full((len(student_mask),), -1, dtype=torch.long)
+    i = j = n = 0
     while i < len(s_span) and j < len(t_span):
         i0, j0 = i, j
         es, et = s_span[i][1], t_span[j][1]
@@ -62,10 +63,17 @@ def chunk_alignment(teacher_offsets, student_offsets, teacher_mask, student_mask
             i += 1
         while j + 1 < len(t_span) and t_span[j + 1][1] == et and t_span[j + 1][0] < et:
             j += 1
-        rows, cols = s_pos[i0:i + 1], t_pos[j0:j + 1]
-        out[rows[:, None], cols[None, :]] = True
-        i, j = i + 1, j + 1
-    return out
+        s_ids[s_pos[i0:i + 1]] = n
+        t_ids[t_pos[j0:j + 1]] = n
+        n, i, j = n + 1, i + 1, j + 1
+    return t_ids, s_ids
+
+
+def chunk_alignment(teacher_offsets, student_offsets, teacher_mask, student_mask) -> Tensor:
+    """bool [S, T]: True where student position i and teacher position j lie in the same ground-truth chunk
+    (`chunk_ids`). Shapes: offsets [S, 2] / [T, 2] (label positions, see module doc), masks [S] / [T] bool."""
+    t_ids, s_ids = chunk_ids(teacher_offsets, student_offsets, teacher_mask, student_mask)
+    return (s_ids[:, None] == t_ids[None, :]) & (s_ids[:, None] >= 0)
 
 
 def alignment_counts(attn: Tensor, chunks: Tensor, student_mask: Tensor) -> tuple[int, float, int]:

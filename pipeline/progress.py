@@ -177,7 +177,7 @@ class ProgressLine:
 # The terms of a distill step record shown on its progress line, in this order, under these short names; a
 # method's record holds some of them (pipeline/methods.py decides which).
 STEP_TERMS = (("loss", "loss"), ("ce_student", "ce"), ("kd", "kd"), ("ce_t2s", "ce_t2s"), ("kd_t2s", "kd_t2s"),
-              ("kd_s2t", "kd_s2t"), ("dtw", "dtw"), ("l_g", "l_g"))
+              ("kd_s2t", "kd_s2t"), ("dtw", "dtw"), ("l_g", "l_g"), ("alm", "alm"), ("prefix_kd", "prefix_kd"))
 
 
 def step_values(record: dict) -> dict:

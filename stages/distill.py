@@ -54,7 +54,9 @@ CHOICES = {"cma_std": ("valid", "padded"), "ga_mode": ("paper", "released"),
            "dwa_weights": ("paper", "released"), "dtw_inputs": ("raw", "normalised"),
            "dtw_positions": ("response", "released"), "dtw_reduction": ("sequence", "tokens"),
            "kd_warmup_terms": ("t2s", "both"), "t2s_kd_rows": ("accurate", "all", "none"),
-           "t2s_values": ("hidden+target", "hidden")}
+           "t2s_values": ("hidden+target", "hidden"), "alm_debias": ("space+merge", "space", "none"),
+           "alm_mean": ("chunks", "released"),
+           "loss_balance": ("weights", "gradmag")}
 # Tests: os._exit(137) right after the checkpoint of step N; with DIE_RANK_ENV=R, only rank R dies instead, by
 # SIGKILL in the middle of step N+1 (gradients computed, not applied), on torchrun's first attempt only.
 DIE_AT_STEP_ENV = "DSKD_PIPE_TEST_DIE_AT_STEP"
@@ -110,6 +112,15 @@ def check_config(cfg: DistillConfig) -> None:
     if cfg.ga_mode == "released" and (cfg.ga_directions or cfg.disc_spectral_norm or cfg.ga_reachable_keys):
         problems.append("--ga-directions, --disc-spectral-norm and --ga-reachable-keys change the paper's trained D; "
                         "--ga-mode released keeps the released code's fixed random D. Drop one of them.")
+    if not cfg.alm_temperature > 0:
+        problems.append(f"--alm-temperature must be > 0, found {cfg.alm_temperature}.")
+    if not 0.0 <= cfg.alm_merge_threshold <= 1.0:
+        problems.append(f"--alm-merge-threshold must be in [0, 1], found {cfg.alm_merge_threshold}.")
+    if cfg.prefix_chars < 1:
+        problems.append(f"--prefix-chars must be >= 1, found {cfg.prefix_chars}.")
+    if cfg.loss_balance == "gradmag" and cfg.fsdp:
+        problems.append("--loss-balance gradmag takes per-part gradients of the student's last block, which FSDP2 "
+                        "shards; use DDP (drop --fsdp) or --loss-balance weights.")
     if cfg.projector_warmup_steps < 0:
         problems.append(f"--projector-warmup-steps must be >= 0, found {cfg.projector_warmup_steps}.")
     if problems:

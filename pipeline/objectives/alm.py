@@ -1,48 +1,59 @@
-"""Chunk likelihood matching across tokenizers: the ALM objective (approximate likelihood matching; Minixhofer,
-Vulić & Ponti 2025, "Universal Cross-Tokenizer Distillation via Approximate Likelihood Matching"), as built here.
+"""ALM, approximate likelihood matching across tokenizers (Minixhofer, Vulić & Ponti 2025, "Universal Cross-Tokenizer
+Distillation via Approximate Likelihood Matching", arXiv 2503.20083), as its authors define and release it
+(tokenkit: `training/losses.py` `compute_alm_loss`, defaults of `scripts/cross_tokenizer_distill.py`).
 
 Both tokenizations of a response are cut into chunks: the shortest stretches of text that end on a token end of
-BOTH sides (pipeline/probes.chunk_alignment, from the character offsets; most chunks are one token on each side).
-Chunk c holds the student label positions S_c and the teacher label positions T_c, and each model gives the chunk
-a likelihood along the gold path:
+BOTH sides (pipeline/probes.chunk_ids; tokenkit's "unconstrained" chunks). Chunk c holds the student label
+positions S_c and the teacher label positions T_c, and each model gives the chunk a likelihood along the gold path:
 
     log pT(c) = sum_{i in T_c} log softmax(z_t,i)[yt_i],     log pS(c) = sum_{j in S_c} log softmax(z_s,j)[ys_j]
 
-and the two are matched as the probabilities of a Bernoulli event, at temperature tau:
+Debiasing (`debias`, tokenkit's alm_mode):
+- "space" (append_space): each chunk's likelihood times the model's probability that the token after the chunk
+  starts a new word, sigma(c) = sum_{v in W} softmax(z at the position after c's last token)_v, W the tokens whose
+  text starts with a space, tab or newline, or special ones (alignment.word_start_mask). A chunk likelihood alone
+  is biased by how each tokenizer cuts what FOLLOWS ("Ġapple" vs "Ġap|ple": the teacher's p("Ġap") counts every
+  word starting with "ap"); closing the chunk on a word start removes that bias. The text's end counts as a word
+  start (sigma = 1 for a chunk with no position after it).
+- "space+merge" (merge_by_space_prob+append_space, the published default): first, consecutive chunks are merged
+  until one ends where the teacher's sigma > `merge_threshold` (published 0.1): a merged chunk's likelihood is
+  the sum of its chunks' and its sigma that of its last chunk.
+- "none": the plain form (tokenkit's PyTorch notebook).
 
-    ALM = sum_c  a (log a - log b) + (1 - a) (log(1 - a) - log(1 - b)),   a = pT(c)^(1/tau),  b = pS(c)^(1/tau)
-    L   = (1 - lambda) CE_s + lambda ALM          (token sums, like every loss here; lambda = kd_rate)
+Distance: the two likelihoods as Bernoulli probabilities at the binarisation temperature tau (published 100; at
+tau 100 the term compares chunk NLLs nearly scale-free: a chunk of probability 1e-4 still pulls), by binary
+cross-entropy (tokenkit's "binary_ce"; the binary KL minus the teacher's binary entropy: the same gradient):
 
-What it carries that a token map cannot: the teacher's probability of a whole word wherever the two tokenizers
-cut the word differently (the teacher's "Ġap" + "ple" against the student's "apple"): the product over the chunk
-needs only the teacher's states on the gold path, which is what the store holds. A chunk whose probability the
-student already gives exactly as the teacher adds nothing; above the teacher's it pulls the student down, which
-CE never does. Gradient flows into the student's logits only.
+    a = exp(log pT(c) / tau - eps),  b = exp(log pS(c) / tau - eps),  eps = 1e-6
+    BCE(c) = -[a log b + (1 - a) log(1 - b)]
+    ALM = mean over the batch's chunks of BCE(c)                 (tokenkit: numerator and denominator "chunk_count")
+
+The released code divides the merged chunks' sum by a count merged twice (its "NB: cant merge global chunks"),
+a batch-dependent scale of the loss (x1.6 on a random batch); `mean_over="released"` (--alm-mean released)
+reproduces it, the default is the mean over the chunks the loss sums.
+
+Gradient flows into the student's logits only (the teacher's side comes from the store, detached).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dskd_pipe.pipeline.objectives.divergences import cross_entropy_sum
 from dskd_pipe.pipeline.objectives.dskd import DEFAULT_CHUNK_TOKENS, TeacherHead, teacher_logits
 
-# log pS(c) / tau is capped just below 0 so that log(1 - b) stays finite when a chunk is certain in fp32
-# (its gradient is then 0, as for any saturated probability).
-LOG_PROB_CAP = -1e-6
+EPSILON = 1e-6  # tokenkit's compute_alm_loss: subtracted after the temperature so that log(1 - b) stays finite
+DEBIAS_CHOICES = ("space+merge", "space", "none")
+MEAN_CHOICES = ("chunks", "released")
 
 
 @dataclass
 class AlmOutput:
-    """Loss terms (token sums, fp32) of one micro-batch: loss = (1 - lambda) ce_student + lambda kd."""
+    """loss: the mean BCE over the micro-batch's (merged) chunks, fp32; chunks: how many."""
 
     loss: Tensor
-    ce_student: Tensor
-    kd: Tensor
-    chunks: Tensor  # chunks matched (with tokens on both sides)
+    chunks: Tensor
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -50,70 +61,163 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _label_log_probs(logits: Tensor, labels: Tensor) -> Tensor:
-    """log softmax(logits)[label] per row, fp32: logits [N, V], labels [N] -> [N]."""
+def binary_cross_entropy(log_a: Tensor, log_b: Tensor, tau: float) -> Tensor:
+    """-[a log b + (1 - a) log(1 - b)] with a = exp(log_a / tau - eps), b = exp(log_b / tau - eps), elementwise."""
+    log_a = log_a.float() / tau - EPSILON
+    log_b = log_b.float() / tau - EPSILON
+    return -(log_a.exp() * log_b + (-torch.expm1(log_a)) * log1mexp(log_b))
+
+
+def position_log_probs(logits: Tensor, labels: Tensor, word_start: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(log softmax(z)[label], log sum_{v in word_start} softmax(z)_v) per row, fp32: logits [N, V], labels [N]
+    (any id where the row has no label), word_start bool [V] or None (then the second is zeros)."""
     z = logits.float()
-    return z.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    norm = torch.logsumexp(z, dim=-1)
+    gold = z.gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1) - norm
+    if word_start is None:
+        return gold, torch.zeros_like(gold)
+    start = torch.logsumexp(z[:, word_start.to(z.device)], dim=-1) - norm
+    return gold, start
 
 
-def gold_log_probs(hidden: Tensor, labels: Tensor, head: TeacherHead,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Tensor:
-    """The teacher's log-probability of each gold label, fp32, detached: hidden [N, dt], labels [N] -> [N].
-    At most chunk_tokens rows of [*, Vt] logits exist at once."""
-    out = []
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        z = teacher_logits(hidden[start : start + chunk_tokens].detach(), head)  # [c, Vt]
-        out.append(_label_log_probs(z, labels[start : start + chunk_tokens].to(z.device)))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+def teacher_position_log_probs(hidden: Tensor, labels: Tensor, head: TeacherHead, word_start: Tensor | None = None,
+                               chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[Tensor, Tensor]:
+    """position_log_probs of the teacher's rows rebuilt from its hidden states and head, detached: hidden [N, dt],
+    labels [N] -> ([N], [N]). At most chunk_tokens rows of [*, Vt] logits exist at once."""
+    gold, start = [], []
+    for i in range(0, hidden.shape[0], chunk_tokens):
+        z = teacher_logits(hidden[i : i + chunk_tokens].detach(), head)  # [c, Vt]
+        g, s = position_log_probs(z, labels[i : i + chunk_tokens].to(z.device), word_start)
+        gold.append(g)
+        start.append(s)
+    if not gold:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(gold), torch.cat(start)
 
 
-def chunk_likelihood_loss(
+def _chunk_sums(chunk: Tensor, values: Tensor, n_chunks: int) -> tuple[Tensor, Tensor]:
+    """(sum of `values` per chunk [B * n_chunks], last position of each chunk [B * n_chunks], -1 where empty):
+    chunk [B, W] ids (-1 outside), values [B, W]."""
+    batch, width = chunk.shape
+    inside = chunk >= 0
+    flat = (chunk + torch.arange(batch, device=chunk.device)[:, None] * n_chunks)[inside]  # [R]
+    sums = torch.zeros(batch * n_chunks, dtype=torch.float32, device=values.device).index_add(0, flat, values[inside])
+    pos = torch.arange(width, device=chunk.device).expand(batch, width)[inside]
+    last = torch.full((batch * n_chunks,), -1, dtype=torch.long, device=chunk.device)
+    last = last.scatter_reduce(0, flat, pos, reduce="amax")
+    return sums, last
+
+
+def _after_chunk(word_start_lp: Tensor, last: Tensor, labels: Tensor, n_chunks: int) -> Tensor:
+    """sigma(c) in log space per chunk [B * n_chunks]: the word-start log-probability at the position after the
+    chunk's last one; 0 (probability 1: the text ends) where that position has no label or does not exist."""
+    batch, width = labels.shape
+    nxt = last + 1  # [B * C]
+    rows = torch.arange(batch, device=last.device).repeat_interleave(n_chunks)
+    ok = (last >= 0) & (nxt < width)
+    safe = nxt.clamp(max=width - 1)
+    ok = ok & (labels[rows, safe] != -100)
+    return torch.where(ok, word_start_lp[rows, safe], torch.zeros_like(word_start_lp[rows, safe]))
+
+
+def _merge_groups(teacher_sigma: Tensor, exists: Tensor, n_chunks: int, threshold: float) -> tuple[Tensor, Tensor]:
+    """(group id of every chunk [B * n_chunks], the released denominator) for merge_by_space_prob: a group runs up
+    to and including the next chunk whose teacher sigma exceeds `threshold`; ids are per example, offset by
+    b * n_chunks. The released code divides by the groups' count after merging it a SECOND time ("NB: cant merge
+    global chunks"): with G_b groups in example b, the group index of chunk slot G_b - 1, plus one."""
+    batch = exists.numel() // n_chunks
+    closes = ((teacher_sigma.exp() > threshold) & exists).view(batch, n_chunks).long()
+    group = torch.cumsum(closes, dim=1) - closes  # closing chunks before this one
+    real = exists.view(batch, n_chunks)
+    groups = torch.where(real, group + 1, torch.zeros_like(group)).amax(dim=1)  # G_b
+    released = torch.where(groups > 0, group.gather(1, (groups - 1).clamp_min(0)[:, None]).squeeze(1) + 1,
+                           torch.zeros_like(groups)).sum()
+    return (group + torch.arange(batch, device=group.device)[:, None] * n_chunks).view(-1), released
+
+
+def alm_loss(
     student_logits: Tensor,
     labels: Tensor,
     teacher_hidden: Tensor,
     teacher_labels: Tensor,
     teacher_head: TeacherHead,
-    chunks: Tensor,
-    kd_rate: float = 0.5,
-    tau: float = 1.0,
+    student_chunk: Tensor,
+    teacher_chunk: Tensor,
+    tau: float = 100.0,
+    debias: str = "space+merge",
+    student_word_start: Tensor | None = None,
+    teacher_word_start: Tensor | None = None,
+    merge_threshold: float = 0.1,
+    mean_over: str = "chunks",
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    ce_labels: Tensor | None = None,
 ) -> AlmOutput:
-    """ALM (module docstring), summed over the chunks of the batch.
+    """ALM of one micro-batch (module docstring): the mean BCE over its chunks.
 
     Shapes: student_logits [B, S, Vs], labels [B, S] (-100 outside the response), teacher_hidden [B, T, dt],
-    teacher_labels [B, T], chunks bool [B, S', T'] (methods.chunk_extras: True where student label position j and
-    teacher label position i lie in the same chunk; S' <= S, T' <= T, padded with False).
+    teacher_labels [B, T]; student_chunk [B, S'] / teacher_chunk [B, T'] (S' <= S, T' <= T): the chunk ordinal of
+    each label position, -1 outside (probes.chunk_ids, padded with -1). word_start: bool [Vs] / [Vt]
+    (alignment.word_start_mask), needed unless debias is "none". mean_over: "chunks" (the mean over the merged
+    chunks) | "released" (space+merge only: tokenkit's denominator, the count merged twice; `_merge_groups`).
     """
-    batch, width_s, width_t = chunks.shape
+    if debias not in DEBIAS_CHOICES:
+        raise ValueError(f"ALM debias {debias!r}: choose one of {', '.join(DEBIAS_CHOICES)}.")
+    spaced = debias != "none"
+    if spaced and (student_word_start is None or teacher_word_start is None):
+        raise ValueError(f"ALM debias {debias!r} needs both word_start masks (alignment.word_start_mask).")
     device = student_logits.device
-    chunks = chunks.to(device)
-    # log-probabilities of the gold tokens on both sides, 0 where there is no label. The student's also give its
-    # CE (the negated sum), so its [Ns, Vs] logits go to fp32 once.
-    labelled = labels != -100  # [B, S]
-    gold_s = _label_log_probs(student_logits[labelled], labels[labelled])  # [Ns]
-    ce_student = -gold_s.sum() if ce_labels is None else cross_entropy_sum(student_logits, ce_labels)
-    ls_all = torch.zeros(labels.shape, dtype=torch.float32, device=device)
-    ls_all[labelled] = gold_s
-    ms, ls = labelled[:, :width_s], ls_all[:, :width_s]  # [B, S']
-    mt = teacher_labels[:, :width_t] != -100  # [B, T']
-    lt = torch.zeros(batch, width_t, dtype=torch.float32, device=device)
-    lt[mt] = gold_log_probs(teacher_hidden[:, :width_t][mt], teacher_labels[:, :width_t][mt], teacher_head,
-                            chunk_tokens).to(device)
+    width_s, width_t = student_chunk.shape[1], teacher_chunk.shape[1]
+    student_chunk, teacher_chunk = student_chunk.to(device), teacher_chunk.to(device)
+    n_chunks = int(max(student_chunk.max(), teacher_chunk.max(), -1)) + 1
+    if n_chunks == 0:
+        zero = student_logits.sum() * 0.0
+        return AlmOutput(loss=zero.float(), chunks=torch.zeros((), device=device))
+    batch = labels.shape[0]
 
-    # A chunk is named by its first teacher position; every student row of a chunk has the same teacher set.
-    rows = chunks.any(-1) & ms  # [B, S'] student rows inside a chunk
-    first = chunks.to(torch.uint8).argmax(-1)  # [B, S']
-    chunk_id = (first + torch.arange(batch, device=device)[:, None] * width_t)[rows]  # [R]
-    log_ps = torch.zeros(batch * width_t, dtype=torch.float32, device=device).index_add(0, chunk_id, ls[rows])
-    log_pt_row = (chunks.float() * lt[:, None, :]).sum(-1)[rows]  # [R]: the teacher's log pT of the row's chunk
-    log_pt = torch.zeros(batch * width_t, dtype=torch.float32, device=device).index_copy(0, chunk_id, log_pt_row)
-    named = torch.zeros(batch * width_t, dtype=torch.bool, device=device)
-    named[chunk_id] = True
+    # Per label position: gold log-prob (on chunk positions) and word-start log-prob (on every labelled position:
+    # the one after a chunk's last may lie in the next chunk).
+    s_lab = labels[:, :width_s]
+    s_rows = s_lab != -100  # [B, S']
+    gold_s = torch.zeros(batch, width_s, dtype=torch.float32, device=device)
+    start_s = torch.zeros_like(gold_s)
+    g, st = position_log_probs(student_logits[:, :width_s][s_rows], s_lab[s_rows],
+                               student_word_start if spaced else None)
+    gold_s = gold_s.masked_scatter(s_rows, g)
+    start_s = start_s.masked_scatter(s_rows, st)
+    t_lab = teacher_labels[:, :width_t].to(device)
+    t_rows = t_lab != -100
+    g, st = teacher_position_log_probs(teacher_hidden[:, :width_t][t_rows.to(teacher_hidden.device)],
+                                       teacher_labels[:, :width_t][t_rows.to(teacher_labels.device)], teacher_head,
+                                       teacher_word_start if spaced else None, chunk_tokens)
+    gold_t = torch.zeros(batch, width_t, dtype=torch.float32, device=device).masked_scatter(t_rows, g.to(device))
+    start_t = torch.zeros_like(gold_t).masked_scatter(t_rows, st.to(device))
 
-    log_a = (log_pt[named] / tau).clamp(max=LOG_PROB_CAP)
-    log_b = (log_ps[named] / tau).clamp(max=LOG_PROB_CAP)
-    a = log_a.exp()
-    alm = (a * (log_a - log_b) + (1.0 - a) * (log1mexp(log_a) - log1mexp(log_b))).sum()
-    return AlmOutput(loss=(1.0 - kd_rate) * ce_student + kd_rate * alm, ce_student=ce_student, kd=alm,
-                     chunks=named.sum())
+    log_ps, last_s = _chunk_sums(student_chunk.masked_fill(~s_rows, -1), gold_s, n_chunks)  # [B * C]
+    log_pt, last_t = _chunk_sums(teacher_chunk.masked_fill(~t_rows, -1), gold_t, n_chunks)
+    exists = (last_s >= 0) & (last_t >= 0)
+    if spaced:
+        sigma_s = _after_chunk(start_s, last_s, s_lab, n_chunks)
+        sigma_t = _after_chunk(start_t, last_t, t_lab, n_chunks)
+        if debias == "space+merge":
+            group, released_count = _merge_groups(sigma_t, exists, n_chunks, merge_threshold)
+            size = batch * n_chunks
+            keep = exists.float()
+            log_ps = torch.zeros(size, device=device).index_add(0, group, log_ps * keep)
+            log_pt = torch.zeros(size, device=device).index_add(0, group, log_pt * keep)
+            # a group's sigma is its last chunk's: the chunk of the group with the highest index
+            index = torch.arange(size, device=device)
+            last_chunk = torch.full((size,), -1, dtype=torch.long, device=device).scatter_reduce(
+                0, group, torch.where(exists, index, torch.full_like(index, -1)), reduce="amax")
+            grouped = last_chunk >= 0
+            sigma_s = torch.where(grouped, sigma_s[last_chunk.clamp_min(0)], torch.zeros_like(sigma_s))
+            sigma_t = torch.where(grouped, sigma_t[last_chunk.clamp_min(0)], torch.zeros_like(sigma_t))
+            exists = grouped
+        log_ps = log_ps + sigma_s
+        log_pt = log_pt + sigma_t
+    log_pt = log_pt[exists].clamp(max=0.0)  # tokenkit clips the aligned log-probs at 0
+    log_ps = log_ps[exists].clamp(max=0.0)
+    bce = binary_cross_entropy(log_pt, log_ps, tau)
+    count = exists.sum().float()
+    if mean_over == "released" and debias == "space+merge":
+        count = released_count.float()
+    return AlmOutput(loss=bce.sum() / count.clamp_min(1.0), chunks=exists.sum().float())

@@ -268,3 +268,101 @@ def test_diagnosis_option_values_are_checked_together():
                              ga_mode="released", ga_reachable_keys=True)
     with pytest.raises(ConfigError, match="--ga-mode released keeps the released code's fixed random D"):
         check_config(released)
+
+
+# --- entries composed of a base method and likelihood terms (issue 22) ------------------------------------------
+
+def _composition(base, kd_rate=0.3, balance="weights"):
+    """A composition of `base` with two stand-in terms whose values are known functions of the student's logits."""
+    from dskd_pipe.pipeline.methods import Term, compose
+
+    def value(scale):
+        return lambda x: ((x.logits * scale).sum(), {f"t{scale}": torch.tensor(float(scale))})
+
+    method = compose("test", "a test composition", base, Term("a", value(2.0), ("t2.0",)),
+                     Term("b", value(3.0), ("t3.0",)))
+    cfg = DistillConfig(method="sft", kd_rate=kd_rate, loss_balance=balance)
+    logits = torch.randn(1, 4, 11, requires_grad=True)
+    x = _inputs(cfg)
+    x = replace(x, logits=logits)
+    return method, x, logits
+
+
+def test_composition_adds_kd_rate_times_each_term_to_the_base():
+    from dskd_pipe.pipeline.objectives.divergences import cross_entropy_sum
+
+    method, x, logits = _composition(None, kd_rate=0.3)
+    out = method.loss(x)
+    ce = cross_entropy_sum(logits, x.labels)
+    want = 0.7 * ce + 0.3 * (2.0 * logits.sum() + 3.0 * logits.sum())
+    torch.testing.assert_close(out.loss, want)
+    assert {"ce_student", "t2.0", "t3.0"} <= out.logs.keys()
+    m = method.metrics({"ce_student": 4.0, "t2.0": 6.0, "t3.0": 2.0}, 2.0)
+    assert m == {"ce_student": 2.0, "t2.0": 3.0, "t3.0": 1.0}
+    # with a base method its whole loss is the base part
+    sft_based, x2, logits2 = _composition(METHODS["sft"], kd_rate=0.3)
+    torch.testing.assert_close(sft_based.loss(x2).loss,
+                               cross_entropy_sum(logits2, x2.labels) + 0.3 * 5.0 * logits2.sum())
+
+
+def test_composition_with_gradmag_balances_the_parts(monkeypatch):
+    """--loss-balance gradmag: sum_i w_i part_i / sum_i w_i with w_i the inverse norm of part_i's gradient on the
+    last block (here the logits stand in for it); the shares are logged."""
+    from dskd_pipe.pipeline import methods
+    from dskd_pipe.pipeline.objectives.divergences import cross_entropy_sum
+
+    method, x, logits = _composition(None, kd_rate=0.5, balance="gradmag")
+    monkeypatch.setattr(methods, "last_block_parameters", lambda model: [logits])
+    out = method.loss(x)
+    ce = cross_entropy_sum(logits, x.labels)
+    parts = [0.5 * ce, 0.5 * 2.0 * logits.sum(), 0.5 * 3.0 * logits.sum()]
+    norms = [torch.autograd.grad(p, logits, retain_graph=True)[0].norm() for p in parts]
+    w = torch.stack([1 / n for n in norms])
+    torch.testing.assert_close(out.loss, sum(wi * p for wi, p in zip(w, parts)) / w.sum())
+    shares = [float(out.logs[f"gradmag_{k}_sum"]) / float(x.n_student) for k in ("base", "a", "b")]
+    assert shares == pytest.approx((w / w.sum()).tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name,base", [("alm", None), ("prefix-kd", None), ("alm+prefix-kd", None),
+                                       ("cma-ga+alm", "cma-ga"), ("cma-ga+prefix-kd", "cma-ga"),
+                                       ("cma-ga+alm+prefix-kd", "cma-ga")])
+def test_composed_entries_keep_the_base_and_add_the_terms_tables_and_extras(name, base):
+    """A composed entry keeps its base's parts, adversary and published defaults, and gets its terms' tables and
+    chunk ids from one collate extra."""
+    from dskd_pipe.pipeline.models import load_tokenizer
+
+    tok = load_tokenizer("tests/fixtures/tokenizers/gpt2")
+    teacher = SimpleNamespace(head=TeacherHead(torch.randn(len(tok), 4)), tokenizer=tok)
+    method = METHODS[name]
+    cfg = resolve(DistillConfig(method=name))
+    parts = build_parts(cfg, teacher, tok, _Student(vocab=len(tok)), "cpu")
+    assert (method.adversary is not None) == (parts.discriminator is not None) == (base == "cma-ga")
+    if base:
+        assert method.defaults == METHODS[base].defaults and cfg.projector_lr == 1e-3
+    if "alm" in name:
+        assert parts.tables["teacher_word_start"].shape == (len(tok),)
+    if "prefix-kd" in name:
+        assert parts.tables["teacher_events"].shape == (len(tok),) and parts.tables["n_events"] > 100
+    extra = method.collate_extras(tok, tok)
+    items = [{"offsets": [[0, 0], [0, 3], [3, 6], [6, 6]], "student_offsets": [[0, 0], [0, 6], [6, 6]]}]
+    out = extra(items, [[5, 6, 7]], [[8, 9]])  # label rows: every position supervised
+    assert out["teacher_chunk"].tolist() == [[0, 0, 1]] and out["student_chunk"].tolist() == [[0, 1]]
+
+
+def test_likelihood_options_reach_their_losses(monkeypatch):
+    seen = _record(monkeypatch, "alm_loss")
+    cfg = DistillConfig(method="alm", alm_temperature=50.0, alm_debias="space", alm_merge_threshold=0.2,
+                        alm_mean="released")
+    x = _inputs(cfg)
+    x.batch.update(teacher_chunk=torch.zeros(1, 5, dtype=torch.long), student_chunk=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(StopIteration):
+        METHODS["alm"].loss(x)
+    assert (seen["tau"], seen["debias"], seen["merge_threshold"], seen["mean_over"]) == (50.0, "space", 0.2,
+                                                                                         "released")
+    from dskd_pipe.pipeline.models import load_tokenizer
+
+    tok = load_tokenizer("tests/fixtures/tokenizers/gpt2")
+    teacher = SimpleNamespace(head=TeacherHead(torch.randn(len(tok), 4)), tokenizer=tok)
+    sizes = {k: build_parts(resolve(DistillConfig(method="prefix-kd", prefix_chars=k)), teacher, tok,
+                            _Student(vocab=len(tok)), "cpu").tables["n_events"] for k in (1, 2)}
+    assert sizes[1] < sizes[2]

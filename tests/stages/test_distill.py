@@ -89,7 +89,8 @@ def _metrics(out):
                                           ("dskd-cma", "store_q"), ("cma-ga", "store_q"), ("dskd-v2", "store_g"),
                                           ("dskd-v2-eta", "store_l"), ("dwa-kd", "store_q"), ("uld", "store_q"),
                                           ("mined", "store_l"), ("alm", "store_q"), ("chunk-attention", "store_q"),
-                                          ("chunk-projection", "store_l")])
+                                          ("chunk-projection", "store_l"), ("prefix-kd", "store_l"),
+                                          ("alm+prefix-kd", "store_q"), ("cma-ga+alm+prefix-kd", "store_q")])
 def test_one_step_per_method_changes_the_student(env, method, store, monkeypatch):
     monkeypatch.setattr(methods, "TOKEN_MAP_CACHE", env["tmp"] / "token_maps")  # MinED's cache: not the user's
     cfg = _cfg(env, f"one_{method}", method=method, cache=str(env[store]) if store else "", max_steps=1,
@@ -108,8 +109,12 @@ def test_one_step_per_method_changes_the_student(env, method, store, monkeypatch
         assert m["dtw"] > 0
     if method in ("kd", "mined", "uld"):
         assert m["kd"] > 0
-    if method == "cma-ga":
+    if method.startswith("cma-ga"):
         assert {"l_d", "l_g", "d_acc_real", "d_acc_fake", "attention_entropy"} <= m.keys()
+    if "alm" in method:
+        assert m["alm"] > 0
+    if "prefix-kd" in method:
+        assert m["prefix_kd"] > 0
 
 
 def test_a_new_method_is_one_entry(env, monkeypatch):
