@@ -204,6 +204,9 @@ def cache_verify(store) -> None:
               help="ALM: the mean over the merged chunks (default) or over the released code's count, merged twice.")
 @click.option("--prefix-chars", type=int, default=None,
               help="prefix-kd: match the distributions over the next token's first N non-space bytes (default 1).")
+@click.option("--prefix-temper", type=click.Choice(["tokens", "events"]), default=None,
+              help="prefix-kd: --kd-temperature on the token logits before they are summed by event (default) or on "
+              "the events' distribution after.")
 @click.option("--loss-balance", type=click.Choice(["weights", "gradmag"]), default=None,
               help="alm, prefix-kd and compositions: combine the parts by --kd-rate (default) or by gradient "
               "magnitude on the student's last block (tokenkit's approx_gradmag_preserve_mag).")

@@ -542,7 +542,8 @@ def _prefix_kd_value(x: LossInputs) -> tuple[Tensor, dict]:
     s_blank = tables["student_blank"][s_lab.clamp_min(0)]
     t_pos, s_pos = shared_boundaries(t_chunk, s_chunk, t_blank, s_blank)
     out = prefix_kd_loss(x.logits, x.teacher_hidden, x.teacher.head, t_pos, s_pos, tables["teacher_events"],
-                         tables["student_events"], tables["n_events"], tau=x.cfg.kd_temperature)
+                         tables["student_events"], tables["n_events"], tau=x.cfg.kd_temperature,
+                         temper=x.cfg.prefix_temper)
     return out.kd, {"prefix_kd": out.kd.detach(), "boundaries": out.boundaries,
                     "teacher_next_text_entropy": out.teacher_entropy}
 

@@ -21,7 +21,8 @@ KD_SETTINGS = ("kd_rate", "kd_temperature", "divergence")
 METHOD_SETTINGS = ("lambda_ga", "ga_start_step", "disc_lr", "disc_every", "ga_directions", "disc_spectral_norm",
                    "ga_reachable_keys", "t2s_kd_rows", "projector_warmup_steps", "t2s_values", "projector_lr",
                    "overlap_top_k", "kd_warmup_steps", "teacher_temperature", "alm_temperature", "alm_debias",
-                   "alm_merge_threshold", "alm_mean", "prefix_chars", "loss_balance")
+                   "alm_merge_threshold", "alm_mean", "prefix_chars", "prefix_temper",
+                   "loss_balance")
 TRAIN_TERMS = ("loss", "ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "kd", "alm", "prefix_kd", "dtw", "t2s_acc", "s2t_acc", "l_g",
                "d_acc_real", "d_acc_fake", "l_d")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "Qwen/Qwen2.5-0.5B"

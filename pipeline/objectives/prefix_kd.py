@@ -101,6 +101,7 @@ def prefix_kd_loss(
     student_events: Tensor,
     n_events: int,
     tau: float = 1.0,
+    temper: str = "tokens",
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> PrefixKdOutput:
     """prefix-kd (module docstring) summed over the given boundaries.
@@ -116,9 +117,13 @@ def prefix_kd_loss(
     for i in range(0, n, chunk_tokens):
         tp = teacher_pos[i : i + chunk_tokens].to(teacher_hidden.device)
         sp = student_pos[i : i + chunk_tokens].to(device)
+        token_tau = tau if temper == "tokens" else 1.0
         log_pt = event_log_probs(teacher_logits(teacher_hidden[tp[:, 0], tp[:, 1]].detach(), teacher_head),
-                                 teacher_events, n_events, tau).to(device)
-        log_ps = event_log_probs(student_logits[sp[:, 0], sp[:, 1]], student_events, n_events, tau)
+                                 teacher_events, n_events, token_tau).to(device)
+        log_ps = event_log_probs(student_logits[sp[:, 0], sp[:, 1]], student_events, n_events, token_tau)
+        if temper == "events":  # P(e)^(1/tau), renormalised: the temperature acts on the events' own distribution
+            log_pt = torch.log_softmax(log_pt / tau, dim=-1)
+            log_ps = torch.log_softmax(log_ps / tau, dim=-1)
         pt = log_pt.exp()
         seen = pt > 0  # 0 log 0 = 0; the student's -inf only where the teacher has no mass either
         kd = kd + (pt * (log_pt - log_ps)).masked_fill(~seen, 0.0).sum()
