@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU benchmarks on a lent machine (python 3.12, torch preinstalled; zarr & co. carried as wheels in .whl/, made
 # here by `bash bench/gpu_wheels.sh`). Results land in $OUT (or bench/results).
-# Usage: bash bench/gpu_run.sh [fit|all|s2t|distill|capture|store|methods|loader|students|distributed]
+# Usage: bash bench/gpu_run.sh [fit|all|s2t|distill|capture|store|methods|loader|students|distributed|quality]
 # `fit` (the default) is what one 15-minute lend holds with room for a rerun: the s2t memory, offline vs online
 # distillation and the loader rows, ~7 min at their caps (s2t 1 min, distill 4, loader 2). `capture` (2.5 min) is
 # the next call if time is left. `all` runs every part at full size, each stopping at its own cap (s2t 2 min,
 # capture 5, distill 7, store 7, loader 7, methods 9.5, students 9.5, distributed 7 and only with 2+ GPUs: 47-54 min).
+# `quality` (8 min, its own call): the quality recipe's `gpu` size built and ranked there (configs/quality.toml):
+# does the cross-tokenizer ranking of the CPU's `full` size hold with a larger world, vocabularies and models?
 # DEVICE, TEACHER_SHAPE and STUDENT_SHAPE override cuda / qwen1.5-1.8b / gpt2 (a CPU smoke test of the commands:
 # DEVICE=cpu TEACHER_SHAPE=tiny-qwen2 STUDENT_SHAPE=tiny-gpt2 OUT=/tmp/gpu_run_smoke bash bench/gpu_run.sh fit).
 set -uo pipefail
@@ -84,5 +86,15 @@ if [[ $what == all || $what == distributed ]]; then
   else
     echo "distributed bench skipped: $ngpu GPU(s), it compares 2+ processes against one"
   fi
+fi
+if [[ $what == quality ]]; then
+  # everything built on the device: world, tokenizers, teacher SFT, student bases, store, students, scores; a rerun
+  # of the same command in the same --out reuses what finished (a cut-off call loses only the step it was in)
+  SECONDS=0
+  timeout 480 python3 -c "from dskd_pipe.pipeline.cli import main; main()" recipe quality --size gpu \
+    --out /tmp/quality_gpu --no-progress || echo "quality recipe stopped (rerun to continue: it resumes)"
+  echo "quality: ${SECONDS}s"
+  mkdir -p "$res/quality_gpu" && cp /tmp/quality_gpu/summary.* /tmp/quality_gpu/timings.jsonl \
+    /tmp/quality_gpu/tokenizers/agreement.json "$res/quality_gpu/" 2>/dev/null
 fi
 ls -la "$res"

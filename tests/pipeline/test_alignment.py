@@ -203,3 +203,32 @@ def test_eta_between_byte_level_and_wordpiece(toks, wordpiece):
     pairs = {(toks["gpt2"].convert_ids_to_tokens(int(a)), wordpiece.convert_ids_to_tokens(int(b)))
              for a, b in zip(t_ids, s_ids)}
     assert ("e", "##e") in pairs and (".", ".") in pairs
+
+
+# --- tables of the likelihood methods (issue 22) -----------------------------------------------------------------
+
+def test_word_start_mask_is_tokenkits_space_mask_on_every_family(toks, wordpiece):
+    """A token starts a word when its text starts with a space, tab or newline, or it is special (tokenkit's
+    "space+tab+newline+special"), whatever marks the space: "Ġ", "Ċ", "▁", "<0x0A>", a WordPiece word."""
+    from dskd_pipe.pipeline.alignment import word_start_mask
+
+    g, l = toks["gpt2"], toks["llama2"]
+    mg, ml, mw = word_start_mask(g), word_start_mask(l), word_start_mask(wordpiece, len(wordpiece) + 3)
+    vg, vl, vw = g.get_vocab(), l.get_vocab(), wordpiece.get_vocab()
+    assert mg[vg["Ġthe"]] and mg[vg["Ċ"]] and mg[vg["ĉ"]] and mg[g.eos_token_id] and not mg[vg["the"]]
+    assert ml[vl["▁the"]] and ml[vl["<0x0A>"]] and ml[l.eos_token_id] and not ml[vl["the"]] and not ml[vl["<0x41>"]]
+    assert mw[vw["today"]] and not mw[vw["##e"]] and not mw[vw[","]] and mw[wordpiece.eos_token_id]
+    assert mw.shape == (len(wordpiece) + 3,) and not mw[len(wordpiece):].any()  # a padded head's extra rows
+
+
+def test_next_text_events_between_byte_level_and_wordpiece(toks, wordpiece):
+    """The WordPiece word "today", its piece "##e" and GPT-2's "Ġtoday" / "e" land on the events of their first
+    byte; the padded rows of a head belong to none."""
+    from dskd_pipe.pipeline.alignment import next_text_events
+
+    g = toks["gpt2"]
+    ev = next_text_events(g, wordpiece, 1, student_size=len(wordpiece) + 2)
+    vg, vw = g.get_vocab(), wordpiece.get_vocab()
+    assert ev.names[int(ev.student[vw["today"]])] == b"t" == ev.names[int(ev.teacher[vg["Ġtoday"]])]
+    assert ev.student[vw["##e"]] == ev.teacher[vg["e"]] and ev.student[vw[","]] == ev.teacher[vg[","]]
+    assert (ev.student[len(wordpiece):] == -1).all() and ev.student.shape == (len(wordpiece) + 2,)

@@ -262,7 +262,13 @@ def test_shipped_recipes_load():
     assert (d["lr"], d["projector_lr"], d["epochs"], d["micro_batch_size"] * d["grad_accum"]) == (5e-4, 1e-3, 20, 32)
     assert recipe.resolve_data("dolly-minillm/train.jsonl", "/data") == "/data/dolly-minillm/train.jsonl"
     assert recipe.resolve_data("/abs/train.jsonl", "/data") == "/abs/train.jsonl"
-    for size in ("full", "demo", "ci"):
+    for size in ("full", "demo", "ci", "gpu"):
         q = recipe.load_recipe_config("quality", size)[1]
         assert "sft" in q["methods"] and q["same_tokenizer_methods"][:2] == ["sft", "kd"] and len(q["seeds"]) >= 2
         assert q["world"]["student_train"] < q["world"]["teacher_train"]
+    # the gpu size: larger than full in world, vocabularies and models, the full size's leading methods
+    full, gpu = (recipe.load_recipe_config("quality", s)[1] for s in ("full", "gpu"))
+    assert gpu["world"]["n_towns"] > full["world"]["n_towns"]
+    assert gpu["tokenizers"]["student_vocab"] > full["tokenizers"]["student_vocab"]
+    assert gpu["models"]["teacher_d_model"] > full["models"]["teacher_d_model"]
+    assert set(gpu["methods"]) <= set(full["methods"])
