@@ -205,8 +205,8 @@ def cache_verify(store) -> None:
 @click.option("--prefix-chars", type=int, default=None,
               help="prefix-kd: match the distributions over the next token's first N non-space bytes (default 1).")
 @click.option("--prefix-temper", type=click.Choice(["tokens", "events"]), default=None,
-              help="prefix-kd: --kd-temperature on the token logits before they are summed by event (default) or on "
-              "the events' distribution after.")
+              help="prefix-kd: --kd-temperature on the events' distribution (default) or on the token logits before "
+              "they are summed by event.")
 @click.option("--loss-balance", type=click.Choice(["weights", "gradmag"]), default=None,
               help="alm, prefix-kd and compositions: combine the parts by --kd-rate (default) or by gradient "
               "magnitude on the student's last block (tokenkit's approx_gradmag_preserve_mag).")

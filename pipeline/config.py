@@ -152,7 +152,7 @@ class DistillConfig:
     alm_mean: str = "chunks"  # ALM's mean over the merged chunks | "released" (tokenkit's count, merged twice)
     # prefix-kd (pipeline/objectives/prefix_kd.py): events are the next token's first k non-space bytes
     prefix_chars: int = 1
-    prefix_temper: str = "tokens"  # prefix-kd: kd_temperature on the token logits before the sums | "events": after
+    prefix_temper: str = "events"  # prefix-kd: kd_temperature on the events' distribution | "tokens": on the logits
     # Methods whose loss has several parts (alm, prefix-kd, compositions "A+B"): "weights" = (1 - kd_rate) CE (or
     # the base method's loss) + kd_rate * each added term | "gradmag": each part scaled by the inverse norm of its
     # gradient on the student's last block (tokenkit's approx_gradmag_preserve_mag)

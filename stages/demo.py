@@ -2,7 +2,7 @@
 
 A teacher trained here on a synthetic world's instructions (pipeline/world.py) with a byte-level BPE tokenizer, its
 hidden states cached, student bases pretrained on another world's text, students with a WordPiece tokenizer
-distilled from the store (sft and alm), a student with the teacher's tokenizer distilled with plain KD (the
+distilled from the store (sft and alm+prefix-kd), a student with the teacher's tokenizer distilled with plain KD (the
 same-tokenizer positive control, beside its own sft), three training seeds each, all scored on held-out data:
 NLL of gold answers per character and ROUGE-L of sampled answers, with each method's paired difference to sft.
 Sizes: `demo` (the default) and `ci` (the test's seconds-long run). The layout of `--out DIR` and the reuse of

@@ -55,7 +55,7 @@ CHOICES = {"cma_std": ("valid", "padded"), "ga_mode": ("paper", "released"),
            "dtw_positions": ("response", "released"), "dtw_reduction": ("sequence", "tokens"),
            "kd_warmup_terms": ("t2s", "both"), "t2s_kd_rows": ("accurate", "all", "none"),
            "t2s_values": ("hidden+target", "hidden"), "alm_debias": ("space+merge", "space", "none"),
-           "alm_mean": ("chunks", "released"), "prefix_temper": ("tokens", "events"),
+           "alm_mean": ("chunks", "released"), "prefix_temper": ("events", "tokens"),
            "loss_balance": ("weights", "gradmag")}
 # Tests: os._exit(137) right after the checkpoint of step N; with DIE_RANK_ENV=R, only rank R dies instead, by
 # SIGKILL in the middle of step N+1 (gradients computed, not applied), on torchrun's first attempt only.

@@ -6,10 +6,16 @@ whitespace aside), both models predict what text comes next. Sum each model's ne
 text the token starts with (alignment.next_text_events: markers decoded, whitespace dropped, cut to the first
 `chars` bytes, onto the cuts both vocabularies produce; EOS is the event "the text ends"):
 
-    PT(e) = sum_{v: ev_t(v) = e} softmax(z_t / tau)_v / Zt,   PS(e) = sum_{u: ev_s(u) = e} softmax(z_s / tau)_u / Zs
+    qT(e) = sum_{v: ev_t(v) = e} softmax(z_t)_v / Zt,   qS(e) = sum_{u: ev_s(u) = e} softmax(z_s)_u / Zs
     (Zt, Zs: the mass on tokens that belong to an event; whitespace-only tokens and non-EOS specials are left out)
+    PT = softmax(log qT / tau),  PS = softmax(log qS / tau)       (temper "events", the default)
 
     prefix-kd = sum over shared boundaries k of KL(PT_k || PS_k) = sum_k sum_e PT_k(e) (log PT_k(e) - log PS_k(e))
+
+The temperature acts on the events' distribution. With temper "tokens" it divides the token logits before the sums
+instead (qT from softmax(z_t / tau)); then the student can raise an event's tempered mass by spreading its own mass
+over the many tokens of that event rather than by matching the teacher, and on the quality benchmark's dev set it
+did worse (BENCHMARKS.md "Closing the gap").
 
 With chars = 1 both sides are exact: every token's text has a first byte. What it carries that ALM cannot: ALM
 scores the gold path only; here the teacher's spread over the answers it did NOT see written ("sunny" 0.6,
@@ -101,7 +107,7 @@ def prefix_kd_loss(
     student_events: Tensor,
     n_events: int,
     tau: float = 1.0,
-    temper: str = "tokens",
+    temper: str = "events",
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> PrefixKdOutput:
     """prefix-kd (module docstring) summed over the given boundaries.

@@ -26,15 +26,15 @@ def ci_run(tmp_path_factory):
 def test_ci_size_end_to_end(ci_run):
     out, output = ci_run
     for line in ("| sft@teacher-tok | bpe-300 |", "| kd@teacher-tok | bpe-300 |", "| dskd-cma | wordpiece-320 |",
-                 "| alm | wordpiece-320 |",
+                 "| alm+prefix-kd | wordpiece-320 |",
                  "where everything lies:", str(out / "teacher.zarr"), str(out / "dev_curves.png")):
         assert line in output, line
     for folder in ("data", "tokenizers/teacher", "tokenizers/student", "teacher", "models/student-init@teacher-tok",
                    "student-base/student", "student-base/teacher-tok"):
         assert (out / folder).is_dir(), folder
     # Five students x two seeds, each from the pretrained base of its tokenizer, with its method's settings.
-    settings = {"kd@teacher-tok": (0.9, 1.0), "alm": (0.5, 1.0)}
-    for method, base in (("sft", "student"), ("alm", "student"), ("dskd-cma", "student"),
+    settings = {"kd@teacher-tok": (0.9, 1.0), "alm+prefix-kd": (0.9, 2.0)}
+    for method, base in (("sft", "student"), ("alm+prefix-kd", "student"), ("dskd-cma", "student"),
                          ("sft@teacher-tok", "teacher-tok"), ("kd@teacher-tok", "teacher-tok")):
         for seed in (1, 2):
             cfg = json.loads((out / "students" / f"{method}-seed{seed}" / "distill_config.json").read_text())["config"]

@@ -40,19 +40,23 @@ def _event_probs_loop(logits, events, n_events, tau):
     return out / out.sum(-1, keepdim=True)
 
 
-@pytest.mark.parametrize("tau", [1.0, 2.0])
-def test_values_and_gradients_equal_a_loop_over_boundaries(tau):
+@pytest.mark.parametrize("tau,temper", [(1.0, "events"), (2.0, "events"), (2.0, "tokens")])
+def test_values_and_gradients_equal_a_loop_over_boundaries(tau, temper):
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(2, 4, 5, generator=g)).requires_grad_()
     hidden = torch.randn(2, 5, 3, generator=g)
     head = TeacherHead(torch.randn(6, 3, generator=g))
     t_pos = torch.tensor([[0, 1], [0, 3], [1, 0]])
     s_pos = torch.tensor([[0, 0], [0, 2], [1, 3]])
-    out = prefix_kd_loss(logits, hidden, head, t_pos, s_pos, TEACHER_EVENTS, STUDENT_EVENTS, 3, tau=tau)
+    out = prefix_kd_loss(logits, hidden, head, t_pos, s_pos, TEACHER_EVENTS, STUDENT_EVENTS, 3, tau=tau,
+                         temper=temper)
     want = 0.0
     for (tb, ti), (sb, si) in zip(t_pos.tolist(), s_pos.tolist()):
-        pt = _event_probs_loop((hidden[tb, ti] @ head.weight.T)[None], TEACHER_EVENTS, 3, tau)[0]
-        ps = _event_probs_loop(logits[sb, si][None], STUDENT_EVENTS, 3, tau)[0]
+        token_tau = tau if temper == "tokens" else 1.0
+        pt = _event_probs_loop((hidden[tb, ti] @ head.weight.T)[None], TEACHER_EVENTS, 3, token_tau)[0]
+        ps = _event_probs_loop(logits[sb, si][None], STUDENT_EVENTS, 3, token_tau)[0]
+        if temper == "events":  # P(e)^(1/tau), renormalised
+            pt, ps = pt ** (1 / tau) / (pt ** (1 / tau)).sum(), ps ** (1 / tau) / (ps ** (1 / tau)).sum()
         want = want + (pt * (pt.log() - ps.log())).sum()
     torch.testing.assert_close(out.kd, want.float(), rtol=1e-5, atol=1e-6)
     assert int(out.boundaries) == 3
