@@ -111,3 +111,30 @@ def test_demo_config_problems_are_reported_together(tmp_path):
                  "[odd.distill] 'out' is set by the recipe; remove it.",
                  "[odd.distill] key 'lr': expected a number, found 'fast'."):
         assert line in msg, line
+
+
+@pytest.mark.slow  # reuses the ci run
+def test_gap_by_position_bench_on_the_ci_run(ci_run, tmp_path):
+    """bench/gap_by_position.py on the ci run's students: the kinds partition the characters, and each model's
+    per-kind NLL adds up to its NLL of the whole test set as the recipe scores it."""
+    import importlib.util
+    from pathlib import Path
+
+    out, _ = ci_run
+    path = Path(__file__).resolve().parents[2] / "bench" / "gap_by_position.py"
+    spec = importlib.util.spec_from_file_location("gap_by_position", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    s = out / "students"
+    report = bench.main(["--recipe", str(out), "--model", f"sft={s / 'sft-seed1'}",
+                         "--model", f"alm+prefix-kd={s / 'alm+prefix-kd-seed1'}",
+                         "--teacher-tok-model", f"sft@teacher-tok={s / 'sft@teacher-tok-seed1'}",
+                         "--teacher-tok-model", f"kd@teacher-tok={s / 'kd@teacher-tok-seed1'}",
+                         "--out", str(tmp_path / "gap.json")])
+    kinds = report["kinds"]
+    assert sum(kinds[k]["char_share"] for k in bench.KINDS) == pytest.approx(1.0)
+    nll = json.loads((out / "score" / "nll.json").read_text())
+    for name in ("sft", "alm+prefix-kd", "kd@teacher-tok"):
+        whole = nll[f"{name}-seed1"]["test"]
+        assert kinds["all"]["nats_per_char"][name] * kinds["all"]["chars"] == pytest.approx(whole["nll"], rel=1e-4)
+    assert "alm+prefix-kd" in kinds["all"]["recovered"] and (tmp_path / "gap.json").is_file()
