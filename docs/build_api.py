@@ -1,6 +1,6 @@
 """Build the API reference of the public surface (`dskd_pipe` and `dskd_pipe.losses`) from its docstrings, with
-pdoc (in the test extra): `python docs/build_api.py` writes docs/api/. tests/docs/test_build_api.py rebuilds it and
-fails when the committed copy differs, so a changed docstring or signature is one command away from its page.
+pdoc (in the test extra): `python docs/build_api.py [OUT]` writes OUT (default docs/api/, not committed: it is
+built from the code in seconds); open OUT/index.html. tests/docs/test_build_api.py builds it on every test run.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def build(out: Path = OUT) -> list[Path]:
     for name in dskd_pipe.__all__:  # the names load on first use: make them plain attributes pdoc can see
         getattr(dskd_pipe, name)
     # No source listings (they would repeat the implementation modules the reference leaves out), no search index
-    # (a large generated file), no date: the same code gives the same bytes.
+    # (a large generated file), no date: the same code gives the same pages.
     pdoc.render.configure(docformat="markdown", show_source=False, search=False,
                           footer_text=f"dskd-pipe {dskd_pipe.__version__}")
     out.mkdir(parents=True, exist_ok=True)

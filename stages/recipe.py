@@ -11,7 +11,7 @@ Steps (`dskd-pipe demo` is configs/quality.toml at its `demo` size through this 
        has a [SIZE.teacher_sft] table; without one the teacher is used as given
     5. student pretraining on the pretraining data (`distill --method sft`), when the size has a
        [SIZE.student_pretrain] table: one base per student tokenizer, the start of every method
-    6. cache-teacher over the students' train data -> teacher.zarr (skipped when every method is `sft`)
+    6. cache-teacher over the students' train data -> teacher.zarr (skipped when no method reads the teacher)
     7. distil the student with every method x every training seed; `same_tokenizer_methods` also on a student
        that uses the teacher's tokenizer (labels `METHOD@teacher-tok`: `kd`, the same-tokenizer positive control,
        and its own sft baseline); `jobs` students at once (on a CPU each gets cores / jobs threads)
@@ -703,8 +703,12 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
     else:
         _step(console, 5, f"no [{size}.student_pretrain] table: the students start as built")
 
+    from dskd_pipe.pipeline.methods import METHODS
+
+    # The entries say which methods read the teacher (an installed package's methods as well as the built-in ones).
+    with_teacher = {m for m in [*methods, *same] if METHODS[m].uses_teacher}
     store = None
-    if any(m != "sft" for m in [*methods, *same]):
+    if with_teacher:
         t0 = _step(console, 6, "cache-teacher: the teacher's hidden states over the students' train data")
         store_dir = out / "teacher.zarr"
         finished = (store_dir / MANIFEST).is_file()  # written last; cache_teacher checks it against these inputs
@@ -712,7 +716,7 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
             **settings["cache"], "teacher": str(teacher), "data": data["train"], "out": str(store_dir), **shown}))
         _done(console, out, "cache", t0, f"store: {store}", finished)
     else:
-        _step(console, 6, "every method is sft: no teacher store")
+        _step(console, 6, "no method reads the teacher: no teacher store")
 
     groups: dict[str, dict] = {}
     jobs = []
@@ -726,8 +730,8 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
                 groups[name]["labels"][seed] = label
                 jobs.append((label, load_config(DistillConfig, None, {
                     **settings["distill"], **settings["method_distill"].get(method, {}), "method": method,
-                    "seed": seed, "student": str(inits[init_name]),
-                    "data": data["train"], "cache": str(store) if method != "sft" else "", "dev_data": data["dev"],
+                    "seed": seed, "student": str(inits[init_name]), "data": data["train"],
+                    "cache": str(store) if method in with_teacher else "", "dev_data": data["dev"],
                     "out": str(out / "students" / label), "resume": True,
                     **shown, "progress": progress and settings["jobs"] == 1})))
     folders = {label: _best(folder)

@@ -1,5 +1,5 @@
-"""docs/build_api.py: the API reference builds with pdoc from the docstrings, documents every public name and no
-implementation module, and equals the committed docs/api (the README links it), so it never goes stale unseen."""
+"""docs/build_api.py: the API reference builds with pdoc from the docstrings, and documents every public name (with
+its docstring) and no implementation module."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +10,6 @@ import dskd_pipe
 import dskd_pipe.losses
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMITTED = ROOT / "docs" / "api"
 
 
 def _build(out: Path) -> list[Path]:
@@ -20,7 +19,7 @@ def _build(out: Path) -> list[Path]:
     return module.build(out)
 
 
-def test_the_reference_documents_the_public_surface_and_equals_the_committed_one(tmp_path):
+def test_the_reference_documents_the_public_surface_and_nothing_else(tmp_path):
     files = _build(tmp_path)
     names = sorted(p.relative_to(tmp_path).as_posix() for p in files)
     assert names == ["dskd_pipe.html", "dskd_pipe/losses.html", "index.html"]
@@ -32,8 +31,6 @@ def test_the_reference_documents_the_public_surface_and_equals_the_committed_one
         assert f'id="{name}"' in losses, name
     assert "dskd_pipe.pipeline" not in re.findall(r'href="([^"]+)"', top)  # no page of an implementation module
     assert "Open a finished teacher-state store" in top and "KL(P || Q) summed over supervised positions" in losses
-    stale = [p.relative_to(tmp_path).as_posix() for p in files
-             if not (COMMITTED / p.relative_to(tmp_path)).is_file()
-             or (COMMITTED / p.relative_to(tmp_path)).read_bytes() != p.read_bytes()]
-    assert sorted(p.relative_to(COMMITTED).as_posix() for p in COMMITTED.rglob("*.html")) == names
-    assert not stale, f"docs/api is out of date ({', '.join(stale)}): run `python docs/build_api.py` and commit it."
+    assert "Where the store is: a folder or an fsspec URL." in top  # attribute docstrings too
+    for page in (top, losses):
+        assert "/work/" not in page and "/tmp/" not in page  # nothing of the machine that built it
