@@ -14,7 +14,7 @@ import pytest
 
 import dskd_pipe as dp
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DATA = str(FIXTURES / "data" / "dolly_train_40.jsonl")
 DEV = str(FIXTURES / "data" / "dolly_test_20.jsonl")
 
