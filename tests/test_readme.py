@@ -61,6 +61,7 @@ def test_readme_python_runs(tiny, monkeypatch):
     exec(store_code.replace("runs/qwen-dolly.zarr", tiny["store"]), namespace)  # noqa: S102
     assert namespace["log_p"].shape == (8, 50257) and namespace["values"].shape == (namespace["ex"].ids.shape[0], 5)
     assert namespace["first"] and namespace["first"] in namespace["ex"].response
+    assert sum(len(e) for e in namespace["entropy"]) == namespace["ex"].ids.shape[0]
     exec(train_code.replace('"gpt2"', repr(tiny["student"])), namespace)  # noqa: S102
     assert namespace["batch"]["chunks"].shape[0] == 6 and namespace["student"].transformer.h[0].attn.c_attn.weight.grad \
         is None  # a step was taken and the gradients cleared
