@@ -23,6 +23,7 @@ if [ -d .whl ] && command -v nvidia-smi >/dev/null; then  # the lent machine (he
 fi
 # The project's folders import as dskd_pipe.*: make that namespace without installing (no network there).
 mkdir -p .ns/dskd_pipe && for d in pipeline cache stages configs; do ln -sfn "$PWD/$d" ".ns/dskd_pipe/$d"; done
+for f in __init__.py losses.py; do ln -sfn "$PWD/dskd_pipe/$f" ".ns/dskd_pipe/$f"; done  # the public surface
 export PYTHONPATH=${PYTHONPATH:-}:$PWD/.ns PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || echo "no nvidia-smi"
 python3 -c "import torch, transformers, zarr; print('torch', torch.__version__, 'transformers', transformers.__version__, 'zarr', zarr.__version__)"

@@ -34,6 +34,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
+@click.version_option(package_name="dskd-pipe", prog_name="dskd-pipe", message="%(prog)s %(version)s")
 def main() -> None:
     """dskd-pipe: distil a teacher LLM into a student with any tokenizer, from a cached teacher-state store."""
 
@@ -123,8 +124,10 @@ def cache_verify(store) -> None:
 @click.option("--teacher", default=None, help="Teacher model run on the fly instead of --cache (online).")
 @click.option("--student", default=None, help="Student model: hub id or local folder.")
 @click.option("--method", default=None, help="sft, kd, dskd, dskd-cma, cma-ga, dskd-v2, dskd-v2-eta, dwa-kd, "
-              "mined, uld, alm, chunk-attention, chunk-projection: any entry of pipeline/methods.METHODS (README "
-              "\"Methods\").")
+              "mined, uld, alm, chunk-attention, chunk-projection, or one an installed package adds: `dskd-pipe "
+              "methods` lists them all (README \"Methods\").")
+@click.option("--method-option", "method_options", multiple=True, help="NAME=VALUE: an option of the method's own "
+              "(`dskd-pipe methods` lists them); repeat for several.")
 @click.option("--data", default=None, help="Training data: the file the store was built from.")
 @click.option("--out", default=None, help="Output folder: an HF model folder + projectors, metrics, checkpoints.")
 @click.option("--dev-data", default=None, help="Dev set: dev loss (and --dev-rouge) each epoch keeps out/best.")
@@ -242,6 +245,35 @@ def distill(config_path, **flags) -> None:
         click.echo(f"student: {out}")
 
 
+# --- methods (pipeline/methods.py) ---
+@main.command("methods")
+def methods_cmd() -> None:
+    """Every distill method: the built-in ones and those installed packages add (entry point group
+    dskd_pipe.methods), with where each comes from and its own options."""
+    from dskd_pipe.pipeline.methods import BUILT_IN, ENTRY_POINT_GROUP, METHODS
+
+    origins = {name: METHODS.origin(name) for name in METHODS}
+    added = sum(origin != BUILT_IN for origin in origins.values())
+    click.echo(f"{len(origins) - added} built-in method(s), {added} from installed packages (entry point group "
+               f"{ENTRY_POINT_GROUP}):")
+    width = max(map(len, origins)) + 2
+    for name, method in METHODS.items():
+        needs = ("no teacher" if not method.uses_teacher else "same tokenizer" if method.same_vocabulary
+                 else "any tokenizers")
+        click.echo(f"  {name:<{width}}{needs:<16}{method.summary}")
+        indent = " " * (width + 2)
+        if origins[name] != BUILT_IN:
+            click.echo(f"{indent}from {origins[name]}")
+        for option, spec in method.options.items():
+            allowed = f", one of {', '.join(map(str, spec.choices))}" if spec.choices else ""
+            click.echo(f"{indent}--method-option {option}={spec.default} ({type(spec.default).__name__}{allowed}): "
+                       f"{spec.help}")
+    if METHODS.problems:
+        click.echo("left out:")
+        for problem in METHODS.problems:
+            click.echo(f"  {problem}")
+
+
 # --- plot (pipeline/curves.py) ---
 @main.command("plot")
 @click.argument("runs", nargs=-1, required=True)
@@ -337,11 +369,13 @@ def generate_cmd(config_path, model, data, seed, **flags) -> None:
 @click.option("--config", "config_path", default=None, help="A recipe TOML like configs/quality.toml (default: it).")
 @click.option("--fresh", is_flag=True, help="Remove this demo's outputs in --out first.")
 @click.option("--progress/--no-progress", default=True, help="The stages' progress bars on stderr.")
-def demo(out, size, config_path, fresh, progress) -> None:
+@click.option("--quiet", is_flag=True, help="Every stage runs with --quiet, and the step lines are left out: only "
+              "warnings, each stage's final line and the final table.")
+def demo(out, size, config_path, fresh, progress, quiet) -> None:
     """The quality benchmark at demo size: train a teacher, distil students across tokenizers, score, compare."""
     from dskd_pipe.stages.demo import run
 
-    _show(run(out, size=size, config=config_path, fresh=fresh, progress=progress))
+    _show(run(out, size=size, config=config_path, fresh=fresh, progress=progress, quiet=quiet))
 
 
 def _show(result: dict) -> None:
@@ -361,12 +395,14 @@ def _show(result: dict) -> None:
               "files shipped in configs/data).")
 @click.option("--fresh", is_flag=True, help="Remove this recipe's outputs in --out first.")
 @click.option("--progress/--no-progress", default=True, help="The stages' progress bars on stderr.")
-def recipe(config, size, out, data_root, fresh, progress) -> None:
+@click.option("--quiet", is_flag=True, help="Every stage runs with --quiet, and the step lines are left out: only "
+              "warnings, each stage's final line and the final table.")
+def recipe(config, size, out, data_root, fresh, progress, quiet) -> None:
     """A whole experiment from one config: data, tokenizers, models -> teacher SFT -> cache -> methods x seeds ->
     score, summary."""
     from dskd_pipe.stages.recipe import run
 
-    _show(run(config, size=size, out=out, data_root=data_root, fresh=fresh, progress=progress))
+    _show(run(config, size=size, out=out, data_root=data_root, fresh=fresh, progress=progress, quiet=quiet))
 
 
 # --- probe (stages/probe.py) ---

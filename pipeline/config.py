@@ -88,6 +88,7 @@ class DistillConfig:
     sample_caches: tuple[str, ...] = ()
     student: str = ""
     method: str = "dskd-cma"  # one of pipeline/methods.METHODS (README "Methods")
+    method_options: tuple[str, ...] = ()  # "NAME=VALUE": the method's own options (methods.Method.options)
     data: str = ""
     out: str = ""
     # Dev evaluation at every epoch end: "" = none; else the dev loss, and with dev_rouge the published model

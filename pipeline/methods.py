@@ -13,9 +13,13 @@ a method:
 - `loss`: a thin call of its loss function in pipeline/objectives/ (a function of tensors), returning the
   micro-batch's student-side loss SUM, the adversary's share of its loss and the log terms (`LossTerms`);
 - `metrics`: how the summed log terms of one optimizer step become the logged numbers;
-- `defaults`: published values of options the user left unset (`None` in DistillConfig), see `resolve`.
+- `defaults`: published values of options the user left unset (`None` in DistillConfig), see `resolve`;
+- `options`: the method's own options (`MethodOption`), set with `--method-option NAME=VALUE` and read by its loss
+  as `LossInputs.options[NAME]`.
 
-Adding a method = one entry here + its loss function in pipeline/objectives/ + its test.
+Adding a method = one entry here + its loss function in pipeline/objectives/ + its test. A method of another
+package is the same record, declared under the entry point group `dskd_pipe.methods` of that package (see
+`MethodTable`): `METHODS` holds the built-in entries, then the installed packages' ones.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from torch import Tensor, nn
 
 from dskd_pipe.pipeline.alignment import (EtaPairs, TokenStrings, blank_mask, eta_pairs_for_batch, next_text_events,
                                           teacher_to_student_token_map, vocab_overlap, word_start_mask)
-from dskd_pipe.pipeline.config import DistillConfig
+from dskd_pipe.pipeline.config import ConfigError, DistillConfig
 from dskd_pipe.pipeline.objectives.alm import alm_loss
 from dskd_pipe.pipeline.objectives.balance import balanced_sum, gradmag_weights, last_block_parameters
 from dskd_pipe.pipeline.objectives.baselines import mined_loss, mined_pairs_for_batch, mined_token_map, uld_loss
@@ -129,6 +133,11 @@ class LossInputs:
     def n_student(self) -> Tensor:
         return (self.labels != -100).sum()
 
+    @property
+    def options(self) -> dict:
+        """The method's own options (Method.options): their defaults, with the run's --method-option values."""
+        return method_options(self.cfg)
+
 
 LossFn = Callable[[LossInputs], LossTerms]
 PartsFn = Callable[[DistillConfig, object, object, nn.Module, str], MethodParts]
@@ -150,6 +159,20 @@ class Adversary:
 
 
 @dataclass(frozen=True)
+class MethodOption:
+    """One option of a method's own (`Method.options`), for what DistillConfig has no field for.
+
+    Set per run with `--method-option NAME=VALUE` (repeatable) or `method_options = ["NAME=VALUE"]` in a config;
+    the loss reads `LossInputs.options[NAME]`. default: the value when not given; its type (bool, int, float or str)
+    is the option's type. help: one line, shown by `dskd-pipe methods`. choices: the allowed values (empty: any).
+    """
+
+    default: bool | int | float | str
+    help: str = ""
+    choices: tuple = ()
+
+
+@dataclass(frozen=True)
 class Method:
     """One distill method: see the module docstring."""
 
@@ -163,6 +186,7 @@ class Method:
     adversary: Adversary | None = None
     collate_extras: ExtrasFn | None = None  # (teacher tokenizer, student tokenizer) -> Collate's extras
     defaults: Mapping[str, object] = field(default_factory=dict)
+    options: Mapping[str, MethodOption] = field(default_factory=dict)  # the method's own options
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -623,7 +647,7 @@ def compose(name: str, summary: str, base: Method | None, *terms: Term) -> Metho
               if m is not None]
     return Method(name, summary, loss, metrics, build_parts=build,
                   adversary=None if base is None else base.adversary, collate_extras=_merged_extras(extras),
-                  defaults={} if base is None else base.defaults)
+                  defaults={} if base is None else base.defaults, options={} if base is None else base.options)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -720,12 +744,186 @@ METHODS.update({m.name: m for m in (
 )})
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Methods from other packages, and the methods' own options
+# ---------------------------------------------------------------------------------------------------------------
+
+ENTRY_POINT_GROUP = "dskd_pipe.methods"
+BUILT_IN = "built-in"
+
+
+def _entry_points() -> list:
+    """The installed entry points of the group, in a stable order: by distribution, then by name."""
+    from importlib.metadata import entry_points
+
+    return sorted(entry_points(group=ENTRY_POINT_GROUP),
+                  key=lambda ep: (ep.dist.name if getattr(ep, "dist", None) else "", ep.name))
+
+
+def _where(ep) -> str:
+    """"my-plugin 0.1 (entry point my-kd = my_plugin.methods:METHOD)": a method's origin, for people."""
+    dist = getattr(ep, "dist", None)
+    package = f"{dist.name} {dist.version}" if dist is not None else "an unnamed package"
+    return f"{package} (entry point {ep.name} = {ep.value})"
+
+
+def _plugin_records(ep) -> list[Method]:
+    """The Method records an entry point names: one Method named like the entry point, or a list of Methods.
+    Raises TypeError / ValueError saying what was found instead."""
+    obj = ep.load()
+    records = list(obj) if isinstance(obj, (list, tuple)) else [obj]
+    for m in records:
+        if not isinstance(m, Method):
+            raise TypeError(f"expected a dskd_pipe Method (or a list of them), found {type(m).__name__}")
+        if not callable(m.loss) or not callable(m.metrics):
+            raise TypeError(f"method {m.name!r}: its loss and metrics must be functions")
+    if not isinstance(obj, (list, tuple)) and records[0].name != ep.name:
+        raise ValueError(f"the entry point is named {ep.name!r}, its Method {records[0].name!r}: name them the same")
+    return records
+
+
+class MethodTable(dict):
+    """METHODS: name -> Method. The built-in entries, then the methods that installed packages declare under the
+    entry point group `dskd_pipe.methods`; in the package's pyproject.toml:
+
+        [project.entry-points."dskd_pipe.methods"]
+        my-kd = "my_package.methods:MY_KD"      # a Method named "my-kd" (or a list of Methods)
+
+    The packages load on the first read of the table, not when this module is imported (a plugin imports this
+    module to build its record), in every process that reads it (DataLoader workers and the recipe's spawned jobs
+    too). A package that fails to load, or names a method that is taken already (built-in names win), is left out
+    with its problem kept in `problems`, shown by `dskd-pipe methods` and by the unknown-method error; the other
+    methods are unaffected. `origin(name)` says where a method comes from.
+    """
+
+    def __init__(self, builtin: Mapping[str, Method]):
+        super().__init__(builtin)
+        self._origins = {name: BUILT_IN for name in builtin}
+        self.problems: list[str] = []
+        self._loaded = False
+
+    def load(self) -> None:
+        """Add the installed packages' methods (once; later calls do nothing)."""
+        if self._loaded:
+            return
+        self._loaded = True  # first: reading the table below must not load again
+        for ep in _entry_points():
+            where = _where(ep)
+            try:
+                records = _plugin_records(ep)
+            except Exception as e:  # a broken plugin must not take the other methods down with it
+                self.problems.append(f"{where} did not load ({type(e).__name__}: {e}). Fix or uninstall it.")
+                continue
+            for m in records:
+                if dict.__contains__(self, m.name):
+                    self.problems.append(f"{where}: method {m.name!r} is taken by {self.origin(m.name)}; left out. "
+                                         "Rename it.")
+                    continue
+                dict.__setitem__(self, m.name, m)
+                self._origins[m.name] = where
+
+    def origin(self, name: str) -> str:
+        """"built-in", or the package and entry point a method came from."""
+        self.load()
+        return self._origins.get(name, "added at run time")
+
+    def __getitem__(self, name):
+        self.load()
+        return dict.__getitem__(self, name)
+
+    def __contains__(self, name) -> bool:
+        self.load()
+        return dict.__contains__(self, name)
+
+    def __iter__(self):
+        self.load()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self.load()
+        return dict.__len__(self)
+
+    def get(self, name, default=None):
+        self.load()
+        return dict.get(self, name, default)
+
+    def keys(self):
+        self.load()
+        return dict.keys(self)
+
+    def values(self):
+        self.load()
+        return dict.values(self)
+
+    def items(self):
+        self.load()
+        return dict.items(self)
+
+    def __repr__(self) -> str:
+        self.load()
+        return f"MethodTable({dict.__repr__(self)})"
+
+
+METHODS = MethodTable(METHODS)
+
+
+def unknown_method(name: str) -> str:
+    """The error line for a method name that METHODS does not hold: the known names, and the packages left out."""
+    return f"--method '{name}': choose one of {', '.join(METHODS)}.{_left_out()}"
+
+
+def _left_out() -> str:
+    METHODS.load()  # its problems are known once the packages were tried
+    return f" Left out: {' '.join(METHODS.problems)}" if METHODS.problems else ""
+
+
+def _option_value(name: str, option: MethodOption, text: str):
+    """`text` as the option's type (its default's), checked against its choices; ValueError says why not."""
+    kind = type(option.default)
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{name}: expected true or false, found {text!r}")
+        value = text.lower() in ("true", "1", "yes")
+    else:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+            raise ValueError(f"{name}: expected {what}, found {text!r}") from None
+    if option.choices and value not in option.choices:
+        raise ValueError(f"{name}: {text!r} is not one of {', '.join(map(str, option.choices))}")
+    return value
+
+
+def method_options(cfg: DistillConfig) -> dict:
+    """The method's own options (Method.options) for this run: their defaults, overridden by cfg.method_options
+    ("NAME=VALUE" each). Raises ConfigError listing every unknown name and bad value at once."""
+    method = METHODS.get(cfg.method)
+    declared = dict(method.options) if method is not None else {}
+    values = {name: option.default for name, option in declared.items()}
+    problems = []
+    for item in cfg.method_options:
+        name, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or name not in declared:
+            known = ", ".join(declared) or "none"
+            problems.append(f"--method-option '{item}': {cfg.method} has no option {name!r} (its options: {known}); "
+                            "write NAME=VALUE (dskd-pipe methods lists each method's options).")
+            continue
+        try:
+            values[name] = _option_value(name, declared[name], text)
+        except ValueError as e:
+            problems.append(f"--method-option {e}.")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return values
+
+
 def get_method(name: str) -> Method:
     """The entry for `name`; a KeyError names the known methods."""
     try:
         return METHODS[name]
     except KeyError:
-        raise KeyError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
+        raise KeyError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}.{_left_out()}") from None
 
 
 def resolve(cfg: DistillConfig) -> DistillConfig:
@@ -754,4 +952,5 @@ def collate_extras(cfg: DistillConfig, teacher, student_tok):
 
 
 __all__ = ["METHODS", "Method", "MethodParts", "LossInputs", "LossTerms", "Adversary", "AlignmentExtras", "Term",
-           "compose", "chunk_extras", "chunk_id_extras", "get_method", "resolve", "build_parts", "collate_extras"]
+           "compose", "chunk_extras", "chunk_id_extras", "get_method", "resolve", "build_parts", "collate_extras",
+           "MethodOption", "MethodTable", "ENTRY_POINT_GROUP", "BUILT_IN", "unknown_method", "method_options"]

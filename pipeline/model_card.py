@@ -120,7 +120,7 @@ def model_card(cfg: DistillConfig, *, folder: str, steps: int, epochs: int, worl
     metrics = metrics or {"train": {}, "dev": [], "last_steps": 0, "supervised_tokens": 0}
     fps = (store or {}).get("fingerprints") or {}
     teacher = fps.get("teacher", {}).get("name") or cfg.teacher or None
-    from dskd_pipe.pipeline.methods import METHODS, resolve
+    from dskd_pipe.pipeline.methods import BUILT_IN, METHODS, method_options, resolve
 
     entry = METHODS.get(cfg.method)
     uses_teacher = entry is None or entry.uses_teacher
@@ -145,8 +145,10 @@ def model_card(cfg: DistillConfig, *, folder: str, steps: int, epochs: int, worl
     if selected:
         lines += ["", selected]
     lora = f" (LoRA rank {cfg.lora_rank}, merged into the weights)" if cfg.lora_rank else ""
+    origin = METHODS.origin(cfg.method) if entry is not None else BUILT_IN
+    from_package = "" if origin == BUILT_IN else f" (from {origin})"  # the package a reader must install
     lines += ["", "## Training", "", "| | |", "|---|---|",
-              f"| method | `{cfg.method}`: {method} |",
+              f"| method | `{cfg.method}`: {method}{from_package} |",
               f"| base student | `{cfg.student}`{lora} |"]
     if teacher and uses_teacher:
         t = fps.get("teacher", {})
@@ -187,6 +189,9 @@ def model_card(cfg: DistillConfig, *, folder: str, steps: int, epochs: int, worl
              and (k in KD_SETTINGS or k in own or getattr(cfg, k) != getattr(usual, k))]
     if shown:
         lines.append("| method settings | " + ", ".join(f"{k} {_fmt(getattr(cfg, k))}" for k in shown) + " |")
+    if entry is not None and entry.options:
+        lines.append("| method options | " + ", ".join(f"{k} {_fmt(v)}" for k, v in method_options(cfg).items())
+                     + " |")
 
     lines += ["", "## Results", ""]
     if metrics["train"]:

@@ -25,9 +25,9 @@ def load_demo_config(size: str, path: str | Path | None = None) -> dict:
 
 
 def run(out: str | Path, size: str = "demo", config: str | Path | None = None, fresh: bool = False,
-        progress: bool = True) -> dict:
+        progress: bool = True, quiet: bool = False) -> dict:
     """configs/quality.toml (or `config`) at `size` through the recipe runner; see recipe.run."""
-    return recipe.run(config or shipped(CONFIG), size=size, out=out, fresh=fresh, progress=progress)
+    return recipe.run(config or shipped(CONFIG), size=size, out=out, fresh=fresh, progress=progress, quiet=quiet)
 
 
 __all__ = ["run", "load_demo_config", "SIZES", "shipped"]

@@ -37,12 +37,13 @@ from dskd_pipe.pipeline.data import TEMPLATE_ID, cut_report, file_fingerprint, l
 from dskd_pipe.pipeline.distributed import (Processes, all_reduce_sum, barrier, gradient_sync, local_tensor, setup,
                                             transformer_blocks, wrap)
 from dskd_pipe.pipeline.methods import (METHODS, LossInputs, LossTerms, MethodParts, build_parts, collate_extras,
-                                        resolve)
+                                        method_options, resolve, unknown_method)
 from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
                                        load_causal_lm, load_tokenizer, logit_transform, pad_token_id)
 from dskd_pipe.pipeline.objectives.divergences import DIVERGENCES, cross_entropy_sum
 from dskd_pipe.pipeline.objectives.dskd import TeacherHead
 from dskd_pipe.pipeline.progress import Console, quiet_libraries, step_values
+from dskd_pipe.pipeline.teacher_store import teacher_head
 from dskd_pipe.pipeline.trackers import open_trackers, resolve_report_to
 from dskd_pipe.pipeline.training import (MetricsLogger, cosine_schedule, list_checkpoints, load_checkpoint,
                                          param_groups, peek_trainer_state, rng_state, save_checkpoint,
@@ -74,7 +75,12 @@ def check_config(cfg: DistillConfig) -> None:
     require(cfg, "student", "data", "out")
     problems = []
     if cfg.method not in METHODS:
-        problems.append(f"--method '{cfg.method}': choose one of {', '.join(METHODS)}.")
+        problems.append(unknown_method(cfg.method))
+    else:
+        try:
+            method_options(cfg)
+        except ConfigError as e:
+            problems.append(str(e))
     if cfg.divergence is not None and cfg.divergence not in DIVERGENCES:
         problems.append(f"--divergence '{cfg.divergence}': choose one of {', '.join(DIVERGENCES)}.")
     for name, choices in CHOICES.items():
@@ -165,7 +171,7 @@ def open_teacher(cfg: DistillConfig, device: str):
 
         reader = open_store(cfg.cache, expected=expected_fingerprints(cfg))
         h, e = reader.head(), reader.embeddings()
-        teacher = Teacher(_teacher_head(h, device), e["weight"].to(device), float(e["embed_scale"]),
+        teacher = Teacher(teacher_head(h, device), e["weight"].to(device), float(e["embed_scale"]),
                           int(reader.manifest.pad_id), tokenizer=reader.tokenizer())
         source = StoreSource(reader, limit=cfg.limit)
         if cfg.sample_caches:
@@ -186,18 +192,9 @@ def open_teacher(cfg: DistillConfig, device: str):
     tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
     e = embedding_parts(model)
-    teacher = Teacher(_teacher_head(head_parts(model), device), e["weight"], float(e["embed_scale"]), side.pad_id,
+    teacher = Teacher(teacher_head(head_parts(model), device), e["weight"], float(e["embed_scale"]), side.pad_id,
                       model, tok)
     return teacher, TextSource(student_examples, side)
-
-
-def _teacher_head(parts: dict, device: str) -> TeacherHead:
-    # fp32 once here: teacher_logits calls .float() per micro-batch, a no-op on an fp32 weight.
-    bias = parts["bias"]
-    return TeacherHead(parts["weight"].to(device=device, dtype=torch.float32),
-                       None if bias is None else bias.to(device=device, dtype=torch.float32),
-                       float(parts["logit_scale"]),
-                       None if parts["final_logit_softcap"] is None else float(parts["final_logit_softcap"]))
 
 
 def build_student(cfg: DistillConfig, device: str):

@@ -11,7 +11,7 @@ Steps (`dskd-pipe demo` is configs/quality.toml at its `demo` size through this 
        has a [SIZE.teacher_sft] table; without one the teacher is used as given
     5. student pretraining on the pretraining data (`distill --method sft`), when the size has a
        [SIZE.student_pretrain] table: one base per student tokenizer, the start of every method
-    6. cache-teacher over the students' train data -> teacher.zarr (skipped when every method is `sft`)
+    6. cache-teacher over the students' train data -> teacher.zarr (skipped when no method reads the teacher)
     7. distil the student with every method x every training seed; `same_tokenizer_methods` also on a student
        that uses the teacher's tokenizer (labels `METHOD@teacher-tok`: `kd`, the same-tokenizer positive control,
        and its own sft baseline); `jobs` students at once (on a CPU each gets cores / jobs threads)
@@ -80,7 +80,7 @@ from pathlib import Path
 from dskd_pipe.cache.format import MANIFEST
 from dskd_pipe.pipeline.config import (OUTPUT_ONLY, CacheConfig, ConfigError, DistillConfig, ScoreConfig,
                                        config_to_dict, load_config)
-from dskd_pipe.pipeline.progress import quiet_libraries
+from dskd_pipe.pipeline.progress import Console, quiet_libraries
 
 STAGES = {"teacher_sft": DistillConfig, "student_pretrain": DistillConfig, "cache": CacheConfig,
           "distill": DistillConfig, "score": ScoreConfig}
@@ -348,14 +348,15 @@ def _data_paths(settings: dict, data_root, out: Path) -> dict:
 # Steps
 # ---------------------------------------------------------------------------------------------------------------
 
-def _step(i: int, text: str) -> float:
-    print(f"[recipe {i}/{STEPS}] {text}", flush=True)
+def _step(console: Console, i: int, text: str) -> float:
+    console.note(f"[recipe {i}/{STEPS}] {text}")
     return time.perf_counter()
 
 
-def _done(out: Path, step: str, t0: float, what: str, reused: bool = False, seconds: float | None = None) -> None:
+def _done(console: Console, out: Path, step: str, t0: float, what: str, reused: bool = False,
+          seconds: float | None = None) -> None:
     seconds = time.perf_counter() - t0 if seconds is None else seconds
-    print(f"[recipe] {what} ({seconds:.1f} s)", flush=True)
+    console.note(f"[recipe] {what} ({seconds:.1f} s)")
     with open(out / "timings.jsonl", "a") as f:
         f.write(json.dumps({"step": step, "seconds": round(seconds, 1), "reused": reused,
                             "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
@@ -414,7 +415,7 @@ def _tokenizers(out: Path, table: dict, data: dict) -> tuple[dict, bool]:
     return {r: str(f) for r, f in folders.items()}, reused
 
 
-def _model(out: Path, role: str, models: dict, tokenizer: str | None = None,
+def _model(console: Console, out: Path, role: str, models: dict, tokenizer: str | None = None,
            folder_name: str | None = None) -> tuple[Path | str, bool]:
     """(the model to use, reused?) for one role: build a tiny model, convert a GGUF once, or take it as given.
     `tokenizer` (a folder) replaces the role's configured tokenizer of a tiny model."""
@@ -424,14 +425,14 @@ def _model(out: Path, role: str, models: dict, tokenizer: str | None = None,
     source = models[role]
     if is_gguf_source(source):
         folder = converted_folder(source)
-        print(f"[recipe]   {role}: {source} -> {folder}")
+        console.note(f"[recipe]   {role}: {source} -> {folder}")
         return folder, True
     if source != "tiny":
-        print(f"[recipe]   {role}: {source}")
+        console.note(f"[recipe]   {role}: {source}")
         return source, True
     folder = out / "models" / (folder_name or f"{role}-init")
     if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
-        print(f"[recipe]   {folder}: present, kept")
+        console.note(f"[recipe]   {folder}: present, kept")
         return folder, True
     tok_name = tokenizer or models[f"{role}_tokenizer"]
     tok = load_tokenizer(str(shipped("tokenizers", tok_name)) if shipped("tokenizers", tok_name).is_dir()
@@ -443,7 +444,7 @@ def _model(out: Path, role: str, models: dict, tokenizer: str | None = None,
                     layers=models[f"{role}_layers"], heads=models[f"{role}_heads"], seed=0)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
-    print(f"[recipe]   {folder}: tiny {models[f'{role}_arch']}, d={models[f'{role}_d_model']}, "
+    console.note(f"[recipe]   {folder}: tiny {models[f'{role}_arch']}, d={models[f'{role}_d_model']}, "
           f"{models[f'{role}_layers']} layer(s), {len(tok):,}-token {Path(tok_name).name} tokenizer")
     return folder, False
 
@@ -457,14 +458,16 @@ def _distill(cfg: DistillConfig) -> tuple[Path, bool]:
     out = Path(cfg.out)
     saved = out / distill.RESOLVED_CONFIG
     if saved.is_file():
-        before = {k: v for k, v in json.loads(saved.read_text()).get("config", {}).items() if k not in OUTPUT_ONLY}
+        # A field added since that folder was written counts as its default there.
+        saved_config = {**config_to_dict(DistillConfig()), **json.loads(saved.read_text()).get("config", {})}
+        before = {k: v for k, v in saved_config.items() if k not in OUTPUT_ONLY}
         now = {k: v for k, v in config_to_dict(resolve(cfg)).items() if k not in OUTPUT_ONLY}
         if before != now:
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise ConfigError(f"{out} was trained with other settings ({', '.join(changed)}). Pass --fresh to start "
                               "again, or another --out.")
         if (out / distill.DONE).is_file():
-            print(f"[recipe]   {out}: finished before, kept")
+            Console.for_stage(False, cfg.quiet).note(f"[recipe]   {out}: finished before, kept")
             _drop_resume_state(out)
             return out, True
     folder = distill.run(cfg)
@@ -490,23 +493,24 @@ def _distill_job(cfg: DistillConfig, threads: int) -> tuple[str, bool, float]:
     return str(folder), reused, time.perf_counter() - t0
 
 
-def _train_all(out: Path, jobs: list[tuple[str, DistillConfig]], n_jobs: int, step: int) -> dict[str, Path]:
+def _train_all(console: Console, out: Path, jobs: list[tuple[str, DistillConfig]], n_jobs: int,
+               step: int) -> dict[str, Path]:
     """Train every (label, config), `n_jobs` at once in spawned worker processes (each with cores / n_jobs torch
     threads on a CPU); one job runs in this process. Returns {label: folder}."""
     done: dict[str, Path] = {}
     if n_jobs <= 1 or len(jobs) <= 1:
         for label, cfg in jobs:
-            t0 = _step(step, f"distill {label}" + (" from the store" if cfg.cache else ""))
+            t0 = _step(console, step, f"distill {label}" + (" from the store" if cfg.cache else ""))
             folder, reused = _distill(cfg)
             done[label] = folder
-            _done(out, f"distill {label}", t0, f"student ({label}): {folder}", reused)
+            _done(console, out, f"distill {label}", t0, f"student ({label}): {folder}", reused)
         return done
     import multiprocessing
 
     import torch
 
     threads = 0 if torch.cuda.is_available() else max(1, (os.cpu_count() or 1) // n_jobs)
-    _step(step, f"distill {len(jobs)} students, {n_jobs} at once"
+    _step(console, step, f"distill {len(jobs)} students, {n_jobs} at once"
           + (f" ({threads} thread(s) each)" if threads else ""))
     kwargs = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
     with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"), **kwargs) as pool:
@@ -522,7 +526,8 @@ def _train_all(out: Path, jobs: list[tuple[str, DistillConfig]], n_jobs: int, st
                     raise f.exception()
                 folder, reused, seconds = f.result()
                 done[label] = Path(folder)
-                _done(out, f"distill {label}", 0.0, f"student ({label}): {folder}", reused, seconds=seconds)
+                _done(console, out, f"distill {label}", 0.0, f"student ({label}): {folder}", reused,
+                      seconds=seconds)
     return {label: done[label] for label, _ in jobs}
 
 
@@ -616,10 +621,14 @@ def _dev_curves(out: Path, groups: dict, folders: dict, inits: dict, dev: str, l
 
 @quiet_libraries
 def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-run", data_root: str | Path | None = None,
-        fresh: bool = False, progress: bool = True) -> dict:
-    """Run the nine steps into `out`; return {"summary", "table", "report", "paths"}."""
+        fresh: bool = False, progress: bool = True, quiet: bool = False) -> dict:
+    """Run the nine steps into `out`; return {"summary", "table", "report", "paths"}. `progress` and `quiet` go to
+    every stage (quiet: only warnings and the stages' final lines; the recipe's own step lines are left out too)."""
     from dskd_pipe.pipeline import comparison
     from dskd_pipe.stages import cache_teacher, score
+
+    console = Console.for_stage(progress, quiet)
+    shown = {"progress": progress, "quiet": quiet}  # output only (config.OUTPUT_ONLY): a rerun still reuses
 
     path = config_path(config)
     size, settings = load_recipe_config(path, size)
@@ -642,67 +651,72 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
     paths: dict[str, Path | str] = {}
 
     if settings["world"] is not None:
-        t0 = _step(1, f"data: a world of {settings['world']['n_towns']} towns (pipeline/world.py)")
+        t0 = _step(console, 1, f"data: a world of {settings['world']['n_towns']} towns (pipeline/world.py)")
         reused = _world_data(out, settings["world"])
-        _done(out, "data", t0, f"data: {out / 'data'}", reused)
+        _done(console, out, "data", t0, f"data: {out / 'data'}", reused)
         paths["data"] = out / "data"
     else:
-        _step(1, f"data: {data['train']}")
+        _step(console, 1, f"data: {data['train']}")
 
     models = dict(settings["models"])
     tok_folders = {}
     if settings["tokenizers"] is not None:
         tk = settings["tokenizers"]
-        t0 = _step(2, f"tokenizers: teacher {tk['teacher']} ({tk['teacher_vocab']}), student {tk['student']} "
-                      f"({tk['student_vocab']}), trained on the teacher's train text")
+        t0 = _step(console, 2, f"tokenizers: teacher {tk['teacher']} ({tk['teacher_vocab']}), student "
+                               f"{tk['student']} ({tk['student_vocab']}), trained on the teacher's train text")
         tok_folders, reused = _tokenizers(out, tk, data)
         agreement = json.loads((out / "tokenizers" / "agreement.json").read_text())
-        _done(out, "tokenizers", t0, "tokenizers: {} student tokens of {} end where a teacher token ends".format(
-            f"{agreement['student_tokens_ending_on_a_teacher_end']:.1%}", agreement["of"]), reused)
+        _done(console, out, "tokenizers", t0, "tokenizers: {} student tokens of {} end where a teacher token "
+              "ends".format(f"{agreement['student_tokens_ending_on_a_teacher_end']:.1%}", agreement["of"]), reused)
         paths["tokenizers"] = out / "tokenizers"
     else:
-        _step(2, f"no [{size}.tokenizers] table: the models' own tokenizers")
+        _step(console, 2, f"no [{size}.tokenizers] table: the models' own tokenizers")
 
-    t0 = _step(3, f"models ({models['teacher']} -> {models['student']})")
-    teacher_init, kept_t = _model(out, "teacher", models, tok_folders.get("teacher"))
-    inits = {"student": _model(out, "student", models, tok_folders.get("student"))[0]}
+    t0 = _step(console, 3, f"models ({models['teacher']} -> {models['student']})")
+    teacher_init, kept_t = _model(console, out, "teacher", models, tok_folders.get("teacher"))
+    inits = {"student": _model(console, out, "student", models, tok_folders.get("student"))[0]}
     kept_s = True
     if same:
         teacher_tok = tok_folders.get("teacher") or models.get("teacher_tokenizer")
-        inits["teacher-tok"], kept_s = _model(out, "student", models, teacher_tok, f"student-init{SAME}")
-    _done(out, "models", t0, "models ready", kept_t and kept_s)
+        inits["teacher-tok"], kept_s = _model(console, out, "student", models, teacher_tok, f"student-init{SAME}")
+    _done(console, out, "models", t0, "models ready", kept_t and kept_s)
 
     teacher = teacher_init
     if settings["teacher_sft"] is not None:
-        t0 = _step(4, "SFT of the teacher on its train data (distill --method sft)")
+        t0 = _step(console, 4, "SFT of the teacher on its train data (distill --method sft)")
         teacher, reused = _distill(load_config(DistillConfig, None, {
             **settings["teacher_sft"], "method": "sft", "student": str(teacher_init), "data": data["teacher_train"],
-            "dev_data": data["dev"], "out": str(out / "teacher"), "resume": True, "progress": progress}))
+            "dev_data": data["dev"], "out": str(out / "teacher"), "resume": True, **shown}))
         teacher = _best(teacher)
-        _done(out, "teacher_sft", t0, f"teacher: {teacher}", reused)
+        _done(console, out, "teacher_sft", t0, f"teacher: {teacher}", reused)
     else:
-        _step(4, f"no [{size}.teacher_sft] table: the teacher is used as given")
+        _step(console, 4, f"no [{size}.teacher_sft] table: the teacher is used as given")
 
     if settings["student_pretrain"] is not None:
         jobs = [(f"student-base/{name}", load_config(DistillConfig, None, {
             **settings["student_pretrain"], "method": "sft", "student": str(init), "data": data["pretrain"],
             "out": str(out / "student-base" / name), "resume": True,
-            "progress": progress and settings["jobs"] == 1})) for name, init in inits.items()]
-        _step(5, f"pretrain the student base(s) on {data['pretrain']}")
-        inits = {name: folder for name, folder in zip(inits, _train_all(out, jobs, settings["jobs"], 5).values())}
+            **shown, "progress": progress and settings["jobs"] == 1})) for name, init in inits.items()]
+        _step(console, 5, f"pretrain the student base(s) on {data['pretrain']}")
+        trained = _train_all(console, out, jobs, settings["jobs"], 5)
+        inits = {name: folder for name, folder in zip(inits, trained.values())}
     else:
-        _step(5, f"no [{size}.student_pretrain] table: the students start as built")
+        _step(console, 5, f"no [{size}.student_pretrain] table: the students start as built")
 
+    from dskd_pipe.pipeline.methods import METHODS
+
+    # The entries say which methods read the teacher (an installed package's methods as well as the built-in ones).
+    with_teacher = {m for m in [*methods, *same] if METHODS[m].uses_teacher}
     store = None
-    if any(m != "sft" for m in [*methods, *same]):
-        t0 = _step(6, "cache-teacher: the teacher's hidden states over the students' train data")
+    if with_teacher:
+        t0 = _step(console, 6, "cache-teacher: the teacher's hidden states over the students' train data")
         store_dir = out / "teacher.zarr"
         finished = (store_dir / MANIFEST).is_file()  # written last; cache_teacher checks it against these inputs
         store = cache_teacher.run(load_config(CacheConfig, None, {
-            **settings["cache"], "teacher": str(teacher), "data": data["train"], "out": str(store_dir)}))
-        _done(out, "cache", t0, f"store: {store}", finished)
+            **settings["cache"], "teacher": str(teacher), "data": data["train"], "out": str(store_dir), **shown}))
+        _done(console, out, "cache", t0, f"store: {store}", finished)
     else:
-        _step(6, "every method is sft: no teacher store")
+        _step(console, 6, "no method reads the teacher: no teacher store")
 
     groups: dict[str, dict] = {}
     jobs = []
@@ -716,28 +730,29 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
                 groups[name]["labels"][seed] = label
                 jobs.append((label, load_config(DistillConfig, None, {
                     **settings["distill"], **settings["method_distill"].get(method, {}), "method": method,
-                    "seed": seed, "student": str(inits[init_name]),
-                    "data": data["train"], "cache": str(store) if method != "sft" else "", "dev_data": data["dev"],
+                    "seed": seed, "student": str(inits[init_name]), "data": data["train"],
+                    "cache": str(store) if method in with_teacher else "", "dev_data": data["dev"],
                     "out": str(out / "students" / label), "resume": True,
-                    "progress": progress and settings["jobs"] == 1})))
-    folders = {label: _best(folder) for label, folder in _train_all(out, jobs, settings["jobs"], 7).items()}
+                    **shown, "progress": progress and settings["jobs"] == 1})))
+    folders = {label: _best(folder)
+               for label, folder in _train_all(console, out, jobs, settings["jobs"], 7).items()}
 
     sets = ", ".join(s.split("=")[0] for s in data["eval"])
     references = {"teacher": teacher, INIT: inits["student"]}
     if same:
         references[f"{INIT}{SAME}"] = inits["teacher-tok"]
     all_models = {**references, **folders}
-    t0 = _step(8, f"score the teacher, the initial student(s) and {len(folders)} trained student(s) on {sets}: "
-                  "NLL of the gold responses, ROUGE-L of sampled answers")
+    t0 = _step(console, 8, f"score the teacher, the initial student(s) and {len(folders)} trained student(s) on "
+                           f"{sets}: NLL of the gold responses, ROUGE-L of sampled answers")
     nll = _nll_scores(out, all_models, data["eval"], settings)
     # The published protocol (configs/score_default.toml) with this size's changes.
     score_dir = score.run(load_config(ScoreConfig, "score_default", {
-        **settings["score"], "progress": progress, "out": str(out / "score"), "data": tuple(data["eval"]),
+        **settings["score"], **shown, "out": str(out / "score"), "data": tuple(data["eval"]),
         "models": tuple(f"{n}={p}" for n, p in all_models.items())}))
     report = json.loads((score_dir / "report.json").read_text())
-    _done(out, "score", t0, f"scores: {score_dir}")
+    _done(console, out, "score", t0, f"scores: {score_dir}")
 
-    t0 = _step(9, "summary: mean ± std over training seeds, paired differences to sft")
+    t0 = _step(console, 9, "summary: mean ± std over training seeds, paired differences to sft")
     set_names = report["sets"]
     values: dict[str, dict[str, float]] = {}
     for label in all_models:
@@ -771,8 +786,8 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
     if data["dev"]:
         _dev_curves(out, groups, folders, inits, data["dev"], lengths)
     comparison.bar_chart(summary, out / "scores.png", set_names[0])
-    _done(out, "summary", t0, f"summary: {out / 'summary.md'}")
-    print(f"[recipe] done in {time.perf_counter() - t_all:.1f} s", flush=True)
+    _done(console, out, "summary", t0, f"summary: {out / 'summary.md'}")
+    console.note(f"[recipe] done in {time.perf_counter() - t_all:.1f} s")
 
     paths.update({"teacher": Path(teacher), "student_init": Path(inits["student"]), "store": store,
                   **{f"student {n}": p for n, p in folders.items()}, "score": score_dir,

@@ -366,3 +366,102 @@ def test_likelihood_options_reach_their_losses(monkeypatch):
     sizes = {k: build_parts(resolve(DistillConfig(method="prefix-kd", prefix_chars=k)), teacher, tok,
                             _Student(vocab=len(tok)), "cpu").tables["n_events"] for k in (1, 2)}
     assert sizes[1] < sizes[2]
+
+
+# --- methods from other packages (MethodTable) and a method's own options ---------------------------------------
+
+PLUGIN = '''
+from dskd_pipe import LossTerms, Method, MethodOption
+from dskd_pipe.losses import cross_entropy_sum
+
+
+def _loss(x):
+    ce = cross_entropy_sum(x.logits, x.labels)
+    return LossTerms(ce, {"ce_student": ce.detach()})
+
+
+def _metrics(sums, n):
+    return {"ce_student": sums["ce_student"] / n}
+
+
+GOOD = Method("plug-a", "a plugin method", _loss, _metrics, options={"beta": MethodOption(0.5, "a weight")})
+PAIR = [Method("plug-b", "one of two", _loss, _metrics), Method("plug-c", "two of two", _loss, _metrics)]
+TAKEN = Method("sft", "a second sft", _loss, _metrics)
+MISNAMED = Method("other-name", "named unlike its entry point", _loss, _metrics)
+NOT_A_METHOD = {"name": "plug-d"}
+'''
+
+
+def _table(tmp_path, monkeypatch, entries: dict[str, str]):
+    """A fresh MethodTable over the built-in entries whose installed entry points are `entries` (name -> value)."""
+    from importlib.metadata import EntryPoint
+
+    from dskd_pipe.pipeline import methods
+
+    (tmp_path / "toy_method_plugin.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eps = [EntryPoint(name, value, methods.ENTRY_POINT_GROUP) for name, value in entries.items()]
+    calls = []
+    monkeypatch.setattr(methods, "_entry_points", lambda: calls.append(1) or eps)
+    builtin = {name: METHODS[name] for name in ("sft", "kd")}
+    return methods.MethodTable(builtin), calls
+
+
+def test_installed_methods_join_the_table_on_first_read_and_bad_ones_are_left_out_named(tmp_path, monkeypatch):
+    table, calls = _table(tmp_path, monkeypatch, {
+        "plug-a": "toy_method_plugin:GOOD", "pair": "toy_method_plugin:PAIR", "sft": "toy_method_plugin:TAKEN",
+        "plug-x": "toy_method_plugin:MISNAMED", "plug-d": "toy_method_plugin:NOT_A_METHOD",
+        "gone": "toy_method_plugin_missing:X"})
+    assert calls == []  # nothing is imported until the table is read
+    assert list(table) == ["sft", "kd", "plug-a", "plug-b", "plug-c"] and calls == [1]
+    assert "plug-a" in table and table["plug-a"].options["beta"].default == 0.5 and len(table) == 5
+    assert table.origin("sft") == "built-in" and table["sft"].summary != "a second sft"
+    assert table.origin("plug-b") == "an unnamed package (entry point pair = toy_method_plugin:PAIR)"
+    problems = "\n".join(table.problems)
+    for line in ("(entry point sft = toy_method_plugin:TAKEN): method 'sft' is taken by built-in; left out. Rename it.",
+                 "(entry point plug-x = toy_method_plugin:MISNAMED) did not load (ValueError: the entry point is "
+                 "named 'plug-x', its Method 'other-name': name them the same). Fix or uninstall it.",
+                 "(entry point plug-d = toy_method_plugin:NOT_A_METHOD) did not load (TypeError: expected a "
+                 "dskd_pipe Method (or a list of them), found dict)",
+                 "(entry point gone = toy_method_plugin_missing:X) did not load (ModuleNotFoundError: "):
+        assert line in problems, line
+    table.load()
+    assert calls == [1]  # once per process
+
+
+def test_unknown_method_names_the_methods_and_what_was_left_out(tmp_path, monkeypatch):
+    from dskd_pipe.pipeline import methods
+
+    table, _ = _table(tmp_path, monkeypatch, {"gone": "toy_method_plugin_missing:X"})
+    monkeypatch.setattr(methods, "METHODS", table)
+    message = methods.unknown_method("gone")
+    assert message.startswith("--method 'gone': choose one of sft, kd. Left out: an unnamed package (entry point "
+                              "gone = toy_method_plugin_missing:X) did not load (ModuleNotFoundError")
+    with pytest.raises(KeyError, match="unknown method 'gone'; choose one of sft, kd. Left out: "):
+        methods.get_method("gone")
+
+
+def test_a_methods_own_options_take_their_defaults_and_checked_values(tmp_path, monkeypatch):
+    from dskd_pipe.pipeline import methods
+    from dskd_pipe.pipeline.config import ConfigError
+
+    toy = methods.Method("toy", "a test method", None, None, options={
+        "beta": methods.MethodOption(0.5, "a weight"), "steps": methods.MethodOption(3, "how many"),
+        "mode": methods.MethodOption("a", "which", choices=("a", "b")), "on": methods.MethodOption(False, "a flag")})
+    monkeypatch.setitem(methods.METHODS, "toy", toy)
+    assert methods.method_options(DistillConfig(method="toy")) == {"beta": 0.5, "steps": 3, "mode": "a", "on": False}
+    cfg = DistillConfig(method="toy", method_options=("beta=2", "mode = b", "on=yes"))
+    assert methods.method_options(cfg) == {"beta": 2.0, "steps": 3, "mode": "b", "on": True}
+    bad = DistillConfig(method="toy", method_options=("steps=1.5", "mode=c", "gamma=1", "beta", "on=maybe"))
+    with pytest.raises(ConfigError) as e:
+        methods.method_options(bad)
+    assert str(e.value).splitlines() == [
+        "--method-option steps: expected an integer, found '1.5'.",
+        "--method-option mode: 'c' is not one of a, b.",
+        "--method-option 'gamma=1': toy has no option 'gamma' (its options: beta, steps, mode, on); write NAME=VALUE "
+        "(dskd-pipe methods lists each method's options).",
+        "--method-option 'beta': toy has no option 'beta' (its options: beta, steps, mode, on); write NAME=VALUE "
+        "(dskd-pipe methods lists each method's options).",
+        "--method-option on: expected true or false, found 'maybe'."]
+    with pytest.raises(ConfigError, match="sft has no option 'beta' \\(its options: none\\)"):
+        methods.method_options(DistillConfig(method="sft", method_options=("beta=1",)))

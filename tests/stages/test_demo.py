@@ -17,7 +17,7 @@ from dskd_pipe.stages import demo
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality") / "ci"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--size", "ci", "--no-progress"])
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--size", "ci", "--quiet"])
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -53,6 +53,11 @@ def test_ci_size_end_to_end(ci_run):
     nll = json.loads((out / "score" / "nll.json").read_text())
     assert nll["teacher"]["test"]["examples"] == 16 and nll["teacher"]["test"]["truncated"] == 0
     assert (out / "scores.png").is_file() and (out / "dev_curves.png").is_file()
+    # --quiet went to every stage (their saved configs say so) and left the recipe's own step lines out.
+    assert "[recipe" not in output and "tok/s" not in output and "ex/s" not in output  # no progress lines
+    saved = [*out.glob("students/*/distill_config.json"), *out.glob("student-base/*/distill_config.json"),
+             out / "teacher" / "distill_config.json", out / "score" / "config.json", out / "teacher.zarr" / "config.json"]
+    assert len(saved) == 15 and all(json.loads(p.read_text())["config"]["quiet"] is True for p in saved)
     # A finished run keeps its model, best/ and last/, not the resume state the recipe never reads again.
     finished = [p.parent for p in out.rglob("distill_done.json")]
     assert len(finished) == 13 and not [f for f in finished if (f / "checkpoints").exists()]

@@ -124,9 +124,14 @@ def test_tiny_recipe_trains_every_method_and_seed_then_reuses_them(tmp_path, dat
                      "distill dskd-cma-seed2", "score", "summary"]
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
-    again = CliRunner().invoke(main, args)
+    assert "finished before, kept" not in result.output and "[recipe 7/9] distill sft-seed1" in result.output
+    again = CliRunner().invoke(main, [*args, "--quiet"])
     assert again.exit_code == 0, again.output
-    assert again.output.count("finished before, kept") == 4 and "already complete" in again.output
+    # --quiet: the same reuse (below), without the recipe's step lines or the stages' notes; the table stays, and
+    # the score stage it ran again was told so
+    assert "[recipe" not in again.output and "already complete" not in again.output
+    assert "| model | tokenizer | NLL/char |" in again.output
+    assert json.loads((out / "score" / "config.json").read_text())["config"]["quiet"] is True
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == mtimes
     rerun = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()][len(steps):]
     assert [(t["step"], t["reused"]) for t in rerun[1:-2]] == [(s, True) for s in steps[1:-2]]  # store, students
