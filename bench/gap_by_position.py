@@ -6,7 +6,8 @@ shortest stretches both tokenizations end on). Each chunk is one of two kinds:
     "split"  several tokens on one side or both: the tokenizations differ there
 and, by the teacher's entropy (nats) of its next-token distribution at the chunk's first position:
     "sure"   below --unsure-nats        "unsure"   at or above it (the answers the teacher spreads its mass over)
-A model's NLL of a chunk is the sum of its token NLLs inside it (chunk ends are token ends of both tokenizers, so
+A model's NLL of a chunk is the sum of its token NLLs inside it (the mean over its folders when several training
+seeds are given) (chunk ends are token ends of both tokenizers, so
 the sum is exact for students of either tokenizer); chars: the chunk's characters (the text's end counts as one).
 
 For every kind the report gives each model's nats/char and the gains: a cross-tokenizer method against `sft`
@@ -93,10 +94,10 @@ def per_kind(chunks: list[list[dict]], nll: list, side: str) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", required=True, help="A `dskd-pipe recipe` output folder.")
-    p.add_argument("--model", action="append", default=[], help="NAME=FOLDER, a student with the student "
-                   "tokenizer; one must be named sft.")
-    p.add_argument("--teacher-tok-model", action="append", default=[], help="NAME=FOLDER, a student with the "
-                   "teacher's tokenizer (sft@teacher-tok and kd@teacher-tok give KD's gain).")
+    p.add_argument("--model", action="append", default=[], help="NAME=FOLDER[,FOLDER...], a student with the "
+                   "student tokenizer (several folders: training seeds, averaged); one must be named sft.")
+    p.add_argument("--teacher-tok-model", action="append", default=[], help="NAME=FOLDER[,...], a student with "
+                   "the teacher's tokenizer (sft@teacher-tok and kd@teacher-tok give KD's gain).")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--unsure-nats", type=float, default=0.5)
@@ -116,9 +117,11 @@ def main(argv=None) -> dict:
     chunks = chunk_table(t_seqs, s_seqs, t_nll, a.unsure_nats)
     models = {"teacher": per_kind(chunks, t_nll, "t")}
     for spec, side, seqs in [(m, "s", s_seqs) for m in a.model] + [(m, "t", t_seqs) for m in a.teacher_tok_model]:
-        name, folder = spec.split("=", 1)
-        nll = position_nll(load_causal_lm(folder, dtype=torch.float32, device="cpu"), seqs)
-        models[name] = per_kind(chunks, nll, side)
+        name, folders = spec.split("=", 1)
+        runs = [per_kind(chunks, position_nll(load_causal_lm(f, dtype=torch.float32, device="cpu"), seqs), side)
+                for f in folders.split(",")]  # several training seeds: their mean
+        models[name] = {k: {"nats": sum(r[k]["nats"] for r in runs) / len(runs), "chars": runs[0][k]["chars"]}
+                        for k in KINDS}
     total_chars = sum(v["chars"] for v in models["teacher"].values())
     report = {"recipe": str(run), "split": a.split, "examples": len(examples), "unsure_nats": a.unsure_nats,
               "kinds": {}}
