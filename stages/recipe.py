@@ -78,6 +78,7 @@ from importlib import resources
 from pathlib import Path
 
 from dskd_pipe.cache.format import MANIFEST
+from dskd_pipe.cache.paths import bad_name
 from dskd_pipe.pipeline.config import (OUTPUT_ONLY, CacheConfig, ConfigError, DistillConfig, ScoreConfig,
                                        config_to_dict, load_config)
 from dskd_pipe.pipeline.progress import quiet_libraries
@@ -311,9 +312,14 @@ def load_recipe_config(config: str | Path, size: str | None = None) -> tuple[str
 
 
 def resolve_data(value: str, data_root: str | Path | None) -> str:
-    """Absolute: as is; relative: under data_root when given, else a file shipped in configs/data."""
+    """Absolute: as is; relative: under data_root when given, else a file shipped in configs/data. A relative path
+    stays inside that folder: ConfigError for one through '..'."""
     p = Path(value)
     if not p.is_absolute():
+        if bad_name(str(value)) is not None:
+            raise ConfigError(f"data path '{value}': a relative path in a recipe config names a file under "
+                              f"{'--data-root' if data_root else 'the shipped configs/data'}, and '..' leads out of "
+                              "it. Give an absolute path for a file elsewhere.")
         p = Path(data_root) / p if data_root else shipped("data", value)
     return str(p)
 
@@ -434,8 +440,9 @@ def _model(out: Path, role: str, models: dict, tokenizer: str | None = None,
         print(f"[recipe]   {folder}: present, kept")
         return folder, True
     tok_name = tokenizer or models[f"{role}_tokenizer"]
-    tok = load_tokenizer(str(shipped("tokenizers", tok_name)) if shipped("tokenizers", tok_name).is_dir()
-                         else tok_name)
+    # A shipped tokenizer by its plain name; anything else (a hub id, a path) as given.
+    own = bad_name(tok_name, plain=True) is None and shipped("tokenizers", tok_name).is_dir()
+    tok = load_tokenizer(str(shipped("tokenizers", tok_name)) if own else tok_name)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # Built aside and renamed: a killed build never leaves a folder that looks finished.
