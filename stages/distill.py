@@ -98,6 +98,7 @@ def check_config(cfg: DistillConfig) -> None:
 
 
 def _same_path(a: str, b: str) -> bool:
+    """Whether two existing local paths are the same file or folder (links and '..' resolved)."""
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
@@ -786,6 +787,7 @@ def run(cfg: DistillConfig) -> Path:
         if finished_epoch:
             state["epoch"] += 1
             state["position"] = 0
+            check_finite_weights(model, procs, state["step"])  # before best/ is written (every process: a collective)
             if dev_examples is not None:
                 state["best"] = _evaluate(cfg, trainee, procs, tok, dev_examples, student_side, plain_collate, out,
                                           state, metrics)

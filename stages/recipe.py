@@ -67,6 +67,7 @@ nothing reads them again: its model, best/ and last/ stay). Other settings in th
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -280,7 +281,8 @@ def load_recipe_config(config: str | Path, size: str | None = None) -> tuple[str
         for key in sorted(set(section) & set(PATH_KEYS[name])):
             problems.append(f"{path}: [{size}.{name}] '{key}' is set by the recipe; remove it.")
         try:
-            load_config(cls, None, {k: v for k, v in section.items() if k not in PATH_KEYS[name]})
+            load_config(cls, None, {**_set_by_recipe(cls, name),
+                                    **{k: v for k, v in section.items() if k not in PATH_KEYS[name]}})
         except ConfigError as e:
             problems += [f"{path}: [{size}.{name}] {line.removeprefix('command line: ')}"
                          for line in str(e).splitlines()]
@@ -295,8 +297,9 @@ def load_recipe_config(config: str | Path, size: str | None = None) -> tuple[str
         for key in sorted(set(section) & set(PATH_KEYS["distill"])):
             problems.append(f"{where} '{key}' is set by the recipe; remove it.")
         try:
-            load_config(DistillConfig, None, {**table.get("distill", {}), **{
-                k: v for k, v in section.items() if k not in PATH_KEYS["distill"]}, "method": method})
+            load_config(DistillConfig, None, {
+                **_set_by_recipe(DistillConfig, "distill"), **table.get("distill", {}),
+                **{k: v for k, v in section.items() if k not in PATH_KEYS["distill"]}, "method": method})
         except ConfigError as e:
             problems += [f"{where} {line.removeprefix('command line: ')}" for line in str(e).splitlines()]
     if problems:
@@ -309,6 +312,13 @@ def load_recipe_config(config: str | Path, size: str | None = None) -> tuple[str
                 **{name: dict(table.get(name, {})) for name in ("cache", "distill", "score")},
                 "method_distill": {m: dict(v) for m, v in per_method.items()}}
     return size, settings
+
+
+def _set_by_recipe(cls, stage: str) -> dict:
+    """Stand-ins for the paths the recipe sets itself in `stage`'s config: a table is checked as a whole config,
+    where an option that needs one of them (--dev-rouge needs --dev-data) finds it set."""
+    return {f.name: "(set by the recipe)" for f in dataclasses.fields(cls) if f.name in PATH_KEYS[stage]
+            and f.type == "str"}
 
 
 def resolve_data(value: str, data_root: str | Path | None) -> str:
@@ -736,11 +746,12 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
     all_models = {**references, **folders}
     t0 = _step(8, f"score the teacher, the initial student(s) and {len(folders)} trained student(s) on {sets}: "
                   "NLL of the gold responses, ROUGE-L of sampled answers")
-    nll = _nll_scores(out, all_models, data["eval"], settings)
-    # The published protocol (configs/score_default.toml) with this size's changes.
+    # The published protocol (configs/score_default.toml) with this size's changes; then the NLL, whose nll.json
+    # joins the score run's folder (score refuses a folder it did not start).
     score_dir = score.run(load_config(ScoreConfig, "score_default", {
         **settings["score"], "progress": progress, "out": str(out / "score"), "data": tuple(data["eval"]),
         "models": tuple(f"{n}={p}" for n, p in all_models.items())}))
+    nll = _nll_scores(out, all_models, data["eval"], settings)
     report = json.loads((score_dir / "report.json").read_text())
     _done(out, "score", t0, f"scores: {score_dir}")
 
