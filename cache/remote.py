@@ -31,8 +31,9 @@ from types import SimpleNamespace
 from dskd_pipe.cache.format import StoreError
 
 # Every request to an object store is bounded: an endpoint that accepts connections and never answers fails after
-# about TRIES x TIMEOUT seconds with one line naming the URL, instead of hanging (s3fs alone: 5 tries x 5 botocore
-# attempts x 15 s). The read timeout is per read of the socket, not per object: a large shard still streams.
+# about TRIES x TIMEOUT seconds (plus botocore's backoff) with one line naming the URL, instead of hanging (s3fs's
+# defaults, 5 tries of botocore's 5 attempts of up to 15 s each, held cache-info over 150 s). The read timeout is per
+# read of the socket, not per object: a large shard still streams.
 TIMEOUT_ENV = "DSKD_PIPE_REMOTE_TIMEOUT"  # seconds a request may wait for the next bytes (default 20)
 TRIES_ENV = "DSKD_PIPE_REMOTE_TRIES"  # tries of a request before it fails (default 3)
 _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
@@ -55,8 +56,8 @@ def _options(protocol: str) -> dict:
     """The storage options that bound each request of `protocol`'s filesystem."""
     timeout, tries = remote_limits()
     if protocol in ("s3", "s3a"):
-        # botocore's standard retries are the bound; s3fs's own retry loops (nested: a read through them made 9
-        # tries of 3) are set to one try in `filesystem`
+        # botocore's standard retries are the bound; s3fs's own retry loops are set to one try in `filesystem`
+        # (they nest: with 3 tries of 1 s each, one read took 8 s)
         return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
                                   "retries": {"max_attempts": tries, "mode": "standard"}}}
     return {}
