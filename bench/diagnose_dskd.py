@@ -85,8 +85,8 @@ def load_trained(cfg: DistillConfig, checkpoint: Path, teacher) -> tuple:
         student = distill.build_student(cfg, "cpu")
         parts = build_parts(cfg, teacher, load_tokenizer(cfg.student), distill._hf(student), "cpu")
         schedule = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), lambda s: 1.0)
-        load_checkpoint(checkpoint, model=distill.Trainee(student, parts), optimizers={}, scheduler=schedule,
-                        restore_rng=False)  # the weights only: no optimizer is given, the schedule is a stand-in
+        # the weights only: no optimizer is given, the schedule is a stand-in
+        load_checkpoint(checkpoint, model=distill.Trainee(student, parts), optimizers={}, scheduler=schedule)
         disc = parts.discriminator.eval() if parts.discriminator is not None else None
         return distill._hf(student), parts.projectors, disc
     student_dir = checkpoint / "student" if (checkpoint / "student").is_dir() else checkpoint

@@ -15,7 +15,6 @@ import bisect
 import json
 import os
 
-import fsspec
 import numpy as np
 import torch
 
@@ -23,6 +22,8 @@ from dskd_pipe.cache.format import (EMBED_GROUP, HEAD_GROUP, HIDDEN, HIDDEN_SCAL
                                     LOGSUMEXP, MANIFEST, PARTIAL_MANIFEST, TEXTS, TOKENIZER_GROUP, TOKENS,
                                     TOPK_INDICES, TOPK_VALUES, Manifest, StoreError, check_compatible, part_name,
                                     sha256_hex)
+from dskd_pipe.cache.paths import bad_name, leaves
+from dskd_pipe.cache.remote import filesystem
 from dskd_pipe.cache.shards import FsspecFiles, LocalFiles, ShardedArray, layout_from_metadata
 
 
@@ -61,7 +62,10 @@ def damaged_manifest_help(url: str) -> str:
 
 def read_manifest(url: str) -> Manifest:
     """The finished manifest of a store, or StoreError saying why there is none and what to do."""
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = filesystem(url)
+    if _is_local(fs) and os.path.isfile(root):
+        raise StoreError(f"{url}: a file, not a store (a store is a folder holding {MANIFEST}). Pass the store's "
+                         "folder.")
     try:
         data = fs.cat(_join(root, MANIFEST))
     except FileNotFoundError:
@@ -97,14 +101,15 @@ class StoreFiles:
 
     def __init__(self, url: str, sha256: dict | None = None, verify: bool = True):
         self.url = url
-        self.fs, self.root = fsspec.core.url_to_fs(url)
-        self.files = LocalFiles() if _is_local(self.fs) else FsspecFiles(self.fs)
+        self.fs, self.root = filesystem(url)
+        self.files = LocalFiles(self.root) if _is_local(self.fs) else FsspecFiles(self.fs)
         self.sha256 = sha256
         self.verify = verify
 
     def metadata(self, rel: str) -> dict:
         """A JSON metadata file of the store (zarr.json, ...), its sha256 checked against the manifest."""
         where = _join(self.url, rel)
+        self.check_inside(rel)
         try:
             data = self.fs.cat(_join(self.root, rel))
         except FileNotFoundError:
@@ -119,6 +124,16 @@ class StoreFiles:
             return json.loads(data)
         except ValueError as e:
             raise StoreError(f"{where} is damaged (not JSON: {str(e)[:60]}). Rebuild the store.") from None
+
+    def check_inside(self, rel: str) -> None:
+        """StoreError unless `rel`, a path the store names, stays inside the store (and, on a local disk, is no link
+        out of it)."""
+        why = bad_name(rel)
+        if why is None and _is_local(self.fs) and leaves(self.root, _join(self.root, rel)):
+            why = "a link to outside the store"
+        if why is not None:
+            raise StoreError(f"{self.url}: the store names {rel!r}, {why}: a store only names its own files. "
+                             f"Do not use this store (dskd-pipe cache-verify {self.url} lists every such path).")
 
     def array(self, rel: str, describe=None) -> tuple[ShardedArray, dict]:
         layout, attrs = layout_from_metadata(self.metadata(f"{rel}/zarr.json"), _join(self.url, rel, "zarr.json"))
@@ -155,6 +170,11 @@ class StoreReader:
         self.url = url
         self.verify = verify  # False skips the per-read crc32c (cache-verify still checks all)
         self.manifest = read_manifest(url)
+        outside = [rel for rel in self.manifest.files if bad_name(rel) is not None]
+        if outside:
+            raise StoreError(f"{url}: the manifest names {outside[0]!r}, {bad_name(outside[0])}, ({len(outside)} such "
+                             "path(s)): a store only names its own files. Do not use this store (dskd-pipe "
+                             f"cache-verify {url} lists them).")
         self.logical_dtype = self.manifest.hidden_dtype
         self._handles = None
 
@@ -289,9 +309,19 @@ class StoreReader:
         return {"weight": self._tensor(f"{EMBED_GROUP}/weight"),
                 "embed_scale": self._group_attrs(EMBED_GROUP)["embed_scale"]}
 
+    def tokenizer_names(self) -> list[str]:
+        """The tokenizer's file names the store lists: plain names (they are written into a folder), else
+        StoreError."""
+        names = self._group_attrs(TOKENIZER_GROUP).get("files", [])
+        for name in names:
+            if (why := bad_name(name, plain=True)) is not None:
+                raise StoreError(f"{self.url}: the store's tokenizer names the file {name!r}, {why}: a store only "
+                                 f"names its own files. Do not use this store (dskd-pipe cache-verify {self.url}).")
+        return list(names)
+
     def tokenizer_files(self) -> dict[str, bytes]:
         out = {}
-        for name in self._group_attrs(TOKENIZER_GROUP)["files"]:
+        for name in self.tokenizer_names():
             arr, _ = self._h()["files"].array(f"{TOKENIZER_GROUP}/{name}")
             out[name] = arr.read(0, arr.shape[0]).tobytes()
         return out

@@ -17,24 +17,170 @@ only where an object store has no equivalent of a folder's tools:
   atomic: there, start one writer per part. A lock names its owner (pid@host): one left by a killed process on this
   host is replaced by the next run, as on a local folder; one from another host cannot be proven dead from here
   (a lease would need clocks and conditional overwrites), so the error names the lock's URL to delete.
+- No hangs. Every S3 request has a connect and a read timeout and a bounded number of tries (DSKD_PIPE_REMOTE_TIMEOUT,
+  DSKD_PIPE_REMOTE_TRIES); any failure of a remote filesystem (an endpoint that is closed or never answers, no
+  credentials, access denied) is one StoreError naming the URL, the endpoint and what to check (`Bounded`).
 """
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 
 from dskd_pipe.cache.format import StoreError
 
+# Every request to an object store is bounded: an endpoint that accepts connections and never answers fails after
+# about TRIES x TIMEOUT seconds (plus botocore's backoff) with one line naming the URL, instead of hanging (s3fs's
+# defaults, 5 tries of botocore's 5 attempts of up to 15 s each, held cache-info over 150 s). The read timeout is per
+# read of the socket, not per object: a large shard still streams.
+TIMEOUT_ENV = "DSKD_PIPE_REMOTE_TIMEOUT"  # seconds a request may wait for the next bytes (default 20)
+TRIES_ENV = "DSKD_PIPE_REMOTE_TRIES"  # tries of a request before it fails (default 3)
+_OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def remote_limits() -> tuple[float, int]:
+    """(timeout in seconds, tries) of every object-store request: the environment's, else 20 s and 3 tries."""
+    try:
+        timeout = float(os.environ.get(TIMEOUT_ENV) or 20)
+        tries = int(os.environ.get(TRIES_ENV) or 3)
+    except ValueError:
+        raise StoreError(f"{TIMEOUT_ENV}={os.environ.get(TIMEOUT_ENV)!r} / {TRIES_ENV}={os.environ.get(TRIES_ENV)!r}: "
+                         "expected seconds and a count, e.g. 20 and 3.") from None
+    if not (timeout > 0 and tries >= 1):
+        raise StoreError(f"{TIMEOUT_ENV} must be > 0 and {TRIES_ENV} >= 1, found {timeout:g} and {tries}.")
+    return timeout, tries
+
+
+def _options(protocol: str) -> dict:
+    """The storage options that bound each request of `protocol`'s filesystem."""
+    timeout, tries = remote_limits()
+    if protocol in ("s3", "s3a"):
+        # botocore's standard retries are the bound; s3fs's own retry loops are set to one try in `filesystem`
+        # (they nest: with 3 tries of 1 s each, one read took 8 s)
+        return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
+                                  "retries": {"max_attempts": tries, "mode": "standard"}}}
+    return {}
+
 
 def filesystem(url: str):
-    """(fsspec filesystem, path inside it) of a URL; a missing protocol package is a StoreError naming it."""
+    """(fsspec filesystem, path inside it) of a URL. A remote one has bounded requests, and any failure of it other
+    than a missing file is a StoreError naming the URL and what to check; a missing protocol package or a URL without
+    a bucket is a StoreError naming the fix."""
     import fsspec
 
+    url = str(url)
+    protocol, _, rest = url.partition("://") if "://" in url else ("file", "", url)
+    if protocol in _OBJECT_STORES and not rest.strip("/"):
+        raise StoreError(f"{url}: no bucket in the URL. Pass {protocol}://BUCKET/PATH/TO/STORE.")
     try:
-        return fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url, **_options(protocol))
     except ImportError as e:  # e.g. "Install s3fs to access S3"
         raise StoreError(f"{url}: {e}. For s3:// install s3fs, for gs:// gcsfs (pip install 'dskd-pipe[s3]').") \
             from None
+    except (ValueError, TypeError) as e:  # an unknown protocol, a malformed URL
+        raise StoreError(f"{url}: not a usable store URL ({' '.join(str(e).split())[:200]}).") from None
+    if not is_url(url):
+        return fs, path
+    if protocol in ("s3", "s3a"):
+        fs.retries = 1
+        _no_expect_continue(fs)
+    return Bounded(fs, url), path
+
+
+def _no_expect_continue(fs) -> None:
+    """Send S3 uploads without `Expect: 100-continue`: aiohttp waits for the 100 answer with no timeout at all, so
+    an endpoint that never answers hung a PUT for ever, whatever the read timeout (measured here)."""
+    if getattr(fs, "_dskd_no_expect", False):
+        return
+    from botocore.handlers import add_expect_header
+
+    make_client = fs.set_session
+
+    async def set_session(*args, **kwargs):
+        client = await make_client(*args, **kwargs)
+        client.meta.events.unregister("before-call.s3", add_expect_header)
+        return client
+
+    fs.set_session = set_session
+    fs._dskd_no_expect = True
+
+
+def _endpoint(fs) -> str:
+    client = getattr(fs, "client_kwargs", None) or {}
+    return client.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") \
+        or ""
+
+
+def remote_error(url: str, e: BaseException, fs=None) -> StoreError:
+    """One line for a failed object-store request: the URL, the endpoint, what failed and what to check."""
+    name = type(e).__name__
+    text = " ".join(str(e).split())[:200]
+    timeout, tries = remote_limits()
+    endpoint = _endpoint(fs) if fs is not None else ""
+    at = f" (endpoint {endpoint})" if endpoint else ""
+    if "Credentials" in name or "credentials" in text.lower():
+        hint = ("no credentials: set AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (for gs://, "
+                "GOOGLE_APPLICATION_CREDENTIALS)")
+    elif "Timeout" in name or "timed out" in text.lower() or isinstance(e, TimeoutError):
+        hint = (f"no answer within {timeout:g} s, {tries} tries: check the endpoint (AWS_ENDPOINT_URL) and the "
+                f"network; {TIMEOUT_ENV} / {TRIES_ENV} raise the limits")
+    elif "Connect" in name or isinstance(e, ConnectionError):
+        hint = "cannot connect: check the endpoint (AWS_ENDPOINT_URL) and the network"
+    elif isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        hint = "access denied: check that these credentials may read (and write) that bucket"
+    else:
+        hint = "check the URL, the endpoint (AWS_ENDPOINT_URL) and the credentials"
+    return StoreError(f"{url}{at}: the object store failed ({name}: {text}); {hint}.")
+
+
+# The slowest upload a write waits for: a socket that stops taking bytes has no timeout in aiohttp (a 10 MB PUT to an
+# endpoint that never read hung for good), so each upload is bounded in all, by fsspec's own call timeout.
+UPLOAD_FLOOR_BYTES_PER_S = 512 * 1024
+
+
+def _upload_bound(values) -> float:
+    """Seconds an upload of `values` (bytes, or a {path: bytes} dict) may take in all, every try included."""
+    value = values[0] if values else b""
+    n = sum(map(len, value.values())) if isinstance(value, dict) else len(value or b"")
+    timeout, tries = remote_limits()
+    return tries * (timeout + 2.0 + n / UPLOAD_FLOOR_BYTES_PER_S)
+
+
+class Bounded:
+    """An fsspec filesystem whose failures, other than a file that is missing or already there (which callers
+    expect), are one StoreError naming the store's URL (remote_error)."""
+
+    _PASS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, StoreError)
+
+    def __init__(self, fs, url: str):
+        self._fs, self._url = fs, url
+
+    def __reduce__(self):
+        return Bounded, (self._fs, self._url)
+
+    def __getattr__(self, name):
+        attr = getattr(self._fs, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            if name in ("pipe_file", "pipe") and getattr(self._fs, "async_impl", False):
+                kwargs.setdefault("timeout", _upload_bound(args[1:2] or [kwargs.get("value", b"")]))
+            try:
+                result = attr(*args, **kwargs)
+            except self._PASS:
+                raise
+            except Exception as e:
+                raise remote_error(self._url, e, self._fs) from None
+            if isinstance(result, list):  # cat_ranges(on_error="return"): failures come back as values
+                for item in result:
+                    if isinstance(item, Exception) and not isinstance(item, self._PASS):
+                        raise remote_error(self._url, item, self._fs)
+            return result
+
+        return call
 
 
 def is_url(path_or_url: str) -> bool:

@@ -29,6 +29,7 @@ import crc32c as _crc32c
 import numpy as np
 
 from dskd_pipe.cache.format import ArrayLayout, StoreError
+from dskd_pipe.cache.paths import leaves
 
 MISSING = np.uint64(2**64 - 1)
 _IOV_MAX = min(getattr(os, "IOV_MAX", 1024), 1024)
@@ -191,8 +192,9 @@ class LocalFiles:
 
     local = True
 
-    def __init__(self, max_open: int = 128, max_mapped: int = 1024):
+    def __init__(self, root: str | None = None, max_open: int = 128, max_mapped: int = 1024):
         self.max_open, self.max_mapped = max_open, max_mapped
+        self.root = root  # the store's folder: no file is read through a link that leaves it
         self._reset()
 
     def _reset(self) -> None:
@@ -206,6 +208,9 @@ class LocalFiles:
             self._reset()
         fd = self.fds.get(path)
         if fd is None:
+            if self.root is not None and os.path.lexists(path) and leaves(self.root, path):
+                raise StoreError(f"{path}: a link to outside the store {self.root}. A store only holds its own "
+                                 f"files: do not use it (dskd-pipe cache-verify {self.root} lists every such link).")
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import json
 
-import fsspec
 import numpy as np
 
 from dskd_pipe.cache.format import (HIDDEN, MANIFEST, PARTIAL_MANIFEST, PROGRESS, SHARED, TOKENS, Manifest,
                                     StoreError, part_name, sha256_hex)
-from dskd_pipe.cache.reader import StoreFiles, StoreReader, _join, read_manifest
+from dskd_pipe.cache.paths import bad_name, links_leaving
+from dskd_pipe.cache.reader import StoreFiles, StoreReader, _is_local, _join, read_manifest
+from dskd_pipe.cache.remote import filesystem
 
 
 def verify_store(url: str) -> dict:
     """Check the manifest, every metadata file (sha256), every shard index and inner chunk of every array (crc32c,
-    size, decoding), the texts and the index against the parts. Returns {"ok", "problems", "chunks", ...}."""
+    size, decoding), the texts and the index against the parts, and that every path the store names (and, on a local
+    disk, every link in it) stays inside it. Returns {"ok", "problems", "chunks", ...}."""
     url = str(url)
     m = read_manifest(url)
-    fs, root = fsspec.core.url_to_fs(url)
-    problems: list[str] = []
+    fs, root = filesystem(url)
+    problems = [f"{rel}: the manifest names a path outside the store ({why})" for rel in sorted(m.files)
+                if (why := bad_name(rel)) is not None]
+    if _is_local(fs):
+        problems += [f"{rel}: a link to outside the store" for rel in links_leaving(root)]
+    if problems:  # nothing it names is read: a crafted name could point anywhere
+        return _report(m, problems, 0)
     for rel, want in sorted(m.files.items()):
         try:
             data = fs.cat(_join(root, rel))
@@ -31,6 +38,7 @@ def verify_store(url: str) -> dict:
         return _report(m, problems, 0)
     reader = StoreReader(url, verify=True)
     try:
+        reader.tokenizer_names()
         arrays = reader.arrays()
     except StoreError as e:
         return _report(m, [str(e).removeprefix(f"{url}: ")], 0)
@@ -82,7 +90,7 @@ def _check_index(reader: StoreReader) -> list[str]:
 def store_sizes(url: str) -> dict:
     """Bytes on disk: in all, per token (the parts: hidden states, ids, offsets, top-k) and once per store (head,
     embeddings, tokenizer, texts, index, manifests), so that bytes/token says what a longer data set costs."""
-    fs, root = fsspec.core.url_to_fs(str(url))
+    fs, root = filesystem(str(url))
     total = fs.du(root)
     parts = fs.du(f"{root}/parts") if fs.exists(f"{root}/parts") else 0
     if not isinstance(total, int) or not isinstance(parts, int):
@@ -94,7 +102,7 @@ def store_info(url: str) -> dict:
     """What is inside a store: shapes, dtypes, fingerprints, size on disk, bytes per token; for an unfinished store,
     its settings and progress (rows and examples on disk per part)."""
     url = str(url)
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = filesystem(url)
     if not fs.exists(_join(root, MANIFEST)) and fs.exists(_join(root, PARTIAL_MANIFEST)):
         return progress_info(url)
     m = read_manifest(url)
@@ -111,7 +119,7 @@ def store_info(url: str) -> dict:
 
 def progress_info(url: str) -> dict:
     """An unfinished store: what is on disk so far, part by part, and what finishes it."""
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = filesystem(url)
     where = _join(url, PARTIAL_MANIFEST)
     try:
         m = Manifest.from_json(fs.cat(_join(root, PARTIAL_MANIFEST)), where=where)

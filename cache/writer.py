@@ -27,6 +27,7 @@ from dskd_pipe.cache.format import (CONFIG, CREATE_LOCK, EMBED_GROUP, FINALIZE_L
                                     INDEX, LOCK, LOGSUMEXP, MANIFEST, PARTIAL_MANIFEST, PROGRESS, SHARED, TEXTS,
                                     TOKENIZER_GROUP, TOKENS, TOPK_INDICES, TOPK_VALUES, ArrayLayout, Manifest, Plan,
                                     StoreError, check_same_settings, part_name, sha256_hex, shared_layout)
+from dskd_pipe.cache.paths import check_out_location, describe_contents
 from dskd_pipe.cache.remote import RemotePath, store_root
 
 RESUME = "run the same cache-teacher command again to resume"
@@ -38,29 +39,21 @@ def check_out_path(out: str) -> Path | RemotePath:
     root = store_root(out)
     if isinstance(root, RemotePath):
         try:
+            bucket = root.path.split("/", 1)[0]
+            try:  # info, not exists: exists answers False to a timeout too
+                root.fs.info(bucket)
+            except FileNotFoundError:
+                raise StoreError(f"--out {root}: the bucket {bucket} does not exist (or these credentials cannot see "
+                                 "it). Create it first, or check the URL and credentials.") from None
             if root.is_file():
                 raise StoreError(f"--out {root}: an object, not a prefix. Pass a new URL for the store.")
-            bucket = root.path.split("/", 1)[0]
-            if not root.fs.exists(bucket):
-                raise StoreError(f"--out {root}: the bucket {bucket} does not exist (or these credentials cannot see "
-                                 "it). Create it first, or check the URL and credentials.")
         except StoreError:
             raise
         except Exception as e:  # credentials, a missing bucket, no network: the filesystem's own error says which
             raise StoreError(f"--out {root}: cannot reach it ({type(e).__name__}: {str(e)[:200]}). Check the URL "
                              "and the credentials (e.g. AWS_PROFILE, AWS_ENDPOINT_URL for S3).") from None
         return root
-    if root.exists() and not root.is_dir():
-        raise StoreError(f"--out {root}: exists and is a file, not a folder. Pass a new folder for the store.")
-    parent = root.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise StoreError(f"--out {root}: {parent} is a file, not a folder. Pass a path inside a folder.")
-    if not os.access(root if root.exists() else parent, os.W_OK | os.X_OK):
-        raise StoreError(f"--out {root}: {root if root.exists() else parent} is not writable. Pass a folder you can "
-                         "write to.")
-    return root
+    return check_out_location(root, StoreError)
 
 
 def to_storage(t: torch.Tensor) -> np.ndarray:
@@ -199,7 +192,8 @@ def open_for_writing(out: str, manifest: Manifest, config: dict, plan: Plan,
         if existing is None:
             others = [p.name for p in root.iterdir() if p.name != CREATE_LOCK and not p.name.endswith(".tmp")]
             if others:
-                raise StoreError(f"{root}: exists, is not empty and holds no store manifest. Pass a new --out.")
+                raise StoreError(f"{root}: exists, is not empty and holds no store manifest: it holds "
+                                 f"{describe_contents(root)}. Pass a new --out.")
             existing = Manifest(**{**manifest.__dict__, "created": False, "complete": False})
             write_manifest(root / PARTIAL_MANIFEST, existing)
         else:

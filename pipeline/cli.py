@@ -6,7 +6,12 @@ import sys
 
 import click
 
-from dskd_pipe.pipeline.config import ConfigError
+from dskd_pipe.pipeline.config import CacheConfig, ConfigError, DistillConfig, ScoreConfig, choices
+
+
+def _choice(cls, name: str) -> click.Choice:
+    """The flag's choices as declared on the config field (pipeline/config.py `option`)."""
+    return click.Choice(choices(cls, name))
 
 
 class _Group(click.Group):
@@ -23,9 +28,9 @@ class _Group(click.Group):
             user_errors += (StoreError,)
         except ImportError:
             pass
-        from dskd_pipe.pipeline.training import CheckpointError
+        from dskd_pipe.pipeline.training import CheckpointError, TrainingDiverged
 
-        user_errors += (CheckpointError,)
+        user_errors += (CheckpointError, TrainingDiverged)
         try:
             return super().invoke(ctx)
         except user_errors as e:
@@ -55,8 +60,8 @@ def main() -> None:
               help="Rows per inner chunk, the unit of reads and checksums (default 32).")
 @click.option("--shard-tokens", type=int, default=None, help="Rows per shard file, the unit of writes and resumes "
               "(default 8192; a multiple of --chunk-tokens).")
-@click.option("--compression", type=click.Choice(["none", "zstd", "blosc"]), default=None)
-@click.option("--hidden-storage", type=click.Choice(["exact", "fp8"]), default=None,
+@click.option("--compression", type=_choice(CacheConfig, "compression"), default=None)
+@click.option("--hidden-storage", type=_choice(CacheConfig, "hidden_storage"), default=None,
               help="Hidden states in the teacher's dtype (exact, default) or fp8: e4m3 with a scale per token, "
               "d_model + 4 bytes per token, near-exact logits (BENCHMARKS.md).")
 @click.option("--device", default=None)
@@ -160,34 +165,34 @@ def cache_verify(store) -> None:
 @click.option("--dtw-gamma-steps", type=int, default=None, help="DWA-KD: gamma 2.0 -> 0.8 over N steps, then held "
               "(default 3570; 0 = over the whole run).")
 # Reference-mode choices (README "Fidelity"): the default first, then the released code's behaviour.
-@click.option("--cma-std", type=click.Choice(["valid", "padded"]), default=None,
+@click.option("--cma-std", type=_choice(DistillConfig, "cma_std"), default=None,
               help="DSKD-CMA stds over the teacher's real tokens (default) or the whole padded batch (released).")
 @click.option("--same-vocab-teacher-temperature", is_flag=True, default=None,
               help="DSKD/DSKDv2: also divide the t2s target by --teacher-temperature (the release does not).")
 @click.option("--teacher-temperature", type=float, default=None)
-@click.option("--ga-mode", type=click.Choice(["paper", "released"]), default=None,
+@click.option("--ga-mode", type=_choice(DistillConfig, "ga_mode"), default=None,
               help="CMA-GA: the paper's trained D (default) or the released code's fixed random D.")
-@click.option("--v2-mean-weighting", type=click.Choice(["tokens", "micro-batch"]), default=None,
+@click.option("--v2-mean-weighting", type=_choice(DistillConfig, "v2_mean_weighting"), default=None,
               help="DSKDv2: weight per-micro-batch means by tokens (default) or equally (released).")
 @click.option("--v2-agreement-threshold", type=float, default=None,
               help="DSKDv2: the released test that drops the agreement mask above this ratio (released: 1.0).")
-@click.option("--eta-unmapped", type=click.Choice(["drop", "unk"]), default=None,
+@click.option("--eta-unmapped", type=_choice(DistillConfig, "eta_unmapped"), default=None,
               help="DSKDv2-ETA: drop teacher predictions with no student string (default) or train on unk (released).")
-@click.option("--dwa-weights", type=click.Choice(["paper", "released"]), default=None,
+@click.option("--dwa-weights", type=_choice(DistillConfig, "dwa_weights"), default=None,
               help="DWA-KD student weights: rescale(H g) (paper eq. 12, default) or rescale(H) g (released).")
-@click.option("--dtw-inputs", type=click.Choice(["raw", "normalised"]), default=None)
-@click.option("--dtw-positions", type=click.Choice(["response", "released"]), default=None,
+@click.option("--dtw-inputs", type=_choice(DistillConfig, "dtw_inputs"), default=None)
+@click.option("--dtw-positions", type=_choice(DistillConfig, "dtw_positions"), default=None,
               help="DWA-KD Soft-DTW on response positions (default) or the first n from index 0 (released).")
-@click.option("--dtw-reduction", type=click.Choice(["sequence", "tokens"]), default=None)
-@click.option("--kd-warmup-terms", type=click.Choice(["t2s", "both"]), default=None)
+@click.option("--dtw-reduction", type=_choice(DistillConfig, "dtw_reduction"), default=None)
+@click.option("--kd-warmup-terms", type=_choice(DistillConfig, "kd_warmup_terms"), default=None)
 @click.option("--disc-lr", type=float, default=None)
 @click.option("--disc-every", type=int, default=None, help="CMA-GA: a discriminator update every k optimizer steps.")
 # Options from the quality benchmark's diagnosis (BENCHMARKS.md), off by default.
-@click.option("--t2s-kd-rows", type=click.Choice(["accurate", "all", "none"]), default=None,
+@click.option("--t2s-kd-rows", type=_choice(DistillConfig, "t2s_kd_rows"), default=None,
               help="DSKD-CMA family: KD_t2s on the rows whose t2s argmax is right (default), on every row, or none.")
 @click.option("--projector-warmup-steps", type=int, default=None,
               help="DSKD-CMA family: the first N steps train only the projectors on the KD terms (default 0).")
-@click.option("--t2s-values", type=click.Choice(["hidden+target", "hidden"]), default=None,
+@click.option("--t2s-values", type=_choice(DistillConfig, "t2s_values"), default=None,
               help="DSKD-CMA family: t2s values from the teacher's hidden state and its gold target embedding "
               "(default, published) or from the hidden state alone.")
 @click.option("--ga-directions", is_flag=True, default=None,
@@ -198,19 +203,19 @@ def cache_verify(store) -> None:
               help="CMA-GA: D sees each key projected onto the span the query projector can reach (what a query "
               "can match), not the whole key.")
 @click.option("--alm-temperature", type=float, default=None, help="ALM: binarisation temperature (published 100).")
-@click.option("--alm-debias", type=click.Choice(["space+merge", "space", "none"]), default=None,
+@click.option("--alm-debias", type=_choice(DistillConfig, "alm_debias"), default=None,
               help="ALM: chunks merged by the teacher's word-start probability and closed on a word start "
               "(space+merge, published), closed only (space), or the plain form (none).")
 @click.option("--alm-merge-threshold", type=float, default=None,
               help="ALM space+merge: a merged chunk ends where the teacher's word-start probability exceeds this (0.1).")
-@click.option("--alm-mean", type=click.Choice(["chunks", "released"]), default=None,
+@click.option("--alm-mean", type=_choice(DistillConfig, "alm_mean"), default=None,
               help="ALM: the mean over the merged chunks (default) or over the released code's count, merged twice.")
 @click.option("--prefix-chars", type=int, default=None,
               help="prefix-kd: match the distributions over the next token's first N non-space bytes (default 1).")
-@click.option("--prefix-temper", type=click.Choice(["tokens", "events"]), default=None,
+@click.option("--prefix-temper", type=_choice(DistillConfig, "prefix_temper"), default=None,
               help="prefix-kd: --kd-temperature on the events' distribution (default) or on the token logits before "
               "they are summed by event.")
-@click.option("--loss-balance", type=click.Choice(["weights", "gradmag"]), default=None,
+@click.option("--loss-balance", type=_choice(DistillConfig, "loss_balance"), default=None,
               help="alm, prefix-kd and compositions: combine the parts by --kd-rate (default) or by gradient "
               "magnitude on the student's last block (tokenkit's approx_gradmag_preserve_mag).")
 @click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (0 = epoch ends only).")
@@ -286,11 +291,14 @@ def plot(runs, out, title) -> None:
 
     from dskd_pipe.pipeline.curves import CURVES, plot_paths
 
+    from dskd_pipe.cache.paths import check_out_location
+
     if out is None:
         if len(runs) > 1:
             raise ConfigError("plot: with several runs, name the picture with --out FILE.png.")
         folder = Path(runs[0])
         out = str((folder if folder.is_dir() else folder.parent) / CURVES)
+    check_out_location(out, ConfigError, kind="file")
     click.echo(f"curves: {plot_paths(list(runs), out, title)}")
 
 
@@ -304,7 +312,7 @@ def _score_options(f):
                      help="TOML/JSON config; the default is the published protocol (configs/score_default.toml)."),
         click.option("--limit", type=int, default=None, help="Use the first N usable records of each set (a set's "
                      "own NAME=PATH@N wins)."),
-        click.option("--literal-n", type=click.Choice(["both", "prompts", "none"]), default=None,
+        click.option("--literal-n", type=_choice(ScoreConfig, "literal_n"), default=None,
                      help="Where a literal <n> is a newline: prompts and references (default), prompts only (the "
                      "released loaders), none."),
         click.option("--skip-bad", is_flag=True, default=None, help="Skip (and count) malformed records."),

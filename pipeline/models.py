@@ -6,8 +6,10 @@ from safetensors when the checkpoint has them.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -46,20 +48,58 @@ def _path_like(name: str) -> bool:
     return "/" in name and Path(name.split("/", 1)[0]).is_dir()
 
 
-def _local_or_hub(name_or_path: str) -> str:
-    """The folder to load, or the hub id as given. A path-like name that does not exist fails here at once, rather
-    than after the hub client's retries (about 25 s without a network)."""
+def _local_or_hub(name_or_path: str) -> tuple[str, dict]:
+    """(the folder to load or the hub id as given, extra from_pretrained arguments). A path-like name that does not
+    exist fails here at once; a hub id is first asked for once, with a timeout (hub_reachable)."""
     name_or_path = _gguf_folder(str(name_or_path))
     local = Path(name_or_path).expanduser()
     if local.is_dir():
-        return str(local)
+        return str(local), {}
     if local.exists():
         raise ModelError(f"{name_or_path}: a file, not a model folder. Pass the folder that holds config.json "
                          "(or a .gguf file, or a hub id).")
     if _path_like(name_or_path):
         raise ModelError(f"{name_or_path}: no such folder. Pass an existing model folder or a hub id "
                          "(owner/name).")
-    return name_or_path
+    return name_or_path, ({} if hub_reachable(name_or_path) else {"local_files_only": True})
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable(repo_id: str, repo_type: str = "model") -> bool:
+    """Whether the hub answers for `repo_id`: one small request with a timeout, a few tries (the limits of
+    cache/remote.py, DSKD_PIPE_REMOTE_TIMEOUT / _TRIES). False (use the local copy) when offline mode is on or the
+    hub does not answer but the local cache holds the repo; ModelError when it holds nothing, or the hub says the
+    repo does not exist. transformers alone retried for about 50 s before failing without a network."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+
+    from dskd_pipe.cache.remote import remote_limits
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    timeout, tries = remote_limits()
+    url = hf_hub_url(repo_id, "config.json", repo_type=repo_type)
+    failure = None
+    for attempt in range(tries):
+        try:
+            get_hf_file_metadata(url, timeout=timeout, retry_on_errors=False)
+            return True
+        except EntryNotFoundError:  # the repo answers; it has no config.json (a tokenizer or data repo)
+            return True
+        except GatedRepoError:
+            raise ModelError(f"{repo_id}: a gated repo on the hub ({url}). Accept its terms on the hub and log in "
+                             "(huggingface-cli login or HF_TOKEN), or pass a local folder.") from None
+        except RepositoryNotFoundError:
+            raise ModelError(f"{repo_id}: no such {repo_type} on the hub ({url}), or a private one: check the id, "
+                             "log in (huggingface-cli login or HF_TOKEN), or pass a local folder.") from None
+        except Exception as e:  # no network, a timeout, a proxy: httpx's and the hub client's own error types
+            failure = e
+            time.sleep(min(2.0 ** attempt, 4.0) if attempt + 1 < tries else 0)
+    if try_to_load_from_cache(repo_id, "config.json", repo_type=repo_type) is not None:
+        return False  # a copy in the local cache: load it without asking the hub again
+    raise ModelError(f"{repo_id}: not a local folder, and the hub did not answer at {url} ({type(failure).__name__}: "
+                     f"{_one_line(failure)[:160]}; {tries} tries, {timeout:g} s each). Check the network, a proxy or "
+                     "HF_ENDPOINT; or pass a local folder (HF_HUB_OFFLINE=1 uses the local cache only).")
 
 
 def _one_line(e: BaseException) -> str:
@@ -76,13 +116,13 @@ def _fix(folder: Path) -> str:
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    name_or_path = _local_or_hub(name_or_path)
+    name_or_path, hub = _local_or_hub(name_or_path)
     folder = Path(name_or_path)
     if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
         raise ModelError(f"{name_or_path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); save the "
                          "tokenizer into the model folder (tokenizer.save_pretrained).")
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **hub)
     except (OSError, ValueError) as e:
         raise ModelError(f"{name_or_path}: cannot load a tokenizer ({_one_line(e)}). {_fix(folder)}") from e
     if len(tok) == 0:
@@ -100,26 +140,83 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, device: 
     model larger than one GPU; its inputs go to the device of its input embeddings (`input_device`)."""
     from transformers import AutoModelForCausalLM
 
-    name_or_path = _local_or_hub(name_or_path)
+    name_or_path, hub = _local_or_hub(name_or_path)
     folder = Path(name_or_path)
     if folder.is_dir() and not (folder / "config.json").is_file():
         raise ModelError(f"{name_or_path}: no config.json, so not a model folder (save one with "
                          "model.save_pretrained).")
-    device = device or default_device()
+    device = check_device(device or default_device())
     dtype = dtype or default_dtype(device)
-    kwargs = {}
+    kwargs = dict(hub)
     if device_map:
         try:
             import accelerate  # noqa: F401
         except ImportError:
             raise ModelError("--device-map needs the `accelerate` package: pip install accelerate") from None
         kwargs["device_map"] = device_map
+    from safetensors import SafetensorError
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{name_or_path}: cannot load a causal LM ({_one_line(e)}). {_fix(folder)}") from e
+        model, info = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True,
+                                                           trust_remote_code=trust_remote_code, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        # a truncated model.safetensors (SafetensorError), weights of other shapes than config.json (RuntimeError)
+        raise ModelError(f"{name_or_path}: cannot load a causal LM ({_one_line(e)[:400]}). {_fix(folder)}") from None
+    if disagree := _config_disagrees(info):
+        raise ModelError(f"{name_or_path}: config.json does not describe the saved weights ({disagree}); the model "
+                         "would run with weights made up at random. Use the config.json saved with these weights.")
     return (model if device_map else model.to(device)).eval()
+
+
+def _config_disagrees(info: dict) -> str:
+    """What transformers' loading report says does not fit (weights missing, left over or of another shape), or
+    ''. Tied weights and buffers a model rebuilds are not in the report."""
+    parts = []
+    for key, what in (("missing_keys", "missing from the weights"), ("unexpected_keys", "in the weights, not the "
+                      "model"), ("mismatched_keys", "of another shape")):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+        if keys:
+            parts.append(f"{len(keys)} {what}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
+    return "; ".join(parts)
+
+
+def check_device(device: str) -> str:
+    """`device` if this machine has it; ModelError naming what is missing (a CUDA device without a GPU or a CUDA
+    build of torch, cuda:N beyond the GPUs) and the fix."""
+    kind = torch.device(device).type if device else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (CUDA_VISIBLE_DEVICES, the driver)")
+            raise ModelError(f"--device {device}: {why}. Pass --device cpu, or leave --device out to use a GPU when "
+                             "there is one.")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                             f"cuda:{torch.cuda.device_count() - 1}.")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"--device {device}: MPS is not available here. Pass --device cpu.")
+    return device
+
+
+def check_vocabulary(model, tokenizer, name: str) -> None:
+    """ModelError when the tokenizer can give ids the model has no embedding (or head) row for: its base vocabulary,
+    EOS and pad ids must be below the model's rows. Those ids failed deep inside the forward ('index out of range in
+    self')."""
+    rows = int(model.get_input_embeddings().weight.shape[0])
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        rows = min(rows, int(head.weight.shape[0]))
+    needed = {"its vocabulary": int(tokenizer.vocab_size) - 1, "its EOS id": tokenizer.eos_token_id,
+              "its pad id": tokenizer.pad_token_id}
+    over = {what: i for what, i in needed.items() if i is not None and int(i) >= rows}
+    if over:
+        what, i = next(iter(over.items()))
+        raise ModelError(f"{name}: the tokenizer gives ids up to {i} ({what}, {len(tokenizer)} tokens in all), but the "
+                         f"model has {rows} embedding rows. Pass the tokenizer the model was trained with, or resize "
+                         "its embeddings (model.resize_token_embeddings(len(tokenizer))) and save it again.")
 
 
 def input_device(model) -> torch.device:

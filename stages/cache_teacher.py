@@ -13,16 +13,17 @@ from pathlib import Path
 
 import torch
 
-from dskd_pipe.cache.format import (COMPRESSIONS, HIDDEN_STORAGES, LOCK, PARTIAL_MANIFEST, Manifest, StoreError,
+from dskd_pipe.cache.format import (CREATE_LOCK, LOCK, MANIFEST, PARTIAL_MANIFEST, Manifest, StoreError,
                                     check_compatible, part_name, plan_store)
+from dskd_pipe.cache.paths import describe_contents, visible_entries
 from dskd_pipe.cache.verify import store_sizes
 from dskd_pipe.cache.writer import (PartWriter, check_out_path, finalize_store, lock_owner, open_for_writing,
                                     read_manifest_file, write_shared)
-from dskd_pipe.pipeline.config import CacheConfig, config_to_dict, require
+from dskd_pipe.pipeline.config import CacheConfig, ConfigError, config_to_dict, option_problems, require
 from dskd_pipe.pipeline.data import TEMPLATE_ID, build_sequence, cut_report, file_fingerprint, load_examples
-from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
-                                       input_device, load_causal_lm, load_tokenizer, model_fingerprint, pad_token_id,
-                                       tokenizer_fingerprint)
+from dskd_pipe.pipeline.models import (check_vocabulary, default_device, embedding_parts, eos_token_id, head_parts,
+                                       last_hidden_state, input_device, load_causal_lm, load_tokenizer,
+                                       model_fingerprint, pad_token_id, tokenizer_fingerprint)
 from dskd_pipe.pipeline.objectives.dskd import TeacherHead, teacher_logits
 from dskd_pipe.pipeline.progress import Console, quiet_libraries
 
@@ -50,21 +51,16 @@ def teacher_states(model, batch_ids: torch.Tensor, attention_mask: torch.Tensor)
 
 
 def check_settings(cfg: CacheConfig) -> None:
-    if cfg.compression not in COMPRESSIONS:
-        raise StoreError(f"--compression '{cfg.compression}': choose one of {', '.join(COMPRESSIONS)}.")
-    if cfg.hidden_storage not in HIDDEN_STORAGES:
-        raise StoreError(f"--hidden-storage '{cfg.hidden_storage}': choose one of {', '.join(HIDDEN_STORAGES)}.")
-    if cfg.chunk_tokens <= 0 or cfg.shard_tokens <= 0 or cfg.shard_tokens % cfg.chunk_tokens:
-        raise StoreError(f"--shard-tokens ({cfg.shard_tokens}) must be a positive multiple of --chunk-tokens "
-                         f"({cfg.chunk_tokens}).")
+    """Raise ConfigError listing every problem with the options (the declared ranges and choices of
+    pipeline/config.py, then what depends on several options); StoreError for --device-map under torchrun."""
+    problems = option_problems(cfg)
+    if cfg.chunk_tokens > 0 and cfg.shard_tokens > 0 and cfg.shard_tokens % cfg.chunk_tokens:
+        problems.append(f"--shard-tokens ({cfg.shard_tokens}) must be a positive multiple of --chunk-tokens "
+                        f"({cfg.chunk_tokens}).")
     if cfg.batch_tokens < cfg.max_length:
-        raise StoreError(f"--batch-tokens ({cfg.batch_tokens}) must be at least --max-length ({cfg.max_length}).")
-    if cfg.dtype and cfg.dtype not in _DTYPES:
-        raise StoreError(f"--dtype '{cfg.dtype}': choose bfloat16, float16 or float32.")
-    if cfg.topk < 0:
-        raise StoreError(f"--topk ({cfg.topk}) must be >= 0.")
-    if cfg.device_map not in ("", "auto"):
-        raise StoreError(f"--device-map '{cfg.device_map}': only 'auto' (accelerate's dispatch over the GPUs).")
+        problems.append(f"--batch-tokens ({cfg.batch_tokens}) must be at least --max-length ({cfg.max_length}).")
+    if problems:
+        raise ConfigError("\n".join(problems))
     if cfg.device_map and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise StoreError("--device-map auto spreads one teacher over all the node's GPUs: run it as one process "
                          "(without torchrun), or drop it to give each torchrun process a GPU of its own.")
@@ -80,7 +76,12 @@ def teacher_device(cfg: CacheConfig) -> str:
 
 def precheck_store(root: Path, fingerprints: dict, settings: dict, plan_sha256: str, shard: int) -> None:
     """Refuse a store started from other data or settings, or a part another live process writes, before any model
-    is loaded (the teacher's own fingerprint is checked once it is loaded)."""
+    is loaded (the teacher's own fingerprint is checked once it is loaded). A local folder that holds something
+    else than a store is refused here too, naming what it holds."""
+    if isinstance(root, Path) and root.is_dir() and not (root / PARTIAL_MANIFEST).is_file() \
+            and not (root / MANIFEST).is_file() and [n for n in visible_entries(root) if n != CREATE_LOCK]:
+        raise StoreError(f"{root}: exists, is not empty and holds no store manifest: it holds "
+                         f"{describe_contents(root)}. Pass a new --out.")
     started = read_manifest_file(root / PARTIAL_MANIFEST) if root.is_dir() else None
     if started is None:
         return
@@ -136,7 +137,11 @@ def run(cfg: CacheConfig) -> Path:
     model = load_causal_lm(cfg.teacher, dtype=_DTYPES.get(cfg.dtype), device=device,
                            trust_remote_code=cfg.trust_remote_code, device_map=cfg.device_map or None)
     device = str(input_device(model))  # a dispatched model takes its inputs on its first device
+    check_vocabulary(model, tok, cfg.teacher)
     head = head_parts(model)
+    if cfg.topk > head["weight"].shape[0]:
+        raise ConfigError(f"--topk {cfg.topk} is above the teacher's vocabulary ({head['weight'].shape[0]} tokens). "
+                          f"Pass at most {head['weight'].shape[0]} (0 = no top-k).")
     dtype = next(model.parameters()).dtype
     manifest = Manifest(
         fingerprints={"teacher": model_fingerprint(cfg.teacher, model), **fingerprints},

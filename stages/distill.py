@@ -30,34 +30,30 @@ from pathlib import Path
 
 import torch
 
+from dskd_pipe.cache.paths import check_out_folder, links_leaving
+from dskd_pipe.cache.remote import filesystem
 from dskd_pipe.cache.streaming import (Collate, DistillDataset, Side, StoreSource, TextSource, UnionSource,
                                        auto_num_workers, loader_advice, make_loader, teacher_hidden)
-from dskd_pipe.pipeline.config import OUTPUT_ONLY, ConfigError, DistillConfig, config_to_dict, require, save_config
+from dskd_pipe.pipeline.config import (OUTPUT_ONLY, ConfigError, DistillConfig, config_to_dict, option_problems,
+                                      require, save_config)
 from dskd_pipe.pipeline.data import TEMPLATE_ID, cut_report, file_fingerprint, load_examples
 from dskd_pipe.pipeline.distributed import (Processes, all_reduce_sum, barrier, gradient_sync, local_tensor, setup,
                                             transformer_blocks, wrap)
 from dskd_pipe.pipeline.methods import (METHODS, LossInputs, LossTerms, MethodParts, build_parts, collate_extras,
                                         method_options, resolve, unknown_method)
-from dskd_pipe.pipeline.models import (default_device, embedding_parts, eos_token_id, head_parts, last_hidden_state,
-                                       load_causal_lm, load_tokenizer, logit_transform, pad_token_id)
+from dskd_pipe.pipeline.models import (check_device, check_vocabulary, default_device, embedding_parts, eos_token_id,
+                                       head_parts, last_hidden_state, load_causal_lm, load_tokenizer, logit_transform,
+                                       pad_token_id)
 from dskd_pipe.pipeline.objectives.divergences import DIVERGENCES, cross_entropy_sum
 from dskd_pipe.pipeline.objectives.dskd import TeacherHead
 from dskd_pipe.pipeline.progress import Console, quiet_libraries, step_values
 from dskd_pipe.pipeline.teacher_store import teacher_head
 from dskd_pipe.pipeline.trackers import open_trackers, resolve_report_to
 from dskd_pipe.pipeline.training import (MetricsLogger, cosine_schedule, list_checkpoints, load_checkpoint,
-                                         param_groups, peek_trainer_state, rng_state, save_checkpoint,
-                                         save_safetensors, seed_everything, set_rng_state, write_json_atomic)
+                                         micro_batch_seed, param_groups, peek_trainer_state, rng_state,
+                                         save_checkpoint, save_safetensors, seed_everything, set_rng_state,
+                                         TrainingDiverged, usable_checkpoint, write_json_atomic)
 
-# The reference-mode choices of DistillConfig (README "Fidelity"): the default first, the released behaviour next.
-CHOICES = {"cma_std": ("valid", "padded"), "ga_mode": ("paper", "released"),
-           "v2_mean_weighting": ("tokens", "micro-batch"), "eta_unmapped": ("drop", "unk"),
-           "dwa_weights": ("paper", "released"), "dtw_inputs": ("raw", "normalised"),
-           "dtw_positions": ("response", "released"), "dtw_reduction": ("sequence", "tokens"),
-           "kd_warmup_terms": ("t2s", "both"), "t2s_kd_rows": ("accurate", "all", "none"),
-           "t2s_values": ("hidden+target", "hidden"), "alm_debias": ("space+merge", "space", "none"),
-           "alm_mean": ("chunks", "released"), "prefix_temper": ("events", "tokens"),
-           "loss_balance": ("weights", "gradmag")}
 # Tests: os._exit(137) right after the checkpoint of step N; with DIE_RANK_ENV=R, only rank R dies instead, by
 # SIGKILL in the middle of step N+1 (gradients computed, not applied), on torchrun's first attempt only.
 DIE_AT_STEP_ENV = "DSKD_PIPE_TEST_DIE_AT_STEP"
@@ -71,9 +67,10 @@ DONE = "distill_done.json"  # written last: the folder holds a finished student
 # ---------------------------------------------------------------------------------------------------------------
 
 def check_config(cfg: DistillConfig) -> None:
-    """Raise ConfigError listing every problem with the options at once."""
+    """Raise ConfigError listing every problem with the options at once: the declared ranges and choices of
+    pipeline/config.py, then what depends on several options or on the method."""
     require(cfg, "student", "data", "out")
-    problems = []
+    problems = option_problems(cfg)
     if cfg.method not in METHODS:
         problems.append(unknown_method(cfg.method))
     else:
@@ -83,54 +80,47 @@ def check_config(cfg: DistillConfig) -> None:
             problems.append(str(e))
     if cfg.divergence is not None and cfg.divergence not in DIVERGENCES:
         problems.append(f"--divergence '{cfg.divergence}': choose one of {', '.join(DIVERGENCES)}.")
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            problems.append(f"--{name.replace('_', '-')} '{getattr(cfg, name)}': choose one of {', '.join(choices)}.")
-    if cfg.dev_rouge_passes < 1:
-        problems.append(f"--dev-rouge-passes must be >= 1, found {cfg.dev_rouge_passes}.")
-    if cfg.dtw_gamma_steps < 0:
-        problems.append(f"--dtw-gamma-steps must be >= 0 (0 = the whole run), found {cfg.dtw_gamma_steps}.")
     uses_teacher = cfg.method not in METHODS or METHODS[cfg.method].uses_teacher
     if bool(cfg.cache) == bool(cfg.teacher) and uses_teacher:
         problems.append("pass exactly one of --cache STORE (offline) or --teacher MODEL (online).")
-    for name in ("micro_batch_size", "grad_accum", "epochs", "disc_every"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1, found {getattr(cfg, name)}.")
-    if not 0.0 <= cfg.kd_rate <= 1.0:
-        problems.append(f"--kd-rate must be in [0, 1], found {cfg.kd_rate}.")
-    if cfg.dtype not in ("", "bfloat16", "float32"):
-        problems.append(f"--dtype '{cfg.dtype}': choose bfloat16 or float32 (or leave empty).")
     if cfg.sample_caches and (not cfg.cache or not uses_teacher):
         problems.append("--sample-cache (student samples, KD terms only) needs --cache with the gold data and a KD "
                         f"method, not {'online --teacher' if uses_teacher else f'--method {cfg.method}'}.")
     if cfg.init_from and not list_checkpoints(Path(cfg.init_from)):
         problems.append(f"--init-from {cfg.init_from}: no checkpoint there (a distill output folder holds "
                         "checkpoints/step-N).")
-    if cfg.schedule_steps < 0:
-        problems.append(f"--schedule-steps must be >= 0, found {cfg.schedule_steps}.")
     try:
         resolve_report_to(cfg.report_to, cfg.tensorboard)
     except ConfigError as e:
         problems.append(str(e))
-    if cfg.num_workers < -1 or cfg.prefetch_factor < 1:
-        problems.append(f"--num-workers must be >= 0 or -1 (auto), found {cfg.num_workers}; --prefetch-factor >= 1, "
-                        f"found {cfg.prefetch_factor}.")
     if cfg.ga_mode == "released" and (cfg.ga_directions or cfg.disc_spectral_norm or cfg.ga_reachable_keys):
         problems.append("--ga-directions, --disc-spectral-norm and --ga-reachable-keys change the paper's trained D; "
                         "--ga-mode released keeps the released code's fixed random D. Drop one of them.")
-    if not cfg.alm_temperature > 0:
-        problems.append(f"--alm-temperature must be > 0, found {cfg.alm_temperature}.")
-    if not 0.0 <= cfg.alm_merge_threshold <= 1.0:
-        problems.append(f"--alm-merge-threshold must be in [0, 1], found {cfg.alm_merge_threshold}.")
-    if cfg.prefix_chars < 1:
-        problems.append(f"--prefix-chars must be >= 1, found {cfg.prefix_chars}.")
     if cfg.loss_balance == "gradmag" and cfg.fsdp:
         problems.append("--loss-balance gradmag takes per-part gradients of the student's last block, which FSDP2 "
                         "shards; use DDP (drop --fsdp) or --loss-balance weights.")
-    if cfg.projector_warmup_steps < 0:
-        problems.append(f"--projector-warmup-steps must be >= 0, found {cfg.projector_warmup_steps}.")
+    if cfg.out and cfg.student and _same_path(cfg.out, cfg.student):
+        problems.append(f"--out {cfg.out} is the --student folder: the run would write over the weights it starts "
+                        "from. Pass another --out.")
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Whether two existing local paths are the same file or folder (links and '..' resolved)."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def check_out(cfg: DistillConfig) -> Path:
+    """--out, checked before anything is loaded (cache/paths.check_out_folder): writable, and new, empty or this
+    stage's own earlier run (its distill_config.json), never a folder holding something else. An earlier run's folder
+    may hold no link to outside it, since the run writes its files again."""
+    out = check_out_folder(cfg.out, lambda folder: (folder / RESOLVED_CONFIG).is_file(), "distill", ConfigError)
+    if out.is_dir() and (leaving := links_leaving(out)):
+        raise ConfigError(f"--out {out}: {', '.join(leaving[:3])}: link(s) to outside the run folder; the run writes "
+                          "its files again and would write there. Remove the link(s), or pass another --out.")
+    return out
 
 
 def expected_fingerprints(cfg: DistillConfig) -> dict:
@@ -190,6 +180,7 @@ def open_teacher(cfg: DistillConfig, device: str):
     model = load_causal_lm(cfg.teacher, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
     model.requires_grad_(False)
     tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    check_vocabulary(model, tok, cfg.teacher)
     side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
     e = embedding_parts(model)
     teacher = Teacher(teacher_head(head_parts(model), device), e["weight"], float(e["embed_scale"]), side.pad_id,
@@ -298,9 +289,10 @@ def accumulate_gradients(cfg: DistillConfig, micro: list[dict], model, teacher: 
     Reduction (spec/dskd.md): every term is a sum; the step's total is divided by its GLOBAL supervised student
     tokens (all micro-batches, all processes), so k micro-batches of b examples on N processes give the gradient
     of one batch of N*k*b. The engines average gradients over processes, hence the factor `world`. Gradients are
-    reduced in the backward of the last micro-batch only. `real[k]` False: a filler micro-batch (a process whose
-    share of the last step of an epoch is short) that runs with weight 0, so that every process takes part in
-    every collective. `model`: a Trainee, or the engine around one.
+    reduced in the backward of the last micro-batch only. Every random draw of a micro-batch (dropout) is seeded
+    from (seed, step, its index in the step over all processes): training.micro_batch_seed. `real[k]` False: a
+    filler micro-batch (a process whose share of the last step of an epoch is short) that runs with weight 0, so
+    that every process takes part in every collective. `model`: a Trainee, or the engine around one.
     """
     real = [True] * len(micro) if real is None else real
     counts = torch.zeros(3, device=procs.device)  # student tokens, teacher tokens, micro-batches: own, then all
@@ -311,6 +303,9 @@ def accumulate_gradients(cfg: DistillConfig, micro: list[dict], model, teacher: 
     n_step, n_teacher, n_micro = all_reduce_sum(counts, procs).clamp_min(1.0)
     sums: dict[str, torch.Tensor] = {}
     for k, (b, r) in enumerate(zip(micro, real)):
+        # Dropout of micro-batch k of this process, i.e. of the step's micro-batch rank * grad_accum + k (the
+        # examples are cut that way: _Steps): the same masks however the step is split over processes or resumed.
+        torch.manual_seed(micro_batch_seed(cfg.seed, step, procs.rank * cfg.grad_accum + k))
         with gradient_sync(model, procs, sync=k == len(micro) - 1):
             with _autocast(procs.device, cfg):
                 terms = model(cfg, b, teacher, step=step, progress=progress, adversary_step=adversary_step,
@@ -325,6 +320,45 @@ def accumulate_gradients(cfg: DistillConfig, micro: list[dict], model, teacher: 
             sums[name] = sums.get(name, 0.0) + weight * v.detach().float()
         sums["loss"] = sums.get("loss", 0.0) + weight * terms.loss.detach().float()
     return sums, n_step
+
+
+def gradient_norm(params) -> torch.Tensor:
+    """The total L2 norm of the gradients of `params` (what clipping would use), without clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return local_tensor(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros(())
+
+
+def check_finite_step(cfg: DistillConfig, step: int, sums: dict, n_step: float, grad_norm: float, out: Path,
+                      adversary=None) -> None:
+    """TrainingDiverged naming the first non-finite loss term (or the gradient norm) of optimizer step `step`, what
+    was kept and what to change; nothing when all are finite. `sums`: the step's summed logs over all processes."""
+    terms = {"loss": sums["loss"] / n_step, **step_metrics(cfg, sums, n_step)}
+    bad = [(k, v) for k, v in terms.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        name, value = next(((k, v) for k, v in bad if k != "loss"), bad[0])
+        what = f"the loss term '{name}' is {value}"
+    elif not math.isfinite(grad_norm):
+        what = f"the gradient norm is {grad_norm} (loss {terms['loss']:.4g}: the backward overflowed)"
+    elif adversary is not None and not math.isfinite(float(gradient_norm(adversary.parameters()))):
+        what = "the discriminator's gradient is not finite"
+    else:
+        return
+    kept = list_checkpoints(out)
+    raise TrainingDiverged(
+        f"step {step}: {what}; the run stopped before that update (weights, checkpoints and outputs hold no NaN; "
+        f"{'the last checkpoint is ' + kept[-1].name if kept else 'no checkpoint was written'}). Lower --lr (now "
+        f"{cfg.lr:g}), clip with --max-grad-norm (now {cfg.max_grad_norm:g}), or check "
+        + (f"--kd-temperature (now {cfg.kd_temperature:g}) and " if METHODS[cfg.method].uses_teacher else "")
+        + "the data.")
+
+
+def check_finite_weights(model, procs: Processes, step: int) -> None:
+    """TrainingDiverged if any trained weight (any process's shard) is not finite: nothing non-finite is saved."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    bad = sum(int(not bool(torch.isfinite(t).all())) for t in local if t.numel())
+    if float(all_reduce_sum(torch.tensor([float(bad)], device=procs.device), procs)):
+        raise TrainingDiverged(f"step {step}: the weights are no longer finite after the optimizer step; nothing was "
+                               "saved. Lower --lr, or clip with --max-grad-norm.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,9 +492,11 @@ def _engine_blocks(student, procs: Processes) -> list:
 
 # What --resume may change: how long, where and how visibly the run goes on, never what it computes. The store path
 # may change too (a moved store), its fingerprints may not.
+# Where the run lies is no part of it either: a run folder moved or copied elsewhere resumes with its new --out (and
+# the --init-from it started from matters no more once it has checkpoints of its own).
 RESUME_MAY_CHANGE = OUTPUT_ONLY | {"resume", "epochs", "max_steps", "save_every", "keep_checkpoints", "num_workers",
                                    "prefetch_factor", "device", "dev_data", "dev_limit", "dev_rouge",
-                                   "gradient_checkpointing", "trust_remote_code", "cache",
+                                   "gradient_checkpointing", "trust_remote_code", "cache", "out", "init_from",
                                    # a resume on another number of processes keeps the global batch through
                                    # --grad-accum, and may change the engine (checkpoints load on any)
                                    "grad_accum", "fsdp"}
@@ -473,14 +509,12 @@ def store_record(cache: str) -> dict | None:
     """{"path", "fingerprints", "config"} of a finished teacher store (config: its saved CacheConfig, or None)."""
     if not cache:
         return None
-    import fsspec
-
     from dskd_pipe.cache.format import CONFIG
     from dskd_pipe.cache.reader import read_manifest
 
     record = {"path": cache, "fingerprints": read_manifest(cache).fingerprints, "config": None}
     try:
-        fs, root = fsspec.core.url_to_fs(cache)
+        fs, root = filesystem(cache)
         record["config"] = json.loads(fs.cat(f"{root.rstrip('/')}/{CONFIG}")).get("config")
     except (OSError, ValueError):  # an older store without its config: the card shows no cache-teacher command
         pass
@@ -514,7 +548,13 @@ def check_same_run(cfg: DistillConfig, folder: Path, resume: bool, store: dict |
     saved_file = folder / RESOLVED_CONFIG
     if not saved_file.is_file():
         return  # a folder from an older version: the checkpoint loads or fails on its own
-    saved = json.loads(saved_file.read_text())
+    try:
+        saved = json.loads(saved_file.read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("config", {}), dict):
+            raise ValueError("not a resolved distill config")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{saved_file}: damaged ({' '.join(str(e).split())[:120]}), so the run's settings are "
+                          "unknown. Start again in another --out.") from None
     before, now = saved.get("config", {}), config_to_dict(cfg)
     saved_store = saved.get("store")
     keys = [k for k in now if k not in RESUME_MAY_CHANGE] if resume else list(INIT_MUST_MATCH)
@@ -579,18 +619,20 @@ def write_documents(cfg: DistillConfig, out: Path, state: dict, world: int, stor
 def run(cfg: DistillConfig) -> Path:
     check_config(cfg)
     cfg = resolve(cfg)  # the method's published defaults for options left unset
-    procs = setup(cfg.device or default_device(), fsdp=cfg.fsdp)
+    out = check_out(cfg)  # before anything is loaded
+    procs = setup(check_device(cfg.device or default_device()), fsdp=cfg.fsdp)
     rank, device = procs.rank, procs.device
     method = METHODS[cfg.method]
     console = Console.for_stage(cfg.progress and procs.main, cfg.quiet or not procs.main)
-    out = Path(cfg.out)
     checkpoints = list_checkpoints(out)
     if checkpoints and not cfg.resume:
         raise ConfigError(f"{out} already holds checkpoints ({checkpoints[-1].name}). Pass --resume to continue, "
                           "or choose another --out.")
-    resume_from = checkpoints[-1] if cfg.resume and checkpoints else None
+    # The newest whole checkpoint: a newer one cut short (a copy, a full disk) is named (by rank 0) and skipped.
+    warn = console.warn if procs.main else (lambda message: None)
+    resume_from = usable_checkpoint(out, warn) if cfg.resume and checkpoints else None
     # --init-from: a fresh run that starts from another run's last checkpoint (ignored once this run has its own).
-    init_from = list_checkpoints(Path(cfg.init_from))[-1] if cfg.init_from and resume_from is None else None
+    init_from = usable_checkpoint(Path(cfg.init_from), warn) if cfg.init_from and resume_from is None else None
     store = store_record(cfg.cache)
     if resume_from is not None or init_from is not None:  # before any model is loaded
         check_same_run(cfg, out if resume_from is not None else Path(cfg.init_from), resume_from is not None, store)
@@ -605,6 +647,7 @@ def run(cfg: DistillConfig) -> Path:
         report_cut_examples(cfg, student_side, len(gold), console)
     plain_collate = Collate(student_side.pad_id, teacher.pad_id)
     student = build_student(cfg, device)
+    check_vocabulary(_hf(student), tok, cfg.student)
 
     # The method's parts (projectors, an adversary, token maps) and the student, as one module under the engine;
     # the optimizers over the engine's parameters (FSDP2 replaces them by sharded ones); the schedule.
@@ -636,8 +679,6 @@ def run(cfg: DistillConfig) -> Path:
     elif init_from is not None:
         load_checkpoint(init_from, model=model, optimizers=optimizers, scheduler=scheduler, procs=procs)
         console.note(f"starting from {init_from} (step {start_step}; this run's data from its first example)")
-    if rank and resume_from is None:
-        seed_everything(cfg.seed + rank)  # dropout: each process its own stream (rank 0 keeps one process's)
     if procs.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / DONE).unlink(missing_ok=True)
@@ -658,6 +699,7 @@ def run(cfg: DistillConfig) -> Path:
     die_rank = die_rank if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" else -2
 
     def checkpoint() -> None:
+        check_finite_weights(model, procs, state["step"])
         trainer_state = {k: v for k, v in state.items() if v is not None}
         save_checkpoint(out, state["step"], model=model, optimizers=optimizers, scheduler=scheduler,
                         trainer_state=trainer_state, procs=procs, keep=cfg.keep_checkpoints)
@@ -699,8 +741,16 @@ def run(cfg: DistillConfig) -> Path:
                 import signal
 
                 os.kill(os.getpid(), signal.SIGKILL)
+            names = sorted(sums)
+            totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], device=device).float() for k in names]),
+                                    procs)
+            sums = dict(zip(names, totals.tolist()))
             grad_norm = (local_tensor(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-                         if cfg.max_grad_norm > 0 else torch.zeros(()))
+                         if cfg.max_grad_norm > 0 else gradient_norm(trainable))
+            # Non-finite loss or gradient: stop before the update, so no NaN reaches the weights (README "A run that
+            # diverges"). Every process sees the same totals and norm, so all stop together.
+            check_finite_step(cfg, state["step"] + 1, sums, float(n_step), float(grad_norm), out,
+                              adversary=trainee.discriminator if adversary_step else None)
             step_lrs = [g["lr"] for g in optimizer.param_groups]  # the lrs this step used
             optimizer.step()
             scheduler.step()
@@ -712,10 +762,6 @@ def run(cfg: DistillConfig) -> Path:
             state["position"] += steps.examples(state["position"])
             state["step"] += 1
 
-            names = sorted(sums)
-            totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], device=device).float() for k in names]),
-                                    procs)
-            sums = dict(zip(names, totals.tolist()))
             elapsed = time.perf_counter() - t0
             own_tokens = sum(b["attention_mask"].sum() for b, r in zip(micro, real) if r)
             n_tokens = float(all_reduce_sum(torch.as_tensor(own_tokens, device=device).float(), procs))
@@ -741,6 +787,7 @@ def run(cfg: DistillConfig) -> Path:
         if finished_epoch:
             state["epoch"] += 1
             state["position"] = 0
+            check_finite_weights(model, procs, state["step"])  # before best/ is written (every process: a collective)
             if dev_examples is not None:
                 state["best"] = _evaluate(cfg, trainee, procs, tok, dev_examples, student_side, plain_collate, out,
                                           state, metrics)
@@ -749,6 +796,7 @@ def run(cfg: DistillConfig) -> Path:
             break
     bar.close()
 
+    check_finite_weights(model, procs, state["step"])
     done = {"step": state["step"], "method": cfg.method}
     if state.get("best") is not None and (out / "best" / "config.json").is_file():
         # Model selection (spec/evaluation.md): the best dev epoch is the run's output; the last one stays.

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from dskd_pipe.pipeline.config import (ConfigError, DistillConfig, OnPolicyConfig, config_to_dict, load_config,
-                                       require, save_config)
+                                      option_problems, require, save_config)
 from dskd_pipe.pipeline.methods import METHODS
 
 SETTINGS = "on_policy.json"
@@ -52,10 +52,7 @@ def check_config(cfg: OnPolicyConfig, base: DistillConfig) -> None:
     if base.max_steps or base.init_from or base.sample_caches or base.schedule_steps:
         problems.append(f"{cfg.distill}: max_steps, init_from, sample_caches and schedule_steps are set by the "
                         "rounds; remove them.")
-    if cfg.rounds < 1 or cfg.start_epochs < 1 or cfg.epochs_per_round < 1 or cfg.nproc_per_node < 1:
-        problems.append("--rounds, --start-epochs, --epochs-per-round and --nproc-per-node must be >= 1.")
-    if not 0.0 < cfg.share <= 1.0:
-        problems.append(f"--share must be in (0, 1], found {cfg.share}.")
+    problems += option_problems(cfg)
     if problems:
         raise ConfigError("\n".join(problems))
 

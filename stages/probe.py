@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from dskd_pipe.cache.paths import check_out_location
 from dskd_pipe.cache.streaming import Collate, Side, teacher_hidden
-from dskd_pipe.pipeline.config import ConfigError, DistillConfig, ProbeConfig, load_config, require, save_config
+from dskd_pipe.pipeline.config import (ConfigError, DistillConfig, ProbeConfig, load_config, option_problems, require,
+                                      save_config)
 from dskd_pipe.pipeline.models import (default_device, eos_token_id, load_causal_lm, load_tokenizer,
                                        pad_token_id)
 from dskd_pipe.pipeline.objectives.dskd import build_projectors
@@ -88,8 +90,9 @@ def _rate(num: float, n: int):
 @quiet_libraries
 def run(cfg: ProbeConfig) -> Path:
     require(cfg, "run", "cache", "data", "out")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, found {cfg.batch_size}.")
+    if problems := option_problems(cfg):
+        raise ConfigError("\n".join(problems))
+    check_out_location(cfg.out, ConfigError)
     dcfg = load_run(cfg.run, cfg.data)
     device = cfg.device or default_device()
     from dskd_pipe.cache.reader import open_store

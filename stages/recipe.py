@@ -67,6 +67,7 @@ nothing reads them again: its model, best/ and last/ stay). Other settings in th
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -78,6 +79,7 @@ from importlib import resources
 from pathlib import Path
 
 from dskd_pipe.cache.format import MANIFEST
+from dskd_pipe.cache.paths import bad_name
 from dskd_pipe.pipeline.config import (OUTPUT_ONLY, CacheConfig, ConfigError, DistillConfig, ScoreConfig,
                                        config_to_dict, load_config)
 from dskd_pipe.pipeline.progress import Console, quiet_libraries
@@ -279,7 +281,8 @@ def load_recipe_config(config: str | Path, size: str | None = None) -> tuple[str
         for key in sorted(set(section) & set(PATH_KEYS[name])):
             problems.append(f"{path}: [{size}.{name}] '{key}' is set by the recipe; remove it.")
         try:
-            load_config(cls, None, {k: v for k, v in section.items() if k not in PATH_KEYS[name]})
+            load_config(cls, None, {**_set_by_recipe(cls, name),
+                                    **{k: v for k, v in section.items() if k not in PATH_KEYS[name]}})
         except ConfigError as e:
             problems += [f"{path}: [{size}.{name}] {line.removeprefix('command line: ')}"
                          for line in str(e).splitlines()]
@@ -294,8 +297,9 @@ def load_recipe_config(config: str | Path, size: str | None = None) -> tuple[str
         for key in sorted(set(section) & set(PATH_KEYS["distill"])):
             problems.append(f"{where} '{key}' is set by the recipe; remove it.")
         try:
-            load_config(DistillConfig, None, {**table.get("distill", {}), **{
-                k: v for k, v in section.items() if k not in PATH_KEYS["distill"]}, "method": method})
+            load_config(DistillConfig, None, {
+                **_set_by_recipe(DistillConfig, "distill"), **table.get("distill", {}),
+                **{k: v for k, v in section.items() if k not in PATH_KEYS["distill"]}, "method": method})
         except ConfigError as e:
             problems += [f"{where} {line.removeprefix('command line: ')}" for line in str(e).splitlines()]
     if problems:
@@ -310,10 +314,22 @@ def load_recipe_config(config: str | Path, size: str | None = None) -> tuple[str
     return size, settings
 
 
+def _set_by_recipe(cls, stage: str) -> dict:
+    """Stand-ins for the paths the recipe sets itself in `stage`'s config: a table is checked as a whole config,
+    where an option that needs one of them (--dev-rouge needs --dev-data) finds it set."""
+    return {f.name: "(set by the recipe)" for f in dataclasses.fields(cls) if f.name in PATH_KEYS[stage]
+            and f.type == "str"}
+
+
 def resolve_data(value: str, data_root: str | Path | None) -> str:
-    """Absolute: as is; relative: under data_root when given, else a file shipped in configs/data."""
+    """Absolute: as is; relative: under data_root when given, else a file shipped in configs/data. A relative path
+    stays inside that folder: ConfigError for one through '..'."""
     p = Path(value)
     if not p.is_absolute():
+        if bad_name(str(value)) is not None:
+            raise ConfigError(f"data path '{value}': a relative path in a recipe config names a file under "
+                              f"{'--data-root' if data_root else 'the shipped configs/data'}, and '..' leads out of "
+                              "it. Give an absolute path for a file elsewhere.")
         p = Path(data_root) / p if data_root else shipped("data", value)
     return str(p)
 
@@ -435,8 +451,9 @@ def _model(console: Console, out: Path, role: str, models: dict, tokenizer: str 
         console.note(f"[recipe]   {folder}: present, kept")
         return folder, True
     tok_name = tokenizer or models[f"{role}_tokenizer"]
-    tok = load_tokenizer(str(shipped("tokenizers", tok_name)) if shipped("tokenizers", tok_name).is_dir()
-                         else tok_name)
+    # A shipped tokenizer by its plain name; anything else (a hub id, a path) as given.
+    own = bad_name(tok_name, plain=True) is None and shipped("tokenizers", tok_name).is_dir()
+    tok = load_tokenizer(str(shipped("tokenizers", tok_name)) if own else tok_name)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # Built aside and renamed: a killed build never leaves a folder that looks finished.
@@ -744,11 +761,12 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
     all_models = {**references, **folders}
     t0 = _step(console, 8, f"score the teacher, the initial student(s) and {len(folders)} trained student(s) on "
                            f"{sets}: NLL of the gold responses, ROUGE-L of sampled answers")
-    nll = _nll_scores(out, all_models, data["eval"], settings)
-    # The published protocol (configs/score_default.toml) with this size's changes.
+    # The published protocol (configs/score_default.toml) with this size's changes; then the NLL, whose nll.json
+    # joins the score run's folder (score refuses a folder it did not start).
     score_dir = score.run(load_config(ScoreConfig, "score_default", {
         **settings["score"], **shown, "out": str(out / "score"), "data": tuple(data["eval"]),
         "models": tuple(f"{n}={p}" for n, p in all_models.items())}))
+    nll = _nll_scores(out, all_models, data["eval"], settings)
     report = json.loads((score_dir / "report.json").read_text())
     _done(console, out, "score", t0, f"scores: {score_dir}")
 

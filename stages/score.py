@@ -37,16 +37,17 @@ from pathlib import Path
 import torch
 
 from dskd_pipe.pipeline.comparison import mean_std
-from dskd_pipe.pipeline.config import ConfigError, ScoreConfig, require, save_config
+from dskd_pipe.cache.paths import check_out_folder, check_out_location
+from dskd_pipe.pipeline.config import LITERAL_N, ConfigError, ScoreConfig, option_problems, require, save_config
 from dskd_pipe.pipeline.data import DataError, Example, file_fingerprint, load_examples
-from dskd_pipe.pipeline.models import (default_device, default_dtype, eos_token_id, load_causal_lm, load_tokenizer,
-                                       pad_token_id)
+from dskd_pipe.pipeline.models import (check_device, check_vocabulary, default_device, default_dtype, eos_token_id,
+                                       load_causal_lm, load_tokenizer, pad_token_id)
 from dskd_pipe.pipeline.progress import Console, ProgressLine, quiet_libraries
 from dskd_pipe.pipeline.rouge import rouge_l
 
 FORMAT_VERSION = 1  # of a generations file; bump when its header or lines change meaning
 NEWLINE_MARKER = "<n>"  # the released data files' escaped newline
-LITERAL_N_CHOICES = ("both", "prompts", "none")
+LITERAL_N_CHOICES = LITERAL_N  # declared with ScoreConfig.literal_n
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
@@ -60,7 +61,7 @@ def unescape_newlines(examples: list[Example], where: str = "both") -> list[Exam
     """A literal "<n>" read as a newline: in prompts and references ("both"), in prompts only ("prompts": the released
     evaluation loaders, PromptDataset), or nowhere ("none")."""
     if where not in LITERAL_N_CHOICES:
-        raise ConfigError(f"literal_n '{where}': choose one of {', '.join(LITERAL_N_CHOICES)}.")
+        raise ConfigError(f"--literal-n '{where}': choose one of {', '.join(LITERAL_N_CHOICES)}.")
     if where == "none":
         return examples
     out = []
@@ -75,23 +76,11 @@ def _has_marker(examples: list[Example]) -> bool:
 
 
 def check_generation_settings(cfg: ScoreConfig) -> None:
-    """Raise ConfigError listing every generation setting out of range."""
-    problems = []
-    if cfg.max_new_tokens < 1:
-        problems.append(f"max_new_tokens must be >= 1, found {cfg.max_new_tokens}.")
-    if cfg.max_prompt_length < 1:
-        problems.append(f"max_prompt_length must be >= 1, found {cfg.max_prompt_length}.")
-    if cfg.batch_size < 1:
-        problems.append(f"batch_size must be >= 1, found {cfg.batch_size}.")
-    if not cfg.greedy:
-        if cfg.temperature <= 0:
-            problems.append(f"temperature must be > 0 for sampling, found {cfg.temperature} (use --greedy instead).")
-        if not 0 < cfg.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], found {cfg.top_p}.")
-        if cfg.top_k < 0:
-            problems.append(f"top_k must be >= 0 (0 = off), found {cfg.top_k}.")
-    if cfg.no_repeat_ngram_size < 0:
-        problems.append(f"no_repeat_ngram_size must be >= 0 (0 = off), found {cfg.no_repeat_ngram_size}.")
+    """Raise ConfigError listing every generation setting out of range (the declared ranges of pipeline/config.py,
+    then what sampling needs)."""
+    problems = option_problems(cfg)
+    if not cfg.greedy and cfg.temperature <= 0:
+        problems.append(f"temperature must be > 0 for sampling, found {cfg.temperature} (use --greedy instead).")
     if not cfg.seeds:
         problems.append("seeds is empty: give at least one --seed.")
     if problems:
@@ -271,10 +260,28 @@ def generation_settings(cfg: ScoreConfig, device: str, dtype: torch.dtype) -> di
 
 
 def _resolve_device_dtype(cfg: ScoreConfig) -> tuple[str, torch.dtype]:
-    device = cfg.device or default_device()
-    if cfg.dtype and cfg.dtype not in _DTYPES:
-        raise ConfigError(f"dtype '{cfg.dtype}' is not known; use one of {', '.join(_DTYPES)} or leave it empty.")
+    device = check_device(cfg.device or default_device())
     return device, (_DTYPES[cfg.dtype] if cfg.dtype else default_dtype(device))
+
+
+def _own_run(folder: Path) -> bool:
+    """Whether `folder` is an earlier score run (its config.json says ScoreConfig): its finished passes are reused."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("stage") == "ScoreConfig"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out_file(out: str, data_path: str) -> Path:
+    """`generate --out`, checked before anything is loaded: a new file, or one an earlier generate wrote (its
+    NAME.config.json beside it), never the --data file or any other existing file."""
+    path = check_out_location(out, ConfigError, kind="file")
+    if path.exists() and Path(data_path).exists() and path.resolve() == Path(data_path).resolve():
+        raise ConfigError(f"--out {path} is the --data file itself; write the generations to a new file.")
+    if path.exists() and not path.with_name(path.name + ".config.json").is_file():
+        raise ConfigError(f"--out {path} exists and is not an earlier generate output (no {path.name}.config.json "
+                          "beside it): it would be overwritten. Pass a new file name.")
+    return path
 
 
 def _write_jsonl_atomic(path: Path, lines: list[dict]) -> None:
@@ -414,6 +421,7 @@ def run(cfg: ScoreConfig) -> Path:
     """Score every --model on every --data set; return the output folder (see the module docstring)."""
     require(cfg, "models", "data", "out")
     check_generation_settings(cfg)
+    out = check_out_folder(cfg.out, _own_run, "score", ConfigError)  # before anything is loaded
     device, dtype = _resolve_device_dtype(cfg)
     sets = _load_sets(cfg)
     set_names = [s[0] for s in sets]
@@ -421,7 +429,6 @@ def run(cfg: ScoreConfig) -> Path:
     if in_domain not in set_names:
         raise ConfigError(f"--in-domain '{in_domain}' is not one of the sets ({', '.join(set_names)}).")
     models = _named(cfg.models, "model")
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.json")
     settings = generation_settings(cfg, device, dtype)
@@ -463,6 +470,7 @@ def run(cfg: ScoreConfig) -> Path:
                         tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
                         model = load_causal_lm(model_path, dtype=dtype, device=device,
                                                trust_remote_code=cfg.trust_remote_code)
+                        check_vocabulary(model, tokenizer, model_path)
                     prompts = [e.prompt for e in examples]
                     cut = prompt_lengths_over(tokenizer, prompts, cfg.max_prompt_length)
                     if set_name not in prompts_cut[label] and any(cut):
@@ -512,9 +520,7 @@ def run_generate(cfg: ScoreConfig) -> Path:
     data_spec, own_limit = split_limit(cfg.data[0])
     _, data_path = split_name(data_spec)
     _, model_path = split_name(cfg.models[0])
-    out = Path(cfg.out)
-    if out.exists() and Path(data_path).exists() and out.resolve() == Path(data_path).resolve():
-        raise ConfigError(f"--out {out} is the --data file itself; write the generations to a new file.")
+    out = check_out_file(cfg.out, data_path)
     examples = load_examples(data_path, limit=own_limit if own_limit is not None else cfg.limit,
                              skip_bad=cfg.skip_bad)
     examples = unescape_newlines(examples, "prompts" if cfg.literal_n == "both" else cfg.literal_n)
@@ -524,6 +530,7 @@ def run_generate(cfg: ScoreConfig) -> Path:
     raw = {where: rec for where, rec in _raw_records(data_path) if where in wanted}
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(model_path, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+    check_vocabulary(model, tokenizer, model_path)
     console = Console.for_stage(cfg.progress, cfg.quiet)
     prompts = [e.prompt for e in examples]
     if n_cut := sum(prompt_lengths_over(tokenizer, prompts, cfg.max_prompt_length)):

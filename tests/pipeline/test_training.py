@@ -70,8 +70,9 @@ def test_rng_states_round_trip_through_weights_only_load(tmp_path):
 
 
 def test_checkpoint_round_trip_and_keep(tmp_path):
-    """The trained module (student and parts as one module) and both optimizers through DCP; trainer state,
-    scheduler and RNG restored; only the newest `keep` checkpoints stay; no temporary folder is left."""
+    """The trained module (student and parts as one module) and both optimizers through DCP; trainer state and
+    scheduler restored, the RNG left alone (no RNG state is stored: micro-batch draws come from micro_batch_seed);
+    only the newest `keep` checkpoints stay; no temporary folder is left."""
     torch.manual_seed(1)
     model = torch.nn.ModuleDict({"student": Tiny(), "proj": torch.nn.Linear(2, 2), "disc": torch.nn.Linear(2, 1)})
     opt = torch.optim.AdamW(param_groups(model["student"], 1e-3, 0.01, [(model["proj"], 1e-3)]))
@@ -104,7 +105,10 @@ def test_checkpoint_round_trip_and_keep(tmp_path):
     for a, b in ((opt, opt2), (disc_opt, disc_opt2)):
         sa, sb = a.state_dict()["state"], b.state_dict()["state"]
         assert len(sa) == len(sb) and all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
-    assert torch.rand(1) != after  # the RNG was restored to the checkpoint's, not left at seed 0
+    assert torch.rand(1) == after  # no RNG state in a checkpoint: the caller's stream is untouched
+    files = {f.relative_to(list_checkpoints(tmp_path)[-1]).as_posix() for f in list_checkpoints(tmp_path)[-1].rglob("*")
+             if f.is_file()}
+    assert files == {"state/.metadata", "state/__0_0.distcp", "trainer_state.json"}
     assert not torch.equal(model2["student"].frozen.weight, model["student"].frozen.weight)  # frozen: not stored
 
 

@@ -43,3 +43,28 @@ def example_bytes(root: Path) -> dict[int, tuple]:
                   r["hidden"].numpy().tobytes(), *(r[k].tobytes() for k in ("topk_values", "topk_indices", "logsumexp")
                                                    if k in r))
     return out
+
+
+def invoke(*args):
+    """`dskd-pipe ARGS` in this process (click's runner); the result's output holds stdout and stderr."""
+    from click.testing import CliRunner
+
+    from dskd_pipe.pipeline.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def distill_args(models: dict, out: Path, *extra, method: str = "sft", steps: int = 4) -> list[str]:
+    """A tiny distill run of the reliability student: 8 examples, 2 per step, `steps` steps, on the CPU."""
+    return ["distill", "--student", str(models["student"]), "--method", method, "--data", str(DATA), "--out", str(out),
+            "--limit", "8", "--max-length", "64", "--micro-batch-size", "2", "--grad-accum", "1", "--max-steps",
+            str(steps), "--num-workers", "0", "--device", "cpu", "--seed", "0", "--no-progress", *map(str, extra)]
+
+
+def one_error_line(result) -> str:
+    """The single `error:` line of a failed command that printed no traceback."""
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code not in (0, None) and "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert len(errors) == 1, result.output
+    return errors[0]

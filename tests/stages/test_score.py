@@ -337,7 +337,7 @@ def test_literal_n_is_a_newline_in_prompts_and_references(tiny, tmp_path):
     out = run(_cfg(tiny, tmp_path / "plain", seeds=(10,), greedy=True))
     assert "literal_n" not in json.loads((out / "generations" / "gpt2" / "selfinst" / "greedy.jsonl")
                                         .read_text().splitlines()[0])["header"]
-    with pytest.raises(ConfigError, match="literal_n 'x': choose one of both, prompts, none"):
+    with pytest.raises(ConfigError, match="--literal-n 'x': choose one of both, prompts, none"):
         run(_cfg(tiny, tmp_path / "bad", literal_n="x"))
 
 
