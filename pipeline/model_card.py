@@ -25,6 +25,31 @@ METHOD_SETTINGS = ("lambda_ga", "ga_start_step", "disc_lr", "disc_every", "ga_di
                    "loss_balance")
 TRAIN_TERMS = ("loss", "ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "kd", "alm", "prefix_kd", "dtw", "t2s_acc", "s2t_acc", "l_g",
                "d_acc_real", "d_acc_fake", "l_d")
+# What the project's quality benchmark measured for a method (BENCHMARKS.md "Closing the gap", the `full` size: 24-town
+# world, BPE-768 teacher -> WordPiece-928 student, test NLL per character, 3 seeds, paired to sft), negative results
+# included; a student's card repeats its method's line.
+MEASURED = {
+    "sft": "the baseline every method is compared with (test NLL/char 0.0931 ± 0.0009).",
+    "kd": "with the teacher's tokenizer: -0.0165 nats/char against sft (the same-tokenizer gain the others are "
+          "measured against).",
+    "alm+prefix-kd": "-0.0109 nats/char against sft [-0.0164, -0.0055]: 66% of plain KD's same-tokenizer gain, the "
+                     "best cross-tokenizer method measured.",
+    "prefix-kd": "-0.0104 nats/char against sft [-0.0160, -0.0049]: 63% of plain KD's same-tokenizer gain.",
+    "alm": "-0.0052 nats/char against sft [-0.0081, -0.0022] (published form, GradMag balancing): 32% of plain KD's "
+           "same-tokenizer gain.",
+    "cma-ga+prefix-kd": "-0.0050 nats/char against sft [-0.0081, -0.0019]: 30% of plain KD's same-tokenizer gain.",
+    "cma-ga+alm+prefix-kd": "-0.0041 nats/char against sft [-0.0060, -0.0023]: 25% of plain KD's gain.",
+    "cma-ga": "no measurable difference from sft (+0.0014 nats/char [-0.0022, +0.0050]); composed with prefix-kd it "
+              "gains -0.0050.",
+    "cma-ga+alm": "no measurable difference from sft (+0.0016 nats/char [-0.0009, +0.0041]).",
+    "dskd-cma": "no measurable difference from sft (+0.0018 nats/char [-0.0028, +0.0063]).",
+    "dwa-kd": "no measurable difference from sft (-0.0001 nats/char [-0.0071, +0.0070]).",
+    "dskd-v2-eta": "no measurable difference from sft (+0.0020 nats/char [-0.0031, +0.0071]).",
+    "mined": "no measurable difference from sft (+0.0020 nats/char [-0.0060, +0.0101]).",
+    "uld": "worse than sft (+0.0094 nats/char [+0.0049, +0.0138]).",
+    "chunk-attention": "worse than sft (+0.0032 nats/char [+0.0008, +0.0057]).",
+    "dskd": "with the teacher's tokenizer: -0.0093 nats/char against sft (56% of plain KD's gain).",
+}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "gpt2", "Qwen/Qwen2.5-0.5B"
 
 
@@ -193,6 +218,8 @@ def model_card(cfg: DistillConfig, *, folder: str, steps: int, epochs: int, worl
         lines.append("| method options | " + ", ".join(f"{k} {_fmt(v)}" for k, v in method_options(cfg).items())
                      + " |")
 
+    if cfg.method in MEASURED:
+        lines += ["", f"On the project's quality benchmark (BENCHMARKS.md), `{cfg.method}`: {MEASURED[cfg.method]}"]
     lines += ["", "## Results", ""]
     if metrics["train"]:
         lines.append(f"Training, mean of the last {metrics['last_steps']} optimizer steps (per supervised token):")

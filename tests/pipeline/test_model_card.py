@@ -68,6 +68,20 @@ def test_card_has_hf_metadata_provenance_metrics_and_commands(tmp_path):
            "--max-length 256   # the teacher store" in body
     assert "dskd-pipe distill --config distill_config.json --out NEW_FOLDER" in body
     assert "dskd-pipe distill --cache runs/qwen.zarr --student gpt2 --method cma-ga" in body
+    # what the quality benchmark measured for the method, negative results included
+    assert "On the project's quality benchmark (BENCHMARKS.md), `cma-ga`: no measurable difference from sft" in body
+
+
+def test_every_built_in_method_says_what_the_benchmark_measured_for_it_or_that_it_was_not_run():
+    """A card states its method's measured result; the methods the benchmark does not run are the same-tokenizer
+    DSKDv2 and the chunk-projection ablation."""
+    from dskd_pipe.pipeline.methods import METHODS
+    from dskd_pipe.pipeline.model_card import MEASURED
+
+    assert set(METHODS) - set(MEASURED) == {"dskd-v2", "chunk-projection"}
+    card = model_card(DistillConfig(cache="s.zarr", student="s", method="alm+prefix-kd", data="d.jsonl", out="o"),
+                      folder="o", steps=0, epochs=0)
+    assert "`alm+prefix-kd`: -0.0109 nats/char against sft [-0.0164, -0.0055]: 66% of plain KD's" in card
 
 
 def test_sft_card_without_teacher_or_metrics():
