@@ -408,8 +408,8 @@ def next_text_events(teacher_tok, student_tok, chars: int = 1, teacher_size: int
     """The events both vocabularies can be summed onto: each token's text with its whitespace and markers dropped
     ("Ġsunny", "▁sunny" and WordPiece "sunny" all read b"sunny"), cut to its first `chars` bytes; an event is a cut
     that is the longest such cut of some token on BOTH sides; a token goes to the longest of its own cuts that is an
-    event (with chars = 1: its first byte, which both sides nearly always share). EOS of each side is the event b"" (the text
-    ends). Whitespace-only tokens, other special tokens and padded head rows belong to no event (-1).
+    event (with chars = 1: its first byte, which both sides nearly always share). EOS of each side is the event b""
+    (the text ends). Whitespace-only tokens, other special tokens and padded head rows belong to no event (-1).
 
     Whitespace is dropped because tokenizers disagree on where it goes (byte-level glues a space to the next word,
     WordPiece drops it, a newline is a token of its own): after a shared boundary the next non-space bytes are

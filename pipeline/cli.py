@@ -207,7 +207,8 @@ def cache_verify(store) -> None:
               help="ALM: chunks merged by the teacher's word-start probability and closed on a word start "
               "(space+merge, published), closed only (space), or the plain form (none).")
 @click.option("--alm-merge-threshold", type=float, default=None,
-              help="ALM space+merge: a merged chunk ends where the teacher's word-start probability exceeds this (0.1).")
+              help="ALM space+merge: a merged chunk ends where the teacher's word-start probability exceeds this "
+              "(0.1).")
 @click.option("--alm-mean", type=_choice(DistillConfig, "alm_mean"), default=None,
               help="ALM: the mean over the merged chunks (default) or over the released code's count, merged twice.")
 @click.option("--prefix-chars", type=int, default=None,

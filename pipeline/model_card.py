@@ -23,8 +23,8 @@ METHOD_SETTINGS = ("lambda_ga", "ga_start_step", "disc_lr", "disc_every", "ga_di
                    "overlap_top_k", "kd_warmup_steps", "teacher_temperature", "alm_temperature", "alm_debias",
                    "alm_merge_threshold", "alm_mean", "prefix_chars", "prefix_temper",
                    "loss_balance")
-TRAIN_TERMS = ("loss", "ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "kd", "alm", "prefix_kd", "dtw", "t2s_acc", "s2t_acc", "l_g",
-               "d_acc_real", "d_acc_fake", "l_d")
+TRAIN_TERMS = ("loss", "ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "kd", "alm", "prefix_kd", "dtw", "t2s_acc", "s2t_acc",
+               "l_g", "d_acc_real", "d_acc_fake", "l_d")
 # What the project's quality benchmark measured for a method (BENCHMARKS.md "Closing the gap", the `full` size: 24-town
 # world, BPE-768 teacher -> WordPiece-928 student, test NLL per character, 3 seeds, paired to sft), negative results
 # included; a student's card repeats its method's line.

@@ -113,8 +113,8 @@ def prefix_kd_loss(
     """prefix-kd (module docstring) summed over the given boundaries.
 
     Shapes: student_logits [B, S, Vs], teacher_hidden [B, T, dt]; teacher_pos / student_pos [N, 2] (example,
-    label position) pairs (shared_boundaries); teacher_events [Vt] / student_events [Vs] (alignment.next_text_events). At most
-    chunk_tokens rows of [*, V] logits per side exist at once in fp32.
+    label position) pairs (shared_boundaries); teacher_events [Vt] / student_events [Vs]
+    (alignment.next_text_events). At most chunk_tokens rows of [*, V] logits per side exist at once in fp32.
     """
     device = student_logits.device
     kd = student_logits.sum() * 0.0

@@ -90,7 +90,8 @@ def test_methods_lists_the_installed_method_and_what_was_left_out(env):
     from dskd_pipe.pipeline.methods import BUILT_IN, METHODS
 
     n_built_in = sum(METHODS.origin(name) == BUILT_IN for name in METHODS)
-    assert lines[0] == f"{n_built_in} built-in method(s), 1 from installed packages (entry point group dskd_pipe.methods):"
+    assert lines[0] == (f"{n_built_in} built-in method(s), 1 from installed packages (entry point group "
+                        "dskd_pipe.methods):")
     row = lines.index(next(line for line in lines if line.startswith("  toy-pull ")))
     assert "any tokenizers  CE and a pull towards the teacher's mean state" in lines[row]
     assert lines[row + 1].strip() == "from toy-dskd-plugin 0.1 (entry point toy-pull = toy_dskd_plugin:METHOD)"
