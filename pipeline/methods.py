@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 from dskd_pipe.pipeline.alignment import (EtaPairs, TokenStrings, blank_mask, eta_pairs_for_batch, next_text_events,
                                           teacher_to_student_token_map, vocab_overlap, word_start_mask)
 from dskd_pipe.pipeline.config import ConfigError, DistillConfig
-from dskd_pipe.pipeline.objectives.alm import alm_loss
+from dskd_pipe.pipeline.objectives.alm import alm_loss, label_log_probs
 from dskd_pipe.pipeline.objectives.balance import balanced_sum, gradmag_weights, last_block_parameters
 from dskd_pipe.pipeline.objectives.baselines import mined_loss, mined_pairs_for_batch, mined_token_map, uld_loss
 from dskd_pipe.pipeline.objectives.divergences import DIVERGENCES, cross_entropy_sum
@@ -43,7 +44,7 @@ from dskd_pipe.pipeline.objectives.dskd import build_projectors, dskd_cma_loss, 
 from dskd_pipe.pipeline.objectives.dskd_v2 import dskd_v2_eta_loss, dskd_v2_same_vocab_loss, ideal_projector_init
 from dskd_pipe.pipeline.objectives.dwa import build_dwa_projectors, dtw_gamma, dwa_kd_loss, kd_warmup
 from dskd_pipe.pipeline.objectives.prefix_kd import prefix_kd_loss, shared_boundaries
-from dskd_pipe.pipeline.probes import chunk_alignment, chunk_ids, label_offsets
+from dskd_pipe.pipeline.probes import chunk_ids, label_offsets
 
 PROJECTOR_LR = 1e-3  # DSKD (spec/dskd.md "Published training setup"); DSKDv2 and DWA-KD build on its setup
 # MinED's token map is computed once per tokenizer pair (about 30 s for Qwen -> GPT-2 on 2 cores) and kept here.
@@ -133,6 +134,14 @@ class LossInputs:
     def n_student(self) -> Tensor:
         return (self.labels != -100).sum()
 
+    @cached_property
+    def student_label_log_probs(self) -> tuple[Tensor, Tensor]:
+        """(log softmax(Zs)[label], logsumexp(Zs)) at the positions with a label, fp32 [Ns] each (alm
+        .label_log_probs): computed once per micro-batch for the student's CE and ALM, so its [Ns, Vs] logits go
+        to fp32 once."""
+        labelled = self.labels != -100
+        return label_log_probs(self.logits[labelled], self.labels[labelled])
+
     @property
     def options(self) -> dict:
         """The method's own options (Method.options): their defaults, with the run's --method-option values."""
@@ -209,15 +218,11 @@ class AlignmentExtras:
 
 def chunk_extras(items, teacher_labels, student_labels) -> dict:
     """Collate extra of the chunk-level ablations: "chunks" bool [B, S, T], the ground-truth chunk alignment of the
-    label positions of each example (pipeline/probes.chunk_alignment), padded to the batch's widths."""
-    width_s = max(len(r) for r in student_labels)
-    width_t = max(len(r) for r in teacher_labels)
-    chunks = torch.zeros(len(items), width_s, width_t, dtype=torch.bool)
-    for b, (it, t_lab, s_lab) in enumerate(zip(items, teacher_labels, student_labels)):
-        block = chunk_alignment(label_offsets(it["offsets"]), label_offsets(it["student_offsets"]),
-                                torch.tensor(t_lab) != -100, torch.tensor(s_lab) != -100)  # [S_b, T_b]
-        chunks[b, :block.shape[0], :block.shape[1]] = block
-    return {"chunks": chunks}
+    label positions of each example (pipeline/probes.chunk_alignment: the same chunk on both sides, from
+    `chunk_id_extras`), padded to the batch's widths."""
+    ids = chunk_id_extras(items, teacher_labels, student_labels)
+    s, t = ids["student_chunk"][:, :, None], ids["teacher_chunk"][:, None, :]  # [B, S, 1], [B, 1, T]
+    return {"chunks": (s == t) & (s >= 0)}
 
 
 def chunk_id_extras(items, teacher_labels, student_labels) -> dict:
@@ -544,7 +549,7 @@ def _alm_value(x: LossInputs) -> tuple[Tensor, dict]:
                    x.batch["student_chunk"], x.batch["teacher_chunk"], tau=cfg.alm_temperature,
                    debias=cfg.alm_debias, student_word_start=tables.get("student_word_start"),
                    teacher_word_start=tables.get("teacher_word_start"), merge_threshold=cfg.alm_merge_threshold,
-                   mean_over=cfg.alm_mean)
+                   mean_over=cfg.alm_mean, student_label_log_probs=x.student_label_log_probs)
     value = out.loss * x.micro_batch_mean_weight
     return value, {"alm": value.detach(), "alm_chunks": out.chunks.detach()}
 
@@ -579,8 +584,9 @@ PREFIX_KD = Term("prefix-kd", _prefix_kd_value, ("prefix_kd",),
 
 
 def _ce_part(x: LossInputs) -> LossTerms:
-    """(1 - kd_rate) CE: the base of a composition with no base method."""
-    ce = cross_entropy_sum(x.logits, x.labels if x.ce_labels is None else x.ce_labels)
+    """(1 - kd_rate) CE: the base of a composition with no base method. Its gold log-probabilities are the ones
+    ALM reads (LossInputs.student_label_log_probs), unless student samples leave some rows out of the CE."""
+    ce = -x.student_label_log_probs[0].sum() if x.ce_labels is None else cross_entropy_sum(x.logits, x.ce_labels)
     return LossTerms((1.0 - x.cfg.kd_rate) * ce, {"ce_student": ce.detach()})
 
 

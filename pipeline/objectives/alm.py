@@ -68,28 +68,32 @@ def binary_cross_entropy(log_a: Tensor, log_b: Tensor, tau: float) -> Tensor:
     return -(log_a.exp() * log_b + (-torch.expm1(log_a)) * log1mexp(log_b))
 
 
-def position_log_probs(logits: Tensor, labels: Tensor, word_start: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(log softmax(z)[label], log sum_{v in word_start} softmax(z)_v) per row, fp32: logits [N, V], labels [N]
-    (any id where the row has no label), word_start bool [V] or None (then the second is zeros)."""
+def label_log_probs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(log softmax(z)[label], logsumexp(z)) per row, fp32 from one copy of the rows: logits [N, V], labels [N]
+    (any id where the row has no label) -> ([N], [N])."""
     z = logits.float()
     norm = torch.logsumexp(z, dim=-1)
-    gold = z.gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1) - norm
+    return z.gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1) - norm, norm
+
+
+def word_start_log_probs(logits: Tensor, word_start: Tensor | None, norm: Tensor) -> Tensor:
+    """log sum_{v in word_start} softmax(z)_v per row, fp32 [N]: logits [N, V], word_start bool [V] (None: zeros),
+    norm = logsumexp(z) [N] (label_log_probs)."""
     if word_start is None:
-        return gold, torch.zeros_like(gold)
-    start = torch.logsumexp(z[:, word_start.to(z.device)], dim=-1) - norm
-    return gold, start
+        return torch.zeros_like(norm)
+    return torch.logsumexp(logits[:, word_start.to(logits.device)].float(), dim=-1) - norm
 
 
 def teacher_position_log_probs(hidden: Tensor, labels: Tensor, head: TeacherHead, word_start: Tensor | None = None,
                                chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[Tensor, Tensor]:
-    """position_log_probs of the teacher's rows rebuilt from its hidden states and head, detached: hidden [N, dt],
-    labels [N] -> ([N], [N]). At most chunk_tokens rows of [*, Vt] logits exist at once."""
+    """(gold, word-start) log-probabilities of the teacher's rows rebuilt from its hidden states and head, detached:
+    hidden [N, dt], labels [N] -> ([N], [N]). At most chunk_tokens rows of [*, Vt] logits exist at once."""
     gold, start = [], []
     for i in range(0, hidden.shape[0], chunk_tokens):
         z = teacher_logits(hidden[i : i + chunk_tokens].detach(), head)  # [c, Vt]
-        g, s = position_log_probs(z, labels[i : i + chunk_tokens].to(z.device), word_start)
+        g, norm = label_log_probs(z, labels[i : i + chunk_tokens].to(z.device))
         gold.append(g)
-        start.append(s)
+        start.append(word_start_log_probs(z, word_start, norm))
     if not gold:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty
@@ -150,6 +154,7 @@ def alm_loss(
     teacher_word_start: Tensor | None = None,
     merge_threshold: float = 0.1,
     mean_over: str = "chunks",
+    student_label_log_probs: tuple[Tensor, Tensor] | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> AlmOutput:
     """ALM of one micro-batch (module docstring): the mean BCE over its chunks.
@@ -159,6 +164,8 @@ def alm_loss(
     each label position, -1 outside (probes.chunk_ids, padded with -1). word_start: bool [Vs] / [Vt]
     (alignment.word_start_mask), needed unless debias is "none". mean_over: "chunks" (the mean over the merged
     chunks) | "released" (space+merge only: tokenkit's denominator, the count merged twice; `_merge_groups`).
+    student_label_log_probs: label_log_probs of the student's rows with a label (labels != -100), when the caller
+    has them already (its CE uses the same numbers): the student's [Ns, Vs] logits then go to fp32 once.
     """
     if debias not in DEBIAS_CHOICES:
         raise ValueError(f"ALM debias {debias!r}: choose one of {', '.join(DEBIAS_CHOICES)}.")
@@ -176,14 +183,14 @@ def alm_loss(
 
     # Per label position: gold log-prob (on chunk positions) and word-start log-prob (on every labelled position:
     # the one after a chunk's last may lie in the next chunk).
-    s_lab = labels[:, :width_s]
-    s_rows = s_lab != -100  # [B, S']
-    gold_s = torch.zeros(batch, width_s, dtype=torch.float32, device=device)
-    start_s = torch.zeros_like(gold_s)
-    g, st = position_log_probs(student_logits[:, :width_s][s_rows], s_lab[s_rows],
-                               student_word_start if spaced else None)
-    gold_s = gold_s.masked_scatter(s_rows, g)
-    start_s = start_s.masked_scatter(s_rows, st)
+    labelled = labels != -100  # [B, S]
+    zs = student_logits[labelled]  # [Ns, Vs]
+    g, norm = label_log_probs(zs, labels[labelled]) if student_label_log_probs is None else student_label_log_probs
+    st = word_start_log_probs(zs, student_word_start if spaced else None, norm)
+    gold_s = torch.zeros(labels.shape, dtype=torch.float32, device=device).masked_scatter(labelled, g)
+    start_s = torch.zeros_like(gold_s).masked_scatter(labelled, st)
+    s_lab, s_rows = labels[:, :width_s], labelled[:, :width_s]  # [B, S']
+    gold_s, start_s = gold_s[:, :width_s], start_s[:, :width_s]
     t_lab = teacher_labels[:, :width_t].to(device)
     t_rows = t_lab != -100
     g, st = teacher_position_log_probs(teacher_hidden[:, :width_t][t_rows.to(teacher_hidden.device)],
