@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dskd_pipe.cache.streaming import Collate, DistillDataset, Side, teacher_hidden
+from dskd_pipe.pipeline.loader import Collate, DistillDataset, Side, teacher_hidden
 from dskd_pipe.pipeline.config import DistillConfig, load_config
 from dskd_pipe.pipeline.methods import chunk_extras, resolve
 from dskd_pipe.pipeline.models import eos_token_id, load_causal_lm, load_tokenizer, pad_token_id

@@ -64,7 +64,7 @@ def run_one(name: str, nproc: int, fsdp: bool, args, student: Path, store: Path,
              "--seed", "0", "--no-progress"] + (["--fsdp"] if fsdp else [])
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
               if nproc > 1 else [sys.executable])
-    cmd = [sys.executable, "-c", _PEAK, *launch, "-m", "dskd_pipe.pipeline.cli", *flags]
+    cmd = [sys.executable, "-c", _PEAK, *launch, "-m", "dskd_pipe", *flags]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ,
                                                                      "OMP_NUM_THREADS": str(args.threads)})

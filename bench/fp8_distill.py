@@ -28,7 +28,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-CLI = [sys.executable, "-c", "from dskd_pipe.pipeline.cli import main; main()"]
+CLI = [sys.executable, "-c", "from dskd_pipe.stages.cli import main; main()"]
 TERMS = ("loss", "ce_student", "ce_t2s", "kd_t2s", "kd_s2t")
 
 

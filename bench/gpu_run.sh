@@ -92,7 +92,7 @@ if [[ $what == quality ]]; then
   # everything built on the device: world, tokenizers, teacher SFT, student bases, store, students, scores; a rerun
   # of the same command in the same --out reuses what finished (a cut-off call loses only the step it was in)
   SECONDS=0
-  timeout 480 python3 -c "from dskd_pipe.pipeline.cli import main; main()" recipe quality --size gpu \
+  timeout 480 python3 -c "from dskd_pipe.stages.cli import main; main()" recipe quality --size gpu \
     --out /tmp/quality_gpu --no-progress || echo "quality recipe stopped (rerun to continue: it resumes)"
   echo "quality: ${SECONDS}s"
   mkdir -p "$res/quality_gpu" && cp /tmp/quality_gpu/summary.* /tmp/quality_gpu/timings.jsonl \

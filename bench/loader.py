@@ -2,7 +2,7 @@
 
 The path is the one `dskd-pipe distill` runs: StoreReader -> StoreSource -> DistillDataset (the student tokenizer on
 each example's stored text) -> Collate (both views padded; the teacher's hidden rows packed, [N, d]) ->
-cache.streaming.make_loader (workers, prefetch, pinned memory when the device is a GPU), then `.to(device,
+pipeline.loader.make_loader (workers, prefetch, pinned memory when the device is a GPU), then `.to(device,
 non_blocking=True)` per micro-batch and, on a GPU, the rows padded to [B, T, d] there, as the loop does. The
 training step is simulated: the loop takes the step's micro-batches (the time spent waiting for them is the loader
 wait), then the step itself takes --step-ms: a sleep on CPU, a GPU-side sleep kernel (torch.cuda._sleep, calibrated)
@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from dskd_pipe.cache import streaming
+from dskd_pipe.pipeline import loader as streaming
 from dskd_pipe.cache.format import Manifest, plan_store
 from dskd_pipe.cache.reader import open_store
-from dskd_pipe.cache.streaming import Collate, DistillDataset, Side, StoreSource, make_loader
+from dskd_pipe.pipeline.loader import Collate, DistillDataset, Side, StoreSource, make_loader
 from dskd_pipe.cache.writer import PartWriter, finalize_store, open_for_writing, write_json
 from dskd_pipe.pipeline.data import build_sequence, load_examples
 from dskd_pipe.pipeline.models import load_tokenizer

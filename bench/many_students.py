@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_offline_vs_online import DATA, SHAPES, build_model  # noqa: E402
 from results_file import write_result  # noqa: E402
 
-CLI = [sys.executable, "-c", "from dskd_pipe.pipeline.cli import main; main()"]
+CLI = [sys.executable, "-c", "from dskd_pipe.stages.cli import main; main()"]
 
 
 def timed_run(args: list[str], log: Path) -> float:

@@ -183,7 +183,7 @@ class MethodRun:
     optimizer, schedule), with its step batches collated; `step(which)` runs one optimizer step on batch `which`."""
 
     def __init__(self, spec: dict):
-        from dskd_pipe.cache.streaming import Collate, DistillDataset, Side, make_loader
+        from dskd_pipe.pipeline.loader import Collate, DistillDataset, Side, make_loader
         from dskd_pipe.pipeline.config import DistillConfig
         from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id
         from dskd_pipe.pipeline.training import cosine_schedule, param_groups, seed_everything

@@ -45,13 +45,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time the names load on first use (below)
     from dskd_pipe.cache.format import StoreError
-    from dskd_pipe.cache.streaming import teacher_hidden
+    from dskd_pipe.pipeline.loader import teacher_hidden
     from dskd_pipe.pipeline.config import CacheConfig, ConfigError, DistillConfig, ScoreConfig
     from dskd_pipe.pipeline.methods import Adversary, LossInputs, LossTerms, Method, MethodOption, MethodParts
     from dskd_pipe.pipeline.objectives.dskd import TeacherHead
     from dskd_pipe.pipeline.store_data import StoreDataset, held_out_loss, store_collate
     from dskd_pipe.pipeline.teacher_store import TeacherExample, TeacherStore, open_store
-    from dskd_pipe.stages.distill import student_forward
+    from dskd_pipe.pipeline.student import student_forward
 
     from . import losses
 
@@ -77,8 +77,8 @@ _LAZY = {
     "StoreDataset": "dskd_pipe.pipeline.store_data",
     "store_collate": "dskd_pipe.pipeline.store_data",
     "held_out_loss": "dskd_pipe.pipeline.store_data",
-    "teacher_hidden": "dskd_pipe.cache.streaming",
-    "student_forward": "dskd_pipe.stages.distill",
+    "teacher_hidden": "dskd_pipe.pipeline.loader",
+    "student_forward": "dskd_pipe.pipeline.student",
     "TeacherHead": "dskd_pipe.pipeline.objectives.dskd",
     "CacheConfig": "dskd_pipe.pipeline.config",
     "DistillConfig": "dskd_pipe.pipeline.config",

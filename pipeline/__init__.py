@@ -1,1 +1,1 @@
-"""dskd-pipe: shared core (CLI, config, data, models, objectives)."""
+"""dskd-pipe: shared core (config, data, loader, models, objectives, methods, and a distill run by concern)."""

@@ -25,6 +25,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from dskd_pipe.pipeline.config import UNMAPPED_CHOICES
+
+
 BYTE_LEVEL = "byte_level"
 SENTENCEPIECE = "sentencepiece"
 WORDPIECE = "wordpiece"
@@ -200,7 +203,6 @@ def vocab_overlap(teacher_tok, student_tok, top_k: Optional[int] = None, match: 
     return torch.tensor(t_ids, dtype=torch.long), torch.tensor(s_ids, dtype=torch.long)
 
 
-UNMAPPED_CHOICES = ("drop", "unk")
 
 
 def teacher_to_student_token_map(teacher_tok, student_tok, match: str = "string", unmapped: str = "drop") -> Tensor:

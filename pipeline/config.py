@@ -24,14 +24,19 @@ class ConfigError(ValueError):
     """Unknown keys or bad values in a config file or flags; lists every problem at once."""
 
 
-def option(default, *, at_least=None, above=None, at_most=None, below=None, choices=None, requires=None,
-           note: str = ""):
-    """A config field with its valid values: a number's bounds (numbers are also finite), a string's choices, or
-    another option it needs when set. `note` says what a special value means ("0 = off"). The one declaration
-    `option_problems`, the stages' checks and the CLI's choices read."""
+def option(default, help: str = "", *, at_least=None, above=None, at_most=None, below=None, choices=None,
+           requires=None, note: str = "", flag: str = "", off_flag: str = "", comma_list: bool = False):
+    """A config field declared once: its default, its help, and its valid values (a number's bounds, and numbers are
+    finite; a string's choices; another option it needs when set). `note` says what a special value means ("0 =
+    off"). On the command line the field is `--name-with-dashes` unless `flag` names it otherwise; a bool is a
+    switch (`off_flag`: its negative spelling, for one that is on by default); a tuple is a repeated flag, or one
+    comma-separated value with `comma_list`. The CLI, `option_problems`, the stages' checks, the model card and the
+    README's option tables all read this one declaration."""
     rule = {"at_least": at_least, "above": above, "at_most": at_most, "below": below, "choices": choices,
             "requires": requires, "note": note}
-    return field(default=default, metadata={"option": {k: v for k, v in rule.items() if v not in (None, "")}})
+    spelling = {"help": help, "flag": flag or None, "off_flag": off_flag or None, "comma_list": comma_list or None}
+    return field(default=default, metadata={"option": {k: v for k, v in rule.items() if v not in (None, "")},
+                                            **{k: v for k, v in spelling.items() if v is not None}})
 
 
 def choices(cls, name: str) -> tuple:
@@ -41,6 +46,38 @@ def choices(cls, name: str) -> tuple:
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line spelling of config field `f` (its declared `flag`, else --name-with-dashes)."""
+    return f.metadata.get("flag") or flag(f.name)
+
+
+def command_args(cfg, skip=()) -> list[str] | None:
+    """The flags that rebuild `cfg` from the defaults of its class: one per setting that differs from its default
+    (a repeated flag per item of a tuple), in field order; None when a setting cannot be spelled as flags (a switch
+    turned off that has no negative spelling). `skip`: field names to leave out."""
+    args: list[str] = []
+    defaults = type(cfg)()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in skip or value == getattr(defaults, f.name):
+            continue
+        name = flag_of(f)
+        if isinstance(value, bool):
+            if not value and not f.metadata.get("off_flag"):
+                return None
+            args.append(name if value else f.metadata["off_flag"])
+        elif isinstance(value, tuple) and f.metadata.get("comma_list"):
+            args += [name, ",".join(map(str, value))]
+        elif isinstance(value, tuple):
+            for item in value:
+                args += [name, str(item)]
+        elif value is None:  # "not set" is the default of every optional field: a set one cannot be unset by flags
+            return None
+        else:
+            args += [name, str(value)]
+    return args
 
 
 def _value_problem(name: str, value, rule: dict) -> str | None:
@@ -88,68 +125,102 @@ def option_problems(cfg) -> list[str]:
 
 
 LITERAL_N = ("both", "prompts", "none")  # where a literal "<n>" is a newline (ScoreConfig.literal_n)
+# The allowed values of the method options that a loss function also checks (pipeline/objectives/, alignment.py):
+# declared here, once, and imported there.
+GA_MODES = ("paper", "released")  # ga_mode
+WEIGHT_FORMS = ("paper", "released")  # dwa_weights
+DTW_INPUTS = ("raw", "normalised")  # dtw_inputs
+DTW_POSITIONS = ("response", "released")  # dtw_positions
+DTW_REDUCTIONS = ("sequence", "tokens")  # dtw_reduction
+KD_WARMUP_TERMS = ("t2s", "both")  # kd_warmup_terms
+DEBIAS_CHOICES = ("space+merge", "space", "none")  # alm_debias
+MEAN_CHOICES = ("chunks", "released")  # alm_mean
+T2S_VALUES = ("hidden+target", "hidden")  # t2s_values
+T2S_KD_ROWS = ("accurate", "all", "none")  # t2s_kd_rows
+UNMAPPED_CHOICES = ("drop", "unk")  # eta_unmapped
+# The KD divergences (pipeline/objectives/divergences.py DIVERGENCES implements exactly these; a test holds them equal)
+DIVERGENCE_NAMES = ("fkl", "rkl", "sfkl", "srkl", "js", "akl", "tvd")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     """`dskd-pipe cache-teacher`: run the teacher once and write the teacher-state store."""
 
-    teacher: str = ""
-    data: str = ""
-    out: str = ""
-    limit: int | None = option(None, at_least=1, note="leave it out to use every record")
-    skip_bad: bool = False
-    max_prompt_length: int = option(256, at_least=1)
-    max_length: int = option(512, at_least=1)
-    batch_tokens: int = option(8192, at_least=1)  # tokens per teacher forward (padded); batches are sorted by length
-    device: str = ""  # "" = cuda when available, else cpu
+    teacher: str = option("", "Teacher model: hub id or local folder.")
+    data: str = option("", "Training data: JSONL/JSON/Parquet file or datasets name.")
+    out: str = option("", "Store folder, or an fsspec URL (s3://bucket/path, gs://...; needs s3fs / gcsfs).")
+    limit: int | None = option(None, "Use the first N usable records.",
+                                     at_least=1, note="leave it out to use every record")
+    skip_bad: bool = option(False, "Skip (and count) malformed records.")
+    max_prompt_length: int = option(256, "Prompt tokens kept (the prompt's first N; spec/dskd.md \"Sequences\").",
+                                         at_least=1)
+    max_length: int = option(512, "Prompt + response tokens kept.", at_least=1)
+    # tokens per teacher forward (padded); batches are sorted by length
+    batch_tokens: int = option(8192, "Padded tokens per teacher forward.", at_least=1)
+    device: str = option("", "cuda, cpu, cuda:1, ... (default: cuda when available, else cpu).")
     # "auto": one teacher spread over the node's GPUs by accelerate (larger than one GPU)
-    device_map: str = option("", choices=("", "auto"))
+    device_map: str = option("", "auto: one teacher spread over the node's GPUs by accelerate (a teacher larger than "
+                                 "one GPU); one process.", choices=("", "auto"))
     # "" = bf16 on GPU, fp32 on CPU
-    dtype: str = option("", choices=("", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"))
+    dtype: str = option("", "bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU).",
+                            choices=("", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"))
     # per-token top-k logits (values, indices) + log-normaliser; 0 = off
-    topk: int = option(0, at_least=0, note="0 = off")
+    topk: int = option(0, "Also store per-token top-k logits (0 = off).", at_least=0, note="0 = off")
     # rows per inner chunk: an example reads ~1.08x its bytes (BENCHMARKS.md, store reads)
-    chunk_tokens: int = option(32, at_least=1)
+    chunk_tokens: int = option(32, "Rows per inner chunk, the unit of reads and checksums (default 32).", at_least=1)
     # rows per shard file (32 MiB at d=2048 bf16): the write and kill-safe commit unit
-    shard_tokens: int = option(8192, at_least=1)
-    # "none" | "zstd" | "blosc": pays only on slow or capacity-bound storage
-    compression: str = option("none", choices=COMPRESSIONS)
+    shard_tokens: int = option(8192, "Rows per shard file, the unit of writes and resumes (default 8192; a multiple "
+                                     "of --chunk-tokens).", at_least=1)
+    compression: str = option("none", "Chunk compression: pays only on slow or capacity-bound storage (BENCHMARKS.md).",
+                                      choices=COMPRESSIONS)
     # "exact" (the teacher's dtype) | "fp8" (e4m3, a scale per token)
-    hidden_storage: str = option("exact", choices=HIDDEN_STORAGES)
-    shard: str = ""  # "I/N": this process writes part I of N; "" = one process (or torchrun's rank/world)
-    progress: bool = True  # a progress line on stderr (pipeline/progress.py)
-    quiet: bool = False  # only warnings and the final lines
-    trust_remote_code: bool = False
+    hidden_storage: str = option("exact", "Hidden states in the teacher's dtype (exact, default) or fp8: e4m3 with a "
+                                          "scale per token, d_model + 4 bytes per token, near-exact logits "
+                                          "(BENCHMARKS.md).", choices=HIDDEN_STORAGES)
+    # "I/N": this process writes part I of N; "" = one process (or torchrun's rank/world)
+    shard: str = option("", "I/N: this process writes part I of N.")
+    # a progress line on stderr (pipeline/progress.py)
+    progress: bool = option(True, "The progress line (examples/s, tokens written, ETA).", off_flag="--no-progress")
+    quiet: bool = option(False, "Print only warnings and the final lines.")
+    trust_remote_code: bool = option(False, "Run the model's own Python code from its folder or hub repo (off: only "
+                                            "transformers' classes).")
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
     """`dskd-pipe score` / `dskd-pipe generate`: sample from models and report ROUGE-L (spec/evaluation.md)."""
 
-    models: tuple[str, ...] = ()
-    data: tuple[str, ...] = ()
-    out: str = ""
-    limit: int | None = option(None, at_least=1, note="leave it out to use every record")
-    seeds: tuple[int, ...] = (10, 20, 30, 40, 50)
-    greedy: bool = False
-    temperature: float = option(1.0, at_least=0.0)
-    top_p: float = option(1.0, above=0.0, at_most=1.0)
-    top_k: int = option(0, at_least=0, note="0 = off")
-    no_repeat_ngram_size: int = option(6, at_least=0, note="0 = off")
-    max_new_tokens: int = option(256, at_least=1)
-    max_prompt_length: int = option(256, at_least=1)
-    batch_size: int = option(16, at_least=1)
-    in_domain: str = ""  # the in-distribution set; "" = the first set
+    models: tuple[str, ...] = option((), "Model (hub id, folder or NAME=PATH); repeat to compare.", flag="--model")
+    data: tuple[str, ...] = option((), "Evaluation set (file or NAME=PATH, optionally @N: its first N records, e.g. "
+                                       "unni=unni.jsonl@10000); repeat for several.")
+    out: str = option("", "Output folder (generations, report.json, report.md).")
+    limit: int | None = option(None, "Use the first N usable records of each set (a set's own NAME=PATH@N wins).",
+                                     at_least=1, note="leave it out to use every record")
+    seeds: tuple[int, ...] = option((10, 20, 30, 40, 50), "Seeds, one pass each (default 10 20 30 40 50).",
+                                                          flag="--seed")
+    greedy: bool = option(False, "Greedy decoding instead of sampling.", off_flag="--sample")
+    temperature: float = option(1.0, "Sampling temperature (1.0, published).", at_least=0.0)
+    top_p: float = option(1.0, "Nucleus sampling mass (1.0 = off, published).", above=0.0, at_most=1.0)
+    top_k: int = option(0, "0 = off.", at_least=0, note="0 = off")
+    no_repeat_ngram_size: int = option(6, "0 = off.", at_least=0, note="0 = off")
+    max_new_tokens: int = option(256, "At most this many generated tokens per response (256, published).", at_least=1)
+    max_prompt_length: int = option(256, "Prompts cut to their first N tokens (256, published).", at_least=1)
+    batch_size: int = option(16, "Prompts per generate call (sorted by length).", at_least=1)
+    # the in-distribution set; "" = the first set
+    in_domain: str = option("", "The in-distribution set (default: the first --data).")
     # Where a literal "<n>" is a newline: "both" (prompts and references) | "prompts" (the released evaluation
     # loaders; references keep it) | "none".
-    literal_n: str = option("both", choices=LITERAL_N)
-    skip_bad: bool = False
-    progress: bool = True  # a progress line (examples/s, ETA) on stderr
-    quiet: bool = False  # only warnings and the final lines (the report)
-    device: str = ""
-    dtype: str = option("", choices=("", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"))
-    trust_remote_code: bool = False
+    literal_n: str = option("both", "Where a literal <n> is a newline: prompts and references (default), prompts only "
+                                    "(the released loaders), none.", choices=LITERAL_N)
+    skip_bad: bool = option(False, "Skip (and count) malformed records.")
+    # a progress line (examples/s, ETA) on stderr
+    progress: bool = option(True, "The progress line (examples/s, ETA) on stderr.", off_flag="--no-progress")
+    # only warnings and the final lines (the report)
+    quiet: bool = option(False, "Print only warnings and the final lines.")
+    device: str = option("", "cuda, cpu, cuda:1, ... (default: cuda when available, else cpu).")
+    dtype: str = option("", "bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU).",
+                            choices=("", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"))
+    trust_remote_code: bool = option(False, "Run the model's own Python code from its folder or hub repo.")
 
 
 @dataclass(frozen=True)
@@ -160,142 +231,230 @@ class DistillConfig:
     world size (32 in the paper).
     """
 
-    cache: str = ""  # a teacher-state store (offline); or
-    teacher: str = ""  # a teacher model run on the fly (online)
+    # a teacher-state store (offline); or
+    cache: str = option("", "Teacher-state store (offline distillation).")
+    # a teacher model run on the fly (online)
+    teacher: str = option("", "Teacher model run on the fly instead of --cache (online).")
     # Stores of student samples (on-policy rounds, `dskd-pipe on-policy`): the same teacher over student-generated
     # responses. KD terms use them; the student's own CE stays on the gold data of `cache`.
-    sample_caches: tuple[str, ...] = ()
-    student: str = ""
-    method: str = "dskd-cma"  # one of pipeline/methods.METHODS (README "Methods")
-    method_options: tuple[str, ...] = ()  # "NAME=VALUE": the method's own options (methods.Method.options)
-    data: str = ""
-    out: str = ""
+    sample_caches: tuple[str, ...] = option((), "Store of student samples (on-policy); repeat for several. KD only: "
+                                                "the student's CE stays on --cache's gold data.", flag="--sample-cache")
+    student: str = option("", "Student model: hub id or local folder.")
+    # one of pipeline/methods.METHODS (the CLI's help lists them from there)
+    method: str = option("dskd-cma", "The distillation method: `dskd-pipe methods` describes each (README "
+                                     "\"Methods\").")
+    # "NAME=VALUE": the method's own options (methods.Method.options)
+    method_options: tuple[str, ...] = option((), "NAME=VALUE: an option of the method's own (`dskd-pipe methods` "
+                                                 "lists them); repeat for several.", flag="--method-option")
+    data: str = option("", "Training data: the file the store was built from.")
+    out: str = option("", "Output folder: an HF model folder + projectors, metrics, checkpoints.")
     # Dev evaluation at every epoch end: "" = none; else the dev loss, and with dev_rouge the published model
     # selection (spec/evaluation.md): ROUGE-L of dev_rouge_passes sampled passes (T=1, top_p=1, top_k=0,
     # no_repeat_ngram 0) on the first dev_limit examples. The best epoch (ROUGE-L, else dev loss) is the run's output.
-    dev_data: str = ""
-    dev_rouge: bool = option(False, requires="dev_data")
-    dev_rouge_greedy: bool = option(False, requires="dev_rouge")  # one greedy pass instead of the sampled ones
-    dev_rouge_passes: int = option(3, at_least=1)
-    limit: int | None = option(None, at_least=1, note="leave it out to use every record")
+    dev_data: str = option("", "Dev set: dev loss (and --dev-rouge) each epoch keeps out/best.")
+    dev_rouge: bool = option(False, "Also ROUGE-L on --dev-data each epoch (3 sampled passes, no_repeat_ngram 0, as "
+                                    "published); the best epoch becomes the run's output.", requires="dev_data")
+    dev_rouge_greedy: bool = option(False, "One greedy pass instead of the sampled ones.", requires="dev_rouge")
+    dev_rouge_passes: int = option(3, "Sampled passes per dev evaluation (default 3).", at_least=1)
+    limit: int | None = option(None, "Train on the first N examples.",
+                                     at_least=1, note="leave it out to use every record")
     # the released scripts' --dev-num
-    dev_limit: int | None = option(1000, at_least=1, note="leave it out to use every record")
-    skip_bad: bool = False
-    max_prompt_length: int = option(256, at_least=1)
-    max_length: int = option(512, at_least=1)
-    epochs: int = option(20, at_least=1)
+    dev_limit: int | None = option(1000, "Evaluate on the first N dev examples (default 1000).",
+                                         at_least=1, note="leave it out to use every record")
+    skip_bad: bool = option(False, "Skip (and count) malformed records instead of stopping.")
+    max_prompt_length: int = option(256, "Prompt tokens kept on the student side (the store fixes the teacher's).",
+                                         at_least=1)
+    max_length: int = option(512, "Prompt + response tokens kept on the student side.", at_least=1)
+    epochs: int = option(20, "Passes over the training data (20, published).", at_least=1)
     # 0 = the epochs decide; else stop after this many optimizer steps
-    max_steps: int = option(0, at_least=0, note="0 = the epochs decide")
-    micro_batch_size: int = option(4, at_least=1)
-    grad_accum: int = option(8, at_least=1)
-    lr: float = option(5e-4, above=0.0)
-    # None = the method's published value (pipeline/methods.py; DSKD: 1e-3)
-    projector_lr: float | None = option(None, above=0.0)
-    weight_decay: float = option(0.01, at_least=0.0)
-    warmup_steps: int = option(0, at_least=0)
-    min_lr: float = option(1e-7, at_least=0.0)
-    max_grad_norm: float = option(1.0, at_least=0.0, note="0 = no clipping")  # 0 = no clipping
-    kd_rate: float = option(0.5, at_least=0.0, at_most=1.0)
-    kd_temperature: float = option(2.0, above=0.0)
-    teacher_temperature: float = option(1.0, above=0.0)
-    divergence: str | None = None  # fkl | rkl | sfkl | srkl | js | akl | tvd; None = the method's (DWA-KD srkl, else fkl)
-    lambda_ga: float = option(0.1, at_least=0.0)
-    ga_start_step: int = option(0, at_least=0)  # CMA-GA: the generator term and D steps start at this optimizer step
-    disc_lr: float = option(1e-4, above=0.0)
+    max_steps: int = option(0, "Stop after N optimizer steps (0 = the epochs decide).",
+                               at_least=0, note="0 = the epochs decide")
+    micro_batch_size: int = option(4, "Examples per forward/backward on each process.", at_least=1)
+    grad_accum: int = option(8, "Micro-batches per optimizer step.", at_least=1)
+    lr: float = option(5e-4, "Peak learning rate of the student (cosine schedule).", above=0.0)
+    projector_lr: float | None = option(None, "None = the method's published value (pipeline/methods.py; DSKD: 1e-3)",
+                                              above=0.0)
+    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and norms).", at_least=0.0)
+    warmup_steps: int = option(0, "Linear warm-up steps of the learning rate.", at_least=0)
+    min_lr: float = option(1e-7, "The cosine schedule's final learning rate.", at_least=0.0)
+    max_grad_norm: float = option(1.0, "0 = no clipping.", at_least=0.0, note="0 = no clipping")
+    kd_rate: float = option(0.5, "lambda in (1-lambda) CE + lambda KD.", at_least=0.0, at_most=1.0)
+    kd_temperature: float = option(2.0, "Temperature of the KD divergences (student and teacher logits divided by "
+                                        "it).", above=0.0)
+    teacher_temperature: float = option(1.0, "Extra temperature of the teacher's distribution in the t2s target.",
+                                             above=0.0)
+    divergence: str | None = option(None, "The KD divergence (default: the method's, DWA-KD srkl, else fkl).",
+                                    choices=DIVERGENCE_NAMES)
+    lambda_ga: float = option(0.1, "CMA-GA generator weight.", at_least=0.0)
+    # CMA-GA: the generator term and D steps start at this optimizer step
+    ga_start_step: int = option(0, "CMA-GA starts at this optimizer step.", at_least=0)
+    disc_lr: float = option(1e-4, "CMA-GA: the discriminator's learning rate.", above=0.0)
     # CMA-GA: a discriminator step after every k-th optimizer step (on the whole step's batch)
-    disc_every: int = option(1, at_least=1)
+    disc_every: int = option(1, "CMA-GA: a discriminator update every k optimizer steps.", at_least=1)
     # DSKDv2: ideal projector init from the first k overlapping tokens (0 = all)
-    overlap_top_k: int = option(0, at_least=0, note="0 = all")
+    overlap_top_k: int = option(0, "DSKDv2: ideal init from the first k shared tokens.", at_least=0, note="0 = all")
     # DWA-KD: linear ramp of KD_t2s over this many steps (None = 300; 0 = off)
-    kd_warmup_steps: int | None = option(None, at_least=0, note="0 = off")
-    dtw_gamma_start: float = option(2.0, above=0.0)  # DWA-KD: Soft-DTW gamma anneals linearly from start to end ...
-    dtw_gamma_end: float = option(0.8, above=0.0)
+    kd_warmup_steps: int | None = option(None, "DWA-KD: linear ramp of KD_t2s (default 300; 0 = off).",
+                                               at_least=0, note="0 = off")
+    dtw_gamma_start: float = option(2.0, "DWA-KD: Soft-DTW gamma anneals linearly from start to end ...", above=0.0)
+    dtw_gamma_end: float = option(0.8, "DWA-KD: the Soft-DTW gamma at the end of its anneal.", above=0.0)
     # ... over this many steps, then holds (the public code); 0 = over the whole run
-    dtw_gamma_steps: int = option(3570, at_least=0, note="0 = the whole run")
+    dtw_gamma_steps: int = option(3570, "DWA-KD: gamma 2.0 -> 0.8 over N steps, then held (default 3570; 0 = over the "
+                                        "whole run).", at_least=0, note="0 = the whole run")
     # Reference-mode choices (README "Fidelity"): the default first, then the released code's behaviour.
     # DSKD-CMA family: stds over the teacher's real tokens | "padded" (the whole padded batch)
-    cma_std: str = option("valid", choices=("valid", "padded"))
-    same_vocab_teacher_temperature: bool = False  # DSKD/DSKDv2: also divide the t2s target by teacher_temperature
+    cma_std: str = option("valid", "DSKD-CMA stds over the teacher's real tokens (default) or the whole padded batch "
+                                   "(released).", choices=("valid", "padded"))
+    # DSKD/DSKDv2: also divide the t2s target by teacher_temperature
+    same_vocab_teacher_temperature: bool = option(False, "DSKD/DSKDv2: also divide the t2s target by "
+                                                         "--teacher-temperature (the release does not).")
     # CMA-GA: "paper" | "released" (DSKD-KQ: a fixed random D, gradient reversal, all positions)
-    ga_mode: str = option("paper", choices=("paper", "released"))
+    ga_mode: str = option("paper", "CMA-GA: the paper's trained D (default) or the released code's fixed random D.",
+                                   choices=GA_MODES)
     # DSKDv2: per-micro-batch means weighted by "tokens" | "micro-batch" (equal)
-    v2_mean_weighting: str = option("tokens", choices=("tokens", "micro-batch"))
+    v2_mean_weighting: str = option("tokens", "DSKDv2: weight per-micro-batch means by tokens (default) or equally "
+                                              "(released).", choices=("tokens", "micro-batch"))
     # DSKDv2: None = always mask; 1.0 = the released test
-    v2_agreement_threshold: float | None = option(None, at_least=0.0)
+    v2_agreement_threshold: float | None = option(None, "DSKDv2: the released test that drops the agreement mask "
+                                                        "above this ratio (released: 1.0).", at_least=0.0)
     # DSKDv2-ETA: teacher predictions with no student string: "drop" | "unk"
-    eta_unmapped: str = option("drop", choices=("drop", "unk"))
+    eta_unmapped: str = option("drop", "DSKDv2-ETA: drop teacher predictions with no student string (default) or "
+                                       "train on unk (released).", choices=UNMAPPED_CHOICES)
     # DWA-KD student weights: "paper" (rescale(H g), eq. 12) | "released" (rescale(H) g)
-    dwa_weights: str = option("paper", choices=("paper", "released"))
-    # DWA-KD teacher Soft-DTW inputs: "raw" | "normalised" (the CMA's std-normalised ones)
-    dtw_inputs: str = option("raw", choices=("raw", "normalised"))
+    dwa_weights: str = option("paper", "DWA-KD student weights: rescale(H g) (paper eq. 12, default) or rescale(H) g "
+                                       "(released).", choices=WEIGHT_FORMS)
+    dtw_inputs: str = option("raw", "DWA-KD: the teacher's Soft-DTW inputs are its raw hidden states (default) or the "
+                                    "CMA's std-normalised ones.", choices=DTW_INPUTS)
     # DWA-KD Soft-DTW positions: "response" | "released" (first n_b from index 0)
-    dtw_positions: str = option("response", choices=("response", "released"))
-    # DWA-KD: sum_b nDTW_b | "tokens" (sum_b n_b nDTW_b)
-    dtw_reduction: str = option("sequence", choices=("sequence", "tokens"))
-    # DWA-KD: the warm-up ramps KD_t2s | "both" (KD_t2s and KD_s2t)
-    kd_warmup_terms: str = option("t2s", choices=("t2s", "both"))
+    dtw_positions: str = option("response", "DWA-KD Soft-DTW on response positions (default) or the first n from "
+                                            "index 0 (released).", choices=DTW_POSITIONS)
+    dtw_reduction: str = option("sequence", "DWA-KD: sum_b nDTW_b | \"tokens\" (sum_b n_b nDTW_b)",
+                                            choices=DTW_REDUCTIONS)
+    kd_warmup_terms: str = option("t2s", "DWA-KD: the warm-up ramps KD_t2s | \"both\" (KD_t2s and KD_s2t)",
+                                         choices=KD_WARMUP_TERMS)
     # Options from the quality benchmark's diagnosis (BENCHMARKS.md "Why the DSKD family did not transfer"), off
     # by default: reference mode is unchanged.
     # DSKD-CMA family: KD_t2s on rows whose t2s argmax is the gold token | "all" | "none"
-    t2s_kd_rows: str = option("accurate", choices=("accurate", "all", "none"))
-    # DSKD-CMA family: the first N steps train only the projectors on the KD terms
-    projector_warmup_steps: int = option(0, at_least=0)
+    t2s_kd_rows: str = option("accurate", "DSKD-CMA family: KD_t2s on the rows whose t2s argmax is right (default), "
+                                          "on every row, or none.", choices=T2S_KD_ROWS)
+    projector_warmup_steps: int = option(0, "DSKD-CMA family: the first N steps train only the projectors on the KD "
+                                            "terms (default 0).", at_least=0)
     # DSKD-CMA family: Vt2s = t2s(Ht~ + Etg~) | "hidden": t2s(Ht~), no gold embedding
-    t2s_values: str = option("hidden+target", choices=("hidden+target", "hidden"))
-    ga_directions: bool = False  # CMA-GA: D sees L2-normalised keys and queries (their directions, not their norms)
-    disc_spectral_norm: bool = False  # CMA-GA: every Linear of D spectrally normalised
-    ga_reachable_keys: bool = False  # CMA-GA: D sees keys projected onto the span the query projector can reach
+    t2s_values: str = option("hidden+target", "DSKD-CMA family: t2s values from the teacher's hidden state and its "
+                                              "gold target embedding (default, published) or from the hidden state "
+                                              "alone.", choices=T2S_VALUES)
+    # CMA-GA: D sees L2-normalised keys and queries (their directions, not their norms)
+    ga_directions: bool = option(False, "CMA-GA: D judges the directions of keys and queries (each L2-normalised), "
+                                        "not their norms.")
+    # CMA-GA: every Linear of D spectrally normalised
+    disc_spectral_norm: bool = option(False, "CMA-GA: spectral normalisation on every linear layer of D.")
+    # CMA-GA: D sees keys projected onto the span the query projector can reach
+    ga_reachable_keys: bool = option(False, "CMA-GA: D sees each key projected onto the span the query projector can "
+                                            "reach (what a query can match), not the whole key.")
     # ALM (pipeline/objectives/alm.py): tokenkit's published settings
-    alm_temperature: float = option(100.0, above=0.0)  # the binarisation temperature (tokenkit's binarization_temp)
+    # the binarisation temperature (tokenkit's binarization_temp)
+    alm_temperature: float = option(100.0, "ALM: binarisation temperature (published 100).", above=0.0)
     # "space+merge" (published) | "space" (append_space only) | "none" (the plain form)
-    alm_debias: str = option("space+merge", choices=("space+merge", "space", "none"))
+    alm_debias: str = option("space+merge", "ALM: chunks merged by the teacher's word-start probability and closed on "
+                                            "a word start (space+merge, published), closed only (space), or the plain "
+                                            "form (none).", choices=DEBIAS_CHOICES)
     # merge chunks until the teacher's word-start probability exceeds this
-    alm_merge_threshold: float = option(0.1, at_least=0.0, at_most=1.0)
+    alm_merge_threshold: float = option(0.1, "ALM space+merge: a merged chunk ends where the teacher's word-start "
+                                             "probability exceeds this (0.1).", at_least=0.0, at_most=1.0)
     # ALM's mean over the merged chunks | "released" (tokenkit's count, merged twice)
-    alm_mean: str = option("chunks", choices=("chunks", "released"))
+    alm_mean: str = option("chunks", "ALM: the mean over the merged chunks (default) or over the released code's "
+                                     "count, merged twice.", choices=MEAN_CHOICES)
     # prefix-kd (pipeline/objectives/prefix_kd.py): events are the next token's first k non-space bytes
-    prefix_chars: int = option(1, at_least=1)
+    prefix_chars: int = option(1, "prefix-kd: match the distributions over the next token's first N non-space bytes "
+                                  "(default 1).", at_least=1)
     # prefix-kd: kd_temperature on the events' distribution | "tokens": on the token logits before the sums
-    prefix_temper: str = option("events", choices=("events", "tokens"))
+    prefix_temper: str = option("events", "prefix-kd: --kd-temperature on the events' distribution (default) or on "
+                                          "the token logits before they are summed by event.",
+                                          choices=("events", "tokens"))
     # Methods whose loss has several parts (alm, prefix-kd, compositions "A+B"): "weights" = (1 - kd_rate) CE (or
     # the base method's loss) + kd_rate * each added term | "gradmag": each part scaled by the inverse norm of its
     # gradient on the student's last block (tokenkit's approx_gradmag_preserve_mag)
-    loss_balance: str = option("weights", choices=("weights", "gradmag"))
+    loss_balance: str = option("weights", "alm, prefix-kd and compositions: combine the parts by --kd-rate (default) "
+                                          "or by gradient magnitude on the student's last block (tokenkit's "
+                                          "approx_gradmag_preserve_mag).", choices=("weights", "gradmag"))
     # checkpoint every N optimizer steps (0 = only at epoch ends)
-    save_every: int = option(0, at_least=0, note="0 = only at epoch ends")
-    keep_checkpoints: int = option(2, at_least=0, note="0 = keep all")
-    resume: bool = False
+    save_every: int = option(0, "Checkpoint every N steps (0 = epoch ends only).",
+                                at_least=0, note="0 = only at epoch ends")
+    keep_checkpoints: int = option(2, "Checkpoints kept (the newest N; 0 = keep all).", at_least=0, note="0 = keep all")
+    resume: bool = option(False, "Continue from the newest checkpoint in --out.")
     # Continue from another run's last checkpoint (student, projectors, discriminator, optimizer states, step
     # count) on this run's data: the next on-policy round starts where the previous one stopped.
-    init_from: str = ""
+    init_from: str = option("", "Start from another run's last checkpoint (weights, optimizer, step): the next "
+                                "on-policy round.")
     # length of the LR schedule; 0 = this run's own steps (on-policy: the whole run's)
-    schedule_steps: int = option(0, at_least=0, note="0 = this run's own steps")
-    seed: int = 42
-    # DataLoader workers; -1 = auto: 0 on CPU, up to 8 on a GPU (cache.streaming)
-    num_workers: int = option(-1, at_least=-1, note="-1 = auto")
-    prefetch_factor: int = option(2, at_least=1)
-    device: str = ""  # "" = cuda when available, else cpu
+    schedule_steps: int = option(0, "Length of the LR schedule (0 = this run's steps).",
+                                    at_least=0, note="0 = this run's own steps")
+    seed: int = option(42, "Seed of the initialisation, data order and dropout.")
+    # DataLoader workers; -1 = auto: 0 on CPU, up to 8 on a GPU (pipeline.loader)
+    num_workers: int = option(-1, "DataLoader workers reading the store (-1 = auto, the default: 0 on CPU, on a GPU "
+                                  "one per free core up to 8; README \"Keeping the GPU fed\").",
+                                  at_least=-1, note="-1 = auto")
+    prefetch_factor: int = option(2, "Micro-batches each worker prepares ahead (2).", at_least=1)
+    device: str = option("", "cuda, cpu, cuda:1, ... (default: cuda when available, else cpu).")
     # "" = bf16 autocast on GPU, fp32 on CPU; or bfloat16 | float32
-    dtype: str = option("", choices=("", "bfloat16", "float32"))
-    # online teacher: "" = bf16 on GPU, fp32 on CPU
-    teacher_dtype: str = option("", choices=("", "bfloat16", "float32"))
-    gradient_checkpointing: bool = False
-    fsdp: bool = False  # under torchrun: FSDP2 (sharded student, gradients, optimizer states) instead of DDP
-    lora_rank: int = option(0, at_least=0, note="0 = full fine-tune")  # 0 = full fine-tune; > 0 needs `peft`
-    lora_alpha: float = option(8.0, above=0.0)
-    lora_dropout: float = option(0.0, at_least=0.0, below=1.0)
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    progress: bool = True  # a progress line on stderr: step/total, loss terms, tokens/s, ETA
-    quiet: bool = False  # only warnings and the final lines
+    dtype: str = option("", "bfloat16 (autocast, default on GPU) | float32.", choices=("", "bfloat16", "float32"))
+    teacher_dtype: str = option("", "The online teacher's dtype (default: bf16 on GPU, fp32 on CPU).",
+                                    choices=("", "bfloat16", "float32"))
+    gradient_checkpointing: bool = option(False, "Recompute the student's activations in the backward (less memory, "
+                                                 "more time).")
+    # under torchrun: FSDP2 (sharded student, gradients, optimizer states) instead of DDP
+    fsdp: bool = option(False, "Under torchrun: FSDP2 (shards the student, its gradients and optimizer states across "
+                               "the processes) instead of DDP.")
+    # 0 = full fine-tune; > 0 needs `peft`
+    lora_rank: int = option(0, "> 0: LoRA on --lora-targets (needs peft).", at_least=0, note="0 = full fine-tune")
+    lora_alpha: float = option(8.0, "LoRA scaling alpha.", above=0.0)
+    lora_dropout: float = option(0.0, "LoRA dropout.", at_least=0.0, below=1.0)
+    lora_targets: tuple[str, ...] = option(("q_proj", "v_proj"), "Module names LoRA adapts (repeat the flag for "
+                                                                 "several).")
+    # a progress line on stderr: step/total, loss terms, tokens/s, ETA
+    progress: bool = option(True, "The progress line (step, loss terms, tokens/s, ETA) on stderr: rewritten in place "
+                                  "in a terminal, one plain line every few steps in a log.", off_flag="--no-progress")
+    quiet: bool = option(False, "Print only warnings and the final lines.")
     # Experiment trackers besides metrics.jsonl: "tensorboard", "wandb", "all" or "none" (pipeline/trackers.py)
-    report_to: tuple[str, ...] = ()
-    tensorboard: bool = False  # older spelling of report_to = ["tensorboard"], kept for existing configs
-    trust_remote_code: bool = False
+    report_to: tuple[str, ...] = option((), "Also log the metrics to tensorboard (out/tensorboard), wandb (offline in "
+                                            "out/wandb unless logged in), all (every installed one) or none; repeat "
+                                            "or use commas.")
+    # older spelling of report_to = ["tensorboard"], kept for existing configs
+    tensorboard: bool = option(False, "Same as --report-to tensorboard.")
+    trust_remote_code: bool = option(False, "Run the models' own Python code from their folders or hub repos.")
 
 
 # Settings that change what a run prints or where it reports, never what it computes: a rerun or a resume may
 # change them freely.
 OUTPUT_ONLY = frozenset({"progress", "quiet", "report_to", "tensorboard"})
+
+
+def option_table(cls, read_by: dict[str, list[str]] | None = None) -> str:
+    """A Markdown table of every option of config class `cls`, from the declarations: flag, default, allowed values
+    and help; with `read_by` (option -> method names), a column of the methods that read each option."""
+    head = "| flag | default | allowed | what |" + (" methods |" if read_by is not None else "")
+    rows = [head, "|---" * (5 if read_by is not None else 4) + "|"]
+    for f in dataclasses.fields(cls):
+        rule = f.metadata.get("option", {})
+        default = f.default
+        shown = ("" if default is None else ", ".join(map(str, default)) if isinstance(default, tuple) else
+                 str(default).lower() if isinstance(default, bool) else f"{default:g}" if isinstance(default, float)
+                 else str(default))
+        allowed = ", ".join(f"`{c}`" if c else "`''`" for c in rule["choices"]) if "choices" in rule else _bounds(rule)
+        spelled = flag_of(f) + (f" / {f.metadata['off_flag']}" if f.metadata.get("off_flag") else "")
+        cells = [f"`{spelled}`", f"`{shown}`" if shown else "", allowed, f.metadata.get("help", "").replace("|", "\\|")]
+        if read_by is not None:
+            cells.append(", ".join(read_by.get(f.name, [])))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _bounds(rule: dict) -> str:
+    """A number's declared range as text ("> 0", "in [0, 1]"), with what a special value means."""
+    parts = [f"{op} {rule[key]:g}" for key, op in (("at_least", ">="), ("above", ">"), ("at_most", "<="),
+                                                    ("below", "<")) if key in rule]
+    text = " and ".join(parts)
+    return text + (f" ({rule['note']})" if rule.get("note") else "")
 
 
 def _check_value(name: str, value, hint):
@@ -424,16 +583,20 @@ class ProbeConfig:
     """`dskd-pipe probe`: alignment accuracy and t2s attention heatmaps of a trained DSKD-CMA / CMA-GA run
     (spec/cma_ga.md "Probes and heatmaps")."""
 
-    run: str = ""  # a distill output folder (student + projectors.safetensors + distill_config.json)
-    cache: str = ""  # the teacher-state store the run was trained from
-    data: str = ""  # the data file the store was built from (its fingerprint is checked)
-    out: str = ""
-    # probe the first N store examples
-    limit: int | None = option(None, at_least=1, note="leave it out to probe every example")
-    heatmaps: tuple[int, ...] = option((), at_least=0)  # store example indices to draw (one PNG each)
+    # a distill output folder (student + projectors.safetensors + distill_config.json)
+    run: str = option("", "A dskd-cma or cma-ga distill output folder.")
+    cache: str = option("", "The teacher-state store the run was trained from.")
+    # the data file the store was built from (its fingerprint is checked)
+    data: str = option("", "The data file the store was built from.")
+    out: str = option("", "Output folder: probe_report.json and heatmap PNGs.")
+    limit: int | None = option(None, "Probe the first N store examples.",
+                                     at_least=1, note="leave it out to probe every example")
+    # store example indices to draw (one PNG each)
+    heatmaps: tuple[int, ...] = option((), "Store example indices to draw, e.g. 0,3,7 (needs matplotlib).",
+                                           at_least=0, comma_list=True)
     # 1 = exact per example: the key normalisation is one std over the padded batch
-    batch_size: int = option(1, at_least=1)
-    device: str = ""  # "" = cuda when available, else cpu
+    batch_size: int = option(1, "1 (default) is exact per example.", at_least=1)
+    device: str = option("", "cuda, cpu, cuda:1, ... (default: cuda when available, else cpu).")
 
 
 @dataclass(frozen=True)
@@ -446,25 +609,33 @@ class OnPolicyConfig:
     `epochs_per_round` on the union (KD on samples, CE on gold only), continuing weights, optimizer and schedule.
     """
 
-    distill: str = ""  # the distill config of every round: method, student, data, cache and hyper-parameters
-    out: str = ""
-    teacher: str = ""  # the teacher for the sample stores; "" = the path recorded in the gold store
-    rounds: int = option(2, at_least=1)  # refresh rounds after phase 0
+    # the distill config of every round: method, student, data, cache and hyper-parameters
+    distill: str = option("", "The distill config every round uses (method, student, data, cache = the gold store, "
+                              "hyper-parameters).")
+    out: str = option("", "Output folder: round-0/, round-1/, ...; a rerun keeps finished steps.")
+    # the teacher for the sample stores; "" = the path recorded in the gold store
+    teacher: str = option("", "Teacher for the sample stores (default: the gold store's).")
+    # refresh rounds after phase 0
+    rounds: int = option(2, "Refresh rounds after the first phase.", at_least=1)
     # share of the gold prompts the student answers in each round (the spec's probability)
-    share: float = option(0.5, above=0.0, at_most=1.0)
-    start_epochs: int = option(3, at_least=1)  # epochs on the gold store before the first refresh (the spec's N)
-    epochs_per_round: int = option(1, at_least=1)
-    temperature: float = option(1.0, above=0.0)  # student sampling
-    top_p: float = option(1.0, above=0.0, at_most=1.0)
-    max_new_tokens: int = option(256, at_least=1)
-    generate_batch_size: int = option(16, at_least=1)
-    teacher_device: str = ""  # the cache-teacher process: "" = cuda when available (a GPU of its own), else cpu
-    teacher_dtype: str = ""  # "" = the gold store's dtype (the union must hold one dtype)
-    batch_tokens: int = option(8192, at_least=1)  # cache-teacher tokens per forward
+    share: float = option(0.5, "Share of the gold prompts the student answers per round.", above=0.0, at_most=1.0)
+    # epochs on the gold store before the first refresh (the spec's N)
+    start_epochs: int = option(3, "Epochs on gold data before the first round.", at_least=1)
+    epochs_per_round: int = option(1, "Epochs on the union of gold data and samples in each round.", at_least=1)
+    temperature: float = option(1.0, "Student sampling temperature.", above=0.0)
+    top_p: float = option(1.0, "Student sampling nucleus mass.", above=0.0, at_most=1.0)
+    max_new_tokens: int = option(256, "At most this many tokens per student sample.", at_least=1)
+    generate_batch_size: int = option(16, "Prompts per generate call of the student.", at_least=1)
+    # the cache-teacher process: "" = cuda when available (a GPU of its own), else cpu
+    teacher_device: str = option("", "Device of the cache-teacher process (its own GPU if you like).")
+    # "" = the gold store's dtype (the union must hold one dtype)
+    teacher_dtype: str = option("", "Default: the gold store's dtype.")
+    batch_tokens: int = option(8192, "Padded tokens per teacher forward of the cache-teacher processes.", at_least=1)
     # > 1: each round's distill under torchrun with this many processes (DDP, or FSDP2)
-    nproc_per_node: int = option(1, at_least=1)
+    nproc_per_node: int = option(1, "Each round's distill under torchrun with N processes (global batch: micro-batch "
+                                    "x accumulation x N).", at_least=1)
 
 
 __all__ = ["CacheConfig", "ScoreConfig", "DistillConfig", "ProbeConfig", "OnPolicyConfig", "ConfigError",
-           "OUTPUT_ONLY", "LITERAL_N", "load_config", "save_config", "config_to_dict", "require", "field", "option",
-           "option_problems", "choices"]
+           "OUTPUT_ONLY", "LITERAL_N", "DIVERGENCE_NAMES", "load_config", "save_config", "config_to_dict", "require",
+           "field", "option", "option_problems", "choices", "flag_of", "command_args", "option_table"]

@@ -18,26 +18,28 @@ from dskd_pipe.pipeline.config import ConfigError
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 
-# (panel title, [(metric key, line style)], y-axis label); the order of the figure. A metric a run did not log is
-# not drawn; a panel none of the runs logged is left out.
-PANELS: list[tuple[str, list[tuple[str, str]], str]] = [
-    ("loss (total)", [("loss", "-")], "per supervised token"),
-    ("CE of the student (gold)", [("ce_student", "-")], "nats / token"),
-    ("CE t2s (teacher states, student head)", [("ce_t2s", "-")], "nats / token"),
-    ("KD t2s (student space)", [("kd_t2s", "-")], "per token"),
-    ("KD s2t (teacher space)", [("kd_s2t", "-")], "per token"),
-    ("KD", [("kd", "-")], "per token"),
-    ("ALM (chunk likelihoods, BCE)", [("alm", "-")], "mean per chunk"),
-    ("prefix-kd (next-text KL)", [("prefix_kd", "-")], "per token"),
-    ("Soft-DTW", [("dtw", "-")], "per token"),
-    ("projection accuracy (t2s solid, s2t dashed)", [("t2s_acc", "-"), ("s2t_acc", "--")], "top-1 agreement"),
-    ("D accuracy (real keys solid, fake queries dashed)", [("d_acc_real", "-"), ("d_acc_fake", "--")], "accuracy"),
-    ("L_G (generator)", [("l_g", "-")], "per token"),
-    ("L_D (discriminator)", [("l_d", "-")], "per token"),
-    ("dev loss", [("dev_loss", "-")], "nats / token"),
-    ("dev ROUGE-L", [("dev_rouge_l", "-")], "x100"),
-    ("learning rate", [("lr", "-")], "student lr"),
-]
+# (panel title, [(metric key, line style)], y-axis label). The loss first, then each method's numbers as its entry
+# shows them (pipeline/methods.py `Shown`), then these; a metric a run did not log is not drawn, and a panel none of
+# the runs logged is left out.
+LOSS_PANEL = ("loss (total)", [("loss", "-")], "per supervised token")
+RUN_PANELS = [("dev loss", [("dev_loss", "-")], "nats / token"), ("dev ROUGE-L", [("dev_rouge_l", "-")], "x100"),
+              ("learning rate", [("lr", "-")], "student lr")]
+
+
+def method_panels() -> list[tuple[str, list[tuple[str, str]], str]]:
+    """The panels of every method's shown numbers (built-in and installed entries), in registry order: numbers
+    sharing a panel title are drawn in it together, the first solid, the next dashed."""
+    from dskd_pipe.pipeline.methods import METHODS
+
+    panels: dict[str, tuple[list[tuple[str, str]], str]] = {}
+    for method in METHODS.values():
+        for s in method.shown:
+            lines, _ = panels.setdefault(s.panel, ([], s.unit))
+            if s.key not in (key for key, _ in lines):
+                lines.append((s.key, "-" if not lines else "--"))
+    return [(title, lines, unit) for title, (lines, unit) in panels.items()]
+
+
 EVAL_KEYS = ("dev_loss", "dev_rouge_l")  # logged once per epoch: points, not smoothed
 SMOOTH_FROM = 30  # steps: a shorter run is drawn as it is (an average over a handful of steps would mislead)
 
@@ -115,8 +117,8 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 
 def panels_for(runs: list[Run]) -> list[tuple[str, list[tuple[str, str]], str]]:
-    """The PANELS that at least one of `runs` logged, in figure order."""
-    return [(title, lines, unit) for title, lines, unit in PANELS
+    """The panels (LOSS_PANEL, method_panels, RUN_PANELS) that at least one of `runs` logged, in figure order."""
+    return [(title, lines, unit) for title, lines, unit in [LOSS_PANEL, *method_panels(), *RUN_PANELS]
             if any(run.series(key)[0] for run in runs for key, _ in lines)]
 
 
@@ -186,4 +188,4 @@ def plot_paths(paths: list[str | Path], out: str | Path, title: str | None = Non
     return plot_runs(runs, out, title)
 
 
-__all__ = ["plot_paths", "plot_runs", "panels_for", "read_run", "run_labels", "smooth", "METRICS", "CURVES", "PANELS"]
+__all__ = ["plot_paths", "plot_runs", "panels_for", "read_run", "run_labels", "smooth", "METRICS", "CURVES", "method_panels"]

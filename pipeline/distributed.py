@@ -1,6 +1,6 @@
 """Several processes on torch's own engines: the process group, DDP or FSDP2 around what is trained, gradient sync.
 
-Under torchrun (WORLD_SIZE > 1) every process holds the same trained module (`Trainee` of stages/distill.py: the
+Under torchrun (WORLD_SIZE > 1) every process holds the same trained module (`Trainee` of pipeline/step.py: the
 student, the method's projectors and its adversary). `wrap` hands it to
 - DistributedDataParallel (default): a full replica per process, gradients all-reduced in buckets during the
   backward of the last micro-batch of a step (`no_sync` on the others);

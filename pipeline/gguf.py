@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dskd_pipe.pipeline.models import ModelError
+from dskd_pipe.pipeline.errors import ModelError
 
 INSTALL_HINT = 'pip install "dskd-pipe[gguf]"'
 SOURCE_FILE = "gguf_source.json"  # written last before the rename: its presence marks a finished conversion

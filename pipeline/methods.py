@@ -1,7 +1,7 @@
 """The distill methods, one entry each: what a method needs and which loss function it calls.
 
-A method is a `Method` record in `METHODS`. The training loop (stages/distill.py) asks the record and never names
-a method:
+A method is a `Method` record in `METHODS`. The training loop (stages/distill.py, pipeline/step.py) asks the record
+and never names a method:
 
 - `uses_teacher` / `same_vocabulary`: whether it needs a teacher, and one that tokenises like the student;
 - `build_parts`: its trained parts besides the student (projectors, trained with the student's optimizer at
@@ -13,9 +13,12 @@ a method:
 - `loss`: a thin call of its loss function in pipeline/objectives/ (a function of tensors), returning the
   micro-batch's student-side loss SUM, the adversary's share of its loss and the log terms (`LossTerms`);
 - `metrics`: how the summed log terms of one optimizer step become the logged numbers;
+- `shown`: which of those numbers the progress line, the curves and the model card show, and how (`Shown`);
+- `settings`: the DistillConfig options its loss reads beyond every KD method's (kd_rate, kd_temperature,
+  divergence): its model card lists them, and `dskd-pipe methods` names them;
 - `defaults`: published values of options the user left unset (`None` in DistillConfig), see `resolve`;
 - `options`: the method's own options (`MethodOption`), set with `--method-option NAME=VALUE` and read by its loss
-  as `LossInputs.options[NAME]`.
+  as `LossInputs.options[NAME]`: where a new method's option goes, declared once, in its entry.
 
 Adding a method = one entry here + its loss function in pipeline/objectives/ + its test. A method of another
 package is the same record, declared under the entry point group `dskd_pipe.methods` of that package (see
@@ -182,6 +185,48 @@ class MethodOption:
 
 
 @dataclass(frozen=True)
+class Shown:
+    """A logged number as the progress line, the curves and the model card show it.
+
+    key: its name in a step record of metrics.jsonl; short: its name on the progress line ("" = not there; numbers
+    sharing a short name show as one "a/b"); panel, unit: the curves panel it is drawn in and its y label (numbers
+    sharing a panel are drawn together, the first solid, the next dashed).
+    """
+
+    key: str
+    short: str
+    panel: str
+    unit: str = "per token"
+
+
+CE_SHOWN = Shown("ce_student", "ce", "CE of the student (gold)", "nats / token")
+KD_SHOWN = Shown("kd", "kd", "KD")
+# The DSKD family's terms and its projections' top-1 agreement.
+DSKD_SHOWN = (CE_SHOWN, Shown("ce_t2s", "ce_t2s", "CE t2s (teacher states, student head)", "nats / token"),
+              Shown("kd_t2s", "kd_t2s", "KD t2s (student space)"), Shown("kd_s2t", "kd_s2t", "KD s2t (teacher space)"),
+              Shown("t2s_acc", "", "projection accuracy (t2s solid, s2t dashed)", "top-1 agreement"),
+              Shown("s2t_acc", "", "projection accuracy (t2s solid, s2t dashed)", "top-1 agreement"))
+CMA_GA_SHOWN = DSKD_SHOWN + (
+    Shown("l_g", "l_g", "L_G (generator)"),
+    Shown("d_acc_real", "D", "D accuracy (real keys solid, fake queries dashed)", "accuracy"),
+    Shown("d_acc_fake", "D", "D accuracy (real keys solid, fake queries dashed)", "accuracy"),
+    Shown("l_d", "", "L_D (discriminator)"))
+
+# The options each family's loss reads (Method.settings), beyond every KD method's kd_rate, kd_temperature and
+# divergence.
+DSKD_SETTINGS = ("projector_lr", "teacher_temperature", "same_vocab_teacher_temperature")
+CMA_SETTINGS = ("projector_lr", "teacher_temperature", "cma_std", "t2s_kd_rows", "projector_warmup_steps", "t2s_values")
+CMA_GA_SETTINGS = CMA_SETTINGS + ("lambda_ga", "ga_start_step", "disc_lr", "disc_every", "ga_mode", "ga_directions",
+                                  "disc_spectral_norm", "ga_reachable_keys")
+V2_SETTINGS = ("projector_lr", "teacher_temperature", "same_vocab_teacher_temperature", "overlap_top_k",
+               "v2_mean_weighting", "v2_agreement_threshold")
+V2_ETA_SETTINGS = ("projector_lr", "teacher_temperature", "overlap_top_k", "v2_mean_weighting",
+                   "v2_agreement_threshold", "eta_unmapped")
+DWA_SETTINGS = ("projector_lr", "teacher_temperature", "cma_std", "kd_warmup_steps", "dtw_gamma_start", "dtw_gamma_end",
+                "dtw_gamma_steps", "dwa_weights", "dtw_inputs", "dtw_positions", "dtw_reduction", "kd_warmup_terms")
+
+
+@dataclass(frozen=True)
 class Method:
     """One distill method: see the module docstring."""
 
@@ -194,6 +239,8 @@ class Method:
     build_parts: PartsFn | None = None  # (cfg, teacher, student tokenizer, student, device) -> MethodParts
     adversary: Adversary | None = None
     collate_extras: ExtrasFn | None = None  # (teacher tokenizer, student tokenizer) -> Collate's extras
+    shown: tuple[Shown, ...] = ()  # besides the total loss
+    settings: tuple[str, ...] = ()  # DistillConfig options its loss reads besides kd_rate, kd_temperature, divergence
     defaults: Mapping[str, object] = field(default_factory=dict)
     options: Mapping[str, MethodOption] = field(default_factory=dict)  # the method's own options
 
@@ -266,11 +313,12 @@ def _dims(teacher, student: nn.Module) -> tuple[int, int]:
     return student.get_input_embeddings().weight.shape[1], teacher.head.weight.shape[1]
 
 
-def _projectors(kind: str) -> PartsFn:
-    """DSKD's projectors: t2s and s2t, plus the CMA query projector for the CMA kinds (objectives/dskd.py)."""
+def _projectors(with_query: bool) -> PartsFn:
+    """DSKD's projectors: t2s and s2t, and with_query the cross-model attention's query projector
+    (objectives/dskd.py)."""
 
     def build(cfg, teacher, student_tok, student, device) -> MethodParts:
-        return MethodParts(projectors=build_projectors(kind, *_dims(teacher, student)).to(device))
+        return MethodParts(projectors=build_projectors(*_dims(teacher, student), with_query=with_query).to(device))
 
     return build
 
@@ -279,7 +327,7 @@ def _cma_ga_parts(cfg, teacher, student_tok, student, device) -> MethodParts:
     """DSKD-CMA's projectors and the discriminator over [K; Q] tokens (2 dt)."""
     from dskd_pipe.pipeline.objectives.cma_ga import build_discriminator
 
-    parts = _projectors("dskd_cma_ga")(cfg, teacher, student_tok, student, device)
+    parts = _projectors(with_query=True)(cfg, teacher, student_tok, student, device)
     parts.discriminator = build_discriminator(2 * teacher.head.weight.shape[1],
                                               spectral_norm=cfg.disc_spectral_norm).to(device)
     return parts
@@ -514,15 +562,16 @@ TablesFn = Callable[[DistillConfig, object, object, nn.Module, str], dict]
 class Term:
     """A term a method entry adds to its loss (`compose`).
 
-    value(x) -> (the term on the micro-batch in the stage's SUM convention, its log sums); logged: the log names
-    shown per student token; collate_extras: the batch tensors it reads, built in the loader workers;
-    tables(cfg, teacher, student_tok, student, device) -> the fixed per-vocabulary tables it looks up
+    value(x) -> (the term on the micro-batch in the stage's SUM convention, its log sums); shown: its logged
+    numbers (per student token) and how they are shown; settings: the DistillConfig options it reads;
+    collate_extras: the batch tensors it reads, built in the loader workers; tables(cfg, teacher, student_tok, student, device) -> the fixed per-vocabulary tables it looks up
     (MethodParts.tables), built once per run.
     """
 
     name: str
     value: Callable[[LossInputs], tuple[Tensor, dict]]
-    logged: tuple[str, ...]
+    shown: tuple[Shown, ...]
+    settings: tuple[str, ...] = ()
     collate_extras: ExtrasFn | None = None
     tables: TablesFn | None = None
 
@@ -577,9 +626,11 @@ def _prefix_kd_value(x: LossInputs) -> tuple[Tensor, dict]:
                     "teacher_next_text_entropy": out.teacher_entropy}
 
 
-ALM = Term("alm", _alm_value, ("alm",), collate_extras=lambda teacher_tok, student_tok: chunk_id_extras,
-           tables=_word_start_tables)
-PREFIX_KD = Term("prefix-kd", _prefix_kd_value, ("prefix_kd",),
+ALM = Term("alm", _alm_value, (Shown("alm", "alm", "ALM (chunk likelihoods, BCE)", "mean per chunk"),),
+           ("alm_temperature", "alm_debias", "alm_merge_threshold", "alm_mean", "loss_balance"),
+           collate_extras=lambda teacher_tok, student_tok: chunk_id_extras, tables=_word_start_tables)
+PREFIX_KD = Term("prefix-kd", _prefix_kd_value, (Shown("prefix_kd", "prefix_kd", "prefix-kd (next-text KL)"),),
+                 ("prefix_chars", "prefix_temper", "loss_balance"),
                  collate_extras=lambda teacher_tok, student_tok: chunk_id_extras, tables=_next_text_tables)
 
 
@@ -616,7 +667,7 @@ def compose(name: str, summary: str, base: Method | None, *terms: Term) -> Metho
     tables join its parts."""
     base_loss = _ce_part if base is None else base.loss
     base_metrics = _per_token("ce_student") if base is None else base.metrics
-    logged = tuple(n for t in terms for n in t.logged)
+    logged = tuple(shown.key for t in terms for shown in t.shown)
 
     def loss(x: LossInputs) -> LossTerms:
         head = base_loss(x)
@@ -653,6 +704,9 @@ def compose(name: str, summary: str, base: Method | None, *terms: Term) -> Metho
               if m is not None]
     return Method(name, summary, loss, metrics, build_parts=build,
                   adversary=None if base is None else base.adversary, collate_extras=_merged_extras(extras),
+                  shown=((CE_SHOWN,) if base is None else base.shown) + tuple(s for t in terms for s in t.shown),
+                  settings=tuple(dict.fromkeys(((base.settings if base else ()) + tuple(
+                      k for t in terms for k in t.settings)))),
                   defaults={} if base is None else base.defaults, options={} if base is None else base.options)
 
 
@@ -709,32 +763,39 @@ _FALLBACKS = {"projector_lr": PROJECTOR_LR, "divergence": "fkl", "kd_warmup_step
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sft", "cross-entropy on the gold responses; no teacher", sft_loss, _per_token("ce_student"),
-           uses_teacher=False),
+           uses_teacher=False, shown=(CE_SHOWN,)),
     Method("kd", "vanilla KD over the shared vocabulary (same tokenizer)", kd_loss, _per_token("ce_student", "kd"),
-           same_vocabulary=True),
+           same_vocabulary=True, shown=(CE_SHOWN, KD_SHOWN)),
     Method("dskd", "DSKD, same vocabulary (spec/dskd.md)", dskd_loss, _dskd_metrics(), same_vocabulary=True,
-           build_parts=_projectors("dskd"), defaults=_DSKD_DEFAULTS),
+           build_parts=_projectors(with_query=False), shown=DSKD_SHOWN, settings=DSKD_SETTINGS,
+           defaults=_DSKD_DEFAULTS),
     Method("dskd-cma", "DSKD with cross-model attention, any tokenizers (spec/dskd.md)", dskd_cma_method_loss,
-           _dskd_metrics(), build_parts=_projectors("dskd_cma"), defaults=_DSKD_DEFAULTS),
+           _dskd_metrics(), build_parts=_projectors(with_query=True), shown=DSKD_SHOWN, settings=CMA_SETTINGS,
+           defaults=_DSKD_DEFAULTS),
     Method("cma-ga", "DSKD-CMA with adversarial key-query matching (spec/cma_ga.md)", cma_ga_method_loss,
            _cma_ga_metrics, build_parts=_cma_ga_parts, adversary=Adversary(_disc_optimizer, _disc_steps_at),
-           defaults=_DSKD_DEFAULTS),
+           shown=CMA_GA_SHOWN, settings=CMA_GA_SETTINGS, defaults=_DSKD_DEFAULTS),
     Method("dskd-v2", "DSKDv2, same vocabulary: ideal projectors, teacher-argmax targets", dskd_v2_loss,
-           _dskd_metrics(), same_vocabulary=True, build_parts=_v2_same_vocab_parts, defaults=_V2_DEFAULTS),
+           _dskd_metrics(), same_vocabulary=True, build_parts=_v2_same_vocab_parts, shown=DSKD_SHOWN,
+           settings=V2_SETTINGS, defaults=_V2_DEFAULTS),
     Method("dskd-v2-eta", "DSKDv2 with exact token alignment, any tokenizers", dskd_v2_eta_method_loss,
-           _dskd_metrics(), build_parts=_v2_eta_parts, collate_extras=_eta_extras, defaults=_V2_DEFAULTS),
+           _dskd_metrics(), build_parts=_v2_eta_parts, collate_extras=_eta_extras, shown=DSKD_SHOWN,
+           settings=V2_ETA_SETTINGS, defaults=_V2_DEFAULTS),
     Method("dwa-kd", "DSKD-CMA with entropy weights and Soft-DTW alignment", dwa_method_loss,
-           _dskd_metrics("dtw", "dtw_hidden", "dtw_embed"), build_parts=_dwa_parts, defaults=_DWA_DEFAULTS),
+           _dskd_metrics("dtw", "dtw_hidden", "dtw_embed"), build_parts=_dwa_parts,
+           shown=DSKD_SHOWN + (Shown("dtw", "dtw", "Soft-DTW"),), settings=DWA_SETTINGS, defaults=_DWA_DEFAULTS),
     Method("mined", "MinED: edit-distance token map and DTW alignment (baseline)", mined_method_loss,
-           _per_token("ce_student", "kd"), build_parts=_mined_parts, collate_extras=_mined_extras),
-    Method("uld", "ULD: sorted-probability distance (baseline)", uld_method_loss, _per_token("ce_student", "kd")),
+           _per_token("ce_student", "kd"), build_parts=_mined_parts, collate_extras=_mined_extras,
+           shown=(CE_SHOWN, KD_SHOWN)),
+    Method("uld", "ULD: sorted-probability distance (baseline)", uld_method_loss, _per_token("ce_student", "kd"),
+           shown=(CE_SHOWN, KD_SHOWN)),
     # Chunk-level projection has no query: DSKD's t2s/s2t pair only.
     Method("chunk-attention", "ablation: CMA attention confined to each token's ground-truth chunk",
-           _chunk_loss("attention"), _dskd_metrics(), build_parts=_projectors("dskd_cma"),
-           collate_extras=_chunk_extras, defaults=_DSKD_DEFAULTS),
+           _chunk_loss("attention"), _dskd_metrics(), build_parts=_projectors(with_query=True),
+           collate_extras=_chunk_extras, shown=DSKD_SHOWN, settings=CMA_SETTINGS, defaults=_DSKD_DEFAULTS),
     Method("chunk-projection", "ablation: a uniform average over each token's ground-truth chunk, no attention",
-           _chunk_loss("projection"), _dskd_metrics(), build_parts=_projectors("dskd"),
-           collate_extras=_chunk_extras, defaults=_DSKD_DEFAULTS),
+           _chunk_loss("projection"), _dskd_metrics(), build_parts=_projectors(with_query=False),
+           collate_extras=_chunk_extras, shown=DSKD_SHOWN, settings=CMA_SETTINGS, defaults=_DSKD_DEFAULTS),
 )}
 # Entries composed of a base method and likelihood terms (`compose`): one record each, as the others.
 METHODS.update({m.name: m for m in (

@@ -6,25 +6,20 @@ reproduce it (the resolved config saved beside it, and the same as flags).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
 import statistics
 from pathlib import Path
 
-from dskd_pipe.pipeline.config import OUTPUT_ONLY, DistillConfig, config_to_dict
+from dskd_pipe.pipeline.config import OUTPUT_ONLY, CacheConfig, DistillConfig, command_args
 
 CARD = "README.md"
 # The card's "method settings": the KD settings of every method with a teacher, the values the method's entry sets
-# (pipeline/methods.py `defaults`), and any of these that differ from what the method resolves to by default.
+# (pipeline/methods.py `defaults`), and those of the options its entry reads (`settings`) that differ from what the
+# method resolves to by default.
 KD_SETTINGS = ("kd_rate", "kd_temperature", "divergence")
-METHOD_SETTINGS = ("lambda_ga", "ga_start_step", "disc_lr", "disc_every", "ga_directions", "disc_spectral_norm",
-                   "ga_reachable_keys", "t2s_kd_rows", "projector_warmup_steps", "t2s_values", "projector_lr",
-                   "overlap_top_k", "kd_warmup_steps", "teacher_temperature", "alm_temperature", "alm_debias",
-                   "alm_merge_threshold", "alm_mean", "prefix_chars", "prefix_temper",
-                   "loss_balance")
-TRAIN_TERMS = ("loss", "ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "kd", "alm", "prefix_kd", "dtw", "t2s_acc", "s2t_acc",
-               "l_g", "d_acc_real", "d_acc_fake", "l_d")
 # What the project's quality benchmark measured for a method (BENCHMARKS.md "Closing the gap", the `full` size: 24-town
 # world, BPE-768 teacher -> WordPiece-928 student, test NLL per character, 3 seeds, paired to sft), negative results
 # included; a student's card repeats its method's line.
@@ -60,60 +55,32 @@ def _is_hub_id(name: str) -> bool:
 
 
 def flag_command(cfg: DistillConfig, out: str | None = None) -> str | None:
-    """`dskd-pipe distill ...` with a flag for every setting that differs from the default, or None when one of
-    them has no flag (then only `--config distill_config.json` reproduces the run)."""
-    from dskd_pipe.pipeline.cli import main
-
-    command = main.commands["distill"]
-    options = {p.name: p for p in command.params if p.name != "config_path"}
-    values = config_to_dict(cfg)
+    """`dskd-pipe distill ...` with a flag for every setting that differs from the default (config.command_args), or
+    None when one of them cannot be spelled as a flag (then only `--config distill_config.json` reproduces the run)."""
     if out is not None:
-        values["out"] = out
-    defaults = config_to_dict(DistillConfig())
-    args = ["dskd-pipe", "distill"]
-    for name, value in values.items():
-        if name in OUTPUT_ONLY or name == "resume" or value == defaults[name]:  # a new folder needs no --resume
-            continue
-        opt = options.get(name)
-        if opt is None:
-            return None
-        flag = opt.opts[0]
-        if opt.is_flag and opt.secondary_opts:  # --x/--no-x
-            args.append(flag if value else opt.secondary_opts[0])
-        elif opt.is_flag:
-            if not value:
-                return None
-            args.append(flag)
-        elif isinstance(value, list):
-            for v in value:
-                args += [flag, str(v)]
-        else:
-            args += [flag, str(value)]
-    return " ".join(shlex.quote(a) for a in args)
+        cfg = dataclasses.replace(cfg, out=out)
+    args = command_args(cfg, skip=OUTPUT_ONLY | {"resume"})  # a new folder needs no --resume
+    return None if args is None else " ".join(shlex.quote(a) for a in ["dskd-pipe", "distill", *args])
 
 
 def cache_command(store_config: dict) -> str:
     """The `dskd-pipe cache-teacher` command of a store's saved CacheConfig (its non-default settings as flags)."""
-    from dskd_pipe.pipeline.cli import main
-    from dskd_pipe.pipeline.config import CacheConfig
-
-    options = {p.name: p for p in main.commands["cache-teacher"].params}
-    defaults = config_to_dict(CacheConfig())
-    args = ["dskd-pipe", "cache-teacher"]
-    for name, value in store_config.items():
-        opt = options.get(name)
-        if opt is None or name in OUTPUT_ONLY or name == "shard" or value == defaults.get(name):
-            continue
-        if opt.is_flag:
-            if value:
-                args.append(opt.opts[0])
-        else:
-            args += [opt.opts[0], str(value)]
-    return " ".join(shlex.quote(a) for a in args)
+    known = {f.name for f in dataclasses.fields(CacheConfig)} - OUTPUT_ONLY - {"shard"}
+    cfg = CacheConfig(**{k: v for k, v in store_config.items() if k in known})
+    args = command_args(cfg) or []
+    return " ".join(shlex.quote(a) for a in ["dskd-pipe", "cache-teacher", *args])
 
 
-def final_metrics(metrics_path: Path, last: int = 10) -> dict:
-    """{"train": mean of each logged term over the last `last` steps, "dev": [every dev record], "steps": n}."""
+def train_keys(method: str) -> tuple[str, ...]:
+    """The numbers of a step record the card averages: the loss, then those the method's entry shows."""
+    from dskd_pipe.pipeline.methods import METHODS
+
+    entry = METHODS.get(method)
+    return ("loss", *(s.key for s in entry.shown)) if entry is not None else ("loss",)
+
+
+def final_metrics(metrics_path: Path, keys: tuple[str, ...], last: int = 10) -> dict:
+    """{"train": the mean of each of `keys` over the last `last` steps, "dev": [every dev record], "steps": n}."""
     train, dev = [], []
     if Path(metrics_path).is_file():
         for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
@@ -123,7 +90,7 @@ def final_metrics(metrics_path: Path, last: int = 10) -> dict:
                 continue
             (dev if "dev_loss" in record else train).append(record)
     tail = train[-last:]
-    means = {k: statistics.fmean(r[k] for r in tail) for k in TRAIN_TERMS if tail and all(k in r for r in tail)}
+    means = {k: statistics.fmean(r[k] for r in tail) for k in keys if tail and all(k in r for r in tail)}
     return {"train": means, "last_steps": len(tail), "dev": dev,
             "supervised_tokens": sum(r.get("supervised_tokens", 0) for r in train)}
 
@@ -210,7 +177,8 @@ def model_card(cfg: DistillConfig, *, folder: str, steps: int, epochs: int, worl
                  f"cosine to {cfg.min_lr:g}, grad clip {cfg.max_grad_norm:g}, seed {cfg.seed} |")
     usual = resolve(DistillConfig(method=cfg.method)) if entry is not None else DistillConfig()
     own = tuple(entry.defaults) if entry is not None else ()
-    shown = [k for k in dict.fromkeys((*KD_SETTINGS, *own, *METHOD_SETTINGS)) if uses_teacher
+    settings = entry.settings if entry is not None else ()
+    shown = [k for k in dict.fromkeys((*KD_SETTINGS, *own, *settings)) if uses_teacher
              and (k in KD_SETTINGS or k in own or getattr(cfg, k) != getattr(usual, k))]
     if shown:
         lines.append("| method settings | " + ", ".join(f"{k} {_fmt(getattr(cfg, k))}" for k in shown) + " |")
@@ -277,4 +245,4 @@ def write_model_card(folder: Path, cfg: DistillConfig, **kwargs) -> Path:
 
 
 __all__ = ["model_card", "write_model_card", "final_metrics", "flag_command", "cache_command", "CARD", "KD_SETTINGS",
-           "METHOD_SETTINGS"]
+           "train_keys"]

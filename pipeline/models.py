@@ -14,9 +14,7 @@ from pathlib import Path
 
 import torch
 
-
-class ModelError(ValueError):
-    """A model or tokenizer cannot be used as asked; the message names it and the fix."""
+from dskd_pipe.pipeline.errors import ModelError
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:

@@ -3,7 +3,7 @@
 Ground truth: the two tokenisations of the same text agree on "chunks", the shortest stretches of tokens on both sides
 that end at the same character. A good t2s attention puts each student token's weight inside its own chunk.
 
-Position convention (as in the batch, cache/streaming.Collate): inputs = ids[:-1], labels = ids[1:], and the rows
+Position convention (as in the batch, pipeline/loader.Collate): inputs = ids[:-1], labels = ids[1:], and the rows
 (student) and columns (teacher) of the attention are LABEL positions, so position k is the target token ids[k + 1].
 The offsets passed here must therefore be those of the targets: `offsets[1:]` of the TokenSequence / store record
 (see `label_offsets`), and the masks are `labels != -100` (response tokens, EOS included).

@@ -174,18 +174,18 @@ class ProgressLine:
             self._print(self.line())
 
 
-# The terms of a distill step record shown on its progress line, in this order, under these short names; a
-# method's record holds some of them (pipeline/methods.py decides which).
-STEP_TERMS = (("loss", "loss"), ("ce_student", "ce"), ("kd", "kd"), ("ce_t2s", "ce_t2s"), ("kd_t2s", "kd_t2s"),
-              ("kd_s2t", "kd_s2t"), ("dtw", "dtw"), ("l_g", "l_g"), ("alm", "alm"), ("prefix_kd", "prefix_kd"))
-
-
-def step_values(record: dict) -> dict:
-    """The progress-line values of one distill step record: loss, its main terms, and CMA-GA's discriminator
-    accuracy on real keys / fake queries as "D 0.52/0.48"."""
-    values = {short: record[key] for key, short in STEP_TERMS if key in record}
-    if "d_acc_real" in record and "d_acc_fake" in record:
-        values["D"] = f"{record['d_acc_real']:.2f}/{record['d_acc_fake']:.2f}"
+def step_values(record: dict, shown) -> dict:
+    """The progress-line values of one distill step record: the loss, then the method's numbers in the order its
+    entry shows them (`shown`: methods.Shown records; those without a short name stay off the line). Numbers that
+    share a short name show as one "a/b", as CMA-GA's discriminator accuracy on real keys / fake queries: "D
+    0.52/0.48"."""
+    values: dict = {"loss": record["loss"]} if "loss" in record else {}
+    groups: dict[str, list[float]] = {}
+    for s in shown:
+        if s.short and s.key in record:
+            groups.setdefault(s.short, []).append(record[s.key])
+    for short, numbers in groups.items():
+        values[short] = numbers[0] if len(numbers) == 1 else "/".join(f"{v:.2f}" for v in numbers)
     return values
 
 

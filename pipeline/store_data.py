@@ -7,7 +7,7 @@ your own (or Hugging Face's Trainer) needs to distil from the store, with the al
         zs = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits   # [B, S, Vs]
         ht = teacher_hidden(batch)                                                                   # [B, T, dt]
 
-A batch (cache/streaming.Collate): input_ids, attention_mask, labels [B, S] on the student side (labels[b, k] is the
+A batch (pipeline/loader.Collate): input_ids, attention_mask, labels [B, S] on the student side (labels[b, k] is the
 target of position k, -100 outside the response: no shift left to do); teacher_input_ids, teacher_attention_mask,
 teacher_labels [B, T] likewise on the teacher side; teacher_hidden_rows [N, dt], the teacher's states at its real
 positions only (`teacher_hidden(batch)` pads them to [B, T, dt] where the batch is used); example_ids [B]; and the
@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dskd_pipe.cache.reader import StoreReader
-from dskd_pipe.cache.streaming import Collate, Side, StoreSource, teacher_hidden
+from dskd_pipe.pipeline.loader import Collate, Side, StoreSource, teacher_hidden
 from dskd_pipe.pipeline.methods import METHODS, unknown_method
 from dskd_pipe.pipeline.models import eos_token_id, pad_token_id
 from dskd_pipe.pipeline.objectives.divergences import cross_entropy_sum

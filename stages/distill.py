@@ -1,6 +1,12 @@
 """`dskd-pipe distill`: train a student from the teacher-state store (or a teacher run online) with one of the methods
-of pipeline/methods.py (SFT, vanilla KD, DSKD, DSKD-CMA, DSKD-CMA-GA, ...; spec/dskd.md, spec/cma_ga.md).
+of pipeline/methods.py (`dskd-pipe methods` lists them; spec/dskd.md, spec/cma_ga.md).
 
+This module is the run from start to end; each concern lives in its own pipeline module, read top to bottom:
+    pipeline/teacher.py     the teacher side: a store (offline) or the teacher model (online)
+    pipeline/student.py     the student: building it (LoRA), its forward, saving it
+    pipeline/step.py        one optimizer step: the micro-batches' losses, gradients, the divergence checks
+    pipeline/evaluation.py  the dev evaluation at epoch ends and the best student
+    pipeline/run_folder.py  --out, --resume / --init-from rules, the model cards and curves of a finished run
 The loop below never names a method: it asks the method's entry for its parts, collate extras, loss and metrics.
 
 Offline (--cache) and online (--teacher) share one path: the same dataset and collate build the teacher view; the
@@ -21,49 +27,46 @@ dev-selected student, with its own card) when a dev set is given.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from dskd_pipe.cache.paths import check_out_folder, links_leaving
-from dskd_pipe.cache.remote import filesystem
-from dskd_pipe.cache.streaming import (Collate, DistillDataset, Side, StoreSource, TextSource, UnionSource,
-                                       auto_num_workers, loader_advice, make_loader, teacher_hidden)
-from dskd_pipe.pipeline.config import (OUTPUT_ONLY, ConfigError, DistillConfig, config_to_dict, option_problems,
-                                      require, save_config)
-from dskd_pipe.pipeline.data import TEMPLATE_ID, cut_report, file_fingerprint, load_examples
-from dskd_pipe.pipeline.distributed import (Processes, all_reduce_sum, barrier, gradient_sync, local_tensor, setup,
-                                            transformer_blocks, wrap)
-from dskd_pipe.pipeline.methods import (METHODS, LossInputs, LossTerms, MethodParts, build_parts, collate_extras,
-                                        method_options, resolve, unknown_method)
-from dskd_pipe.pipeline.models import (check_device, check_vocabulary, default_device, embedding_parts, eos_token_id,
-                                       head_parts, last_hidden_state, load_causal_lm, load_tokenizer, logit_transform,
+from dskd_pipe.pipeline.config import ConfigError, DistillConfig, config_to_dict, option_problems, require, save_config
+from dskd_pipe.pipeline.data import cut_report, load_examples
+from dskd_pipe.pipeline.distributed import Processes, all_reduce_sum, barrier, local_tensor, setup, wrap
+from dskd_pipe.pipeline.evaluation import evaluate_epoch
+from dskd_pipe.pipeline.generation import unescape_newlines
+from dskd_pipe.pipeline.loader import (Collate, DistillDataset, Side, UnionSource, auto_num_workers, loader_advice,
+                                       make_loader)
+from dskd_pipe.pipeline.methods import (METHODS, Method, build_parts, collate_extras, method_options, resolve,
+                                        unknown_method)
+from dskd_pipe.pipeline.models import (check_device, check_vocabulary, default_device, eos_token_id, load_tokenizer,
                                        pad_token_id)
-from dskd_pipe.pipeline.objectives.divergences import DIVERGENCES, cross_entropy_sum
-from dskd_pipe.pipeline.objectives.dskd import TeacherHead
 from dskd_pipe.pipeline.progress import Console, quiet_libraries, step_values
-from dskd_pipe.pipeline.teacher_store import teacher_head
+from dskd_pipe.pipeline.run_folder import (DONE, RESOLVED_CONFIG, check_out, check_same_run, copy_model_files,
+                                           same_path, write_documents)
+from dskd_pipe.pipeline.step import (StepPlan, Trainee, accumulate_gradients, check_finite_step, check_finite_weights,
+                                     engine_blocks, first_batch, gradient_norm, step_metrics)
+from dskd_pipe.pipeline.student import build_student, hf_model, save_outputs
+from dskd_pipe.pipeline.teacher import Teacher, open_teacher, store_record
 from dskd_pipe.pipeline.trackers import open_trackers, resolve_report_to
 from dskd_pipe.pipeline.training import (MetricsLogger, cosine_schedule, list_checkpoints, load_checkpoint,
-                                         micro_batch_seed, param_groups, peek_trainer_state, rng_state,
-                                         save_checkpoint, save_safetensors, seed_everything, set_rng_state,
-                                         TrainingDiverged, usable_checkpoint, write_json_atomic)
+                                         param_groups, peek_trainer_state, save_checkpoint, seed_everything,
+                                         usable_checkpoint, write_json_atomic)
+
 
 # Tests: os._exit(137) right after the checkpoint of step N; with DIE_RANK_ENV=R, only rank R dies instead, by
 # SIGKILL in the middle of step N+1 (gradients computed, not applied), on torchrun's first attempt only.
 DIE_AT_STEP_ENV = "DSKD_PIPE_TEST_DIE_AT_STEP"
 DIE_RANK_ENV = "DSKD_PIPE_TEST_DIE_RANK"
-RESOLVED_CONFIG = "distill_config.json"  # not config.json: that name is the student's HF config
-DONE = "distill_done.json"  # written last: the folder holds a finished student
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checks and set-up
+# Checks
 # ---------------------------------------------------------------------------------------------------------------
 
 def check_config(cfg: DistillConfig) -> None:
@@ -78,8 +81,6 @@ def check_config(cfg: DistillConfig) -> None:
             method_options(cfg)
         except ConfigError as e:
             problems.append(str(e))
-    if cfg.divergence is not None and cfg.divergence not in DIVERGENCES:
-        problems.append(f"--divergence '{cfg.divergence}': choose one of {', '.join(DIVERGENCES)}.")
     uses_teacher = cfg.method not in METHODS or METHODS[cfg.method].uses_teacher
     if bool(cfg.cache) == bool(cfg.teacher) and uses_teacher:
         problems.append("pass exactly one of --cache STORE (offline) or --teacher MODEL (online).")
@@ -99,478 +100,12 @@ def check_config(cfg: DistillConfig) -> None:
     if cfg.loss_balance == "gradmag" and cfg.fsdp:
         problems.append("--loss-balance gradmag takes per-part gradients of the student's last block, which FSDP2 "
                         "shards; use DDP (drop --fsdp) or --loss-balance weights.")
-    if cfg.out and cfg.student and _same_path(cfg.out, cfg.student):
+    if cfg.out and cfg.student and same_path(cfg.out, cfg.student):
         problems.append(f"--out {cfg.out} is the --student folder: the run would write over the weights it starts "
                         "from. Pass another --out.")
     if problems:
         raise ConfigError("\n".join(problems))
 
-
-def _same_path(a: str, b: str) -> bool:
-    """Whether two existing local paths are the same file or folder (links and '..' resolved)."""
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
-
-
-def check_out(cfg: DistillConfig) -> Path:
-    """--out, checked before anything is loaded (cache/paths.check_out_folder): writable, and new, empty or this
-    stage's own earlier run (its distill_config.json), never a folder holding something else. An earlier run's folder
-    may hold no link to outside it, since the run writes its files again."""
-    out = check_out_folder(cfg.out, lambda folder: (folder / RESOLVED_CONFIG).is_file(), "distill", ConfigError)
-    if out.is_dir() and (leaving := links_leaving(out)):
-        raise ConfigError(f"--out {out}: {', '.join(leaving[:3])}: link(s) to outside the run folder; the run writes "
-                          "its files again and would write there. Remove the link(s), or pass another --out.")
-    return out
-
-
-def expected_fingerprints(cfg: DistillConfig) -> dict:
-    """What the store must have been built from: the same data file, template and sequence lengths."""
-    return {
-        "data": {"path": str(cfg.data), "sha256": file_fingerprint(cfg.data)},
-        "template": TEMPLATE_ID,
-        "lengths": {"max_prompt_length": cfg.max_prompt_length, "max_length": cfg.max_length},
-    }
-
-
-@dataclass
-class Teacher:
-    """The teacher as the losses need it: head, input embeddings, pad id, and the model itself when online."""
-
-    head: TeacherHead | None
-    embed: torch.Tensor | None  # [Vt, dt]
-    embed_scale: float
-    pad_id: int
-    model: object = None  # online mode only
-    tokenizer: object = None  # cross-tokenizer alignments (ETA)
-
-    @torch.no_grad()
-    def hidden(self, batch: dict) -> torch.Tensor:
-        """[B, T, dt]: the cached rows, or the teacher run now; zeros on pads either way (as the store's collate)."""
-        if "teacher_hidden_rows" in batch:
-            return teacher_hidden(batch)
-        mask = batch["teacher_attention_mask"]
-        h = last_hidden_state(self.model, batch["teacher_input_ids"], mask)  # [B, T, dt]
-        return h * mask[..., None].to(h.dtype)
-
-
-def open_teacher(cfg: DistillConfig, device: str):
-    """(Teacher, source of teacher views). Offline: the store, checked against --data; online: the teacher model."""
-    student_examples = None
-    if cfg.cache:
-        from dskd_pipe.cache.reader import open_store
-
-        reader = open_store(cfg.cache, expected=expected_fingerprints(cfg))
-        h, e = reader.head(), reader.embeddings()
-        teacher = Teacher(teacher_head(h, device), e["weight"].to(device), float(e["embed_scale"]),
-                          int(reader.manifest.pad_id), tokenizer=reader.tokenizer())
-        source = StoreSource(reader, limit=cfg.limit)
-        if cfg.sample_caches:
-            # Sample stores: the same teacher, tokenizer, template and lengths as the gold store; their data are
-            # student generations, so no data fingerprint is compared.
-            same = {k: reader.manifest.fingerprints[k] for k in ("teacher", "tokenizer", "template", "lengths")}
-            samples = [StoreSource(open_store(path, expected=same)) for path in cfg.sample_caches]
-            source = UnionSource(source, samples)
-        return teacher, source
-    student_examples = load_examples(cfg.data, limit=cfg.limit, skip_bad=cfg.skip_bad)
-    if not cfg.teacher:  # sft without a teacher: the teacher view is the student's own tokenisation, unused
-        tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
-        side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
-        return Teacher(None, None, 1.0, side.pad_id), TextSource(student_examples, side)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.teacher_dtype)
-    model = load_causal_lm(cfg.teacher, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code)
-    model.requires_grad_(False)
-    tok = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
-    check_vocabulary(model, tok, cfg.teacher)
-    side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
-    e = embedding_parts(model)
-    teacher = Teacher(teacher_head(head_parts(model), device), e["weight"], float(e["embed_scale"]), side.pad_id,
-                      model, tok)
-    return teacher, TextSource(student_examples, side)
-
-
-def build_student(cfg: DistillConfig, device: str):
-    """The trainable student (fp32 master weights) from --student; LoRA through peft when lora_rank > 0. A resumed
-    run loads its trained weights from the checkpoint afterwards."""
-    model = load_causal_lm(cfg.student, dtype=torch.float32, device=device, trust_remote_code=cfg.trust_remote_code)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if cfg.lora_rank:
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError:
-            raise ConfigError("--lora-rank needs the `peft` package: pip install peft") from None
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
-        if cfg.gradient_checkpointing:
-            model.enable_input_require_grads()
-    model.train()
-    return model
-
-
-def _hf(model):
-    """The transformers model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def student_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Hs [B, S, ds] post-final-norm, Zs [B, S, Vs]) of the student; the head applied to Hs as the model does."""
-    hf = _hf(model)
-    hidden = last_hidden_state(hf, batch["input_ids"], batch["attention_mask"])  # [B, S, ds]
-    logits = hf.get_output_embeddings()(hidden)  # [B, S, Vs]
-    scale, cap = logit_transform(hf)
-    if scale != 1.0:
-        logits = logits * scale
-    if cap is not None:
-        logits = cap * torch.tanh(logits / cap)
-    return hidden, logits
-
-
-def _check_same_tokenisation(batch: dict, method: str) -> None:
-    same = batch["input_ids"].shape == batch["teacher_input_ids"].shape and torch.equal(
-        batch["labels"], batch["teacher_labels"])
-    if not same:
-        raise ConfigError(f"--method {method} needs the teacher and the student to tokenise the same way (same "
-                          "vocabulary); these do not. Use --method dskd-cma or cma-ga for different tokenizers.")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One micro-batch, one optimizer step
-# ---------------------------------------------------------------------------------------------------------------
-
-def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher, parts: MethodParts, *,
-                     step: int = 0, progress: float = 0.0, adversary_step: bool = False, total_steps: int = 1,
-                     step_tokens: torch.Tensor | float = 1.0, step_teacher_tokens: torch.Tensor | float = 1.0,
-                     step_micro_batches: int = 1) -> LossTerms:
-    """The method's LossTerms of one micro-batch (student-side loss SUM, adversary share, logs).
-
-    The student's forward, then the method's loss (pipeline/methods.py). step: optimizer steps done before this
-    one; progress: step / total steps; adversary_step, the step's token counts and micro-batches over all
-    processes: see LossInputs.
-    """
-    method = METHODS[cfg.method]
-    hs, zs = student_forward(student, batch)
-    ht = None
-    if method.uses_teacher:
-        ht = teacher.hidden(batch)
-    if method.same_vocabulary:
-        _check_same_tokenisation(batch, cfg.method)
-    inputs = LossInputs(cfg, batch, _hf(student), hs, zs, ht, teacher, parts, step=step, progress=progress,
-                        adversary_step=adversary_step, total_steps=total_steps, step_tokens=step_tokens,
-                        step_teacher_tokens=step_teacher_tokens, step_micro_batches=step_micro_batches)
-    terms = method.loss(inputs)
-    terms.logs = {"n_student": inputs.n_student.float(), **terms.logs}
-    return terms
-
-
-class Trainee(torch.nn.Module):
-    """Everything one optimizer step trains, as one module for the engines (DDP replicates it, FSDP2 shards it):
-    the student, the method's projectors and its adversary. Its forward is one micro-batch's loss, so the engines
-    see every use of a trained parameter, the losses' direct use of the student's embeddings and head included."""
-
-    def __init__(self, student, parts: MethodParts):
-        super().__init__()
-        self.student = student
-        self.projectors = parts.projectors
-        self.discriminator = parts.discriminator
-        self.parts = parts  # the same modules (not registered twice: a plain record) and the token map
-
-    def forward(self, cfg: DistillConfig, batch: dict, teacher: Teacher, **clock) -> LossTerms:
-        return micro_batch_loss(cfg, batch, self.student, teacher, self.parts, **clock)
-
-
-def accumulate_gradients(cfg: DistillConfig, micro: list[dict], model, teacher: Teacher, procs: Processes, *,
-                         real: list[bool] | None = None, step: int = 0, progress: float = 0.0,
-                         adversary_step: bool = False, total_steps: int = 1) -> tuple[dict, torch.Tensor]:
-    """Forward/backward this process's micro-batches of one optimizer step; (summed logs, the step's supervised
-    student tokens over all processes).
-
-    Reduction (spec/dskd.md): every term is a sum; the step's total is divided by its GLOBAL supervised student
-    tokens (all micro-batches, all processes), so k micro-batches of b examples on N processes give the gradient
-    of one batch of N*k*b. The engines average gradients over processes, hence the factor `world`. Gradients are
-    reduced in the backward of the last micro-batch only. Every random draw of a micro-batch (dropout) is seeded
-    from (seed, step, its index in the step over all processes): training.micro_batch_seed. `real[k]` False: a
-    filler micro-batch (a process whose share of the last step of an epoch is short) that runs with weight 0, so
-    that every process takes part in every collective. `model`: a Trainee, or the engine around one.
-    """
-    real = [True] * len(micro) if real is None else real
-    counts = torch.zeros(3, device=procs.device)  # student tokens, teacher tokens, micro-batches: own, then all
-    for b, r in zip(micro, real):
-        if r:
-            counts += torch.stack([(b["labels"] != -100).sum(), (b["teacher_labels"] != -100).sum(),
-                                   torch.ones((), device=b["labels"].device)]).float()
-    n_step, n_teacher, n_micro = all_reduce_sum(counts, procs).clamp_min(1.0)
-    sums: dict[str, torch.Tensor] = {}
-    for k, (b, r) in enumerate(zip(micro, real)):
-        # Dropout of micro-batch k of this process, i.e. of the step's micro-batch rank * grad_accum + k (the
-        # examples are cut that way: _Steps): the same masks however the step is split over processes or resumed.
-        torch.manual_seed(micro_batch_seed(cfg.seed, step, procs.rank * cfg.grad_accum + k))
-        with gradient_sync(model, procs, sync=k == len(micro) - 1):
-            with _autocast(procs.device, cfg):
-                terms = model(cfg, b, teacher, step=step, progress=progress, adversary_step=adversary_step,
-                              total_steps=total_steps, step_tokens=n_step, step_teacher_tokens=n_teacher,
-                              step_micro_batches=int(n_micro))
-            total = terms.loss / n_step
-            if terms.adversary_loss is not None:
-                total = total + terms.adversary_loss
-            (total * (float(procs.world) if r else 0.0)).backward()
-        weight = 1.0 if r else 0.0  # a filler adds nothing, but its names: every process sums the same logs
-        for name, v in terms.logs.items():
-            sums[name] = sums.get(name, 0.0) + weight * v.detach().float()
-        sums["loss"] = sums.get("loss", 0.0) + weight * terms.loss.detach().float()
-    return sums, n_step
-
-
-def gradient_norm(params) -> torch.Tensor:
-    """The total L2 norm of the gradients of `params` (what clipping would use), without clipping."""
-    grads = [p.grad for p in params if p.grad is not None]
-    return local_tensor(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros(())
-
-
-def check_finite_step(cfg: DistillConfig, step: int, sums: dict, n_step: float, grad_norm: float, out: Path,
-                      adversary=None) -> None:
-    """TrainingDiverged naming the first non-finite loss term (or the gradient norm) of optimizer step `step`, what
-    was kept and what to change; nothing when all are finite. `sums`: the step's summed logs over all processes."""
-    terms = {"loss": sums["loss"] / n_step, **step_metrics(cfg, sums, n_step)}
-    bad = [(k, v) for k, v in terms.items() if isinstance(v, float) and not math.isfinite(v)]
-    if bad:
-        name, value = next(((k, v) for k, v in bad if k != "loss"), bad[0])
-        what = f"the loss term '{name}' is {value}"
-    elif not math.isfinite(grad_norm):
-        what = f"the gradient norm is {grad_norm} (loss {terms['loss']:.4g}: the backward overflowed)"
-    elif adversary is not None and not math.isfinite(float(gradient_norm(adversary.parameters()))):
-        what = "the discriminator's gradient is not finite"
-    else:
-        return
-    kept = list_checkpoints(out)
-    raise TrainingDiverged(
-        f"step {step}: {what}; the run stopped before that update (weights, checkpoints and outputs hold no NaN; "
-        f"{'the last checkpoint is ' + kept[-1].name if kept else 'no checkpoint was written'}). Lower --lr (now "
-        f"{cfg.lr:g}), clip with --max-grad-norm (now {cfg.max_grad_norm:g}), or check "
-        + (f"--kd-temperature (now {cfg.kd_temperature:g}) and " if METHODS[cfg.method].uses_teacher else "")
-        + "the data.")
-
-
-def check_finite_weights(model, procs: Processes, step: int) -> None:
-    """TrainingDiverged if any trained weight (any process's shard) is not finite: nothing non-finite is saved."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    bad = sum(int(not bool(torch.isfinite(t).all())) for t in local if t.numel())
-    if float(all_reduce_sum(torch.tensor([float(bad)], device=procs.device), procs)):
-        raise TrainingDiverged(f"step {step}: the weights are no longer finite after the optimizer step; nothing was "
-                               "saved. Lower --lr, or clip with --max-grad-norm.")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Metrics, evaluation, outputs
-# ---------------------------------------------------------------------------------------------------------------
-
-def step_metrics(cfg: DistillConfig, sums: dict, n_step: float) -> dict:
-    """Normalised terms of one optimizer step from the summed logs of its micro-batches (and processes)."""
-    return METHODS[cfg.method].metrics(sums, n_step)
-
-
-@torch.no_grad()
-def dev_loss(student, examples, side: Side, collate: Collate, cfg: DistillConfig, device: str) -> float:
-    """The student's cross-entropy per supervised token on the dev examples (no teacher needed)."""
-    was = student.training
-    student.eval()
-    total, n = 0.0, 0
-    dataset = DistillDataset(TextSource(examples, side), side, seed=0, epoch=0)
-    for batch in make_loader(dataset, cfg.micro_batch_size, collate):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        _, zs = student_forward(student, batch)
-        total += float(cross_entropy_sum(zs, batch["labels"]))
-        n += int((batch["labels"] != -100).sum())
-    student.train(was)
-    return total / max(1, n)
-
-
-def dev_rouge_config(cfg: DistillConfig):
-    """The generation settings of the published model selection (the released distillation.py's `evaluate` on the
-    dev split): sampling with T = 1, top_p = 1, top_k = 0, no_repeat_ngram_size 0 (the release switches it off for
-    dev), at most max_length - max_prompt_length new tokens, one pass per seed; --dev-rouge-greedy: one greedy pass.
-    Seeds cfg.seed, cfg.seed + 1, ... (the release samples from its running RNG stream instead)."""
-    from dskd_pipe.pipeline.config import ScoreConfig
-
-    return ScoreConfig(greedy=cfg.dev_rouge_greedy, temperature=1.0, top_p=1.0, top_k=0, no_repeat_ngram_size=0,
-                       max_new_tokens=max(1, cfg.max_length - cfg.max_prompt_length),
-                       max_prompt_length=cfg.max_prompt_length, batch_size=cfg.micro_batch_size, progress=False,
-                       seeds=tuple(cfg.seed + k for k in range(1 if cfg.dev_rouge_greedy else cfg.dev_rouge_passes)))
-
-
-def dev_rouge(student, tokenizer, examples, cfg: DistillConfig) -> float | None:
-    """Dev ROUGE-L x 100, the mean over the passes of dev_rouge_config, via stages/score.py (None without it)."""
-    try:
-        from dskd_pipe.stages.score import evaluate_rouge
-    except ImportError:
-        return None
-    score_cfg = dev_rouge_config(cfg)
-    was = student.training
-    student.eval()
-    try:
-        return float(evaluate_rouge(_hf(student), tokenizer, examples, score_cfg.seeds, score_cfg))
-    finally:
-        student.train(was)
-
-
-def save_student(student, tokenizer, folder: Path) -> None:
-    """A normal HF folder; a LoRA student is merged into its base first."""
-    model = student
-    if hasattr(student, "merge_and_unload"):
-        import copy
-
-        model = copy.deepcopy(student).merge_and_unload()
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-
-
-def save_outputs(trainee: Trainee, procs: Processes, cfg: DistillConfig, tokenizer, folder: Path,
-                 parts: bool = True, student: bool = True) -> None:
-    """Rank 0 writes `folder`: with `student`, the student as an HF folder (safetensors, LoRA merged) and its
-    tokenizer; with `parts`, each trained part of the method as NAME.safetensors. Every process calls it: under
-    FSDP2 the full weights are gathered to rank 0 first, loaded there into a fresh student on the CPU."""
-    if procs.engine != "fsdp":
-        if procs.main and student:
-            save_student(trainee.student, tokenizer, folder)
-        if procs.main:
-            for name in ("projectors", "discriminator"):
-                if parts and getattr(trainee, name) is not None:
-                    save_safetensors(getattr(trainee, name), folder / f"{name}.safetensors")
-        return
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(trainee, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not procs.main:
-        return
-    if student:
-        model = build_student(cfg, "cpu")
-        model.load_state_dict({k[len("student."):]: v for k, v in full.items() if k.startswith("student.")})
-        save_student(model, tokenizer, folder)
-    for name in ("projectors", "discriminator"):
-        part = {k[len(name) + 1:]: v.contiguous() for k, v in full.items() if k.startswith(name + ".")}
-        if parts and part:
-            save_file(part, str(folder / f"{name}.safetensors"))
-
-
-def _autocast(device: str, cfg: DistillConfig):
-    use = torch.device(device).type == "cuda" and cfg.dtype in ("", "bfloat16")
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use)
-
-
-class _Steps:
-    """How one process cuts the epoch into optimizer steps: each step takes the next `global_batch` examples of
-    the epoch order (fewer in the last step), this process the slice `rank` of `rank_batch` of them, in
-    micro-batches of `micro` (cache/streaming.rank_positions). Every process runs as many micro-batches as rank 0,
-    the fullest, padding its own short share with fillers."""
-
-    def __init__(self, cfg: DistillConfig, procs: Processes, n: int):
-        self.n, self.micro, self.rank = n, cfg.micro_batch_size, procs.rank
-        self.rank_batch = cfg.micro_batch_size * cfg.grad_accum
-        self.global_batch = self.rank_batch * procs.world
-        self.per_epoch = math.ceil(n / self.global_batch)
-
-    def examples(self, position: int) -> int:
-        """Examples of the step that starts at `position` of the epoch order, over all processes."""
-        return min(self.global_batch, self.n - position)
-
-    def micro_batches(self, position: int) -> tuple[int, int]:
-        """(micro-batches every process runs, how many of them are this process's own) for that step."""
-        step = self.examples(position)
-        own = min(self.rank_batch, max(0, step - self.rank * self.rank_batch))
-        return math.ceil(min(self.rank_batch, step) / self.micro), math.ceil(own / self.micro)
-
-
-def _engine_blocks(student, procs: Processes) -> list:
-    return transformer_blocks(student) if procs.engine == "fsdp" else []
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Runs that continue another (--resume, --init-from) and what a finished run leaves beside the student
-# ---------------------------------------------------------------------------------------------------------------
-
-# What --resume may change: how long, where and how visibly the run goes on, never what it computes. The store path
-# may change too (a moved store), its fingerprints may not.
-# Where the run lies is no part of it either: a run folder moved or copied elsewhere resumes with its new --out (and
-# the --init-from it started from matters no more once it has checkpoints of its own).
-RESUME_MAY_CHANGE = OUTPUT_ONLY | {"resume", "epochs", "max_steps", "save_every", "keep_checkpoints", "num_workers",
-                                   "prefetch_factor", "device", "dev_data", "dev_limit", "dev_rouge",
-                                   "gradient_checkpointing", "trust_remote_code", "cache", "out", "init_from",
-                                   # a resume on another number of processes keeps the global batch through
-                                   # --grad-accum, and may change the engine (checkpoints load on any)
-                                   "grad_accum", "fsdp"}
-# What --init-from must share with the run it starts from: what its saved parts are (shapes and meaning). Data,
-# lengths and hyper-parameters may change (the next on-policy round trains on new samples).
-INIT_MUST_MATCH = ("method", "student", "teacher", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
-
-
-def store_record(cache: str) -> dict | None:
-    """{"path", "fingerprints", "config"} of a finished teacher store (config: its saved CacheConfig, or None)."""
-    if not cache:
-        return None
-    from dskd_pipe.cache.format import CONFIG
-    from dskd_pipe.cache.reader import read_manifest
-
-    record = {"path": cache, "fingerprints": read_manifest(cache).fingerprints, "config": None}
-    try:
-        fs, root = filesystem(cache)
-        record["config"] = json.loads(fs.cat(f"{root.rstrip('/')}/{CONFIG}")).get("config")
-    except (OSError, ValueError):  # an older store without its config: the card shows no cache-teacher command
-        pass
-    return record
-
-
-def _fingerprint_changes(before: dict, now: dict, keys) -> list[str]:
-    """Readable differences between two stores' fingerprints."""
-    changes = []
-    for key in keys:
-        a, b = before.get(key), now.get(key)
-        if a is None or a == b:
-            continue
-        if key == "teacher" and a.get("name") != b.get("name"):
-            changes.append(f"the store's teacher ({a.get('name')} -> {b.get('name')})")
-        elif key == "teacher":
-            changes.append(f"the store's teacher weights or config ({a.get('name')}, other hashes)")
-        elif key == "data":
-            changes.append(f"the store's data ({a.get('path')} sha256 {str(a.get('sha256'))[:12]} -> {b.get('path')} "
-                           f"sha256 {str(b.get('sha256'))[:12]})")
-        else:
-            changes.append(f"the store's {'teacher tokenizer' if key == 'tokenizer' else key} "
-                           f"({str(a)[:40]} -> {str(b)[:40]})")
-    return changes
-
-
-def check_same_run(cfg: DistillConfig, folder: Path, resume: bool, store: dict | None) -> None:
-    """Refuse, naming every changed setting, to --resume (resume=True) or --init-from a run in `folder` whose saved
-    config or store fingerprints differ where they must not: loading its checkpoint would fail half-way (a projector
-    of another size, a discriminator file that does not exist) or silently train something else."""
-    saved_file = folder / RESOLVED_CONFIG
-    if not saved_file.is_file():
-        return  # a folder from an older version: the checkpoint loads or fails on its own
-    try:
-        saved = json.loads(saved_file.read_text())
-        if not isinstance(saved, dict) or not isinstance(saved.get("config", {}), dict):
-            raise ValueError("not a resolved distill config")
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{saved_file}: damaged ({' '.join(str(e).split())[:120]}), so the run's settings are "
-                          "unknown. Start again in another --out.") from None
-    before, now = saved.get("config", {}), config_to_dict(cfg)
-    saved_store = saved.get("store")
-    keys = [k for k in now if k not in RESUME_MAY_CHANGE] if resume else list(INIT_MUST_MATCH)
-    if resume and saved_store is None:
-        keys.append("cache")  # no fingerprints saved: the path is all there is to compare
-    changes = [f"--{k.replace('_', '-')} ({before[k]!r} -> {now[k]!r})" for k in keys
-               if k in before and before[k] != now[k]]
-    if saved_store is not None and store is not None:
-        changes += _fingerprint_changes(saved_store, store["fingerprints"],
-                                        list(store["fingerprints"]) if resume else ["teacher", "tokenizer"])
-    elif saved_store is not None and store is None and resume:
-        changes.append(f"--cache ({before.get('cache')!r} -> none)")
-    if changes:
-        what = "--resume" if resume else f"--init-from {folder}"
-        raise ConfigError(f"{folder}: {what} with other settings than that run's: {'; '.join(changes)}. Use its "
-                          f"settings (all in {saved_file}), or another --out for a new run.")
 
 
 def report_cut_examples(cfg: DistillConfig, side: Side, n: int, console: Console) -> None:
@@ -582,48 +117,51 @@ def report_cut_examples(cfg: DistillConfig, side: Side, n: int, console: Console
         console.warn(cut)
 
 
-def write_documents(cfg: DistillConfig, out: Path, state: dict, world: int, store: dict | None, done: dict,
-                    console: Console) -> None:
-    """The model cards of the student folders (out/README.md, and best/, last/ when a dev set selected the output)
-    and curves.png (when matplotlib is installed)."""
-    from dskd_pipe.pipeline.curves import CURVES, plot_paths
-    from dskd_pipe.pipeline.model_card import final_metrics, write_model_card
-
-    common = dict(steps=state["step"], epochs=state["epoch"], world=world, store=store,
-                  metrics=final_metrics(out / "metrics.jsonl"))
-    metric = "dev ROUGE-L" if cfg.dev_rouge else "dev loss"
-    if done.get("student") == "best":
-        picked = f"epoch {done.get('best_epoch')} (step {done.get('best_step')}), the best {metric}"
-        write_model_card(out, cfg, **common, selected=f"This folder holds the dev-selected model: {picked}. The "
-                         "model after the last step is in `last/`.")
-        write_model_card(out / "last", cfg, **common, config_file=f"../{RESOLVED_CONFIG}", selected="The model "
-                         "after the last step; the run's output (the dev-selected model) is in the folder above.")
-    else:
-        write_model_card(out, cfg, **common)
-    if (out / "best" / "config.json").is_file():
-        write_model_card(out / "best", cfg, **common, config_file=f"../{RESOLVED_CONFIG}", selected=f"The model "
-                         f"of the best {metric} so far (`best/`); the run's output is in the folder above.")
-    try:
-        plot_paths([out], out / CURVES, title=f"{cfg.method}: {out.name}")
-    except ConfigError as e:  # no matplotlib: the curves are one `pip install matplotlib` + `dskd-pipe plot` away
-        console.note(f"no {CURVES}: {e}")
-    except Exception as e:  # a picture must not fail a finished run (matplotlib's font cache, a backend)
-        console.warn(f"{out / CURVES} not drawn ({' '.join(str(e).split())[:200]}); `dskd-pipe plot {out}` retries.")
-
 
 # ---------------------------------------------------------------------------------------------------------------
-# The stage
+# The stage: set up, train, finish
 # ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything a distill run holds while it trains: what it reads, what it trains, and where it is."""
+
+    cfg: DistillConfig
+    out: Path
+    procs: Processes
+    console: Console
+    method: Method
+    teacher: Teacher
+    source: object  # the teacher views: a StoreSource, UnionSource (with samples) or TextSource (online)
+    tokenizer: object  # the student's
+    student_side: Side
+    collate: Collate
+    trainee: Trainee
+    model: torch.nn.Module  # the trainee under its engine (DDP, FSDP2) or the trainee itself
+    optimizers: dict  # "student" (student and projectors), "adversary" (or None)
+    scheduler: object
+    plan: StepPlan
+    total_steps: int  # the last step number of this run (step numbers continue across --init-from runs)
+    run_steps: int  # optimizer steps this run does
+    state: dict  # step, start_step, epoch, position (in the epoch's order), best (dev score)
+    store: dict | None  # the store's record (path, fingerprints, config), for the card and --resume checks
+    metrics: MetricsLogger | None = None
+    dev_examples: list | None = None
+    die: tuple[int, int] = (0, -2)  # tests: (step, rank) of a simulated kill (DIE_AT_STEP_ENV)
+    wait_fracs: list = field(default_factory=list)  # loader wait shares of the first steps, for loader_advice
+
 
 @quiet_libraries
 def run(cfg: DistillConfig) -> Path:
-    check_config(cfg)
-    cfg = resolve(cfg)  # the method's published defaults for options left unset
-    out = check_out(cfg)  # before anything is loaded
-    procs = setup(check_device(cfg.device or default_device()), fsdp=cfg.fsdp)
-    rank, device = procs.rank, procs.device
-    method = METHODS[cfg.method]
-    console = Console.for_stage(cfg.progress and procs.main, cfg.quiet or not procs.main)
+    """Train the student of `cfg` and write its folder; returns the folder (the student's HF folder)."""
+    r = _set_up(cfg)
+    _train(r)
+    return _finish(r)
+
+
+def _continuing(cfg: DistillConfig, out: Path, procs: Processes, console: Console):
+    """(the checkpoint this run resumes, the one it starts from with --init-from), each a folder or None, checked
+    against the run that made it before any model is loaded; and the store's record."""
     checkpoints = list_checkpoints(out)
     if checkpoints and not cfg.resume:
         raise ConfigError(f"{out} already holds checkpoints ({checkpoints[-1].name}). Pass --resume to continue, "
@@ -634,241 +172,230 @@ def run(cfg: DistillConfig) -> Path:
     # --init-from: a fresh run that starts from another run's last checkpoint (ignored once this run has its own).
     init_from = usable_checkpoint(Path(cfg.init_from), warn) if cfg.init_from and resume_from is None else None
     store = store_record(cfg.cache)
-    if resume_from is not None or init_from is not None:  # before any model is loaded
+    if resume_from is not None or init_from is not None:
         check_same_run(cfg, out if resume_from is not None else Path(cfg.init_from), resume_from is not None, store)
+    return resume_from, init_from, store
+
+
+def _set_up(cfg: DistillConfig) -> Run:
+    """Checks, the engine, the teacher side, the student and the method's parts under the engine, the optimizers and
+    schedule, and the state a resumed run continues from; the run folder's config is written last."""
+    check_config(cfg)
+    cfg = resolve(cfg)  # the method's published defaults for options left unset
+    out = check_out(cfg)  # before anything is loaded
+    procs = setup(check_device(cfg.device or default_device()), fsdp=cfg.fsdp)
+    device, method = procs.device, METHODS[cfg.method]
+    console = Console.for_stage(cfg.progress and procs.main, cfg.quiet or not procs.main)
+    resume_from, init_from, store = _continuing(cfg, out, procs, console)
     seed_everything(cfg.seed)  # the same on every process: one student, projector and discriminator init
 
-    # Teacher side (store or model) and the student.
     teacher, source = open_teacher(cfg, device)
     tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
     student_side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
-    if rank == 0:
+    if procs.main:
         gold = source.sources[0] if isinstance(source, UnionSource) else source  # samples are no --data records
         report_cut_examples(cfg, student_side, len(gold), console)
-    plain_collate = Collate(student_side.pad_id, teacher.pad_id)
     student = build_student(cfg, device)
-    check_vocabulary(_hf(student), tok, cfg.student)
+    check_vocabulary(hf_model(student), tok, cfg.student)
 
     # The method's parts (projectors, an adversary, token maps) and the student, as one module under the engine;
     # the optimizers over the engine's parameters (FSDP2 replaces them by sharded ones); the schedule.
-    parts = build_parts(cfg, teacher, tok, _hf(student), device)
-    collate = Collate(student_side.pad_id, teacher.pad_id, collate_extras(cfg, teacher, tok))
+    parts = build_parts(cfg, teacher, tok, hf_model(student), device)
     trainee = Trainee(student, parts)
-    model = wrap(trainee, procs, _engine_blocks(student, procs), find_unused_parameters=method.adversary is not None,
+    model = wrap(trainee, procs, engine_blocks(student, procs), find_unused_parameters=method.adversary is not None,
                  bf16=device.startswith("cuda") and cfg.dtype in ("", "bfloat16"))
     extra = [(trainee.projectors, cfg.projector_lr)] if trainee.projectors is not None else []
     optimizer = torch.optim.AdamW(param_groups(trainee.student, cfg.lr, cfg.weight_decay, extra), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     adversary_opt = (method.adversary.optimizer(cfg, trainee.discriminator) if method.adversary is not None
                      else None)
-    steps = _Steps(cfg, procs, len(source))
-    run_steps = min(cfg.max_steps, steps.per_epoch * cfg.epochs) if cfg.max_steps else steps.per_epoch * cfg.epochs
+    plan = StepPlan(cfg, procs, len(source))
+    run_steps = min(cfg.max_steps, plan.per_epoch * cfg.epochs) if cfg.max_steps else plan.per_epoch * cfg.epochs
     # Step numbers continue across --init-from runs: this run does steps start_step + 1 .. start_step + run_steps.
     start_step = (int(peek_trainer_state(resume_from).get("start_step", 0)) if resume_from is not None
                   else int(peek_trainer_state(init_from)["step"]) if init_from is not None else 0)
-    total_steps = start_step + run_steps
-    scheduler = cosine_schedule(optimizer, cfg.schedule_steps or total_steps, cfg.warmup_steps, cfg.min_lr)
-    optimizers = {"student": optimizer, "adversary": adversary_opt}
+    scheduler = cosine_schedule(optimizer, cfg.schedule_steps or start_step + run_steps, cfg.warmup_steps, cfg.min_lr)
+    r = Run(cfg, out, procs, console, method, teacher, source, tok, student_side,
+            Collate(student_side.pad_id, teacher.pad_id, collate_extras(cfg, teacher, tok)), trainee, model,
+            {"student": optimizer, "adversary": adversary_opt}, scheduler, plan, start_step + run_steps, run_steps,
+            {"step": start_step, "start_step": start_step, "epoch": 0, "position": 0, "best": None}, store)
+    _load_start(r, resume_from, init_from)
+    _open_outputs(r, resumed_at=r.state["step"] if resume_from is not None else None)
+    return r
 
-    state = {"step": start_step, "start_step": start_step, "epoch": 0, "position": 0, "best": None}
+
+def _load_start(r: Run, resume_from: Path | None, init_from: Path | None) -> None:
+    """Load the checkpoint the run resumes (its whole state) or starts from (--init-from: weights, optimizer
+    states and step count; this run's data from its first example)."""
     if resume_from is not None:
-        state.update(load_checkpoint(resume_from, model=model, optimizers=optimizers, scheduler=scheduler,
-                                     procs=procs))
-        console.note(f"resuming from {resume_from} (step {state['step']}, epoch {state['epoch']}, "
-                     f"position {state['position']})")
+        r.state.update(load_checkpoint(resume_from, model=r.model, optimizers=r.optimizers, scheduler=r.scheduler,
+                                       procs=r.procs))
+        r.console.note(f"resuming from {resume_from} (step {r.state['step']}, epoch {r.state['epoch']}, "
+                       f"position {r.state['position']})")
     elif init_from is not None:
-        load_checkpoint(init_from, model=model, optimizers=optimizers, scheduler=scheduler, procs=procs)
-        console.note(f"starting from {init_from} (step {start_step}; this run's data from its first example)")
+        load_checkpoint(init_from, model=r.model, optimizers=r.optimizers, scheduler=r.scheduler, procs=r.procs)
+        r.console.note(f"starting from {init_from} (step {r.state['start_step']}; this run's data from its first "
+                       "example)")
+
+
+def _open_outputs(r: Run, resumed_at: int | None) -> None:
+    """The run folder's config (rank 0), the metrics log and trackers, the dev set, and the test hook."""
+    cfg, procs, out = r.cfg, r.procs, r.out
     if procs.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / DONE).unlink(missing_ok=True)
-        save_config(cfg, out / RESOLVED_CONFIG, **({"store": store["fingerprints"]} if store else {}))
-    resumed_at = state["step"] if resume_from is not None else None
+        save_config(cfg, out / RESOLVED_CONFIG, **({"store": r.store["fingerprints"]} if r.store else {}))
     trackers = (open_trackers(resolve_report_to(cfg.report_to, cfg.tensorboard), out, config_to_dict(cfg),
-                              resumed_at, note=console.note, warn=console.warn) if procs.main else [])
-    metrics = MetricsLogger(out / "metrics.jsonl", enabled=procs.main, truncate_after_step=resumed_at,
-                            trackers=trackers)
+                              resumed_at, note=r.console.note, warn=r.console.warn) if procs.main else [])
+    r.metrics = MetricsLogger(out / "metrics.jsonl", enabled=procs.main, truncate_after_step=resumed_at,
+                              trackers=trackers)
     # Under FSDP2 every process takes part in the evaluation's forwards; otherwise rank 0 evaluates alone.
-    dev_examples = None
     if cfg.dev_data and (procs.main or procs.engine == "fsdp"):
-        from dskd_pipe.stages.score import unescape_newlines  # a literal "<n>" is a newline, as in `score`
-
-        dev_examples = unescape_newlines(load_examples(cfg.dev_data, limit=cfg.dev_limit))
-    die_at = int(os.environ.get(DIE_AT_STEP_ENV, 0))
+        # a literal "<n>" is a newline, as in `score`
+        r.dev_examples = unescape_newlines(load_examples(cfg.dev_data, limit=cfg.dev_limit))
     die_rank = int(os.environ.get(DIE_RANK_ENV, -1))
-    die_rank = die_rank if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" else -2
+    r.die = (int(os.environ.get(DIE_AT_STEP_ENV, 0)),
+             die_rank if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" else -2)
 
-    def checkpoint() -> None:
-        check_finite_weights(model, procs, state["step"])
-        trainer_state = {k: v for k, v in state.items() if v is not None}
-        save_checkpoint(out, state["step"], model=model, optimizers=optimizers, scheduler=scheduler,
-                        trainer_state=trainer_state, procs=procs, keep=cfg.keep_checkpoints)
-        if die_at and state["step"] == die_at and die_rank == -1:
-            os._exit(137)
 
-    bar = console.bar(f"distill {cfg.method}", run_steps, "step", initial=state["step"] - start_step)
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    workers = cfg.num_workers if cfg.num_workers >= 0 else auto_num_workers(device)
-    wait_fracs = []  # loader wait shares of this run's first steps, for loader_advice
+def _checkpoint(r: Run) -> None:
+    """Save a checkpoint of the run as it stands (weights checked finite first)."""
+    check_finite_weights(r.model, r.procs, r.state["step"])
+    trainer_state = {k: v for k, v in r.state.items() if v is not None}
+    save_checkpoint(r.out, r.state["step"], model=r.model, optimizers=r.optimizers, scheduler=r.scheduler,
+                    trainer_state=trainer_state, procs=r.procs, keep=r.cfg.keep_checkpoints)
+    if r.die[0] and r.state["step"] == r.die[0] and r.die[1] == -1:
+        os._exit(137)
+
+
+def _train(r: Run) -> None:
+    """Epochs of optimizer steps until the run's last step; a checkpoint at every epoch end (and every
+    --save-every steps), the dev evaluation at epoch ends."""
+    cfg, procs, state = r.cfg, r.procs, r.state
+    bar = r.console.bar(f"distill {cfg.method}", r.run_steps, "step", initial=state["step"] - state["start_step"])
+    workers = cfg.num_workers if cfg.num_workers >= 0 else auto_num_workers(procs.device)
     filler = None  # a batch this process ran before: the template of its filler micro-batches
-    while state["step"] < total_steps and state["epoch"] < cfg.epochs:
+    while state["step"] < r.total_steps and state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
-        dataset = DistillDataset(source, student_side, cfg.seed, epoch, rank, procs.world, start=state["position"],
-                                 rank_batch=steps.rank_batch)
+        dataset = DistillDataset(r.source, r.student_side, cfg.seed, epoch, procs.rank, procs.world,
+                                 start=state["position"], rank_batch=r.plan.rank_batch)
+        loader = make_loader(dataset, cfg.micro_batch_size, r.collate, workers, cfg.prefetch_factor,
+                             pin_memory=procs.device.startswith("cuda"))
         # A loader-own generator: creating the iterator must not draw from the global RNG (exact resume).
-        loader = make_loader(dataset, cfg.micro_batch_size, collate, workers, cfg.prefetch_factor,
-                             pin_memory=device.startswith("cuda"))
         loader.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         batches = iter(loader)
-        while state["step"] < total_steps and state["position"] < steps.n:
+        while state["step"] < r.total_steps and state["position"] < r.plan.n:
             t0 = time.perf_counter()
-            n_micro, own = steps.micro_batches(state["position"])
+            n_micro, own = r.plan.micro_batches(state["position"])
             micro, wait = [], 0.0
             for _ in range(own):
                 tw = time.perf_counter()
                 b = next(batches)
                 wait += time.perf_counter() - tw
-                micro.append({k: v.to(device, non_blocking=True) for k, v in b.items()})
+                micro.append({k: v.to(procs.device, non_blocking=True) for k, v in b.items()})
             if filler is None:
-                filler = micro[0] if micro else _first_batch(source, student_side, collate, cfg, epoch, device)
+                filler = micro[0] if micro else first_batch(r.source, r.student_side, r.collate, cfg, epoch,
+                                                            procs.device)
             real = [True] * len(micro) + [False] * (n_micro - len(micro))
             micro += [filler] * (n_micro - len(micro))
-            adversary_step = method.adversary is not None and method.adversary.steps_at(cfg, state["step"])
-            sums, n_step = accumulate_gradients(cfg, micro, model, teacher, procs, real=real, step=state["step"],
-                                                progress=state["step"] / max(1, total_steps),
-                                                adversary_step=adversary_step, total_steps=total_steps)
-            if die_at and state["step"] == die_at and die_rank == rank:
-                import signal
-
-                os.kill(os.getpid(), signal.SIGKILL)
-            names = sorted(sums)
-            totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], device=device).float() for k in names]),
-                                    procs)
-            sums = dict(zip(names, totals.tolist()))
-            grad_norm = (local_tensor(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-                         if cfg.max_grad_norm > 0 else gradient_norm(trainable))
-            # Non-finite loss or gradient: stop before the update, so no NaN reaches the weights (README "A run that
-            # diverges"). Every process sees the same totals and norm, so all stop together.
-            check_finite_step(cfg, state["step"] + 1, sums, float(n_step), float(grad_norm), out,
-                              adversary=trainee.discriminator if adversary_step else None)
-            step_lrs = [g["lr"] for g in optimizer.param_groups]  # the lrs this step used
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if adversary_opt is not None:
-                if adversary_step:
-                    adversary_opt.step()
-                adversary_opt.zero_grad(set_to_none=True)
-            state["position"] += steps.examples(state["position"])
-            state["step"] += 1
-
-            elapsed = time.perf_counter() - t0
-            own_tokens = sum(b["attention_mask"].sum() for b, r in zip(micro, real) if r)
-            n_tokens = float(all_reduce_sum(torch.as_tensor(own_tokens, device=device).float(), procs))
-            record = {"step": state["step"], "epoch": epoch, "loss": sums["loss"] / float(n_step),
-                      **step_metrics(cfg, sums, float(n_step)), "grad_norm": float(grad_norm),
-                      "lr": step_lrs[0], "step_s": elapsed, "tokens_per_s": n_tokens / elapsed,
-                      "loader_wait_frac": wait / elapsed, "supervised_tokens": float(n_step)}
-            if trainee.projectors is not None:
-                record["projector_lr"] = step_lrs[-1]
-            if adversary_opt is not None:
-                record["adversary_steps"] = int(adversary_step)
-            metrics.log(record)
-            bar.update(1, values=step_values(record), counts={"tok": n_tokens})
-            # Steps 3-22 of the run (past the workers' start): say once if the loader held the GPU up.
-            if rank == 0 and device.startswith("cuda") and 3 <= state["step"] - start_step <= 22:
-                wait_fracs.append(record["loader_wait_frac"])
-                advice = loader_advice(wait_fracs, workers) if len(wait_fracs) == 20 else None
-                if advice:
-                    console.warn(advice)
-            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
-                checkpoint()
-        finished_epoch = state["position"] >= steps.n
+            record = _optimizer_step(r, micro, real, epoch)
+            record.update(step_s=time.perf_counter() - t0)
+            record.update(tokens_per_s=record["tokens"] / record["step_s"], loader_wait_frac=wait / record["step_s"])
+            n_tokens = record.pop("tokens")
+            r.metrics.log(record)
+            bar.update(1, values=step_values(record, r.method.shown), counts={"tok": n_tokens})
+            _loader_advice(r, record, workers)
+            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < r.total_steps:
+                _checkpoint(r)
+        finished_epoch = state["position"] >= r.plan.n
         if finished_epoch:
             state["epoch"] += 1
             state["position"] = 0
-            check_finite_weights(model, procs, state["step"])  # before best/ is written (every process: a collective)
-            if dev_examples is not None:
-                state["best"] = _evaluate(cfg, trainee, procs, tok, dev_examples, student_side, plain_collate, out,
-                                          state, metrics)
-        checkpoint()
+            check_finite_weights(r.model, procs, state["step"])  # before best/ is written (every process: a collective)
+            if r.dev_examples is not None:
+                state["best"] = evaluate_epoch(cfg, r.trainee, procs, r.tokenizer, r.dev_examples, r.student_side,
+                                               Collate(r.student_side.pad_id, r.teacher.pad_id), r.out, state,
+                                               r.metrics)
+        _checkpoint(r)
         if not finished_epoch:
             break
     bar.close()
 
-    check_finite_weights(model, procs, state["step"])
+
+def _optimizer_step(r: Run, micro: list[dict], real: list[bool], epoch: int) -> dict:
+    """One optimizer step over this process's micro-batches (fillers where `real` is False): gradients, the
+    divergence check, the updates (the adversary's on its steps); the step's metrics record (without timings)."""
+    cfg, procs, state = r.cfg, r.procs, r.state
+    optimizer, adversary_opt = r.optimizers["student"], r.optimizers["adversary"]
+    adversary_step = r.method.adversary is not None and r.method.adversary.steps_at(cfg, state["step"])
+    sums, n_step = accumulate_gradients(cfg, micro, r.model, r.teacher, procs, real=real, step=state["step"],
+                                        progress=state["step"] / max(1, r.total_steps),
+                                        adversary_step=adversary_step, total_steps=r.total_steps)
+    if r.die[0] and state["step"] == r.die[0] and r.die[1] == procs.rank:
+        os.kill(os.getpid(), signal.SIGKILL)
+    names = sorted(sums)
+    totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], device=procs.device).float() for k in names]),
+                            procs)
+    sums = dict(zip(names, totals.tolist()))
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = (local_tensor(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                 if cfg.max_grad_norm > 0 else gradient_norm(trainable))
+    # Non-finite loss or gradient: stop before the update, so no NaN reaches the weights (README "A run that
+    # diverges"). Every process sees the same totals and norm, so all stop together.
+    check_finite_step(cfg, state["step"] + 1, sums, float(n_step), float(grad_norm), r.out,
+                      adversary=r.trainee.discriminator if adversary_step else None)
+    step_lrs = [g["lr"] for g in optimizer.param_groups]  # the lrs this step used
+    optimizer.step()
+    r.scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if adversary_opt is not None:
+        if adversary_step:
+            adversary_opt.step()
+        adversary_opt.zero_grad(set_to_none=True)
+    state["position"] += r.plan.examples(state["position"])
+    state["step"] += 1
+    own_tokens = sum(b["attention_mask"].sum() for b, is_real in zip(micro, real) if is_real)
+    n_tokens = float(all_reduce_sum(torch.as_tensor(own_tokens, device=procs.device).float(), procs))
+    record = {"step": state["step"], "epoch": epoch, "loss": sums["loss"] / float(n_step),
+              **step_metrics(cfg, sums, float(n_step)), "grad_norm": float(grad_norm), "lr": step_lrs[0],
+              "supervised_tokens": float(n_step), "tokens": n_tokens}
+    if r.trainee.projectors is not None:
+        record["projector_lr"] = step_lrs[-1]
+    if adversary_opt is not None:
+        record["adversary_steps"] = int(adversary_step)
+    return record
+
+
+def _loader_advice(r: Run, record: dict, workers: int) -> None:
+    """Steps 3-22 of the run on a GPU (past the workers' start): say once if the loader held the GPU up."""
+    if r.procs.rank == 0 and r.procs.device.startswith("cuda") and 3 <= r.state["step"] - r.state["start_step"] <= 22:
+        r.wait_fracs.append(record["loader_wait_frac"])
+        advice = loader_advice(r.wait_fracs, workers) if len(r.wait_fracs) == 20 else None
+        if advice:
+            r.console.warn(advice)
+
+
+def _finish(r: Run) -> Path:
+    """The run's outputs: the student (the best dev epoch's when a dev set selected one, the last in last/), the
+    method's parts, the model cards and curves, then distill_done.json last."""
+    cfg, procs, state, out = r.cfg, r.procs, r.state, r.out
+    check_finite_weights(r.model, procs, state["step"])
     done = {"step": state["step"], "method": cfg.method}
     if state.get("best") is not None and (out / "best" / "config.json").is_file():
         # Model selection (spec/evaluation.md): the best dev epoch is the run's output; the last one stays.
-        save_outputs(trainee, procs, cfg, tok, out / "last", parts=False)
+        save_outputs(r.trainee, procs, cfg, r.tokenizer, out / "last", parts=False)
         if procs.main:
-            _copy_model_files(out / "best", out)
+            copy_model_files(out / "best", out)
         done.update(student="best", best_epoch=state.get("best_epoch"), best_step=state.get("best_step"),
                     dev_metric="dev_rouge_l" if cfg.dev_rouge else "dev_loss")
-        save_outputs(trainee, procs, cfg, tok, out, student=False)
+        save_outputs(r.trainee, procs, cfg, r.tokenizer, out, student=False)
     else:
-        save_outputs(trainee, procs, cfg, tok, out)
+        save_outputs(r.trainee, procs, cfg, r.tokenizer, out)
     if procs.main:
-        metrics.close()
-        write_documents(cfg, out, state, procs.world, store, done, console)
+        r.metrics.close()
+        write_documents(cfg, out, state, procs.world, r.store, done, r.console)
         write_json_atomic(out / DONE, done)
         which = f"the best dev epoch ({state.get('best_epoch')})" if done.get("student") == "best" else "the student"
         print(f"{out}: {which} after {state['step']} steps ({cfg.method}).")
     barrier(procs)
     return out
-
-
-DEV_CURVE = "dev_curve.json"  # every dev evaluation of the run and the selected epoch
-
-
-def _copy_model_files(src: Path, dst: Path) -> None:
-    """The files of a saved HF model folder (weights, configs, tokenizer), copied over those in `dst`."""
-    import shutil
-
-    for f in src.iterdir():
-        if f.is_file():
-            shutil.copy2(f, dst / f.name)
-
-
-def _first_batch(source, side: Side, collate: Collate, cfg: DistillConfig, epoch: int, device: str) -> dict:
-    """The epoch's first example as a batch: the filler of a process that has no example of its own yet."""
-    item = DistillDataset(source, side, cfg.seed, epoch)[0]
-    return {k: v.to(device) for k, v in collate([item]).items()}
-
-
-def _evaluate(cfg, trainee: Trainee, procs: Processes, tok, examples, side, collate, out, state, metrics):
-    """Dev loss (and ROUGE-L when asked) at an epoch end; the best student so far goes to out/best, and the curve
-    with the selected epoch to out/dev_curve.json.
-
-    Under FSDP2 every process runs it (the root's parameters gathered for the while); otherwise rank 0 alone."""
-    saved = rng_state()  # generation reseeds the RNGs; training must not notice the evaluation
-    if procs.engine == "fsdp":
-        trainee.unshard()
-    try:
-        loss = dev_loss(trainee.student, examples, side, collate, cfg, procs.device)
-        rouge = dev_rouge(trainee.student, tok, examples, cfg) if cfg.dev_rouge else None
-    finally:
-        if procs.engine == "fsdp":
-            trainee.reshard()
-    set_rng_state(saved)
-    score = rouge if rouge is not None else -loss
-    record = {"step": state["step"], "epoch": state["epoch"], "dev_loss": loss}
-    if rouge is not None:
-        record["dev_rouge_l"] = rouge
-    metrics.log(record)
-    best = state.get("best")
-    if best is None or score > best:
-        save_outputs(trainee, procs, cfg, tok, out / "best", parts=False)
-        best = score
-        state["best_epoch"], state["best_step"] = state["epoch"], state["step"]
-    if not procs.main:
-        return best
-    curve_path = out / DEV_CURVE
-    curve = json.loads(curve_path.read_text())["curve"] if curve_path.is_file() else []
-    curve = [r for r in curve if r["step"] < state["step"]] + [record]  # a resumed run replaces what it redoes
-    write_json_atomic(curve_path, {"metric": "dev_rouge_l" if cfg.dev_rouge else "dev_loss", "curve": curve,
-                                   "best": {"epoch": state.get("best_epoch"), "step": state.get("best_step")},
-                                   "settings": None if rouge is None else {
-                                       "greedy": cfg.dev_rouge_greedy, "passes": len(dev_rouge_config(cfg).seeds),
-                                       "examples": len(examples), "no_repeat_ngram_size": 0}})
-    return best

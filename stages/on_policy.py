@@ -80,7 +80,7 @@ def _dskd_pipe(args: list[str], what: str, nproc: int = 1) -> None:
     launch = (["torchrun", "--standalone", "--nproc-per-node", str(nproc)] if nproc > 1 else []) + ["dskd-pipe"]
     print(f"[on-policy] {what}: {' '.join(launch + args)}", flush=True)
     python = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m",
-              "dskd_pipe.pipeline.cli"] if nproc > 1 else [sys.executable, "-m", "dskd_pipe.pipeline.cli"]
+              "dskd_pipe"] if nproc > 1 else [sys.executable, "-m", "dskd_pipe"]
     code = subprocess.call([*python, *args])
     if code != 0:
         raise StepFailed(f"{what} failed (exit {code}); its messages are above. Fix the cause and run the same "
@@ -96,7 +96,7 @@ def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
 def _distill(round_cfg: DistillConfig, folder: Path, what: str, nproc: int = 1) -> Path:
     """Train unless `folder` holds this very config's finished student; resume an unfinished one."""
     from dskd_pipe.pipeline.methods import resolve
-    from dskd_pipe.stages.distill import DONE as DISTILL_DONE, RESOLVED_CONFIG
+    from dskd_pipe.pipeline.run_folder import DONE as DISTILL_DONE, RESOLVED_CONFIG
 
     saved = folder / RESOLVED_CONFIG
     if (folder / DISTILL_DONE).is_file() and saved.is_file():
@@ -125,7 +125,7 @@ def _finished_store(path: Path) -> bool:
 def run(cfg: OnPolicyConfig) -> Path:
     """All rounds into cfg.out; returns the final student's folder."""
     from dskd_pipe.cache.reader import open_store
-    from dskd_pipe.stages.distill import expected_fingerprints
+    from dskd_pipe.pipeline.teacher import expected_fingerprints
 
     require(cfg, "distill", "out")
     base = load_config(DistillConfig, cfg.distill)

@@ -15,20 +15,23 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from dskd_pipe.cache.paths import check_out_location
-from dskd_pipe.cache.streaming import Collate, Side, teacher_hidden
 from dskd_pipe.pipeline.config import (ConfigError, DistillConfig, ProbeConfig, load_config, option_problems, require,
-                                      save_config)
-from dskd_pipe.pipeline.models import (default_device, eos_token_id, load_causal_lm, load_tokenizer,
-                                       pad_token_id)
+                                       save_config)
+from dskd_pipe.pipeline.loader import Collate, Side, teacher_hidden
+from dskd_pipe.pipeline.methods import METHODS
+from dskd_pipe.pipeline.models import default_device, eos_token_id, load_causal_lm, load_tokenizer, pad_token_id
 from dskd_pipe.pipeline.objectives.dskd import build_projectors
 from dskd_pipe.pipeline.probes import alignment_counts, chunk_alignment, cma_attention, label_offsets
 from dskd_pipe.pipeline.progress import quiet_libraries
+from dskd_pipe.pipeline.run_folder import RESOLVED_CONFIG
+from dskd_pipe.pipeline.student import student_forward
+from dskd_pipe.pipeline.teacher import expected_fingerprints
 from dskd_pipe.pipeline.training import load_safetensors
-from dskd_pipe.stages.distill import RESOLVED_CONFIG, expected_fingerprints, student_forward
 
-PROBED_METHODS = {"dskd-cma": "dskd_cma", "cma-ga": "dskd_cma_ga"}
+
 REPORT = "probe_report.json"
 
 
@@ -38,11 +41,16 @@ def load_run(run_dir: str, data: str) -> DistillConfig:
     if not path.is_file():
         raise ConfigError(f"{run_dir}: no {RESOLVED_CONFIG}; --run must be a dskd-pipe distill output folder.")
     dcfg = load_config(DistillConfig, path, {"data": data})
-    if dcfg.method not in PROBED_METHODS:
-        raise ConfigError(f"{run_dir} was trained with --method {dcfg.method}, which has no cross-model attention; "
-                          f"probe a run of {' or '.join(PROBED_METHODS)}.")
-    if not (Path(run_dir) / "projectors.safetensors").is_file():
+    saved = Path(run_dir) / "projectors.safetensors"
+    no_attention = (f"{run_dir} was trained with --method {dcfg.method}, which has no cross-model attention (its "
+                    "projectors have no query); probe a run of a DSKD-CMA method (dskd-cma, cma-ga, ...).")
+    if not METHODS.get(dcfg.method) or METHODS[dcfg.method].build_parts is None:
+        raise ConfigError(no_attention)
+    if not saved.is_file():
         raise ConfigError(f"{run_dir}: no projectors.safetensors (unfinished run?). Probe a finished distill run.")
+    with safe_open(str(saved), "pt") as f:
+        if "query.weight" not in set(f.keys()):
+            raise ConfigError(no_attention)
     return dcfg
 
 
@@ -112,7 +120,7 @@ def run(cfg: ProbeConfig) -> Path:
     collate = Collate(side.pad_id, int(reader.manifest.pad_id))
     student = load_causal_lm(cfg.run, dtype=torch.float32, device=device, trust_remote_code=dcfg.trust_remote_code)
     ds = student.get_input_embeddings().weight.shape[1]
-    projectors = build_projectors(PROBED_METHODS[dcfg.method], ds, teacher_embed.shape[1])
+    projectors = build_projectors(ds, teacher_embed.shape[1], with_query=True)
     load_safetensors(projectors, Path(cfg.run) / "projectors.safetensors")
     projectors.to(device).eval()
     student_embed = student.get_input_embeddings().weight

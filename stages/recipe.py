@@ -75,6 +75,7 @@ import sys
 import time
 import tomllib
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -83,6 +84,7 @@ from dskd_pipe.cache.paths import bad_name
 from dskd_pipe.pipeline.config import (OUTPUT_ONLY, CacheConfig, ConfigError, DistillConfig, ScoreConfig,
                                        config_to_dict, load_config)
 from dskd_pipe.pipeline.progress import Console, quiet_libraries
+
 
 STAGES = {"teacher_sft": DistillConfig, "student_pretrain": DistillConfig, "cache": CacheConfig,
           "distill": DistillConfig, "score": ScoreConfig}
@@ -470,10 +472,11 @@ def _distill(cfg: DistillConfig) -> tuple[Path, bool]:
     """(folder, reused?): train unless `cfg.out` already holds the finished model of this very config; resume an
     unfinished one. What only changes the output (config.OUTPUT_ONLY: progress, quiet, trackers) does not count."""
     from dskd_pipe.pipeline.methods import resolve
+    from dskd_pipe.pipeline.run_folder import DONE, RESOLVED_CONFIG
     from dskd_pipe.stages import distill
 
     out = Path(cfg.out)
-    saved = out / distill.RESOLVED_CONFIG
+    saved = out / RESOLVED_CONFIG
     if saved.is_file():
         # A field added since that folder was written counts as its default there.
         saved_config = {**config_to_dict(DistillConfig()), **json.loads(saved.read_text()).get("config", {})}
@@ -483,7 +486,7 @@ def _distill(cfg: DistillConfig) -> tuple[Path, bool]:
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise ConfigError(f"{out} was trained with other settings ({', '.join(changed)}). Pass --fresh to start "
                               "again, or another --out.")
-        if (out / distill.DONE).is_file():
+        if (out / DONE).is_file():
             Console.for_stage(False, cfg.quiet).note(f"[recipe]   {out}: finished before, kept")
             _drop_resume_state(out)
             return out, True
@@ -641,12 +644,53 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
         fresh: bool = False, progress: bool = True, quiet: bool = False) -> dict:
     """Run the nine steps into `out`; return {"summary", "table", "report", "paths"}. `progress` and `quiet` go to
     every stage (quiet: only warnings and the stages' final lines; the recipe's own step lines are left out too)."""
-    from dskd_pipe.pipeline import comparison
-    from dskd_pipe.stages import cache_teacher, score
+    r = _open(config, size, out, data_root, fresh, Console.for_stage(progress, quiet),
+              {"progress": progress, "quiet": quiet})
+    t_all = time.perf_counter()
+    _data_tokenizers_models(r)  # steps 1-3
+    _teacher_and_student_bases(r)  # steps 4-5
+    _teacher_store(r)  # step 6
+    groups, folders = _students(r)  # step 7
+    all_models = {"teacher": r.teacher, INIT: r.inits["student"], **(
+        {f"{INIT}{SAME}": r.inits["teacher-tok"]} if r.same else {}), **folders}
+    score_dir, report, nll = _score(r, all_models, len(folders))  # step 8
+    summary, table = _summary(r, groups, folders, all_models, report, nll)  # step 9
+    r.console.note(f"[recipe] done in {time.perf_counter() - t_all:.1f} s")
 
-    console = Console.for_stage(progress, quiet)
-    shown = {"progress": progress, "quiet": quiet}  # output only (config.OUTPUT_ONLY): a rerun still reuses
+    r.paths.update({"teacher": Path(r.teacher), "student_init": Path(r.inits["student"]), "store": r.store,
+                    **{f"student {n}": p for n, p in folders.items()}, "score": score_dir,
+                    "summary": r.out / "summary.md"})
+    for name in ("dev_curves.png", "scores.png"):
+        if (r.out / name).is_file():
+            r.paths[name.removesuffix(".png").replace("_", " ")] = r.out / name
+    return {"summary": summary, "table": table, "report": report, "paths": r.paths}
 
+
+@dataclass
+class _Recipe:
+    """One recipe run as its steps fill it in."""
+
+    console: Console
+    shown: dict  # progress and quiet: output only (config.OUTPUT_ONLY), so a rerun still reuses finished steps
+    size: str
+    settings: dict
+    out: Path
+    data: dict
+    paths: dict = field(default_factory=dict)
+    tok_folders: dict = field(default_factory=dict)
+    teacher: str | Path = ""
+    inits: dict = field(default_factory=dict)  # "student" (and "teacher-tok"): the students' starting folders
+    store: str | Path | None = None
+    with_teacher: set = field(default_factory=set)
+
+    @property
+    def same(self) -> list:
+        return self.settings["same_tokenizer_methods"]
+
+
+def _open(config, size, out, data_root, fresh: bool, console: Console, shown: dict) -> _Recipe:
+    """The config's table for `size`, the data paths, and the run folder (cleared with `fresh`; refused when it
+    holds a run of other settings)."""
     path = config_path(config)
     size, settings = load_recipe_config(path, size)
     out = Path(out).resolve()
@@ -663,49 +707,53 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
                           "Pass --fresh to start again, or another --out.")
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(record, indent=2) + "\n")
-    methods, seeds, same = settings["methods"], settings["seeds"], settings["same_tokenizer_methods"]
-    t_all = time.perf_counter()
-    paths: dict[str, Path | str] = {}
+    return _Recipe(console, shown, size, settings, out, data)
 
+
+def _data_tokenizers_models(r: _Recipe) -> None:
+    """Steps 1-3: the generated world's data, the trained tokenizers, and the initial teacher and student(s)."""
+    console, out, settings, size = r.console, r.out, r.settings, r.size
     if settings["world"] is not None:
         t0 = _step(console, 1, f"data: a world of {settings['world']['n_towns']} towns (pipeline/world.py)")
         reused = _world_data(out, settings["world"])
         _done(console, out, "data", t0, f"data: {out / 'data'}", reused)
-        paths["data"] = out / "data"
+        r.paths["data"] = out / "data"
     else:
-        _step(console, 1, f"data: {data['train']}")
+        _step(console, 1, f"data: {r.data['train']}")
 
     models = dict(settings["models"])
-    tok_folders = {}
     if settings["tokenizers"] is not None:
         tk = settings["tokenizers"]
         t0 = _step(console, 2, f"tokenizers: teacher {tk['teacher']} ({tk['teacher_vocab']}), student "
                                f"{tk['student']} ({tk['student_vocab']}), trained on the teacher's train text")
-        tok_folders, reused = _tokenizers(out, tk, data)
+        r.tok_folders, reused = _tokenizers(out, tk, r.data)
         agreement = json.loads((out / "tokenizers" / "agreement.json").read_text())
         _done(console, out, "tokenizers", t0, "tokenizers: {} student tokens of {} end where a teacher token "
               "ends".format(f"{agreement['student_tokens_ending_on_a_teacher_end']:.1%}", agreement["of"]), reused)
-        paths["tokenizers"] = out / "tokenizers"
+        r.paths["tokenizers"] = out / "tokenizers"
     else:
         _step(console, 2, f"no [{size}.tokenizers] table: the models' own tokenizers")
 
     t0 = _step(console, 3, f"models ({models['teacher']} -> {models['student']})")
-    teacher_init, kept_t = _model(console, out, "teacher", models, tok_folders.get("teacher"))
-    inits = {"student": _model(console, out, "student", models, tok_folders.get("student"))[0]}
+    r.teacher, kept_t = _model(console, out, "teacher", models, r.tok_folders.get("teacher"))
+    r.inits = {"student": _model(console, out, "student", models, r.tok_folders.get("student"))[0]}
     kept_s = True
-    if same:
-        teacher_tok = tok_folders.get("teacher") or models.get("teacher_tokenizer")
-        inits["teacher-tok"], kept_s = _model(console, out, "student", models, teacher_tok, f"student-init{SAME}")
+    if r.same:
+        teacher_tok = r.tok_folders.get("teacher") or models.get("teacher_tokenizer")
+        r.inits["teacher-tok"], kept_s = _model(console, out, "student", models, teacher_tok, f"student-init{SAME}")
     _done(console, out, "models", t0, "models ready", kept_t and kept_s)
 
-    teacher = teacher_init
+
+def _teacher_and_student_bases(r: _Recipe) -> None:
+    """Steps 4-5: the teacher's SFT on its own data, and the students' pretraining (each when its table is there)."""
+    console, out, settings, data, size = r.console, r.out, r.settings, r.data, r.size
     if settings["teacher_sft"] is not None:
         t0 = _step(console, 4, "SFT of the teacher on its train data (distill --method sft)")
         teacher, reused = _distill(load_config(DistillConfig, None, {
-            **settings["teacher_sft"], "method": "sft", "student": str(teacher_init), "data": data["teacher_train"],
-            "dev_data": data["dev"], "out": str(out / "teacher"), "resume": True, **shown}))
-        teacher = _best(teacher)
-        _done(console, out, "teacher_sft", t0, f"teacher: {teacher}", reused)
+            **settings["teacher_sft"], "method": "sft", "student": str(r.teacher), "data": data["teacher_train"],
+            "dev_data": data["dev"], "out": str(out / "teacher"), "resume": True, **r.shown}))
+        r.teacher = _best(teacher)
+        _done(console, out, "teacher_sft", t0, f"teacher: {r.teacher}", reused)
     else:
         _step(console, 4, f"no [{size}.teacher_sft] table: the teacher is used as given")
 
@@ -713,64 +761,84 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
         jobs = [(f"student-base/{name}", load_config(DistillConfig, None, {
             **settings["student_pretrain"], "method": "sft", "student": str(init), "data": data["pretrain"],
             "out": str(out / "student-base" / name), "resume": True,
-            **shown, "progress": progress and settings["jobs"] == 1})) for name, init in inits.items()]
+            **r.shown, "progress": r.shown["progress"] and settings["jobs"] == 1})) for name, init in r.inits.items()]
         _step(console, 5, f"pretrain the student base(s) on {data['pretrain']}")
         trained = _train_all(console, out, jobs, settings["jobs"], 5)
-        inits = {name: folder for name, folder in zip(inits, trained.values())}
+        r.inits = {name: folder for name, folder in zip(r.inits, trained.values())}
     else:
         _step(console, 5, f"no [{size}.student_pretrain] table: the students start as built")
 
+
+def _teacher_store(r: _Recipe) -> None:
+    """Step 6: the teacher store, when a method of the recipe reads the teacher."""
     from dskd_pipe.pipeline.methods import METHODS
+    from dskd_pipe.stages import cache_teacher
 
     # The entries say which methods read the teacher (an installed package's methods as well as the built-in ones).
-    with_teacher = {m for m in [*methods, *same] if METHODS[m].uses_teacher}
-    store = None
-    if with_teacher:
-        t0 = _step(console, 6, "cache-teacher: the teacher's hidden states over the students' train data")
-        store_dir = out / "teacher.zarr"
-        finished = (store_dir / MANIFEST).is_file()  # written last; cache_teacher checks it against these inputs
-        store = cache_teacher.run(load_config(CacheConfig, None, {
-            **settings["cache"], "teacher": str(teacher), "data": data["train"], "out": str(store_dir), **shown}))
-        _done(console, out, "cache", t0, f"store: {store}", finished)
-    else:
-        _step(console, 6, "no method reads the teacher: no teacher store")
+    r.with_teacher = {m for m in [*r.settings["methods"], *r.same] if METHODS[m].uses_teacher}
+    if not r.with_teacher:
+        _step(r.console, 6, "no method reads the teacher: no teacher store")
+        return
+    t0 = _step(r.console, 6, "cache-teacher: the teacher's hidden states over the students' train data")
+    store_dir = r.out / "teacher.zarr"
+    finished = (store_dir / MANIFEST).is_file()  # written last; cache_teacher checks it against these inputs
+    r.store = cache_teacher.run(load_config(CacheConfig, None, {
+        **r.settings["cache"], "teacher": str(r.teacher), "data": r.data["train"], "out": str(store_dir), **r.shown}))
+    _done(r.console, r.out, "cache", t0, f"store: {r.store}", finished)
 
+
+def _students(r: _Recipe) -> tuple[dict, dict]:
+    """Step 7: every method x seed student (the teacher-tokenizer group too); (groups, label -> output folder)."""
+    from dskd_pipe.pipeline.methods import METHODS
+
+    settings, seeds = r.settings, r.settings["seeds"]
     groups: dict[str, dict] = {}
     jobs = []
-    for init_name, group_methods, suffix in (("student", methods, ""), ("teacher-tok", same, SAME)):
+    for init_name, group_methods, suffix in (("student", settings["methods"], ""), ("teacher-tok", r.same, SAME)):
         for method in group_methods:
             name = f"{method}{suffix}"
-            groups[name] = {"kind": "method", "labels": {}, "init": init_name,
-                            "baseline": f"sft{suffix}" if method != "sft" and "sft" in group_methods else None}
+            # a method with a teacher is compared with the group's sft students (the entry says which need one)
+            baseline = f"sft{suffix}" if METHODS[method].uses_teacher and "sft" in group_methods else None
+            groups[name] = {"kind": "method", "labels": {}, "init": init_name, "baseline": baseline}
             for seed in seeds:
                 label = student_name(name, seed, seeds)
                 groups[name]["labels"][seed] = label
                 jobs.append((label, load_config(DistillConfig, None, {
                     **settings["distill"], **settings["method_distill"].get(method, {}), "method": method,
-                    "seed": seed, "student": str(inits[init_name]), "data": data["train"],
-                    "cache": str(store) if method in with_teacher else "", "dev_data": data["dev"],
-                    "out": str(out / "students" / label), "resume": True,
-                    **shown, "progress": progress and settings["jobs"] == 1})))
+                    "seed": seed, "student": str(r.inits[init_name]), "data": r.data["train"],
+                    "cache": str(r.store) if method in r.with_teacher else "", "dev_data": r.data["dev"],
+                    "out": str(r.out / "students" / label), "resume": True,
+                    **r.shown, "progress": r.shown["progress"] and settings["jobs"] == 1})))
     folders = {label: _best(folder)
-               for label, folder in _train_all(console, out, jobs, settings["jobs"], 7).items()}
+               for label, folder in _train_all(r.console, r.out, jobs, settings["jobs"], 7).items()}
+    return groups, folders
 
-    sets = ", ".join(s.split("=")[0] for s in data["eval"])
-    references = {"teacher": teacher, INIT: inits["student"]}
-    if same:
-        references[f"{INIT}{SAME}"] = inits["teacher-tok"]
-    all_models = {**references, **folders}
-    t0 = _step(console, 8, f"score the teacher, the initial student(s) and {len(folders)} trained student(s) on "
-                           f"{sets}: NLL of the gold responses, ROUGE-L of sampled answers")
+
+def _score(r: _Recipe, all_models: dict, n_students: int) -> tuple[Path, dict, dict]:
+    """Step 8: ROUGE-L of every model with the published protocol (this size's changes), and the gold responses'
+    NLL; (the score folder, its report, the NLL per model and set)."""
+    from dskd_pipe.stages import score
+
+    sets = ", ".join(s.split("=")[0] for s in r.data["eval"])
+    t0 = _step(r.console, 8, f"score the teacher, the initial student(s) and {n_students} trained student(s) on "
+                             f"{sets}: NLL of the gold responses, ROUGE-L of sampled answers")
     # The published protocol (configs/score_default.toml) with this size's changes; then the NLL, whose nll.json
     # joins the score run's folder (score refuses a folder it did not start).
     score_dir = score.run(load_config(ScoreConfig, "score_default", {
-        **settings["score"], **shown, "out": str(out / "score"), "data": tuple(data["eval"]),
+        **r.settings["score"], **r.shown, "out": str(r.out / "score"), "data": tuple(r.data["eval"]),
         "models": tuple(f"{n}={p}" for n, p in all_models.items())}))
-    nll = _nll_scores(out, all_models, data["eval"], settings)
+    nll = _nll_scores(r.out, all_models, r.data["eval"], r.settings)
     report = json.loads((score_dir / "report.json").read_text())
-    _done(console, out, "score", t0, f"scores: {score_dir}")
+    _done(r.console, r.out, "score", t0, f"scores: {score_dir}")
+    return score_dir, report, nll
 
-    t0 = _step(console, 9, "summary: mean ± std over training seeds, paired differences to sft")
+
+def _summary(r: _Recipe, groups: dict, folders: dict, all_models: dict, report: dict, nll: dict) -> tuple[dict, str]:
+    """Step 9: mean ± std over training seeds and paired differences to sft; summary.md/json, charts."""
+    from dskd_pipe.pipeline import comparison
+
+    out, settings = r.out, r.settings
+    t0 = _step(r.console, 9, "summary: mean ± std over training seeds, paired differences to sft")
     set_names = report["sets"]
     values: dict[str, dict[str, float]] = {}
     for label in all_models:
@@ -787,12 +855,12 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
                     "teacher-tok": f"{tk['teacher']}-{tk['teacher_vocab']}"}
     reference_groups = {"teacher": {"kind": "reference", "labels": {0: "teacher"}, "tokenizer": tok_name["teacher-tok"]},
                         INIT: {"kind": "reference", "labels": {0: INIT}, "tokenizer": tok_name["student"]}}
-    if same:
+    if r.same:
         reference_groups[f"{INIT}{SAME}"] = {"kind": "reference", "labels": {0: f"{INIT}{SAME}"},
                                              "tokenizer": tok_name["teacher-tok"]}
     for name, g in groups.items():
         g["tokenizer"] = tok_name[g["init"]]
-    summary = comparison.summarise(values, {**reference_groups, **groups}, seeds, set_names)
+    summary = comparison.summarise(values, {**reference_groups, **groups}, settings["seeds"], set_names)
     summary["sizes"] = {s: report["models"]["teacher"]["sets"][s]["n"] for s in set_names}
     summary["nll_examples"] = {s: nll["teacher"][s]["examples"] for s in set_names}
     summary["sampling_seeds"] = report.get("seeds")
@@ -801,19 +869,11 @@ def run(config: str | Path, size: str | None = None, out: str | Path = "recipe-r
     table = comparison.markdown(summary, _header(summary, settings))
     comparison.write(summary, out, table)
     lengths = {k: settings["distill"].get(k, v) for k, v in (("max_prompt_length", 256), ("max_length", 512))}
-    if data["dev"]:
-        _dev_curves(out, groups, folders, inits, data["dev"], lengths)
+    if r.data["dev"]:
+        _dev_curves(out, groups, folders, r.inits, r.data["dev"], lengths)
     comparison.bar_chart(summary, out / "scores.png", set_names[0])
-    _done(console, out, "summary", t0, f"summary: {out / 'summary.md'}")
-    console.note(f"[recipe] done in {time.perf_counter() - t_all:.1f} s")
-
-    paths.update({"teacher": Path(teacher), "student_init": Path(inits["student"]), "store": store,
-                  **{f"student {n}": p for n, p in folders.items()}, "score": score_dir,
-                  "summary": out / "summary.md"})
-    for name in ("dev_curves.png", "scores.png"):
-        if (out / name).is_file():
-            paths[name.removesuffix(".png").replace("_", " ")] = out / name
-    return {"summary": summary, "table": table, "report": report, "paths": paths}
+    _done(r.console, out, "summary", t0, f"summary: {out / 'summary.md'}")
+    return summary, table
 
 
 def _header(summary: dict, settings: dict) -> str:

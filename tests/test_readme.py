@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dskd_pipe.pipeline.cli import main
+from dskd_pipe.stages.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DATA = str(README.parent / "tests" / "fixtures" / "data" / "dolly_train_40.jsonl")
@@ -74,3 +74,14 @@ def test_readme_python_runs(tiny, monkeypatch):
                      grad_accum=1, max_steps=1, num_workers=0, device="cpu", progress=False)
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert record["kd"] > 0 and record["ce_student"] > 0
+
+
+def test_readme_option_tables_are_the_declarations():
+    """README "Options" is generated from the config fields (docs/build_options.py): it may not drift."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_options", README.parent / "docs" / "build_options.py")
+    build_options = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_options)
+    assert build_options.tables() in README.read_text(), "README option tables are stale: python docs/build_options.py"
+    assert "| `--ga-mode` | `paper` | `paper`, `released` |" in README.read_text()

@@ -41,11 +41,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dskd_pipe.pipeline.config import DEBIAS_CHOICES, MEAN_CHOICES
 from dskd_pipe.pipeline.objectives.dskd import DEFAULT_CHUNK_TOKENS, TeacherHead, teacher_logits
 
+
 EPSILON = 1e-6  # tokenkit's compute_alm_loss: subtracted after the temperature so that log(1 - b) stays finite
-DEBIAS_CHOICES = ("space+merge", "space", "none")
-MEAN_CHOICES = ("chunks", "released")
 
 
 @dataclass
@@ -169,6 +169,8 @@ def alm_loss(
     """
     if debias not in DEBIAS_CHOICES:
         raise ValueError(f"ALM debias {debias!r}: choose one of {', '.join(DEBIAS_CHOICES)}.")
+    if mean_over not in MEAN_CHOICES:
+        raise ValueError(f"ALM mean_over {mean_over!r}: choose one of {', '.join(MEAN_CHOICES)}.")
     spaced = debias != "none"
     if spaced and (student_word_start is None or teacher_word_start is None):
         raise ValueError(f"ALM debias {debias!r} needs both word_start masks (alignment.word_start_mask).")

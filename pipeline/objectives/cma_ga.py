@@ -33,10 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from dskd_pipe.pipeline.config import GA_MODES
 from dskd_pipe.pipeline.objectives.dskd import fp32_region
 
+
 GENERATOR_MODES = ("non_saturating", "gradient_reversal")
-GA_MODES = ("paper", "released")
 
 
 class HighwayGate(nn.Module):

@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from dskd_pipe.pipeline.config import T2S_KD_ROWS, T2S_VALUES
 from dskd_pipe.pipeline.objectives.divergences import cross_entropy_sum, get_divergence
 
-T2S_VALUES = ("hidden+target", "hidden")  # DSKD-CMA's t2s values: t2s(Ht~ + Etg~) as published | t2s(Ht~)
-T2S_KD_ROWS = ("accurate", "all", "none")  # DSKD-CMA's KD_t2s rows: the reference accuracy mask | every row | none
+
 MASK_LOGIT = -1e5  # additive attention mask of the reference code (not -inf: fully masked rows stay finite)
 DEFAULT_CHUNK_TOKENS = 1024  # rows of [chunk, Vt] fp32 logits: 1024 x 152k x 4 B = 0.6 GB for a Qwen teacher
 
@@ -205,14 +205,10 @@ class Projectors(nn.Module):
         self.query = nn.Linear(2 * ds, 2 * dt) if with_query else None
 
 
-_METHODS_WITH_QUERY = {"dskd_cma": True, "dskd_cma_ga": True, "dskd": False}
-
-
-def build_projectors(method: str, ds: int, dt: int) -> Projectors:
-    """Projectors for ``method``: "dskd" (same vocabulary), "dskd_cma" or "dskd_cma_ga" (with the query)."""
-    if method not in _METHODS_WITH_QUERY:
-        raise ValueError(f"unknown DSKD method {method!r}; expected one of: {', '.join(sorted(_METHODS_WITH_QUERY))}")
-    return Projectors(ds, dt, with_query=_METHODS_WITH_QUERY[method])
+def build_projectors(ds: int, dt: int, *, with_query: bool) -> Projectors:
+    """DSKD's projectors between a student of width ds and a teacher of width dt: t2s and s2t, and with_query the
+    cross-model attention's query projector (DSKD-CMA, CMA-GA; same-vocabulary DSKD has none)."""
+    return Projectors(ds, dt, with_query=with_query)
 
 
 def _apply(linear: nn.Linear, x: Tensor) -> Tensor:
@@ -443,7 +439,7 @@ def cross_model_attention(
         raise ValueError(f"chunk_mode {chunk_mode!r} needs the chunk alignment `chunks` [B, S, T]")
     if projectors.query is None and chunk_mode != "projection":
         raise ValueError("cross-model attention needs projectors with a query; build them with "
-                         "build_projectors('dskd_cma', ...)")
+                         "build_projectors(ds, dt, with_query=True)")
     ms = labels != -100  # [B, S]
     mt = teacher_labels != -100  # [B, T]
     dt = teacher_hidden.shape[-1]

@@ -36,23 +36,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from dskd_pipe.pipeline.objectives.divergences import (
-    SKEW_ALPHA,
-    _plogp_ratio,
-    cross_entropy_sum,
-    forward_kl_rows,
-    reverse_kl_rows,
-)
-from dskd_pipe.pipeline.objectives.dskd import (
-    DEFAULT_CHUNK_TOKENS,
-    DSKDOutput,
-    Projectors,
-    TeacherHead,
-    cross_model_attention,
-    fp32_region,
-    teacher_logits,
-    _apply,
-)
+from dskd_pipe.pipeline.config import DTW_INPUTS, DTW_POSITIONS, DTW_REDUCTIONS, KD_WARMUP_TERMS, WEIGHT_FORMS
+from dskd_pipe.pipeline.objectives.divergences import (SKEW_ALPHA, _plogp_ratio, cross_entropy_sum, forward_kl_rows,
+                                                       reverse_kl_rows)
+from dskd_pipe.pipeline.objectives.dskd import (DEFAULT_CHUNK_TOKENS, DSKDOutput, Projectors, TeacherHead, _apply,
+                                                cross_model_attention, fp32_region, teacher_logits)
+
 
 BAND_ALPHA = 0.7  # a in the band centre c_i = a sum_j j A_ij + (1 - a) i m/n
 BAND_BASE_WIDTH = 5.0  # w_i = 5 + 2 H(A_i)
@@ -61,11 +50,6 @@ BAND_PENALTY = 1.0  # added to C_ij outside the band
 GAMMA_START, GAMMA_END = 2.0, 0.8  # the paper does not state gamma; the code anneals linearly, then holds
 GAMMA_ANNEAL_STEPS = 3570  # the code's dtw_gamma_steps
 KD_WARMUP_STEPS = 300
-WEIGHT_FORMS = ("paper", "released")
-DTW_INPUTS = ("raw", "normalised")
-DTW_POSITIONS = ("response", "released")
-DTW_REDUCTIONS = ("sequence", "tokens")
-KD_WARMUP_TERMS = ("t2s", "both")
 _BIG = 1e10  # "infinite" DP cell; finite so that exp(-_BIG / gamma) is exactly 0 and no inf - inf NaN appears
 
 

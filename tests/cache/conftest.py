@@ -24,7 +24,7 @@ def tiny_teacher_dirs(tmp_path_factory) -> dict[str, Path]:
 def _cache_cli(*args: str):
     from click.testing import CliRunner
 
-    from dskd_pipe.pipeline.cli import main
+    from dskd_pipe.stages.cli import main
 
     return CliRunner().invoke(main, ["cache-teacher", *map(str, args)])
 

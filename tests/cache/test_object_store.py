@@ -18,7 +18,7 @@ from dskd_pipe.cache.reader import open_store
 from dskd_pipe.cache.remote import RemotePath, store_root
 from dskd_pipe.cache.verify import store_info, verify_store
 from dskd_pipe.cache.writer import acquire_lock, release_lock
-from dskd_pipe.pipeline.cli import main
+from dskd_pipe.stages.cli import main
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DATA = FIXTURES / "data" / "dolly_train_40.jsonl"

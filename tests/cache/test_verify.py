@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from dskd_pipe.cache.verify import progress_info, verify_store
-from dskd_pipe.pipeline.cli import main
+from dskd_pipe.stages.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def test_import_is_light_and_the_version_is_the_installed_one():
 
     from click.testing import CliRunner
 
-    from dskd_pipe.pipeline.cli import main
+    from dskd_pipe.stages.cli import main
 
     code = "import sys, dskd_pipe; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

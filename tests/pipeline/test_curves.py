@@ -4,7 +4,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from dskd_pipe.pipeline.cli import main
+from dskd_pipe.stages.cli import main
 from dskd_pipe.pipeline.config import ConfigError
 from dskd_pipe.pipeline.curves import panels_for, read_run, run_labels, smooth
 
@@ -79,3 +79,20 @@ def test_cli_plot_draws_one_png_for_several_runs(tmp_path):
     assert several.exit_code == 2 and "with several runs, name the picture with --out FILE.png" in several.output
     missing = CliRunner().invoke(main, ["plot", str(tmp_path / "nope"), "--out", str(out)])
     assert missing.exit_code == 2 and "no metrics.jsonl there" in missing.output
+
+
+def test_panels_come_from_the_entries(monkeypatch):
+    """Every number an entry shows has its panel; a new entry's numbers get theirs with no change to curves.py."""
+    import dataclasses
+
+    from dskd_pipe.pipeline import methods
+    from dskd_pipe.pipeline.curves import method_panels
+
+    panels = {title: lines for title, lines, _ in method_panels()}
+    for method in methods.METHODS.values():
+        for shown in method.shown:
+            assert shown.key in [key for key, _ in panels[shown.panel]], (method.name, shown.key)
+    assert panels["D accuracy (real keys solid, fake queries dashed)"] == [("d_acc_real", "-"), ("d_acc_fake", "--")]
+    mine = dataclasses.replace(methods.METHODS["sft"], name="mine", shown=(methods.Shown("wobble", "w", "Wobble"),))
+    monkeypatch.setitem(methods.METHODS, "mine", mine)
+    assert ("Wobble", [("wobble", "-")], "per token") in method_panels()

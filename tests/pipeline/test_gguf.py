@@ -237,7 +237,7 @@ def test_parts_are_assembled_in_order_and_checked(tmp_path, monkeypatch):
 def test_convert_gguf_command(tiny_gguf, tmp_path):
     from click.testing import CliRunner
 
-    from dskd_pipe.pipeline.cli import main
+    from dskd_pipe.stages.cli import main
 
     result = CliRunner().invoke(main, ["convert-gguf", str(tiny_gguf), "--out", str(tmp_path / "m")])
     assert result.exit_code == 0, result.output

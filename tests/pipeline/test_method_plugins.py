@@ -79,7 +79,7 @@ def env(tiny_store, tmp_path_factory):
 def _cli(env, *args: str) -> subprocess.CompletedProcess:
     """`dskd-pipe ARGS` in a fresh process of this environment, with the plugin installed (its site on the path)."""
     path = os.pathsep.join([str(env["site"]), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.run([sys.executable, "-m", "dskd_pipe.pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "dskd_pipe", *args], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": path}, timeout=300)
 
 

@@ -274,13 +274,13 @@ def test_diagnosis_option_values_are_checked_together():
 
 def _composition(base, kd_rate=0.3, balance="weights"):
     """A composition of `base` with two stand-in terms whose values are known functions of the student's logits."""
-    from dskd_pipe.pipeline.methods import Term, compose
+    from dskd_pipe.pipeline.methods import Shown, Term, compose
 
     def value(scale):
         return lambda x: ((x.logits * scale).sum(), {f"t{scale}": torch.tensor(float(scale))})
 
-    method = compose("test", "a test composition", base, Term("a", value(2.0), ("t2.0",)),
-                     Term("b", value(3.0), ("t3.0",)))
+    method = compose("test", "a test composition", base, Term("a", value(2.0), (Shown("t2.0", "a", "a"),)),
+                     Term("b", value(3.0), (Shown("t3.0", "b", "b"),)))
     cfg = DistillConfig(method="sft", kd_rate=kd_rate, loss_balance=balance)
     logits = torch.randn(1, 4, 11, requires_grad=True)
     x = _inputs(cfg)
@@ -465,3 +465,22 @@ def test_a_methods_own_options_take_their_defaults_and_checked_values(tmp_path, 
         "--method-option on: expected true or false, found 'maybe'."]
     with pytest.raises(ConfigError, match="sft has no option 'beta' \\(its options: none\\)"):
         methods.method_options(DistillConfig(method="sft", method_options=("beta=1",)))
+
+
+def test_entries_declare_the_options_they_read():
+    """Method.settings name DistillConfig fields; every option of the reference-mode and diagnosis groups is read
+    by some entry (the model card shows an entry's settings; README's option table names the methods)."""
+    import dataclasses
+
+    from dskd_pipe.pipeline.config import DistillConfig
+
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    claimed = {s for m in METHODS.values() for s in m.settings}
+    assert claimed <= fields, claimed - fields
+    for name in ("lambda_ga", "ga_mode", "disc_every", "cma_std", "t2s_kd_rows", "v2_mean_weighting", "eta_unmapped",
+                 "dwa_weights", "dtw_reduction", "alm_temperature", "alm_mean", "prefix_chars", "loss_balance"):
+        assert name in claimed, name
+    assert "lambda_ga" in METHODS["cma-ga+alm"].settings and "alm_debias" in METHODS["cma-ga+alm"].settings
+    assert "lambda_ga" not in METHODS["dskd-cma"].settings and not METHODS["sft"].settings
+    shown = [s.key for s in METHODS["cma-ga+prefix-kd"].shown]
+    assert shown[:1] == ["ce_student"] and "l_g" in shown and shown[-1] == "prefix_kd"

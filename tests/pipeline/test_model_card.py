@@ -1,9 +1,9 @@
 import json
 import shlex
 
-from dskd_pipe.pipeline.cli import main
+from dskd_pipe.stages.cli import main
 from dskd_pipe.pipeline.config import CacheConfig, DistillConfig, config_to_dict, load_config
-from dskd_pipe.pipeline.model_card import cache_command, final_metrics, flag_command, model_card
+from dskd_pipe.pipeline.model_card import cache_command, final_metrics, flag_command, model_card, train_keys
 
 STORE = {"path": "runs/qwen.zarr",
          "fingerprints": {"teacher": {"name": "Qwen/Qwen1.5-1.8B", "architecture": "Qwen2ForCausalLM",
@@ -29,7 +29,9 @@ def test_flag_command_reproduces_the_resolved_config():
     assert command.startswith("dskd-pipe distill ") and "--progress" not in command and "--resume" not in command
     again = _parse(command, "distill", DistillConfig)
     assert config_to_dict(again) == {**config_to_dict(cfg), "out": "runs/again", "progress": True, "resume": False}
-    assert flag_command(DistillConfig(student="s", data="d", out="o", min_lr=0.0)) is None  # min_lr has no flag
+    # every option has a flag now (config.option): min_lr too; only "not set" after a set default has no spelling
+    assert "--min-lr 0.0" in flag_command(DistillConfig(student="s", data="d", out="o", min_lr=0.0))
+    assert flag_command(DistillConfig(student="s", data="d", out="o", dev_limit=None)) is None
     store_cfg = _parse(cache_command(STORE["config"]), "cache-teacher", CacheConfig)
     assert store_cfg == CacheConfig(**STORE["config"])
 
@@ -47,7 +49,7 @@ def test_card_has_hf_metadata_provenance_metrics_and_commands(tmp_path):
                                 out=str(tmp_path), dev_data="dolly/dev.jsonl", dev_rouge=True, micro_batch_size=2,
                                 grad_accum=4, lambda_ga=0.2))
     card = model_card(cfg, folder=str(tmp_path), steps=12, epochs=2, world=2, store=STORE,
-                      metrics=final_metrics(metrics))
+                      metrics=final_metrics(metrics, train_keys(cfg.method)))
     head, body = card.split("---\n")[1], card.split("---\n", 2)[2]
     assert "library_name: transformers" in head and "base_model: gpt2" in head
     assert "- dskd-pipe\n- knowledge-distillation\n- cma-ga\n- cross-tokenizer" in head

@@ -99,7 +99,7 @@ def test_cma_attention_is_the_loss_attention():
              "teacher_input_ids": torch.randint(0, vt, (b, t)), "teacher_labels": t_labels,
              "teacher_hidden": torch.randn(b, t, dt), "teacher_attention_mask": torch.tensor([[1] * 6, [1] * 5 + [0]])}
     hs, es, et = torch.randn(b, s, ds), torch.randn(vs, ds), torch.randn(vt, dt)
-    proj = build_projectors("dskd_cma", ds, dt)
+    proj = build_projectors(ds, dt, with_query=True)
     got = cma_attention(batch, hs, es, et, proj)
     ref = cross_model_attention(hs, labels, batch["input_ids"], es, batch["teacher_input_ids"], t_labels,
                                 batch["teacher_hidden"], et, proj,

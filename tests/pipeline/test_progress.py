@@ -123,3 +123,20 @@ def test_a_narrow_terminal_drops_the_last_values_first_and_keeps_the_eta():
     expected = "distill cma-ga  step 2/10 20%  loss 3.2  ce 2.9  …  |  2s/step  ETA 16s"
     assert bar.line(width=len(expected)) == expected
     assert len(bar.line(width=30)) == 30 and bar.line(width=30).startswith("distill cma-ga  step 2/10")
+
+
+def test_step_values_show_what_the_entry_shows():
+    """The progress line's terms come from the method's entry (methods.Shown), in its order; shared short names
+    join as a/b (CMA-GA's discriminator accuracies)."""
+    from dskd_pipe.pipeline.methods import METHODS, Shown
+    from dskd_pipe.pipeline.progress import step_values
+
+    record = {"loss": 1.5, "ce_student": 1.0, "ce_t2s": 2.0, "kd_t2s": 0.5, "kd_s2t": 0.25, "t2s_acc": 0.5,
+              "s2t_acc": 0.5, "l_g": 0.7, "d_acc_real": 0.52, "d_acc_fake": 0.48, "l_d": 1.3, "lr": 1e-4}
+    values = step_values(record, METHODS["cma-ga"].shown)
+    assert values == {"loss": 1.5, "ce": 1.0, "ce_t2s": 2.0, "kd_t2s": 0.5, "kd_s2t": 0.25, "l_g": 0.7,
+                      "D": "0.52/0.48"}
+    assert step_values(record, METHODS["sft"].shown) == {"loss": 1.5, "ce": 1.0}
+    assert step_values({"loss": 1.0, "mine": 3.0}, (Shown("mine", "m", "my term"),)) == {"loss": 1.0, "m": 3.0}
+    assert list(step_values({"loss": 1, "alm": 2, "prefix_kd": 3, "ce_student": 4},
+                            METHODS["alm+prefix-kd"].shown)) == ["loss", "ce", "alm", "prefix_kd"]

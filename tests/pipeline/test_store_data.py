@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dskd_pipe.cache.streaming import teacher_hidden
+from dskd_pipe.pipeline.loader import teacher_hidden
 from dskd_pipe.pipeline import methods
 from dskd_pipe.pipeline.data import build_sequence
 from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer

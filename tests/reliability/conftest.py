@@ -28,7 +28,7 @@ def small_store(models, tmp_path_factory) -> Path:
     """A finished store of the tiny teacher over 8 examples (read-only: copy it to change it)."""
     from click.testing import CliRunner
 
-    from dskd_pipe.pipeline.cli import main
+    from dskd_pipe.stages.cli import main
     from reliability_helpers import cache_args
 
     out = tmp_path_factory.mktemp("small_store") / "t.zarr"

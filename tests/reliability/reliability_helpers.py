@@ -49,7 +49,7 @@ def invoke(*args):
     """`dskd-pipe ARGS` in this process (click's runner); the result's output holds stdout and stderr."""
     from click.testing import CliRunner
 
-    from dskd_pipe.pipeline.cli import main
+    from dskd_pipe.stages.cli import main
 
     return CliRunner().invoke(main, [str(a) for a in args])
 

@@ -9,7 +9,7 @@ import dataclasses
 import click
 import pytest
 
-from dskd_pipe.pipeline.cli import main
+from dskd_pipe.stages.cli import main
 from dskd_pipe.pipeline.config import (CacheConfig, ConfigError, DistillConfig, OnPolicyConfig, ProbeConfig,
                                        ScoreConfig, option_problems)
 from reliability_helpers import cache_args, distill_args, invoke

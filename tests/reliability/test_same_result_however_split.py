@@ -15,14 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from reliability_helpers import DATA, invoke
 
-from dskd_pipe.cache.streaming import Collate, DistillDataset, Side
 from dskd_pipe.pipeline.config import DistillConfig
 from dskd_pipe.pipeline.distributed import Processes
+from dskd_pipe.pipeline.loader import Collate, DistillDataset, Side
 from dskd_pipe.pipeline.methods import MethodParts, resolve
 from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id
-from dskd_pipe.stages import distill
-from reliability_helpers import DATA, invoke
+from dskd_pipe.pipeline.run_folder import RESOLVED_CONFIG
+from dskd_pipe.pipeline.step import Trainee, accumulate_gradients
+from dskd_pipe.pipeline.student import build_student
+from dskd_pipe.pipeline.teacher import open_teacher
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +33,19 @@ def micro_batches(models):
     """Four micro-batches of two examples (sft: the student's own tokens)."""
     cfg = resolve(DistillConfig(student=str(models["student"]), data=str(DATA), out="unused", method="sft", limit=8,
                                 max_length=64, micro_batch_size=2, grad_accum=4, device="cpu", seed=0))
-    teacher, source = distill.open_teacher(cfg, "cpu")
+    teacher, source = open_teacher(cfg, "cpu")
     tok = load_tokenizer(cfg.student)
     side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
     items = [DistillDataset(source, side, seed=0, epoch=0)[i] for i in range(8)]
     collate = Collate(side.pad_id, teacher.pad_id)
-    student = distill.build_student(cfg, "cpu")  # in train mode: dropout on; no step is taken, the weights stay
-    return cfg, teacher, distill.Trainee(student, MethodParts()), [collate(items[k:k + 2]) for k in range(0, 8, 2)]
+    student = build_student(cfg, "cpu")  # in train mode: dropout on; no step is taken, the weights stay
+    return cfg, teacher, Trainee(student, MethodParts()), [collate(items[k:k + 2]) for k in range(0, 8, 2)]
 
 
 def _loss_sum(cfg, teacher, trainee, micro, rank=0, rng_seed=0) -> float:
     """The summed loss of `micro` run as `rank` of step 3, the global RNG seeded with `rng_seed` before."""
     torch.manual_seed(rng_seed)
-    sums, _ = distill.accumulate_gradients(cfg, micro, trainee, teacher, Processes(rank=rank), step=3)
+    sums, _ = accumulate_gradients(cfg, micro, trainee, teacher, Processes(rank=rank), step=3)
     return float(sums["loss"])
 
 
@@ -64,12 +67,12 @@ def test_dropout_depends_on_step_and_micro_batch_only(micro_batches):
 def test_a_moved_run_folder_resumes(models, checkpointed_run, tmp_path):
     moved = tmp_path / "elsewhere" / "run"
     shutil.copytree(checkpointed_run, moved)
-    saved = json.loads((moved / distill.RESOLVED_CONFIG).read_text())["config"]
+    saved = json.loads((moved / RESOLVED_CONFIG).read_text())["config"]
     assert Path(saved["out"]) == checkpointed_run
-    result = invoke("distill", "--config", moved / distill.RESOLVED_CONFIG, "--out", moved, "--resume",
+    result = invoke("distill", "--config", moved / RESOLVED_CONFIG, "--out", moved, "--resume",
                     "--max-steps", "6")
     assert result.exit_code == 0, result.output
     assert f"resuming from {moved / 'checkpoints' / 'step-00000004'} (step 4" in result.output
     steps = [json.loads(line)["step"] for line in (moved / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
-    assert json.loads((moved / distill.RESOLVED_CONFIG).read_text())["config"]["out"] == str(moved)
+    assert json.loads((moved / RESOLVED_CONFIG).read_text())["config"]["out"] == str(moved)

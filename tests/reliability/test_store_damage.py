@@ -7,7 +7,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from dskd_pipe.pipeline.cli import main
+from dskd_pipe.stages.cli import main
 from reliability_helpers import DATA, cache_args
 
 

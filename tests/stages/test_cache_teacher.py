@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from dskd_pipe.cache.reader import open_store
-from dskd_pipe.pipeline.cli import main
+from dskd_pipe.stages.cli import main
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DATA = FIXTURES / "data" / "dolly_train_40.jsonl"
@@ -276,7 +276,7 @@ def test_torchrun_ranks_write_disjoint_parts_of_one_store(teacher, clean_store, 
     out = tmp_path / "t.zarr"
     if os.environ.get("DSKD_PIPE_FULL_TRIALS") == "1":
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               "-m", "dskd_pipe.pipeline.cli", *map(str, cache_args(teacher, out))],
+                               "-m", "dskd_pipe", *map(str, cache_args(teacher, out))],
                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     else:

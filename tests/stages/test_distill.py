@@ -13,14 +13,18 @@ import torch
 from safetensors.torch import load_file
 
 from dskd_pipe.cache.format import StoreError
-from dskd_pipe.cache.streaming import Collate, DistillDataset, Side
-from dskd_pipe.pipeline.config import CacheConfig, ConfigError, DistillConfig
 from dskd_pipe.pipeline import methods
+from dskd_pipe.pipeline.config import CacheConfig, ConfigError, DistillConfig
 from dskd_pipe.pipeline.distributed import Processes
+from dskd_pipe.pipeline.loader import Collate, DistillDataset, Side
 from dskd_pipe.pipeline.methods import MethodParts, resolve
 from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id, save_tiny_model
 from dskd_pipe.pipeline.objectives.dskd import build_projectors
+from dskd_pipe.pipeline.step import Trainee, accumulate_gradients
+from dskd_pipe.pipeline.student import build_student
+from dskd_pipe.pipeline.teacher import open_teacher
 from dskd_pipe.stages import distill
+
 
 TOK = "tests/fixtures/tokenizers"
 DATA = "tests/fixtures/data/dolly_train_40.jsonl"
@@ -155,7 +159,7 @@ def test_chunk_extras_align_label_positions(env):
     """Teacher and student with the same tokenizer: every response token is its own chunk, so the chunk matrix
     of each example is the identity on response positions (a shift of one position would break it)."""
     cfg = _cfg(env, "chunks", method="chunk-attention", cache=str(env["store_g"]))
-    teacher, source = distill.open_teacher(cfg, "cpu")
+    teacher, source = open_teacher(cfg, "cpu")
     tok = load_tokenizer(str(env["student"]))
     side = Side(tok, eos_token_id(tok), pad_token_id(tok), 256, 64)
     ds = DistillDataset(source, side, seed=0, epoch=0)
@@ -209,9 +213,9 @@ def test_dev_rouge_selects_the_best_epoch_as_the_output(env, monkeypatch):
         calls.append((len(examples), tuple(seeds), cfg.greedy, cfg.no_repeat_ngram_size, cfg.top_k, cfg.temperature))
         return next(scores)
 
-    from dskd_pipe.stages import score
+    from dskd_pipe.pipeline import evaluation
 
-    monkeypatch.setattr(score, "evaluate_rouge", fake_rouge)
+    monkeypatch.setattr(evaluation, "evaluate_rouge", fake_rouge)
     out = distill.run(_cfg(env, "dev_sel", method="sft", epochs=2, dev_data=DEV, dev_rouge=True, dev_limit=3,
                            dev_rouge_passes=2))
     assert calls == [(3, (0, 1), False, 0, 0, 1.0)] * 2
@@ -226,18 +230,18 @@ def test_dev_rouge_selects_the_best_epoch_as_the_output(env, monkeypatch):
 
 
 def _grads(env, cfg, micro):
-    teacher, source = distill.open_teacher(cfg, "cpu")
+    teacher, source = open_teacher(cfg, "cpu")
     torch.manual_seed(0)
-    student = distill.build_student(cfg, "cpu")
-    projectors = build_projectors("dskd", 32, teacher.head.weight.shape[1])
+    student = build_student(cfg, "cpu")
+    projectors = build_projectors(32, teacher.head.weight.shape[1], with_query=False)
     trainable = list(student.parameters()) + list(projectors.parameters())
-    distill.accumulate_gradients(cfg, micro, distill.Trainee(student, MethodParts(projectors)), teacher, Processes())
+    accumulate_gradients(cfg, micro, Trainee(student, MethodParts(projectors)), teacher, Processes())
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trainable]
 
 
 def test_two_micro_batches_times_four_accumulation_equal_eight_times_one(env):
     cfg = resolve(_cfg(env, "accum", method="dskd", cache=str(env["store_g"])))  # as run() does
-    teacher, source = distill.open_teacher(cfg, "cpu")
+    teacher, source = open_teacher(cfg, "cpu")
     tok = load_tokenizer(str(env["student"]))
     side = Side(tok, eos_token_id(tok), pad_token_id(tok), 256, 64)
     ds = DistillDataset(source, side, seed=0, epoch=0)
@@ -262,7 +266,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(env, one_thread):
             "--out", killed.out, "--limit", "8", "--max-length", "64", "--micro-batch-size", "2", "--grad-accum", "1",
             "--epochs", "2", "--save-every", "3", "--num-workers", "0", "--device", "cpu", "--seed", "0",
             "--dev-data", DEV, "--dev-limit", "4", "--no-progress"]
-    proc = subprocess.run([sys.executable, "-c", "from dskd_pipe.pipeline.cli import main; main()", "distill", *args],
+    proc = subprocess.run([sys.executable, "-c", "from dskd_pipe.stages.cli import main; main()", "distill", *args],
                           env={**os.environ, **one_thread, distill.DIE_AT_STEP_ENV: "3"}, capture_output=True,
                           text=True)
     assert proc.returncode == 137, proc.stderr[-2000:]
@@ -309,7 +313,7 @@ def test_a_store_from_other_data_is_refused(env):
 
 
 def test_bad_options_are_reported_together(env):
-    with pytest.raises(ConfigError, match=r"(?s)--method 'nope'.*--divergence 'xx'.*exactly one of --cache"):
+    with pytest.raises(ConfigError, match=r"(?s)--divergence 'xx'.*--method 'nope'.*exactly one of --cache"):
         distill.run(_cfg(env, "bad", method="nope", divergence="xx"))
 
 
@@ -332,7 +336,7 @@ def test_lora_student_trains_adapters_and_saves_a_merged_model(env):
 def _cli_distill(cfg: DistillConfig, *extra):
     from click.testing import CliRunner
 
-    from dskd_pipe.pipeline.cli import main
+    from dskd_pipe.stages.cli import main
 
     args = ["distill", "--cache", cfg.cache, "--student", cfg.student, "--method", cfg.method, "--data", cfg.data,
             "--out", cfg.out, "--limit", str(cfg.limit), "--max-length", str(cfg.max_length), "--micro-batch-size",

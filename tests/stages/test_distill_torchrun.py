@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 from dskd_pipe.pipeline import training
 from dskd_pipe.pipeline.config import CacheConfig, DistillConfig
 from dskd_pipe.pipeline.models import load_tokenizer, save_tiny_model
+from dskd_pipe.pipeline.run_folder import DONE
 from dskd_pipe.stages import distill
+
 
 TOK = "tests/fixtures/tokenizers"
 DATA = "tests/fixtures/data/dolly_train_40.jsonl"
@@ -69,7 +71,7 @@ def _flags(cfg: DistillConfig) -> list[str]:
 def _torchrun(cfg: DistillConfig, nproc: int = 2, extra: tuple = (), env_vars: dict | None = None,
               check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *extra,
-           "-m", "dskd_pipe.pipeline.cli", "distill", *_flags(cfg)]
+           "-m", "dskd_pipe", "distill", *_flags(cfg)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_vars or {})}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if check:
@@ -115,7 +117,7 @@ def test_two_processes_compute_the_steps_of_one(env, engine, method):
     assert [m["step"] for m in _metrics(one)] == [1, 2, 3] and _metrics(two.out)[-1]["supervised_tokens"] > 0
     _assert_same_run(one, two.out, names=names)
     assert proc.stdout.count("student:") == 1 and proc.stdout.count("student after") == 1
-    assert (Path(two.out) / "README.md").is_file() and (Path(two.out) / distill.DONE).is_file()
+    assert (Path(two.out) / "README.md").is_file() and (Path(two.out) / DONE).is_file()
     if engine != "fsdp":
         return
     checkpoints = training.list_checkpoints(two.out)

@@ -10,12 +10,17 @@ import torch
 from click.testing import CliRunner
 
 from dskd_pipe.cache.reader import open_store
-from dskd_pipe.cache.streaming import Collate, DistillDataset, Side, StoreSource, UnionSource
-from dskd_pipe.pipeline.cli import main
 from dskd_pipe.pipeline.config import CacheConfig, ConfigError, DistillConfig, OnPolicyConfig, load_config
+from dskd_pipe.pipeline.loader import Collate, DistillDataset, Side, StoreSource, UnionSource
 from dskd_pipe.pipeline.methods import build_parts, resolve
 from dskd_pipe.pipeline.models import eos_token_id, load_tokenizer, pad_token_id, save_tiny_model
-from dskd_pipe.stages import distill, on_policy
+from dskd_pipe.pipeline.run_folder import DONE
+from dskd_pipe.pipeline.step import micro_batch_loss
+from dskd_pipe.pipeline.student import build_student
+from dskd_pipe.pipeline.teacher import open_teacher
+from dskd_pipe.stages import on_policy
+from dskd_pipe.stages.cli import main
+
 
 TOK = "tests/fixtures/tokenizers"
 DATA = str(Path("tests/fixtures/data/dolly_train_40.jsonl").resolve())
@@ -56,7 +61,7 @@ seed = 3
 def _in_this_process(cmd: list[str]) -> int:
     """on_policy's launch of one step, run here through the same CLI: the command is what a user's process would
     get, without starting torch and transformers four times over (~10 s each on 2 cores)."""
-    assert cmd[:3] == [sys.executable, "-m", "dskd_pipe.pipeline.cli"], cmd
+    assert cmd[:3] == [sys.executable, "-m", "dskd_pipe"], cmd
     result = CliRunner().invoke(main, cmd[3:])
     print(result.output, end="")
     if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -83,7 +88,7 @@ def test_samples_feed_kd_terms_only(env):
     """A sample row adds its KD terms but no student CE: the same batch marked gold has the same KD terms and a
     larger CE."""
     cfg = resolve(load_config(DistillConfig, env["distill"], {"method": "dskd-cma"}))  # as distill.run does
-    teacher, _ = distill.open_teacher(cfg, "cpu")
+    teacher, _ = open_teacher(cfg, "cpu")
     gold = StoreSource(open_store(env["store"]), limit=4)
     source = UnionSource(gold, [StoreSource(open_store(env["store"]), limit=2)])  # the store stands in for samples
     assert len(source) == 6 and not source.item(5)["gold"] and source.item(3)["gold"]
@@ -94,16 +99,16 @@ def test_samples_feed_kd_terms_only(env):
     batch = Collate(side.pad_id, teacher.pad_id)(items)
     assert batch["gold"].tolist() == [True, False]
     as_gold = dict(batch, gold=torch.ones(2, dtype=torch.bool))
-    student = distill.build_student(cfg, "cpu").eval()  # no dropout: the two calls must see one function
+    student = build_student(cfg, "cpu").eval()  # no dropout: the two calls must see one function
     parts = build_parts(cfg, teacher, tok, student, "cpu")
-    mixed = distill.micro_batch_loss(cfg, batch, student, teacher, parts).logs
-    both = distill.micro_batch_loss(cfg, as_gold, student, teacher, parts).logs
+    mixed = micro_batch_loss(cfg, batch, student, teacher, parts).logs
+    both = micro_batch_loss(cfg, as_gold, student, teacher, parts).logs
     for name in ("kd_t2s", "kd_s2t", "ce_t2s"):
         torch.testing.assert_close(mixed[name], both[name])
     n0 = int(batch["teacher_attention_mask"][0].sum())  # the packed teacher rows of example 0
     row0 = dict(batch, **{k: batch[k][:1] for k in batch if k != "teacher_hidden_rows"},
                 teacher_hidden_rows=batch["teacher_hidden_rows"][:n0])
-    gold_only = distill.micro_batch_loss(cfg, row0, student, teacher, parts).logs
+    gold_only = micro_batch_loss(cfg, row0, student, teacher, parts).logs
     torch.testing.assert_close(mixed["ce_student"], gold_only["ce_student"])  # CE of the gold row only
     assert float(both["ce_student"]) > float(mixed["ce_student"]) > 0
 
@@ -115,7 +120,7 @@ def test_rounds_end_to_end_then_rerun_keeps_everything(env, capsys, monkeypatch)
     cfg = OnPolicyConfig(distill=str(env["distill"]), out=str(out), rounds=1, share=0.5, start_epochs=1,
                          epochs_per_round=1, max_new_tokens=6, generate_batch_size=4, teacher_device="cpu")
     student = on_policy.run(cfg)
-    assert student == out / "round-1" / "student" and (student / distill.DONE).is_file()
+    assert student == out / "round-1" / "student" and (student / DONE).is_file()
 
     samples = [json.loads(ln) for ln in (out / "round-1" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all("original_output" in s for s in samples)
@@ -165,8 +170,8 @@ def test_nproc_per_node_runs_each_rounds_distill_under_torchrun(monkeypatch, tmp
     on_policy._dskd_pipe(["generate", "--model", "m"], "round 1")
     torchrun, plain = calls
     assert torchrun[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
-    assert torchrun[6:] == ["-m", "dskd_pipe.pipeline.cli", "distill", "--config", "x.json"]
-    assert plain[1:] == ["-m", "dskd_pipe.pipeline.cli", "generate", "--model", "m"]
+    assert torchrun[6:] == ["-m", "dskd_pipe", "distill", "--config", "x.json"]
+    assert plain[1:] == ["-m", "dskd_pipe", "generate", "--model", "m"]
     base = DistillConfig(micro_batch_size=2, grad_accum=2)
     cfg = OnPolicyConfig(rounds=2, start_epochs=3, epochs_per_round=1, nproc_per_node=2)
     # 8 per step: gold 8 -> 1 step/epoch x 3; round 1: 12 -> 2; round 2: 16 -> 2

@@ -63,7 +63,7 @@ def test_probe_refuses_runs_without_attention(env):
 
 
 def test_probe_cli(env):
-    from dskd_pipe.pipeline.cli import main
+    from dskd_pipe.stages.cli import main
 
     out = env["tmp"] / "cli"
     result = CliRunner().invoke(main, ["probe", "--run", str(env["runs"]["dskd-cma"]), "--cache", env["store"],

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from dskd_pipe.pipeline.cli import main
+from dskd_pipe.stages.cli import main
 from dskd_pipe.pipeline.config import ConfigError
 from dskd_pipe.stages import recipe
 

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 from rouge_score import rouge_scorer
 
-from dskd_pipe.pipeline.cli import main
+from dskd_pipe.stages.cli import main
 from dskd_pipe.pipeline.config import ConfigError, ScoreConfig
 from dskd_pipe.pipeline.data import DataError, load_examples
 from dskd_pipe.pipeline.models import load_causal_lm, load_tokenizer, save_tiny_model

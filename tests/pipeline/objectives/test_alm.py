@@ -163,3 +163,11 @@ def test_log1mexp_is_accurate_at_both_ends():
     x = torch.tensor([-1e-8, -1e-3, -0.5, -0.7, -5.0, -40.0], dtype=torch.float64)
     torch.testing.assert_close(log1mexp(x), torch.log(-torch.expm1(x)))
     assert torch.isfinite(log1mexp(torch.tensor([-1e-6]))).all()
+
+
+def test_unknown_modes_name_the_choices():
+    logits, labels, hidden, teacher_labels, head, t_chunk, s_chunk = _batch(2)
+    with pytest.raises(ValueError, match="mean_over 'chunk': choose one of chunks, released"):
+        alm_loss(logits, labels, hidden, teacher_labels, head, s_chunk, t_chunk, debias="none", mean_over="chunk")
+    with pytest.raises(ValueError, match="debias 'merge': choose one of space\\+merge, space, none"):
+        alm_loss(logits, labels, hidden, teacher_labels, head, s_chunk, t_chunk, debias="merge")

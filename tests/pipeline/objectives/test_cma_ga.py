@@ -144,7 +144,7 @@ def _cma_setup(seed=0, vs=6, vt=7, ds=4, dt=6, s=6, t=7):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     student = torch.nn.Linear(ds, ds)  # stands in for the student network producing Hs
-    proj = build_projectors("dskd_cma_ga", ds, dt)
+    proj = build_projectors(ds, dt, with_query=True)
     disc = build_discriminator(2 * dt, hidden=16)
     data = dict(
         x=torch.randint(0, vs, (2, s), generator=g), y=torch.randint(0, vs, (2, s), generator=g),

@@ -144,3 +144,9 @@ def test_cross_entropy_sum_ignores_minus_100():
 def test_unknown_divergence_names_the_choices():
     with pytest.raises(ValueError, match="unknown divergence 'kl'; expected one of: akl, fkl, js, rkl, sfkl, srkl, tvd"):
         get_divergence("kl")
+
+
+def test_the_declared_divergence_names_are_the_implemented_ones():
+    from dskd_pipe.pipeline.config import DIVERGENCE_NAMES
+
+    assert tuple(DIVERGENCES) == DIVERGENCE_NAMES

@@ -261,7 +261,7 @@ def run_cma(b, proj, **kw):
 
 def _proj(seed=1, ds=4, dt=6):
     torch.manual_seed(seed)
-    return build_projectors("dskd_cma", ds, dt)
+    return build_projectors(ds, dt, with_query=True)
 
 
 @pytest.mark.parametrize("divergence", ["fkl", "srkl"])
@@ -482,17 +482,15 @@ def test_cma_bf16_models_fp32_projectors_run():
 def test_cma_requires_query_projector():
     b = make_batch()
     with pytest.raises(ValueError, match="needs projectors with a query"):
-        run_cma(b, build_projectors("dskd", 4, 6))
+        run_cma(b, build_projectors(4, 6, with_query=False))
 
 
-def test_build_projectors_shapes_and_errors():
-    p = build_projectors("dskd_cma_ga", 4, 6)
+def test_build_projectors_shapes():
+    p = build_projectors(4, 6, with_query=True)
     assert isinstance(p, Projectors)
     assert (p.query.in_features, p.query.out_features) == (8, 12)
     assert (p.t2s.in_features, p.t2s.out_features, p.s2t.in_features, p.s2t.out_features) == (6, 4, 4, 6)
-    assert p.t2s.bias is not None and build_projectors("dskd", 4, 6).query is None
-    with pytest.raises(ValueError, match="unknown DSKD method 'cma'"):
-        build_projectors("cma", 4, 6)
+    assert p.t2s.bias is not None and build_projectors(4, 6, with_query=False).query is None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -513,7 +511,7 @@ def test_same_vocab_matches_reference_and_routes_gradients():
     wt = torch.randn(v, dt, generator=g, requires_grad=True)
     head = TeacherHead(wt, None)
     torch.manual_seed(1)
-    proj = build_projectors("dskd", ds, dt)
+    proj = build_projectors(ds, dt, with_query=False)
 
     out = dskd_same_vocab_loss(hs, zs, y, ws, ht, head, proj, divergence="srkl", chunk_tokens=2)
 
@@ -549,7 +547,7 @@ def test_same_vocab_s2t_logits_keep_the_head_bias():
     """Fidelity item 3: Zs2t = s2t(Hs) Wt^T + bt, the teacher head as a module (released dual_space_kd.py)."""
     y, hs, ws, ht, head = _same_vocab_batch()
     torch.manual_seed(1)
-    proj = build_projectors("dskd", 4, 6)
+    proj = build_projectors(4, 6, with_query=False)
     out = dskd_same_vocab_loss(hs, hs @ ws.T, y, ws, ht, head, proj, chunk_tokens=3)
     ms = y != -100
     zs2t = (proj.s2t(hs) @ head.weight.T + head.bias)[ms]
@@ -568,7 +566,7 @@ def test_same_vocab_t2s_target_ignores_teacher_temperature_unless_asked():
     --same-vocab-teacher-temperature (t2s_teacher_temperature=True) does, like DSKD-CMA."""
     y, hs, ws, ht, head = _same_vocab_batch()
     torch.manual_seed(1)
-    proj = build_projectors("dskd", 4, 6)
+    proj = build_projectors(4, 6, with_query=False)
     ms = y != -100
     zs = hs @ ws.T
     zt2s = (proj.t2s(ht) @ ws.T).detach()[ms]
@@ -600,7 +598,7 @@ def _chunks(b):
 @pytest.mark.parametrize("chunk_mode", ["attention", "projection"])
 def test_chunk_ablations_match_reference(chunk_mode):
     b = make_batch()
-    proj = _proj() if chunk_mode == "attention" else build_projectors("dskd", 4, 6)
+    proj = _proj() if chunk_mode == "attention" else build_projectors(4, 6, with_query=False)
     chunks = _chunks(b)
     out = run_cma(b, proj, chunks=chunks, chunk_mode=chunk_mode, chunk_tokens=3)
     ref = reference_cma(b, proj, chunks=chunks, chunk_mode=chunk_mode)
@@ -632,7 +630,7 @@ def test_chunk_attention_stays_inside_the_chunk_and_falls_back_to_cma_without_on
 
 def test_chunk_projection_averages_uniformly_and_needs_no_query():
     b = make_batch()
-    proj = build_projectors("dskd", 4, 6)  # no query projector at all
+    proj = build_projectors(4, 6, with_query=False)  # no query projector at all
     chunks = _chunks(b)
     att = cross_model_attention(b["Hs"], b["y"], b["x"], b["Es"], b["xt"], b["yt"], b["Ht"], b["Et"], proj,
                                 chunks=chunks, chunk_mode="projection")

@@ -1,10 +1,10 @@
-"""cache/streaming.py: order from (seed, epoch), the rank split, both tokenisations, collate padding, workers."""
+"""pipeline/loader.py: order from (seed, epoch), the rank split, both tokenisations, collate padding, workers."""
 import numpy as np
 import pytest
 import torch
 
 from dskd_pipe.cache.reader import open_store
-from dskd_pipe.cache.streaming import (Collate, DistillDataset, Side, StoreSource, epoch_order, make_loader,
+from dskd_pipe.pipeline.loader import (Collate, DistillDataset, Side, StoreSource, epoch_order, make_loader,
                                        rank_positions, teacher_hidden)
 from dskd_pipe.pipeline.config import CacheConfig
 from dskd_pipe.pipeline.data import build_sequence
@@ -145,7 +145,7 @@ def test_a_shared_batch_pickles_as_one_buffer():
     import pickle
     from multiprocessing.reduction import ForkingPickler
 
-    from dskd_pipe.cache import streaming
+    from dskd_pipe.pipeline import loader as streaming
 
     shapes = {"ids": ((2, 3), torch.long), "gold": ((2,), torch.bool), "rows": ((5, 4), torch.bfloat16),
               "none": ((0, 7), torch.long)}
@@ -165,7 +165,7 @@ def test_a_shared_batch_pickles_as_one_buffer():
 
 
 def test_auto_num_workers(monkeypatch):
-    from dskd_pipe.cache.streaming import auto_num_workers
+    from dskd_pipe.pipeline.loader import auto_num_workers
 
     assert auto_num_workers("cpu") == 0  # workers would take the training step's cores
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
@@ -178,7 +178,7 @@ def test_auto_num_workers(monkeypatch):
 
 
 def test_loader_advice():
-    from dskd_pipe.cache.streaming import loader_advice
+    from dskd_pipe.pipeline.loader import loader_advice
 
     assert loader_advice([0.01] * 20, 2) is None and loader_advice([], 2) is None
     assert loader_advice([0.05, 0.07] * 10, 3) == (
