@@ -11,8 +11,6 @@ from dskd_pipe.pipeline.progress import Console
 
 
 RESOLVED_CONFIG = "distill_config.json"  # not config.json: that name is the student's HF config
-
-
 DONE = "distill_done.json"  # written last: the folder holds a finished student
 
 

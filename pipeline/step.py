@@ -17,12 +17,60 @@ from dskd_pipe.pipeline.teacher import Teacher
 from dskd_pipe.pipeline.training import TrainingDiverged, list_checkpoints, micro_batch_seed
 
 
-def check_same_tokenisation(batch: dict, method: str) -> None:
-    same = batch["input_ids"].shape == batch["teacher_input_ids"].shape and torch.equal(
-        batch["labels"], batch["teacher_labels"])
-    if not same:
-        raise ConfigError(f"--method {method} needs the teacher and the student to tokenise the same way (same "
-                          "vocabulary); these do not. Use --method dskd-cma or cma-ga for different tokenizers.")
+class StepPlan:
+    """How one process cuts the epoch into optimizer steps: each step takes the next `global_batch` examples of
+    the epoch order (fewer in the last step), this process the slice `rank` of `rank_batch` of them, in
+    micro-batches of `micro` (pipeline/loader.rank_positions). Every process runs as many micro-batches as rank 0,
+    the fullest, padding its own short share with fillers."""
+
+    def __init__(self, cfg: DistillConfig, procs: Processes, n: int):
+        self.n, self.micro, self.rank = n, cfg.micro_batch_size, procs.rank
+        self.rank_batch = cfg.micro_batch_size * cfg.grad_accum
+        self.global_batch = self.rank_batch * procs.world
+        self.per_epoch = math.ceil(n / self.global_batch)
+
+    def examples(self, position: int) -> int:
+        """Examples of the step that starts at `position` of the epoch order, over all processes."""
+        return min(self.global_batch, self.n - position)
+
+    def micro_batches(self, position: int) -> tuple[int, int]:
+        """(micro-batches every process runs, how many of them are this process's own) for that step."""
+        step = self.examples(position)
+        own = min(self.rank_batch, max(0, step - self.rank * self.rank_batch))
+        return math.ceil(min(self.rank_batch, step) / self.micro), math.ceil(own / self.micro)
+
+
+def first_batch(source, side: Side, collate: Collate, cfg: DistillConfig, epoch: int, device: str) -> dict:
+    """The epoch's first example as a batch: the filler of a process that has no example of its own yet."""
+    item = DistillDataset(source, side, cfg.seed, epoch)[0]
+    return {k: v.to(device) for k, v in collate([item]).items()}
+
+
+def engine_blocks(student, procs: Processes) -> list:
+    """The student's transformer blocks FSDP2 shards one by one (none under DDP or one process)."""
+    return transformer_blocks(student) if procs.engine == "fsdp" else []
+
+
+def autocast(device: str, cfg: DistillConfig):
+    """bf16 autocast on a GPU unless --dtype float32; nothing on the CPU."""
+    use = torch.device(device).type == "cuda" and cfg.dtype in ("", "bfloat16")
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use)
+
+
+class Trainee(torch.nn.Module):
+    """Everything one optimizer step trains, as one module for the engines (DDP replicates it, FSDP2 shards it):
+    the student, the method's projectors and its adversary. Its forward is one micro-batch's loss, so the engines
+    see every use of a trained parameter, the losses' direct use of the student's embeddings and head included."""
+
+    def __init__(self, student, parts: MethodParts):
+        super().__init__()
+        self.student = student
+        self.projectors = parts.projectors
+        self.discriminator = parts.discriminator
+        self.parts = parts  # the same modules (not registered twice: a plain record) and the token map
+
+    def forward(self, cfg: DistillConfig, batch: dict, teacher: Teacher, **clock) -> LossTerms:
+        return micro_batch_loss(cfg, batch, self.student, teacher, self.parts, **clock)
 
 
 def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher, parts: MethodParts, *,
@@ -50,20 +98,13 @@ def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher,
     return terms
 
 
-class Trainee(torch.nn.Module):
-    """Everything one optimizer step trains, as one module for the engines (DDP replicates it, FSDP2 shards it):
-    the student, the method's projectors and its adversary. Its forward is one micro-batch's loss, so the engines
-    see every use of a trained parameter, the losses' direct use of the student's embeddings and head included."""
-
-    def __init__(self, student, parts: MethodParts):
-        super().__init__()
-        self.student = student
-        self.projectors = parts.projectors
-        self.discriminator = parts.discriminator
-        self.parts = parts  # the same modules (not registered twice: a plain record) and the token map
-
-    def forward(self, cfg: DistillConfig, batch: dict, teacher: Teacher, **clock) -> LossTerms:
-        return micro_batch_loss(cfg, batch, self.student, teacher, self.parts, **clock)
+def check_same_tokenisation(batch: dict, method: str) -> None:
+    """ConfigError unless the two sides of `batch` are one tokenisation (a same-vocabulary method's need)."""
+    same = batch["input_ids"].shape == batch["teacher_input_ids"].shape and torch.equal(
+        batch["labels"], batch["teacher_labels"])
+    if not same:
+        raise ConfigError(f"--method {method} needs the teacher and the student to tokenise the same way (same "
+                          "vocabulary); these do not. Use --method dskd-cma or cma-ga for different tokenizers.")
 
 
 def accumulate_gradients(cfg: DistillConfig, micro: list[dict], model, teacher: Teacher, procs: Processes, *,
@@ -114,6 +155,11 @@ def gradient_norm(params) -> torch.Tensor:
     return local_tensor(torch.nn.utils.get_total_norm(grads)) if grads else torch.zeros(())
 
 
+def step_metrics(cfg: DistillConfig, sums: dict, n_step: float) -> dict:
+    """Normalised terms of one optimizer step from the summed logs of its micro-batches (and processes)."""
+    return METHODS[cfg.method].metrics(sums, n_step)
+
+
 def check_finite_step(cfg: DistillConfig, step: int, sums: dict, n_step: float, grad_norm: float, out: Path,
                       adversary=None) -> None:
     """TrainingDiverged naming the first non-finite loss term (or the gradient norm) of optimizer step `step`, what
@@ -145,46 +191,3 @@ def check_finite_weights(model, procs: Processes, step: int) -> None:
     if float(all_reduce_sum(torch.tensor([float(bad)], device=procs.device), procs)):
         raise TrainingDiverged(f"step {step}: the weights are no longer finite after the optimizer step; nothing was "
                                "saved. Lower --lr, or clip with --max-grad-norm.")
-
-
-def step_metrics(cfg: DistillConfig, sums: dict, n_step: float) -> dict:
-    """Normalised terms of one optimizer step from the summed logs of its micro-batches (and processes)."""
-    return METHODS[cfg.method].metrics(sums, n_step)
-
-
-def autocast(device: str, cfg: DistillConfig):
-    use = torch.device(device).type == "cuda" and cfg.dtype in ("", "bfloat16")
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use)
-
-
-class StepPlan:
-    """How one process cuts the epoch into optimizer steps: each step takes the next `global_batch` examples of
-    the epoch order (fewer in the last step), this process the slice `rank` of `rank_batch` of them, in
-    micro-batches of `micro` (pipeline/loader.rank_positions). Every process runs as many micro-batches as rank 0,
-    the fullest, padding its own short share with fillers."""
-
-    def __init__(self, cfg: DistillConfig, procs: Processes, n: int):
-        self.n, self.micro, self.rank = n, cfg.micro_batch_size, procs.rank
-        self.rank_batch = cfg.micro_batch_size * cfg.grad_accum
-        self.global_batch = self.rank_batch * procs.world
-        self.per_epoch = math.ceil(n / self.global_batch)
-
-    def examples(self, position: int) -> int:
-        """Examples of the step that starts at `position` of the epoch order, over all processes."""
-        return min(self.global_batch, self.n - position)
-
-    def micro_batches(self, position: int) -> tuple[int, int]:
-        """(micro-batches every process runs, how many of them are this process's own) for that step."""
-        step = self.examples(position)
-        own = min(self.rank_batch, max(0, step - self.rank * self.rank_batch))
-        return math.ceil(min(self.rank_batch, step) / self.micro), math.ceil(own / self.micro)
-
-
-def engine_blocks(student, procs: Processes) -> list:
-    return transformer_blocks(student) if procs.engine == "fsdp" else []
-
-
-def first_batch(source, side: Side, collate: Collate, cfg: DistillConfig, epoch: int, device: str) -> dict:
-    """The epoch's first example as a batch: the filler of a process that has no example of its own yet."""
-    item = DistillDataset(source, side, cfg.seed, epoch)[0]
-    return {k: v.to(device) for k, v in collate([item]).items()}

@@ -50,7 +50,6 @@ class Teacher:
 
 def open_teacher(cfg: DistillConfig, device: str):
     """(Teacher, source of teacher views). Offline: the store, checked against --data; online: the teacher model."""
-    student_examples = None
     if cfg.cache:
         from dskd_pipe.cache.reader import open_store
 
