@@ -83,12 +83,12 @@ def load_trained(cfg: DistillConfig, checkpoint: Path, teacher) -> tuple:
         from dskd_pipe.pipeline.training import load_checkpoint
 
         student = distill.build_student(cfg, "cpu")
-        parts = build_parts(cfg, teacher, load_tokenizer(cfg.student), distill._hf(student), "cpu")
+        parts = build_parts(cfg, teacher, load_tokenizer(cfg.student), distill.hf_model(student), "cpu")
         schedule = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), lambda s: 1.0)
         # the weights only: no optimizer is given, the schedule is a stand-in
         load_checkpoint(checkpoint, model=distill.Trainee(student, parts), optimizers={}, scheduler=schedule)
         disc = parts.discriminator.eval() if parts.discriminator is not None else None
-        return distill._hf(student), parts.projectors, disc
+        return distill.hf_model(student), parts.projectors, disc
     student_dir = checkpoint / "student" if (checkpoint / "student").is_dir() else checkpoint
     student = load_causal_lm(str(student_dir), dtype=torch.float32, device="cpu")
     projectors = build_projectors(METHODS[cfg.method], student.get_input_embeddings().weight.shape[1],

@@ -67,8 +67,11 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        teacher = build_model(args.teacher_shape, work / "teacher")
-        student = build_model(args.student_shape, work / "student")
+        # a model already in --work is reused (reruns; tests put tiny ones there)
+        teacher = work / "teacher" if (work / "teacher" / "config.json").is_file() else \
+            build_model(args.teacher_shape, work / "teacher")
+        student = work / "student" if (work / "student" / "config.json").is_file() else \
+            build_model(args.student_shape, work / "student")
         dtype = [] if args.device.startswith("cuda") else ["--dtype", "float32"]
         common = ["--data", str(DATA), "--limit", str(args.limit), "--max-length", str(args.max_length),
                   "--device", args.device]

@@ -211,7 +211,7 @@ class MethodRun:
         side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
         self.student = distill.build_student(cfg, device)
         t_parts = time.perf_counter()
-        self.parts = methods.build_parts(cfg, self.teacher, tok, distill._hf(self.student), device)
+        self.parts = methods.build_parts(cfg, self.teacher, tok, distill.hf_model(self.student), device)
         self.parts_s = time.perf_counter() - t_parts
         collate = Collate(side.pad_id, self.teacher.pad_id, methods.collate_extras(cfg, self.teacher, tok))
         self.projectors = self.parts.projectors

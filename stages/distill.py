@@ -209,14 +209,14 @@ def build_student(cfg: DistillConfig, device: str):
     return model
 
 
-def _hf(model):
+def hf_model(model):
     """The transformers model under a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def student_forward(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(Hs [B, S, ds] post-final-norm, Zs [B, S, Vs]) of the student; the head applied to Hs as the model does."""
-    hf = _hf(model)
+    hf = hf_model(model)
     hidden = last_hidden_state(hf, batch["input_ids"], batch["attention_mask"])  # [B, S, ds]
     logits = hf.get_output_embeddings()(hidden)  # [B, S, Vs]
     scale, cap = logit_transform(hf)
@@ -256,7 +256,7 @@ def micro_batch_loss(cfg: DistillConfig, batch: dict, student, teacher: Teacher,
         ht = teacher.hidden(batch)
     if method.same_vocabulary:
         _check_same_tokenisation(batch, cfg.method)
-    inputs = LossInputs(cfg, batch, _hf(student), hs, zs, ht, teacher, parts, step=step, progress=progress,
+    inputs = LossInputs(cfg, batch, hf_model(student), hs, zs, ht, teacher, parts, step=step, progress=progress,
                         adversary_step=adversary_step, total_steps=total_steps, step_tokens=step_tokens,
                         step_teacher_tokens=step_teacher_tokens, step_micro_batches=step_micro_batches)
     terms = method.loss(inputs)
@@ -409,7 +409,7 @@ def dev_rouge(student, tokenizer, examples, cfg: DistillConfig) -> float | None:
     was = student.training
     student.eval()
     try:
-        return float(evaluate_rouge(_hf(student), tokenizer, examples, score_cfg.seeds, score_cfg))
+        return float(evaluate_rouge(hf_model(student), tokenizer, examples, score_cfg.seeds, score_cfg))
     finally:
         student.train(was)
 
@@ -647,11 +647,11 @@ def run(cfg: DistillConfig) -> Path:
         report_cut_examples(cfg, student_side, len(gold), console)
     plain_collate = Collate(student_side.pad_id, teacher.pad_id)
     student = build_student(cfg, device)
-    check_vocabulary(_hf(student), tok, cfg.student)
+    check_vocabulary(hf_model(student), tok, cfg.student)
 
     # The method's parts (projectors, an adversary, token maps) and the student, as one module under the engine;
     # the optimizers over the engine's parameters (FSDP2 replaces them by sharded ones); the schedule.
-    parts = build_parts(cfg, teacher, tok, _hf(student), device)
+    parts = build_parts(cfg, teacher, tok, hf_model(student), device)
     collate = Collate(student_side.pad_id, teacher.pad_id, collate_extras(cfg, teacher, tok))
     trainee = Trainee(student, parts)
     model = wrap(trainee, procs, _engine_blocks(student, procs), find_unused_parameters=method.adversary is not None,
