@@ -60,7 +60,8 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=1, help="Epochs of each student run over the --limit examples.")
     p.add_argument("--students", type=int, default=10, help="Runs per mode; N = 1, 3 and this are reported.")
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--work", default="", help="Folder for models, store and runs (default: a temporary folder).")
+    p.add_argument("--work", default="", help="Folder for models, store and runs (default: a temporary folder); "
+                   "a teacher/ or student/ model already there is used as it is, whatever the shapes say.")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
 
