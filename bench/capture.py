@@ -1,12 +1,12 @@
 """Capture throughput of `cache-teacher` against the teacher's bare forward, same batches and dtype, in one run.
 
 bare:    for each length-sorted batch, forward + last hidden state (`teacher_states`), nothing leaves the device.
-capture: the stage's own loop (`stages.cache_teacher._cache_batches`): the same forwards, rows copied to the host,
+capture: the stage's own loop (`stages.cache_teacher.cache_batches`): the same forwards, rows copied to the host,
          `PartWriter.add` with its background write thread, then `close()` (the last flush is on disk) -- the
          tokens/s a `cache-teacher` run gets, less the one-off model load, tokenisation and shared-part write.
 Both modes alternate `--repeats` times after a warm-up; CUDA is synchronised around every timing. The best repeat of
 each mode is compared (ratio = capture / bare tokens/s; goal >= 0.90). Writes
-bench/results/capture-<device>-<shape>.json.
+bench/results/capture-<device>-<shape>.json (or into --results).
 
 CPU, tiny random model (checks the script, numbers mean little):
     python bench/capture.py --teacher-shape tiny --examples 200
@@ -30,7 +30,8 @@ from dskd_pipe.pipeline.config import CacheConfig, config_to_dict
 from dskd_pipe.pipeline.data import TEMPLATE_ID, build_sequence, load_examples
 from dskd_pipe.pipeline.models import (eos_token_id, head_parts, load_causal_lm, load_tokenizer, pad_token_id,
                                        save_tiny_model)
-from dskd_pipe.stages.cache_teacher import _DTYPES, _cache_batches, teacher_states
+from dskd_pipe.pipeline.progress import Console
+from dskd_pipe.stages.cache_teacher import cache_batches, teacher_states
 
 from results_file import write_result  # bench/ is on sys.path when a benchmark runs as a script
 
@@ -79,7 +80,7 @@ def sync(device: str) -> None:
 
 
 def padded_batch(seqs, batch, pad) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stage's right-padded batch (same construction as `_cache_batches`)."""
+    """The stage's right-padded batch (same construction as `cache_batches`)."""
     lens = [len(seqs[i].ids) for i in batch]
     ids = torch.full((len(batch), max(lens)), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), max(lens)), dtype=torch.long)
@@ -118,7 +119,7 @@ def time_capture(model, tok, examples, seqs, plan, head, cfg: CacheConfig, out: 
     sync(cfg.device)
     start = time.perf_counter()
     try:
-        _cache_batches(model, writer, seqs, batches, head, pad, cfg, cfg.device, 0, 1)
+        cache_batches(model, writer, seqs, batches, head, pad, cfg, cfg.device, 0, 1, Console("off", quiet=True))
         sync(cfg.device)
         loop = time.perf_counter() - start
         writer.close(complete=True)
@@ -130,13 +131,14 @@ def time_capture(model, tok, examples, seqs, plan, head, cfg: CacheConfig, out: 
     return {"seconds": total, "loop_seconds_before_close": loop, "stored_bytes": stored}
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher-shape", default="tiny", choices=sorted(SHAPES))
     p.add_argument("--data", default=str(DATA), help="jsonl records, repeated cyclically to --examples.")
     p.add_argument("--examples", type=int, default=0, help="Records (default: 2000 on cuda, 200 on cpu).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="", help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", default="", choices=["", "bfloat16", "float16", "float32"],
+                   help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--batch-tokens", type=int, default=CacheConfig.batch_tokens)
     p.add_argument("--max-length", type=int, default=CacheConfig.max_length)
     p.add_argument("--chunk-tokens", type=int, default=CacheConfig.chunk_tokens)
@@ -145,7 +147,7 @@ def main() -> None:
     p.add_argument("--out-dir", default="", help="Store folder (default: in a temporary folder, deleted after).")
     p.add_argument("--work", default="", help="Folder for the model and data (default: a temporary folder).")
     p.add_argument("--results", default=str(ROOT / "bench" / "results"))
-    a = p.parse_args()
+    a = p.parse_args(argv)
     a.examples = a.examples or (2000 if a.device.startswith("cuda") else 200)
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_capture_")
@@ -161,7 +163,8 @@ def main() -> None:
                       batch_tokens=a.batch_tokens, max_length=a.max_length, chunk_tokens=a.chunk_tokens,
                       topk=a.topk)
     tok = load_tokenizer(cfg.teacher)
-    model = load_causal_lm(cfg.teacher, dtype=_DTYPES.get(cfg.dtype), device=cfg.device)
+    model = load_causal_lm(cfg.teacher, dtype=getattr(torch, a.dtype) if a.dtype else None,
+                           device=cfg.device)
     eos, pad = eos_token_id(tok), pad_token_id(tok)
     head = head_parts(model)
     examples = load_examples(cfg.data)
@@ -199,12 +202,14 @@ def main() -> None:
         "stored_bytes": best_cap["stored_bytes"], "store_write_MB_per_s": best_cap["stored_bytes"] / 1e6 /
         best_cap["seconds"], "setup_seconds": setup_s,
         "command": "python bench/capture.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v not in ("", None) and k != "results"),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()
+            if v not in ("", None) and k != "results" and not (k == "data" and v == str(DATA))),
     }
     write_result(a.results, f"capture-{dev.type}-{a.teacher_shape}", result)
     if not a.out_dir:
         shutil.rmtree(out, ignore_errors=True)
     tmp.cleanup()
+    return result
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def chaos(stage: str, kills: int, work: Path, rng: random.Random, make_cmd, comp
     return total
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=20, help="kills per stage")
     ap.add_argument("--stages", default="cache-teacher,distill")
@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="", help="scratch folder (default: a temporary one, deleted after)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "chaos.json"))
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     from dskd_pipe.pipeline.models import load_tokenizer, save_tiny_model
 
     tmp = tempfile.TemporaryDirectory(prefix="chaos_")
@@ -151,7 +151,8 @@ def main() -> None:
                 "--shard-tokens", "256", "--device", "cpu"]
 
     store = work / "store.zarr"
-    subprocess.run(cache_cmd(store, False), check=True, capture_output=True)
+    if "distill" in a.stages.split(","):  # the students' store: only the distill stage reads it
+        subprocess.run(cache_cmd(store, False), check=True, capture_output=True)
 
     def distill_cmd(out: Path, resume: bool) -> list[str]:
         return [DSKD, "distill", "--cache", str(store), "--student", str(student), "--method", "cma-ga",
@@ -168,12 +169,13 @@ def main() -> None:
     for stage in a.stages.split(","):
         make_cmd, compare = stages[stage]
         results["stages"][stage] = chaos(stage, a.kills, work, rng, make_cmd, compare)
-        results["commands"][stage] = "python bench/chaos.py " + " ".join(sys.argv[1:])
+        results["commands"][stage] = "python bench/chaos.py " + " ".join(sys.argv[1:] if argv is None else argv)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(results, indent=2) + "\n")  # after each stage: a later failure keeps it
     for stage, r in results["stages"].items():
         print(f"{stage}: {r['summary']}")
     tmp.cleanup()
+    return results
 
 
 if __name__ == "__main__":

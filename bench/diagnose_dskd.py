@@ -39,9 +39,13 @@ from dskd_pipe.pipeline.objectives.dskd import (build_projectors, cross_model_at
                                                 teacher_logits)
 from dskd_pipe.pipeline.probes import alignment_counts
 from dskd_pipe.pipeline.training import list_checkpoints, load_safetensors
-from dskd_pipe.stages import distill
+from dskd_pipe.pipeline.run_folder import RESOLVED_CONFIG
+from dskd_pipe.pipeline.step import Trainee
+from dskd_pipe.pipeline.student import build_student, hf_model, student_forward
+from dskd_pipe.pipeline.teacher import open_teacher
 
-METHODS = {"dskd-cma": "dskd_cma", "cma-ga": "dskd_cma_ga", "chunk-attention": "dskd_cma"}  # -> projector kind
+# The diagnosis reads a cross-model attention (a query projector) and DSKD-CMA's loss terms.
+METHODS = ("dskd-cma", "cma-ga", "chunk-attention")
 CHUNK_MODES = {"chunk-attention": "attention"}
 CURVE_KEYS = ("loss", "ce_student", "ce_t2s", "kd_t2s", "kd_s2t", "t2s_acc", "s2t_acc", "attention_entropy", "l_d",
               "l_g", "d_acc_real", "d_acc_fake", "grad_norm", "dev_loss")
@@ -51,7 +55,7 @@ def fixed_batches(cfg: DistillConfig, teacher, tok, n: int) -> list[dict]:
     """The first n batches of epoch 0 in seed 0's order, each with "response_chars": characters of its responses
     (+1 each for the end), the scale of the per-character NLLs."""
     side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
-    _, source = distill.open_teacher(cfg, "cpu")
+    _, source = open_teacher(cfg, "cpu")
     dataset = DistillDataset(source, side, seed=0, epoch=0)
     collate = Collate(side.pad_id, teacher.pad_id, chunk_extras)
     bs = cfg.micro_batch_size
@@ -82,17 +86,17 @@ def load_trained(cfg: DistillConfig, checkpoint: Path, teacher) -> tuple:
         from dskd_pipe.pipeline.methods import build_parts
         from dskd_pipe.pipeline.training import load_checkpoint
 
-        student = distill.build_student(cfg, "cpu")
-        parts = build_parts(cfg, teacher, load_tokenizer(cfg.student), distill._hf(student), "cpu")
+        student = build_student(cfg, "cpu")
+        parts = build_parts(cfg, teacher, load_tokenizer(cfg.student), hf_model(student), "cpu")
         schedule = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), lambda s: 1.0)
         # the weights only: no optimizer is given, the schedule is a stand-in
-        load_checkpoint(checkpoint, model=distill.Trainee(student, parts), optimizers={}, scheduler=schedule)
+        load_checkpoint(checkpoint, model=Trainee(student, parts), optimizers={}, scheduler=schedule)
         disc = parts.discriminator.eval() if parts.discriminator is not None else None
-        return distill._hf(student), parts.projectors, disc
+        return hf_model(student), parts.projectors, disc
     student_dir = checkpoint / "student" if (checkpoint / "student").is_dir() else checkpoint
     student = load_causal_lm(str(student_dir), dtype=torch.float32, device="cpu")
-    projectors = build_projectors(METHODS[cfg.method], student.get_input_embeddings().weight.shape[1],
-                                  teacher.head.weight.shape[1])
+    projectors = build_projectors(student.get_input_embeddings().weight.shape[1], teacher.head.weight.shape[1],
+                                  with_query=True)
     load_safetensors(projectors, checkpoint / "projectors.safetensors")
     disc = None
     if cfg.method == "cma-ga" and (checkpoint / "discriminator.safetensors").is_file():
@@ -119,7 +123,7 @@ def measure(cfg: DistillConfig, checkpoint: Path, batches: list[dict], teacher) 
         sums[key] = sums.get(key, 0.0) + float(value)
 
     for batch in batches:
-        hs, zs = distill.student_forward(student, batch)
+        hs, zs = student_forward(student, batch)
         labels, t_labels = batch["labels"], batch["teacher_labels"]
         ms, mt = labels != -100, t_labels != -100
         out = dskd_cma_loss(hs, zs, labels, batch["input_ids"], es, ws, batch["teacher_input_ids"], t_labels,
@@ -259,12 +263,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     run = Path(args.run)
-    cfg = resolve(load_config(DistillConfig, run / distill.RESOLVED_CONFIG,
+    cfg = resolve(load_config(DistillConfig, run / RESOLVED_CONFIG,
                               {"data": args.data, "num_workers": 0, "cache": args.cache}))
     if cfg.method not in METHODS:
         print(f"{run}: --method {cfg.method}; this diagnosis covers {', '.join(METHODS)}.", file=sys.stderr)
         return 2
-    teacher, _ = distill.open_teacher(cfg, "cpu")
+    teacher, _ = open_teacher(cfg, "cpu")
     tok = load_tokenizer(cfg.student)
     batches = fixed_batches(cfg, teacher, tok, args.batches)
     checkpoints = list_checkpoints(run)

@@ -36,8 +36,9 @@ _PEAK = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:])
          "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
 
 
-def build(tmp: Path, size: str, n_examples: int, max_length: int) -> tuple[Path, Path]:
-    """(student folder, store) for the run."""
+def build(tmp: Path, size: str, n_examples: int, max_length: int,
+          teacher_tokenizer: str = "qwen2") -> tuple[Path, Path]:
+    """(student folder, store) for the run; the tiny teacher has the fixture tokenizer `teacher_tokenizer`."""
     from dskd_pipe.pipeline.config import CacheConfig
     from dskd_pipe.pipeline.models import load_tokenizer, save_tiny_model
     from dskd_pipe.stages.cache_teacher import run as cache
@@ -48,7 +49,8 @@ def build(tmp: Path, size: str, n_examples: int, max_length: int) -> tuple[Path,
     cfg = json.loads((student / "config.json").read_text())
     cfg.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # one function: the runs compare exactly
     (student / "config.json").write_text(json.dumps(cfg))
-    teacher = save_tiny_model(tmp / "teacher", "qwen2", load_tokenizer(str(TOK / "qwen2")), d_model=64, layers=2)
+    teacher = save_tiny_model(tmp / "teacher", "qwen2", load_tokenizer(str(TOK / teacher_tokenizer)), d_model=64,
+                              layers=2)
     store = cache(CacheConfig(teacher=str(teacher), data=str(DATA), out=str(tmp / "store"), limit=n_examples,
                               max_length=max_length, device="cpu"))
     return student, Path(store)
@@ -82,7 +84,7 @@ def run_one(name: str, nproc: int, fsdp: bool, args, student: Path, store: Path,
             "peak_rss_gib_largest_process": peak_kb / 2**20, "wall_s": wall}
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--student-size", choices=sorted(SIZES), default="200m")
     p.add_argument("--nproc", type=int, default=2)
@@ -94,8 +96,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per process (torchrun's default is 1)")
     p.add_argument("--out", default="")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.limit = args.micro_batch_size * args.grad_accum * args.nproc * (args.warmup + args.steps)
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     import torch
 
     with tempfile.TemporaryDirectory() as d:
@@ -108,7 +115,7 @@ def main() -> None:
                 "fsdp": run_one("fsdp", args.nproc, True, args, student, store, tmp)}
     one = runs["one"]
     result = {
-        "command": " ".join(["python", "bench/distributed.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "bench/distributed.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {"platform": platform.platform(), "cpus": __import__("os").cpu_count(), "torch": torch.__version__,
                     "device": args.device},
         "student": {"size": args.student_size, "parameters": n_params},
@@ -124,6 +131,7 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+    return result
 
 
 if __name__ == "__main__":

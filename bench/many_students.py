@@ -60,15 +60,19 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=1, help="Epochs of each student run over the --limit examples.")
     p.add_argument("--students", type=int, default=10, help="Runs per mode; N = 1, 3 and this are reported.")
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--work", default="", help="Folder for models, store and runs (default: a temporary folder).")
+    p.add_argument("--work", default="", help="Folder for models, store and runs (default: a temporary folder); "
+                   "a teacher/ or student/ model already there is used as it is, whatever the shapes say.")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        teacher = build_model(args.teacher_shape, work / "teacher")
-        student = build_model(args.student_shape, work / "student")
+        # a model already in --work is reused (reruns; tests put tiny ones there)
+        teacher = work / "teacher" if (work / "teacher" / "config.json").is_file() else \
+            build_model(args.teacher_shape, work / "teacher")
+        student = work / "student" if (work / "student" / "config.json").is_file() else \
+            build_model(args.student_shape, work / "student")
         dtype = [] if args.device.startswith("cuda") else ["--dtype", "float32"]
         common = ["--data", str(DATA), "--limit", str(args.limit), "--max-length", str(args.max_length),
                   "--device", args.device]

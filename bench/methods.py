@@ -190,10 +190,14 @@ class MethodRun:
         from dskd_pipe.pipeline import methods
         from dskd_pipe.pipeline.distributed import Processes
         from dskd_pipe.stages import distill
+        from dskd_pipe.pipeline import step
+        from dskd_pipe.pipeline.step import Trainee
+        from dskd_pipe.pipeline.student import build_student, hf_model
+        from dskd_pipe.pipeline.teacher import open_teacher
 
         if spec.get("token_map_cache"):
             methods.TOKEN_MAP_CACHE = Path(spec["token_map_cache"])
-        self.distill = distill
+        self.step_module = step
         self.cuda = spec["device"].startswith("cuda")
         self.n_steps = spec["warmup"] + spec["steps"]
         cfg = self.cfg = DistillConfig(
@@ -206,17 +210,17 @@ class MethodRun:
         self.device = device = cfg.device
         t_setup = time.perf_counter()
         seed_everything(cfg.seed)  # as distill.run: the same student and projector init for every method
-        self.teacher, source = distill.open_teacher(cfg, device)
+        self.teacher, source = open_teacher(cfg, device)
         tok = load_tokenizer(cfg.student)
         side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
-        self.student = distill.build_student(cfg, device)
+        self.student = build_student(cfg, device)
         t_parts = time.perf_counter()
-        self.parts = methods.build_parts(cfg, self.teacher, tok, distill._hf(self.student), device)
+        self.parts = methods.build_parts(cfg, self.teacher, tok, hf_model(self.student), device)
         self.parts_s = time.perf_counter() - t_parts
         collate = Collate(side.pad_id, self.teacher.pad_id, methods.collate_extras(cfg, self.teacher, tok))
         self.projectors = self.parts.projectors
         extra = [(self.projectors, cfg.projector_lr)] if self.projectors is not None else []
-        self.trainee = distill.Trainee(self.student, self.parts)
+        self.trainee = Trainee(self.student, self.parts)
         self.procs = Processes(device=device)
         self.optimizer = torch.optim.AdamW(param_groups(self.student, cfg.lr, cfg.weight_decay, extra), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
@@ -241,15 +245,15 @@ class MethodRun:
 
     def step(self, which: int) -> tuple[float, float, float]:
         """(wall s, process CPU s, loss) of one optimizer step on step batch `which`."""
-        cfg, distill = self.cfg, self.distill
+        cfg = self.cfg
         if self.cuda:
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
         batches = [{name: v.to(self.device, non_blocking=True) for name, v in b.items()} for b in self.batches[which]]
         adversary_step = self.adversary is not None and self.adversary.steps_at(cfg, self.k)
-        sums, n_step = distill.accumulate_gradients(cfg, batches, self.trainee, self.teacher, self.procs,
-                                                    step=self.k, progress=self.k / self.n_steps,
-                                                    adversary_step=adversary_step, total_steps=self.n_steps)
+        sums, n_step = self.step_module.accumulate_gradients(cfg, batches, self.trainee, self.teacher, self.procs,
+                                                             step=self.k, progress=self.k / self.n_steps,
+                                                             adversary_step=adversary_step, total_steps=self.n_steps)
         self.k += 1
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)

@@ -45,10 +45,10 @@ def measure(fn, device, *args):
     seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return float(loss), seconds, peak
+    return float(loss.detach()), seconds, peak
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tokens", type=int, default=2048, help="supervised teacher positions in the step")
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--d-teacher", type=int, default=2048)
     ap.add_argument("--chunk-tokens", type=int, default=1024)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     weight = (torch.randn(args.vocab, args.d_teacher, generator=g) * 0.02).to(device, torch.bfloat16)
@@ -80,6 +80,7 @@ def main() -> None:
         results["peak_ratio_chunked_over_unchunked"] = results["chunked"]["peak_bytes"] / results["unchunked"]["peak_bytes"]
     write_result(args.out, f"s2t_memory-{device.type}", results,
                  shown={k: v for k, v in results.items() if k != "args"})
+    return results
 
 
 if __name__ == "__main__":

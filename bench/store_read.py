@@ -171,7 +171,7 @@ def timed_2proc(fn, args_for) -> tuple[float, float]:
     return sum(n for n, _ in got) / 2**20 / wall, sum(n / 2**20 / max(c, 1e-9) for n, c in got)
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=2.0)
     ap.add_argument("--dir", default="/tmp/store_bench")
@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--shard-tokens", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=1, help="Timed passes per reader, interleaved; the best counts.")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "store_read.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     work = Path(args.dir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -282,6 +282,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
     shutil.rmtree(work, ignore_errors=True)
+    return res
 
 
 if __name__ == "__main__":

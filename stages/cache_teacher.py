@@ -160,7 +160,7 @@ def run(cfg: CacheConfig) -> Path:
         # Whole planned batches: one cut by the kill is recomputed in full and only its missing examples are added.
         batches = [plan.batches[b] for b in plan.part_batches(shard)
                    if any(i not in writer.committed_ids for i in plan.batches[b])]
-        _cache_batches(model, writer, seqs, batches, head, pad, cfg, device, shard, n_shards, console)
+        cache_batches(model, writer, seqs, batches, head, pad, cfg, device, shard, n_shards, console)
         writer.close(complete=True)
     except BaseException:
         writer.close(complete=False)
@@ -177,7 +177,15 @@ def run(cfg: CacheConfig) -> Path:
     return root
 
 
-def _cache_batches(model, writer, seqs, batches, head, pad, cfg, device, shard, n_shards, console: Console) -> None:
+def cache_batches(model, writer, seqs, batches, head, pad, cfg, device, shard, n_shards, console: Console) -> None:
+    """The capture loop of `run`: the teacher's forward over each planned batch, every example's rows to `writer`.
+
+    `seqs`: every example's `Sequence` (`build_sequence`); `batches`: lists of example indices (length-sorted, from
+    `plan_store`), right-padded with `pad`; `head`: `head_parts(model)` (used only for `cfg.topk`). Examples already
+    in `writer.committed_ids` are computed with their batch but not written again. `shard` / `n_shards` and
+    `console` only label the progress line. The caller opens and closes the `PartWriter` (bench/capture.py times
+    this loop against the bare forward).
+    """
     # fp32 once per run, not per example: a 152k x 2048 head is 1.2 GB in fp32
     logit_head = TeacherHead(head["weight"].float(), None if head["bias"] is None else head["bias"].float(),
                              head["logit_scale"], head["final_logit_softcap"]) if cfg.topk else None
