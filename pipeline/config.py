@@ -261,10 +261,10 @@ class DistillConfig:
     # the released scripts' --dev-num
     dev_limit: int | None = option(1000, "Evaluate on the first N dev examples (default 1000).",
                                          at_least=1, note="leave it out to use every record")
-    skip_bad: bool = option(False, "Skip (and count) malformed records instead of stopping.")
-    max_prompt_length: int = option(256, "Prompt tokens kept on the student side (the store fixes the teacher's).",
-                                         at_least=1)
+    # the student's side; the store fixed the teacher's when it was written
+    max_prompt_length: int = option(256, "Prompt tokens kept on the student side.", at_least=1)
     max_length: int = option(512, "Prompt + response tokens kept on the student side.", at_least=1)
+    skip_bad: bool = option(False, "Skip (and count) malformed records instead of stopping.")
     epochs: int = option(20, "Passes over the training data (20, published).", at_least=1)
     # 0 = the epochs decide; else stop after this many optimizer steps
     max_steps: int = option(0, "Stop after N optimizer steps (0 = the epochs decide).",
