@@ -18,6 +18,9 @@ The phases run one after the other (each includes the imports it triggers, e.g. 
 Wall times come from the unprofiled runs (the profiler slows Python-heavy phases, not torch's kernels).
 
     python bench/fixed_cost.py            # the bench/whole_runs.py CPU pair, uld, 1 step, 5 runs
+Before / after a change, interleaved: an earlier commit unpacked with a folder `dskd_pipe` whose `pipeline`,
+`cache`, `stages` and `configs` point at its folders (the installed layout), then
+    python bench/fixed_cost.py --before-root /tmp/before/pkgroot
 Writes bench/results/fixed_cost-<device>-<teacher>_<student>[-TAG].json.
 """
 from __future__ import annotations
@@ -106,7 +109,9 @@ def main(argv=None) -> dict:
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--runs", type=int, default=5, help="Unprofiled runs (the wall-time median).")
-    p.add_argument("--tag", default="", help="Appended to the result's name (e.g. before / after a change).")
+    p.add_argument("--tag", default="", help="Appended to the result's name.")
+    p.add_argument("--before-root", default="", help="A folder where `import dskd_pipe` finds an earlier version "
+                   "(through PYTHONPATH): its runs are interleaved with this version's, for a before/after.")
     p.add_argument("--work", default="")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
@@ -136,30 +141,44 @@ def main(argv=None) -> dict:
                  "--epochs", "1", "--micro-batch-size", str(args.micro_batch_size), "--grad-accum", "1",
                  "--num-workers", "0", "--no-progress", "--dtype", dtype]
         interp = interpreter_start()
-        walls = []
-        for k in range(args.runs):
-            run = whole_runs.measured([*whole_runs.CLI, *train, "--out", str(work / f"run-{k}")],
-                                      work / f"run-{k}.log")
-            rows_m = [json.loads(ln) for ln in (work / f"run-{k}" / "metrics.jsonl").read_text().splitlines()
-                      if '"loss"' in ln]
-            walls.append({**run, "steps_s": round(sum(r["step_s"] for r in rows_m), 3), "steps": len(rows_m)})
-            print(f"run {k}: {walls[-1]}", file=sys.stderr)
-        prof = work / "distill.prof"
-        whole_runs.measured([sys.executable, "-c", PROFILED.format(path=str(prof)), *train, "--out",
-                             str(work / "profiled")], work / "profiled.log")
-        phases = phase_times(prof)
-        top = pstats.Stats(str(prof)).sort_stats("cumulative")
-        hot = [(f"{Path(k[0]).name}:{k[2]}", round(v[3], 3)) for k, v in
-               sorted(top.stats.items(), key=lambda kv: -kv[1][3])[:60]]
-    wall = statistics.median(r["wall_s"] for r in walls)
-    steps_s = statistics.median(r["steps_s"] for r in walls)
+        codes = {"now": None, **({"before": args.before_root} if args.before_root else {})}
+        walls = {code: [] for code in codes}
+        for k in range(args.runs):  # the codes interleaved: a change of load hits both alike
+            for code, root in codes.items():
+                env = {"PYTHONPATH": root} if root else None
+                run = whole_runs.measured([*whole_runs.CLI, *train, "--out", str(work / f"{code}-{k}")],
+                                          work / f"{code}-{k}.log", env=env)
+                rows_m = [json.loads(ln) for ln in (work / f"{code}-{k}" / "metrics.jsonl").read_text().splitlines()
+                          if '"loss"' in ln]
+                walls[code].append({**run, "steps_s": round(sum(r["step_s"] for r in rows_m), 3),
+                                    "steps": len(rows_m)})
+                print(f"run {k} {code}: {walls[code][-1]}", file=sys.stderr)
+        by_code = {}
+        for code, root in codes.items():
+            prof = work / f"{code}.prof"
+            whole_runs.measured([sys.executable, "-c", PROFILED.format(path=str(prof)), *train, "--out",
+                                 str(work / f"{code}-profiled")], work / f"{code}-profiled.log",
+                                env={"PYTHONPATH": root} if root else None)
+            phases = phase_times(prof)
+            top = pstats.Stats(str(prof)).stats
+            hot = [(f"{Path(k[0]).name}:{k[2]}", round(v[3], 3)) for k, v in
+                   sorted(top.items(), key=lambda kv: -kv[1][3])[:60]]
+            wall = statistics.median(r["wall_s"] for r in walls[code])
+            steps_s = statistics.median(r["steps_s"] for r in walls[code])
+            by_code[code] = {"wall_s_median": wall, "steps_s_median": steps_s,
+                             "fixed_s_median": round(wall - steps_s, 2), "runs": walls[code],
+                             "profiled_phases_s": {k: round(v, 3) for k, v in phases.items()},
+                             "top_cumulative_s": hot}
     result = {"device": f"cpu, {os.cpu_count()} cores" if args.device == "cpu" else torch.cuda.get_device_name(),
-              "args": vars(args), "interpreter_s": round(interp, 3), "wall_s_median": wall,
-              "steps_s_median": steps_s, "fixed_s_median": round(wall - steps_s, 2), "runs": walls,
-              "profiled_phases_s": {k: round(v, 3) for k, v in phases.items()},
-              "top_cumulative_s": hot, "load_average_at_end": os.getloadavg()}
+              "args": vars(args), "interpreter_s": round(interp, 3), **by_code["now"],
+              "load_average_at_end": os.getloadavg()}
+    if "before" in by_code:
+        result["before"] = by_code["before"]
+        result["fixed_before_over_now"] = round(by_code["before"]["fixed_s_median"] / by_code["now"]["fixed_s_median"],
+                                                3)
     name = f"fixed_cost-{args.device.split(':')[0]}-{args.teacher_shape}_{args.student_shape}"
-    write_result(args.out, name + (f"-{args.tag}" if args.tag else ""), result)
+    write_result(args.out, name + (f"-{args.tag}" if args.tag else ""), result,
+                 shown={k: v for k, v in result.items() if k not in ("top_cumulative_s", "before")})
     return result
 
 
