@@ -170,6 +170,7 @@ def open_teacher(cfg: DistillConfig, device: str):
 
         reader = open_store(cfg.cache, expected=expected_fingerprints(cfg))
         h, e = reader.head(), reader.embeddings()
+        reader.tokenizer_names()  # a bad file name is refused now, even when no method builds the tokenizer
         teacher = Teacher(teacher_head(h, device), e["weight"].to(device), float(e["embed_scale"]),
                           int(reader.manifest.pad_id), load_tokenizer=reader.tokenizer)
         source = StoreSource(reader, limit=cfg.limit)
