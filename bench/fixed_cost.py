@@ -108,7 +108,8 @@ def main(argv=None) -> dict:
     p.add_argument("--limit", type=int, default=4)
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--runs", type=int, default=5, help="Unprofiled runs (the wall-time median).")
+    p.add_argument("--runs", type=int, default=5, help="Unprofiled runs (the wall-time median); 0: the profiled "
+                   "run alone.")
     p.add_argument("--tag", default="", help="Appended to the result's name.")
     p.add_argument("--before-root", default="", help="A folder where `import dskd_pipe` finds an earlier version "
                    "(through PYTHONPATH): its runs are interleaved with this version's, for a before/after.")
@@ -163,10 +164,10 @@ def main(argv=None) -> dict:
             top = pstats.Stats(str(prof)).stats
             hot = [(f"{Path(k[0]).name}:{k[2]}", round(v[3], 3)) for k, v in
                    sorted(top.items(), key=lambda kv: -kv[1][3])[:60]]
-            wall = statistics.median(r["wall_s"] for r in walls[code])
-            steps_s = statistics.median(r["steps_s"] for r in walls[code])
+            wall = statistics.median(r["wall_s"] for r in walls[code]) if walls[code] else None
+            steps_s = statistics.median(r["steps_s"] for r in walls[code]) if walls[code] else None
             by_code[code] = {"wall_s_median": wall, "steps_s_median": steps_s,
-                             "fixed_s_median": round(wall - steps_s, 2), "runs": walls[code],
+                             "fixed_s_median": round(wall - steps_s, 2) if walls[code] else None, "runs": walls[code],
                              "profiled_phases_s": {k: round(v, 3) for k, v in phases.items()},
                              "top_cumulative_s": hot}
     result = {"device": f"cpu, {os.cpu_count()} cores" if args.device == "cpu" else torch.cuda.get_device_name(),
@@ -174,6 +175,7 @@ def main(argv=None) -> dict:
               "load_average_at_end": os.getloadavg()}
     if "before" in by_code:
         result["before"] = by_code["before"]
+    if "before" in by_code and args.runs:
         result["fixed_before_over_now"] = round(by_code["before"]["fixed_s_median"] / by_code["now"]["fixed_s_median"],
                                                 3)
     name = f"fixed_cost-{args.device.split(':')[0]}-{args.teacher_shape}_{args.student_shape}"

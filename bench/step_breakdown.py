@@ -111,6 +111,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--same-process", action="store_true", help="Every method in this process (a smoke test; the "
+                   "figures want a fresh process per method).")
     p.add_argument("--work", default="")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
@@ -149,10 +151,14 @@ def main(argv=None) -> dict:
                         device=args.device, work=str(folder))
             out = folder / "result.json"
             folder.mkdir(parents=True, exist_ok=True)
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "one", json.dumps(spec), str(out)],
-                                  capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            if proc.returncode != 0:
-                sys.exit(f"{method} failed:\n{proc.stderr[-4000:]}")
+            if args.same_process:
+                out.write_text(json.dumps(one_method(spec)))
+            else:
+                proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "one", json.dumps(spec),
+                                       str(out)], capture_output=True, text=True,
+                                      env={**os.environ, "TQDM_DISABLE": "1"})
+                if proc.returncode != 0:
+                    sys.exit(f"{method} failed:\n{proc.stderr[-4000:]}")
             results[method] = {"pair": pair, **json.loads(out.read_text())}
             print(f"{method}: {results[method]['step_s']:.3f} s/step {results[method]['parts_s']}", file=sys.stderr)
     if "sft" in results:

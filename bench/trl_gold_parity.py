@@ -167,7 +167,8 @@ def main(argv=None) -> dict:
         n_t = [int((t_labels[i] != -100).sum()) for i in range(B)]
     import transformers
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+              else f"cpu, {torch.get_num_threads()} threads")
     closest = variants["closest"]
     result = {
         "device": device, "args": vars(args),

@@ -121,7 +121,8 @@ def trl_run(spec: dict) -> None:
         lr_scheduler_type="cosine", warmup_steps=0, max_grad_norm=1.0, max_length=spec["max_length"],
         bf16=spec["device"] != "cpu", dataloader_num_workers=0, disable_dropout=False,
         save_strategy="epoch", save_total_limit=2, logging_steps=1, log_completions=False,
-        lmbda=0.0, max_completion_length=spec["max_length"] // 2, use_vllm=False, use_uld_loss=True, teacher_tokenizer_name_or_path=spec["teacher"],
+        lmbda=0.0, max_completion_length=spec["max_length"] // 2, use_vllm=False, use_uld_loss=True,
+        teacher_tokenizer_name_or_path=spec["teacher"],
         # the ULD term as the paper and ours compute it (bench/trl_gold_parity.py "closest"), half and half with CE
         use_extended_uld=False, uld_token_merge_strategy="bayesian", uld_skip_student_eos=False,
         uld_skip_teacher_eos=False, uld_use_hybrid_loss=False, uld_crossentropy_weight=0.5,
