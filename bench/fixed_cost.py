@@ -147,8 +147,10 @@ def main(argv=None) -> dict:
         for k in range(args.runs):  # the codes interleaved: a change of load hits both alike
             for code, root in codes.items():
                 env = {"PYTHONPATH": root} if root else None
+                # cwd: the work folder, for both: in the repository's root, `python -c` would import its dskd_pipe/
+                # ahead of PYTHONPATH and every "before" run would be this version
                 run = whole_runs.measured([*whole_runs.CLI, *train, "--out", str(work / f"{code}-{k}")],
-                                          work / f"{code}-{k}.log", env=env)
+                                          work / f"{code}-{k}.log", env=env, cwd=work)
                 rows_m = [json.loads(ln) for ln in (work / f"{code}-{k}" / "metrics.jsonl").read_text().splitlines()
                           if '"loss"' in ln]
                 walls[code].append({**run, "steps_s": round(sum(r["step_s"] for r in rows_m), 3),
@@ -159,7 +161,10 @@ def main(argv=None) -> dict:
             prof = work / f"{code}.prof"
             whole_runs.measured([sys.executable, "-c", PROFILED.format(path=str(prof)), *train, "--out",
                                  str(work / f"{code}-profiled")], work / f"{code}-profiled.log",
-                                env={"PYTHONPATH": root} if root else None)
+                                env={"PYTHONPATH": root} if root else None, cwd=work)
+            code_file = next(k[0] for k in pstats.Stats(str(prof)).stats if k[0].endswith("stages/distill.py"))
+            if root and not code_file.startswith(root):
+                sys.exit(f"the 'before' run imported {code_file}, not the code under {root}")
             phases = phase_times(prof)
             top = pstats.Stats(str(prof)).stats
             hot = [(f"{Path(k[0]).name}:{k[2]}", round(v[3], 3)) for k, v in

@@ -73,11 +73,11 @@ def _prod(shape) -> int:
     return out
 
 
-def measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+def measured(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> dict:
     """Wall seconds and peak RSS of one process (its own, from wait4); a failure stops the benchmark."""
     start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd,
                                 env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
