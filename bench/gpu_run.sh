@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU benchmarks on a lent machine (python 3.12, torch preinstalled; zarr & co. carried as wheels in .whl/, made
 # here by `bash bench/gpu_wheels.sh`). Results land in $OUT (or bench/results).
-# Usage: bash bench/gpu_run.sh [fit|all|s2t|distill|capture|store|methods|loader|students|distributed|quality]
+# Usage: bash bench/gpu_run.sh [fit|all|s2t|distill|capture|store|methods|loader|students|distributed|quality|trl]
 # `fit` (the default) is what one 15-minute lend holds with room for a rerun: the s2t memory, offline vs online
 # distillation and the loader rows, ~7 min at their caps (s2t 1 min, distill 4, loader 2). `capture` (2.5 min) is
 # the next call if time is left. `all` runs every part at full size, each stopping at its own cap (s2t 2 min,
 # capture 5, distill 7, store 7, loader 7, methods 9.5, students 9.5, distributed 7 and only with 2+ GPUs: 47-54 min).
 # `quality` (8 min, its own call): the quality recipe's `gpu` size built and ranked there (configs/quality.toml):
 # does the cross-tokenizer ranking of the CPU's `full` size hold with a larger world, vocabularies and models?
+# `trl` (issue 26, its own call, ~9 min at its caps; needs trl and datasets among the wheels: `bash
+# bench/gpu_wheels.sh trl`; not yet run on a device): our uld against TRL GOLD's ULD on the GPU, whole runs of the
+# published shapes (TRL GOLD online / ours online / cache-teacher + store, 1 student, 2 epochs) and the step split.
 # DEVICE, TEACHER_SHAPE and STUDENT_SHAPE override cuda / qwen1.5-1.8b / gpt2 (a CPU smoke test of the commands:
 # DEVICE=cpu TEACHER_SHAPE=tiny-qwen2 STUDENT_SHAPE=tiny-gpt2 OUT=/tmp/gpu_run_smoke bash bench/gpu_run.sh fit).
 # A part that fails (or stops at its time cap: exit 124) is printed as FAILED when it happens, listed in
@@ -116,6 +119,15 @@ if [[ $what == quality ]]; then
   echo "quality: ${SECONDS}s"
   mkdir -p "$res/quality_gpu" && cp /tmp/quality_gpu/summary.* /tmp/quality_gpu/timings.jsonl \
     /tmp/quality_gpu/tokenizers/agreement.json "$res/quality_gpu/" 2>/dev/null
+fi
+if [[ $what == trl ]]; then
+  SECONDS=0
+  part trl_parity timeout 60 python3 bench/trl_gold_parity.py --device "$dev" --out "$res"
+  part whole_runs timeout 360 python3 bench/whole_runs.py --teacher-shape "$teacher" --student-shape "$student" \
+    --device "$dev" --limit 64 --max-length 512 --micro-batch-size 8 --epochs 2 --students 1 --out "$res"
+  part step_breakdown timeout 120 python3 bench/step_breakdown.py --teacher-shape "$teacher" --student-shape \
+    "$student" --device "$dev" --limit 32 --max-length 512 --steps 3 --out "$res"
+  echo "trl: ${SECONDS}s"
 fi
 ls -la "$res"
 if (( ${#failed[@]} )); then

@@ -169,8 +169,9 @@ def _raw_records(path: str):
         raise DataError(f"{path}: unknown data format '{suffix}'. Use .jsonl, .json, .parquet or a datasets folder.")
     if not p.exists() and (path.startswith((".", "/", "~")) or suffix in (".jsonl", ".json", ".parquet")):
         raise DataError(f"{path}: no such file or folder.")
-    import datasets
+    from dskd_pipe.pipeline.progress import silenced_datasets
 
+    datasets = silenced_datasets()  # imported only here: it costs 1.6 s (pipeline/progress.py library_bars_off)
     try:  # a folder saved by `save_to_disk`, else a hub name or a folder of data files
         saved = p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists())
         ds = datasets.load_from_disk(path) if saved else datasets.load_dataset(path, split="train")

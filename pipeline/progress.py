@@ -212,6 +212,26 @@ class Console:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+_BARS_OFF: list[bool] = []  # non-empty inside library_bars_off() while datasets was not imported at its start
+_DATASETS_SILENCED: list[bool] = []  # datasets' bars turned off by silenced_datasets() inside such a block
+
+
+def silenced_datasets():
+    """`import datasets`, with its progress bars off when inside library_bars_off() (which undoes it at its end)."""
+    import datasets
+
+    if _BARS_OFF and datasets.is_progress_bar_enabled():
+        datasets.disable_progress_bars()
+        _DATASETS_SILENCED.append(True)
+    return datasets
+
+
+def _datasets_bars_back_on() -> None:
+    if _DATASETS_SILENCED:
+        _DATASETS_SILENCED.clear()
+        sys.modules["datasets"].enable_progress_bars()
+
+
 @contextlib.contextmanager
 def library_bars_off():
     """Inside: no progress bars from transformers, datasets or huggingface_hub; afterwards, as they were."""
@@ -222,12 +242,17 @@ def library_bars_off():
         if hf_logging.is_progress_bar_enabled():
             hf_logging.disable_progress_bar()
             restore.append(hf_logging.enable_progress_bar)
-    with contextlib.suppress(ImportError):
-        import datasets
-
-        if datasets.is_progress_bar_enabled():
-            datasets.disable_progress_bars()
-            restore.append(datasets.enable_progress_bars)
+    # datasets only if something imported it already: importing it to silence it cost 1.6 s of every stage's
+    # start (bench/fixed_cost.py), and a run from JSONL, Parquet or a store never imports it. A stage that loads a
+    # `datasets` data set does so through silenced_datasets(), which silences it as it arrives.
+    datasets = sys.modules.get("datasets")
+    if datasets is not None and datasets.is_progress_bar_enabled():
+        datasets.disable_progress_bars()
+        restore.append(datasets.enable_progress_bars)
+    elif datasets is None:
+        restore.append(_datasets_bars_back_on)
+        _BARS_OFF.append(True)
+        restore.append(_BARS_OFF.pop)
     with contextlib.suppress(ImportError):
         from huggingface_hub import utils as hub_utils
 

@@ -36,7 +36,16 @@ class Teacher:
     embed_scale: float
     pad_id: int
     model: object = None  # online mode only
-    tokenizer: object = None  # cross-tokenizer alignments (ETA)
+    loaded_tokenizer: object = None  # cross-tokenizer alignments (ETA, ALM, prefix-kd, mined); online: the model's
+    load_tokenizer: object = None  # offline: () -> the store's tokenizer, called on first use of .tokenizer
+
+    @property
+    def tokenizer(self):
+        """The teacher's tokenizer. Offline it is rebuilt from the store when a method first asks: most methods
+        never do, and a 152k-entry tokenizer takes 1-2 s to build on a CPU (bench/fixed_cost.py)."""
+        if self.loaded_tokenizer is None and self.load_tokenizer is not None:
+            self.loaded_tokenizer = self.load_tokenizer()
+        return self.loaded_tokenizer
 
     @torch.no_grad()
     def hidden(self, batch: dict) -> torch.Tensor:
@@ -55,8 +64,9 @@ def open_teacher(cfg: DistillConfig, device: str):
 
         reader = open_store(cfg.cache, expected=expected_fingerprints(cfg))
         h, e = reader.head(), reader.embeddings()
+        reader.tokenizer_names()  # a bad file name is refused now, even when no method builds the tokenizer
         teacher = Teacher(teacher_head(h, device), e["weight"].to(device), float(e["embed_scale"]),
-                          int(reader.manifest.pad_id), tokenizer=reader.tokenizer())
+                          int(reader.manifest.pad_id), load_tokenizer=reader.tokenizer)
         source = StoreSource(reader, limit=cfg.limit)
         if cfg.sample_caches:
             # Sample stores: the same teacher, tokenizer, template and lengths as the gold store; their data are
@@ -78,7 +88,7 @@ def open_teacher(cfg: DistillConfig, device: str):
     side = Side(tok, eos_token_id(tok), pad_token_id(tok), cfg.max_prompt_length, cfg.max_length)
     e = embedding_parts(model)
     teacher = Teacher(teacher_head(head_parts(model), device), e["weight"], float(e["embed_scale"]), side.pad_id,
-                      model, tok)
+                      model, loaded_tokenizer=tok)
     return teacher, TextSource(student_examples, side)
 
 
