@@ -306,8 +306,12 @@ class StoreReader:
 
     def embeddings(self) -> dict:
         """{"weight": [V, d] input embedding table, "embed_scale": float}."""
-        return {"weight": self._tensor(f"{EMBED_GROUP}/weight"),
-                "embed_scale": self._group_attrs(EMBED_GROUP)["embed_scale"]}
+        return {"weight": self._tensor(f"{EMBED_GROUP}/weight"), "embed_scale": self.embed_scale()}
+
+    def embed_scale(self) -> float:
+        """The factor the teacher multiplies its input embeddings by (Gemma: sqrt(d); 1.0 for most), without reading
+        the [V, d] table."""
+        return float(self._group_attrs(EMBED_GROUP)["embed_scale"])
 
     def tokenizer_names(self) -> list[str]:
         """The tokenizer's file names the store lists: plain names (they are written into a folder), else

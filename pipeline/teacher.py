@@ -32,12 +32,22 @@ class Teacher:
     """The teacher as the losses need it: head, input embeddings, pad id, and the model itself when online."""
 
     head: TeacherHead | None
-    embed: torch.Tensor | None  # [Vt, dt]
+    loaded_embed: torch.Tensor | None  # [Vt, dt]; offline: None until a method asks (.embed)
     embed_scale: float
     pad_id: int
     model: object = None  # online mode only
     loaded_tokenizer: object = None  # cross-tokenizer alignments (ETA, ALM, prefix-kd, mined); online: the model's
     load_tokenizer: object = None  # offline: () -> the store's tokenizer, called on first use of .tokenizer
+    load_embed: object = None  # offline: () -> the store's input embedding table, called on first use of .embed
+
+    @property
+    def embed(self) -> torch.Tensor | None:
+        """The teacher's input embeddings [Vt, dt]. Offline they are read from the store when a method first asks:
+        only the DSKD-CMA family's t2s values and DWA-KD's Soft-DTW use them, and at Qwen1.5-1.8B's size the table
+        is 1.2 GB to read and checksum (bench/whole_runs.py, the store run's fixed cost)."""
+        if self.loaded_embed is None and self.load_embed is not None:
+            self.loaded_embed = self.load_embed()
+        return self.loaded_embed
 
     @property
     def tokenizer(self):
@@ -63,10 +73,10 @@ def open_teacher(cfg: DistillConfig, device: str):
         from dskd_pipe.cache.reader import open_store
 
         reader = open_store(cfg.cache, expected=expected_fingerprints(cfg))
-        h, e = reader.head(), reader.embeddings()
         reader.tokenizer_names()  # a bad file name is refused now, even when no method builds the tokenizer
-        teacher = Teacher(teacher_head(h, device), e["weight"].to(device), float(e["embed_scale"]),
-                          int(reader.manifest.pad_id), load_tokenizer=reader.tokenizer)
+        teacher = Teacher(teacher_head(reader.head(), device), None, reader.embed_scale(),
+                          int(reader.manifest.pad_id), load_tokenizer=reader.tokenizer,
+                          load_embed=lambda: reader.embeddings()["weight"].to(device))
         source = StoreSource(reader, limit=cfg.limit)
         if cfg.sample_caches:
             # Sample stores: the same teacher, tokenizer, template and lengths as the gold store; their data are
