@@ -422,3 +422,16 @@ def test_resume_or_init_from_with_other_settings_is_refused_naming_each(env):
     assert not Path(nxt.out).exists()  # refused before anything was written
     # Another data limit and lr: the next on-policy round's kind of change is fine.
     distill.run(replace(nxt, method="dskd-cma", cache=str(env["store_q"]), limit=6, lr=1e-4))
+
+
+def test_the_store_teacher_reads_embeddings_and_tokenizer_only_when_asked(env):
+    """A run from the store reads the teacher's input embedding table (1.2 GB at Qwen1.5-1.8B's size) and builds its
+    tokenizer only when a method uses them; what it then gets is the store's."""
+    from dskd_pipe.cache.reader import open_store
+
+    cfg = _cfg(env, "lazy", method="uld", cache=str(env["store_q"]))
+    teacher, _ = open_teacher(cfg, "cpu")
+    assert teacher.loaded_embed is None and teacher.loaded_tokenizer is None
+    stored = open_store(str(env["store_q"])).embeddings()
+    assert torch.equal(teacher.embed, stored["weight"]) and teacher.embed_scale == float(stored["embed_scale"])
+    assert teacher.loaded_embed is not None and teacher.tokenizer is not None
