@@ -39,11 +39,6 @@ def option(default, help: str = "", *, at_least=None, above=None, at_most=None, 
                                             **{k: v for k, v in spelling.items() if v is not None}})
 
 
-def choices(cls, name: str) -> tuple:
-    """The declared choices of option `name` of config class `cls`."""
-    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["option"]["choices"]
-
-
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -81,46 +76,48 @@ def command_args(cfg, skip=()) -> list[str] | None:
 
 
 def _value_problem(name: str, value, rule: dict) -> str | None:
-    """What is wrong with `value` for the declared `rule`, as "--name ...", or None."""
+    """What is wrong with `value` for the declared `rule`, as "NAME ..." (NAME: the flag), or None."""
     if value is None:  # "not set": the stage or the method picks the value
         return None
     note = f" ({rule['note']})" if rule.get("note") else ""
     if "choices" in rule:
         if value not in rule["choices"]:
             listed = ", ".join(c if c else "'' (the default)" for c in rule["choices"])
-            return f"{flag(name)} '{value}': choose one of {listed}."
+            return f"{name} '{value}': choose one of {listed}."
         return None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
-    lo = (">=", rule["at_least"]) if "at_least" in rule else (">", rule["above"]) if "above" in rule else None
-    hi = ("<=", rule["at_most"]) if "at_most" in rule else ("<", rule["below"]) if "below" in rule else None
+    lo, hi = _range(rule)
     ok = math.isfinite(value) and (lo is None or (value >= lo[1] if lo[0] == ">=" else value > lo[1])) and (
         hi is None or (value <= hi[1] if hi[0] == "<=" else value < hi[1]))
     if ok:
         return None
-    if lo and hi:
-        want = f"in {'[' if lo[0] == '>=' else '('}{lo[1]:g}, {hi[1]:g}{']' if hi[0] == '<=' else ')'}"
-    else:
-        want = " ".join(f"{op} {bound:g}" for op, bound in (lo or hi,))
+    want = _range_text(rule)
     if not math.isfinite(value):
         want = f"a finite number {want}"
-    return f"{flag(name)} must be {want}, found {value}{note}."
+    return f"{name} must be {want}, found {value}{note}."
 
 
 def option_problems(cfg) -> list[str]:
     """Every value of `cfg` outside its declared range or choices, and every option set without the option it
     needs, one line each (naming the flag)."""
+    return [problem for _, problem in _field_problems(cfg)]
+
+
+def _field_problems(cfg) -> list[tuple[str, str]]:
+    """option_problems as (field name, problem) pairs: load_config names the file or flag each value came from."""
     problems = []
-    for f in dataclasses.fields(cfg):
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for f in fields.values():
         rule = f.metadata.get("option")
         if not rule:
             continue
         value = getattr(cfg, f.name)
         for v in value if isinstance(value, tuple) else (value,):
-            if (problem := _value_problem(f.name, v, rule)) is not None:
-                problems.append(problem)
+            if (problem := _value_problem(flag_of(f), v, rule)) is not None:
+                problems.append((f.name, problem))
         if "requires" in rule and value and not getattr(cfg, rule["requires"]):
-            problems.append(f"{flag(f.name)} needs {flag(rule['requires'])}.")
+            problems.append((f.name, f"{flag_of(f)} needs {flag_of(fields[rule['requires']])}."))
     return problems
 
 
@@ -158,13 +155,10 @@ class CacheConfig:
     # tokens per teacher forward (padded); batches are sorted by length
     batch_tokens: int = option(8192, "Padded tokens per teacher forward.", at_least=1)
     device: str = option("", "cuda, cpu, cuda:1, ... (default: cuda when available, else cpu).")
-    # "auto": one teacher spread over the node's GPUs by accelerate (larger than one GPU)
     device_map: str = option("", "auto: one teacher spread over the node's GPUs by accelerate (a teacher larger than "
                                  "one GPU); one process.", choices=("", "auto"))
-    # "" = bf16 on GPU, fp32 on CPU
     dtype: str = option("", "bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU).",
                             choices=("", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32"))
-    # per-token top-k logits (values, indices) + log-normaliser; 0 = off
     topk: int = option(0, "Also store per-token top-k logits (0 = off).", at_least=0, note="0 = off")
     # rows per inner chunk: an example reads ~1.08x its bytes (BENCHMARKS.md, store reads)
     chunk_tokens: int = option(32, "Rows per inner chunk, the unit of reads and checksums (default 32).", at_least=1)
@@ -173,13 +167,10 @@ class CacheConfig:
                                      "of --chunk-tokens).", at_least=1)
     compression: str = option("none", "Chunk compression: pays only on slow or capacity-bound storage (BENCHMARKS.md).",
                                       choices=COMPRESSIONS)
-    # "exact" (the teacher's dtype) | "fp8" (e4m3, a scale per token)
     hidden_storage: str = option("exact", "Hidden states in the teacher's dtype (exact, default) or fp8: e4m3 with a "
                                           "scale per token, d_model + 4 bytes per token, near-exact logits "
                                           "(BENCHMARKS.md).", choices=HIDDEN_STORAGES)
-    # "I/N": this process writes part I of N; "" = one process (or torchrun's rank/world)
     shard: str = option("", "I/N: this process writes part I of N.")
-    # a progress line on stderr (pipeline/progress.py)
     progress: bool = option(True, "The progress line (examples/s, tokens written, ETA).", off_flag="--no-progress")
     quiet: bool = option(False, "Print only warnings and the final lines.")
     trust_remote_code: bool = option(False, "Run the model's own Python code from its folder or hub repo (off: only "
@@ -206,16 +197,11 @@ class ScoreConfig:
     max_new_tokens: int = option(256, "At most this many generated tokens per response (256, published).", at_least=1)
     max_prompt_length: int = option(256, "Prompts cut to their first N tokens (256, published).", at_least=1)
     batch_size: int = option(16, "Prompts per generate call (sorted by length).", at_least=1)
-    # the in-distribution set; "" = the first set
     in_domain: str = option("", "The in-distribution set (default: the first --data).")
-    # Where a literal "<n>" is a newline: "both" (prompts and references) | "prompts" (the released evaluation
-    # loaders; references keep it) | "none".
     literal_n: str = option("both", "Where a literal <n> is a newline: prompts and references (default), prompts only "
                                     "(the released loaders), none.", choices=LITERAL_N)
     skip_bad: bool = option(False, "Skip (and count) malformed records.")
-    # a progress line (examples/s, ETA) on stderr
     progress: bool = option(True, "The progress line (examples/s, ETA) on stderr.", off_flag="--no-progress")
-    # only warnings and the final lines (the report)
     quiet: bool = option(False, "Print only warnings and the final lines.")
     device: str = option("", "cuda, cpu, cuda:1, ... (default: cuda when available, else cpu).")
     dtype: str = option("", "bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU).",
@@ -231,26 +217,17 @@ class DistillConfig:
     world size (32 in the paper).
     """
 
-    # a teacher-state store (offline); or
     cache: str = option("", "Teacher-state store (offline distillation).")
-    # a teacher model run on the fly (online)
     teacher: str = option("", "Teacher model run on the fly instead of --cache (online).")
-    # Stores of student samples (on-policy rounds, `dskd-pipe on-policy`): the same teacher over student-generated
-    # responses. KD terms use them; the student's own CE stays on the gold data of `cache`.
     sample_caches: tuple[str, ...] = option((), "Store of student samples (on-policy); repeat for several. KD only: "
                                                 "the student's CE stays on --cache's gold data.", flag="--sample-cache")
     student: str = option("", "Student model: hub id or local folder.")
-    # one of pipeline/methods.METHODS (the CLI's help lists them from there)
     method: str = option("dskd-cma", "The distillation method: `dskd-pipe methods` describes each (README "
                                      "\"Methods\").")
-    # "NAME=VALUE": the method's own options (methods.Method.options)
     method_options: tuple[str, ...] = option((), "NAME=VALUE: an option of the method's own (`dskd-pipe methods` "
                                                  "lists them); repeat for several.", flag="--method-option")
     data: str = option("", "Training data: the file the store was built from.")
     out: str = option("", "Output folder: an HF model folder + projectors, metrics, checkpoints.")
-    # Dev evaluation at every epoch end: "" = none; else the dev loss, and with dev_rouge the published model
-    # selection (spec/evaluation.md): ROUGE-L of dev_rouge_passes sampled passes (T=1, top_p=1, top_k=0,
-    # no_repeat_ngram 0) on the first dev_limit examples. The best epoch (ROUGE-L, else dev loss) is the run's output.
     dev_data: str = option("", "Dev set: dev loss (and --dev-rouge) each epoch keeps out/best.")
     dev_rouge: bool = option(False, "Also ROUGE-L on --dev-data each epoch (3 sampled passes, no_repeat_ngram 0, as "
                                     "published); the best epoch becomes the run's output.", requires="dev_data")
@@ -258,7 +235,6 @@ class DistillConfig:
     dev_rouge_passes: int = option(3, "Sampled passes per dev evaluation (default 3).", at_least=1)
     limit: int | None = option(None, "Train on the first N examples.",
                                      at_least=1, note="leave it out to use every record")
-    # the released scripts' --dev-num
     dev_limit: int | None = option(1000, "Evaluate on the first N dev examples (default 1000).",
                                          at_least=1, note="leave it out to use every record")
     # the student's side; the store fixed the teacher's when it was written
@@ -266,7 +242,6 @@ class DistillConfig:
     max_length: int = option(512, "Prompt + response tokens kept on the student side.", at_least=1)
     skip_bad: bool = option(False, "Skip (and count) malformed records instead of stopping.")
     epochs: int = option(20, "Passes over the training data (20, published).", at_least=1)
-    # 0 = the epochs decide; else stop after this many optimizer steps
     max_steps: int = option(0, "Stop after N optimizer steps (0 = the epochs decide).",
                                at_least=0, note="0 = the epochs decide")
     micro_batch_size: int = option(4, "Examples per forward/backward on each process.", at_least=1)
@@ -286,46 +261,33 @@ class DistillConfig:
     divergence: str | None = option(None, "The KD divergence (default: the method's, DWA-KD srkl, else fkl).",
                                     choices=DIVERGENCE_NAMES)
     lambda_ga: float = option(0.1, "CMA-GA generator weight.", at_least=0.0)
-    # CMA-GA: the generator term and D steps start at this optimizer step
     ga_start_step: int = option(0, "CMA-GA starts at this optimizer step.", at_least=0)
     disc_lr: float = option(1e-4, "CMA-GA: the discriminator's learning rate.", above=0.0)
-    # CMA-GA: a discriminator step after every k-th optimizer step (on the whole step's batch)
     disc_every: int = option(1, "CMA-GA: a discriminator update every k optimizer steps.", at_least=1)
-    # DSKDv2: ideal projector init from the first k overlapping tokens (0 = all)
     overlap_top_k: int = option(0, "DSKDv2: ideal init from the first k shared tokens.", at_least=0, note="0 = all")
-    # DWA-KD: linear ramp of KD_t2s over this many steps (None = 300; 0 = off)
     kd_warmup_steps: int | None = option(None, "DWA-KD: linear ramp of KD_t2s (default 300; 0 = off).",
                                                at_least=0, note="0 = off")
     dtw_gamma_start: float = option(2.0, "DWA-KD: Soft-DTW gamma anneals linearly from start to end ...", above=0.0)
     dtw_gamma_end: float = option(0.8, "DWA-KD: the Soft-DTW gamma at the end of its anneal.", above=0.0)
-    # ... over this many steps, then holds (the public code); 0 = over the whole run
     dtw_gamma_steps: int = option(3570, "DWA-KD: gamma 2.0 -> 0.8 over N steps, then held (default 3570; 0 = over the "
                                         "whole run).", at_least=0, note="0 = the whole run")
     # Reference-mode choices (README "Fidelity"): the default first, then the released code's behaviour.
-    # DSKD-CMA family: stds over the teacher's real tokens | "padded" (the whole padded batch)
     cma_std: str = option("valid", "DSKD-CMA stds over the teacher's real tokens (default) or the whole padded batch "
                                    "(released).", choices=("valid", "padded"))
-    # DSKD/DSKDv2: also divide the t2s target by teacher_temperature
     same_vocab_teacher_temperature: bool = option(False, "DSKD/DSKDv2: also divide the t2s target by "
                                                          "--teacher-temperature (the release does not).")
-    # CMA-GA: "paper" | "released" (DSKD-KQ: a fixed random D, gradient reversal, all positions)
     ga_mode: str = option("paper", "CMA-GA: the paper's trained D (default) or the released code's fixed random D.",
                                    choices=GA_MODES)
-    # DSKDv2: per-micro-batch means weighted by "tokens" | "micro-batch" (equal)
     v2_mean_weighting: str = option("tokens", "DSKDv2: weight per-micro-batch means by tokens (default) or equally "
                                               "(released).", choices=("tokens", "micro-batch"))
-    # DSKDv2: None = always mask; 1.0 = the released test
     v2_agreement_threshold: float | None = option(None, "DSKDv2: the released test that drops the agreement mask "
                                                         "above this ratio (released: 1.0).", at_least=0.0)
-    # DSKDv2-ETA: teacher predictions with no student string: "drop" | "unk"
     eta_unmapped: str = option("drop", "DSKDv2-ETA: drop teacher predictions with no student string (default) or "
                                        "train on unk (released).", choices=UNMAPPED_CHOICES)
-    # DWA-KD student weights: "paper" (rescale(H g), eq. 12) | "released" (rescale(H) g)
     dwa_weights: str = option("paper", "DWA-KD student weights: rescale(H g) (paper eq. 12, default) or rescale(H) g "
                                        "(released).", choices=WEIGHT_FORMS)
     dtw_inputs: str = option("raw", "DWA-KD: the teacher's Soft-DTW inputs are its raw hidden states (default) or the "
                                     "CMA's std-normalised ones.", choices=DTW_INPUTS)
-    # DWA-KD Soft-DTW positions: "response" | "released" (first n_b from index 0)
     dtw_positions: str = option("response", "DWA-KD Soft-DTW on response positions (default) or the first n from "
                                             "index 0 (released).", choices=DTW_POSITIONS)
     dtw_reduction: str = option("sequence", "DWA-KD: sum_b nDTW_b | \"tokens\" (sum_b n_b nDTW_b)",
@@ -334,88 +296,65 @@ class DistillConfig:
                                          choices=KD_WARMUP_TERMS)
     # Options from the quality benchmark's diagnosis (BENCHMARKS.md "Why the DSKD family did not transfer"), off
     # by default: reference mode is unchanged.
-    # DSKD-CMA family: KD_t2s on rows whose t2s argmax is the gold token | "all" | "none"
     t2s_kd_rows: str = option("accurate", "DSKD-CMA family: KD_t2s on the rows whose t2s argmax is right (default), "
                                           "on every row, or none.", choices=T2S_KD_ROWS)
     projector_warmup_steps: int = option(0, "DSKD-CMA family: the first N steps train only the projectors on the KD "
                                             "terms (default 0).", at_least=0)
-    # DSKD-CMA family: Vt2s = t2s(Ht~ + Etg~) | "hidden": t2s(Ht~), no gold embedding
     t2s_values: str = option("hidden+target", "DSKD-CMA family: t2s values from the teacher's hidden state and its "
                                               "gold target embedding (default, published) or from the hidden state "
                                               "alone.", choices=T2S_VALUES)
-    # CMA-GA: D sees L2-normalised keys and queries (their directions, not their norms)
     ga_directions: bool = option(False, "CMA-GA: D judges the directions of keys and queries (each L2-normalised), "
                                         "not their norms.")
-    # CMA-GA: every Linear of D spectrally normalised
     disc_spectral_norm: bool = option(False, "CMA-GA: spectral normalisation on every linear layer of D.")
-    # CMA-GA: D sees keys projected onto the span the query projector can reach
     ga_reachable_keys: bool = option(False, "CMA-GA: D sees each key projected onto the span the query projector can "
                                             "reach (what a query can match), not the whole key.")
     # ALM (pipeline/objectives/alm.py): tokenkit's published settings
-    # the binarisation temperature (tokenkit's binarization_temp)
     alm_temperature: float = option(100.0, "ALM: binarisation temperature (published 100).", above=0.0)
-    # "space+merge" (published) | "space" (append_space only) | "none" (the plain form)
     alm_debias: str = option("space+merge", "ALM: chunks merged by the teacher's word-start probability and closed on "
                                             "a word start (space+merge, published), closed only (space), or the plain "
                                             "form (none).", choices=DEBIAS_CHOICES)
-    # merge chunks until the teacher's word-start probability exceeds this
     alm_merge_threshold: float = option(0.1, "ALM space+merge: a merged chunk ends where the teacher's word-start "
                                              "probability exceeds this (0.1).", at_least=0.0, at_most=1.0)
-    # ALM's mean over the merged chunks | "released" (tokenkit's count, merged twice)
     alm_mean: str = option("chunks", "ALM: the mean over the merged chunks (default) or over the released code's "
                                      "count, merged twice.", choices=MEAN_CHOICES)
     # prefix-kd (pipeline/objectives/prefix_kd.py): events are the next token's first k non-space bytes
     prefix_chars: int = option(1, "prefix-kd: match the distributions over the next token's first N non-space bytes "
                                   "(default 1).", at_least=1)
-    # prefix-kd: kd_temperature on the events' distribution | "tokens": on the token logits before the sums
     prefix_temper: str = option("events", "prefix-kd: --kd-temperature on the events' distribution (default) or on "
                                           "the token logits before they are summed by event.",
                                           choices=("events", "tokens"))
-    # Methods whose loss has several parts (alm, prefix-kd, compositions "A+B"): "weights" = (1 - kd_rate) CE (or
-    # the base method's loss) + kd_rate * each added term | "gradmag": each part scaled by the inverse norm of its
-    # gradient on the student's last block (tokenkit's approx_gradmag_preserve_mag)
     loss_balance: str = option("weights", "alm, prefix-kd and compositions: combine the parts by --kd-rate (default) "
                                           "or by gradient magnitude on the student's last block (tokenkit's "
                                           "approx_gradmag_preserve_mag).", choices=("weights", "gradmag"))
-    # checkpoint every N optimizer steps (0 = only at epoch ends)
     save_every: int = option(0, "Checkpoint every N steps (0 = epoch ends only).",
                                 at_least=0, note="0 = only at epoch ends")
     keep_checkpoints: int = option(2, "Checkpoints kept (the newest N; 0 = keep all).", at_least=0, note="0 = keep all")
     resume: bool = option(False, "Continue from the newest checkpoint in --out.")
-    # Continue from another run's last checkpoint (student, projectors, discriminator, optimizer states, step
-    # count) on this run's data: the next on-policy round starts where the previous one stopped.
     init_from: str = option("", "Start from another run's last checkpoint (weights, optimizer, step): the next "
                                 "on-policy round.")
-    # length of the LR schedule; 0 = this run's own steps (on-policy: the whole run's)
     schedule_steps: int = option(0, "Length of the LR schedule (0 = this run's steps).",
                                     at_least=0, note="0 = this run's own steps")
     seed: int = option(42, "Seed of the initialisation, data order and dropout.")
-    # DataLoader workers; -1 = auto: 0 on CPU, up to 8 on a GPU (pipeline.loader)
     num_workers: int = option(-1, "DataLoader workers reading the store (-1 = auto, the default: 0 on CPU, on a GPU "
                                   "one per free core up to 8; README \"Keeping the GPU fed\").",
                                   at_least=-1, note="-1 = auto")
     prefetch_factor: int = option(2, "Micro-batches each worker prepares ahead (2).", at_least=1)
     device: str = option("", "cuda, cpu, cuda:1, ... (default: cuda when available, else cpu).")
-    # "" = bf16 autocast on GPU, fp32 on CPU; or bfloat16 | float32
     dtype: str = option("", "bfloat16 (autocast, default on GPU) | float32.", choices=("", "bfloat16", "float32"))
     teacher_dtype: str = option("", "The online teacher's dtype (default: bf16 on GPU, fp32 on CPU).",
                                     choices=("", "bfloat16", "float32"))
     gradient_checkpointing: bool = option(False, "Recompute the student's activations in the backward (less memory, "
                                                  "more time).")
-    # under torchrun: FSDP2 (sharded student, gradients, optimizer states) instead of DDP
     fsdp: bool = option(False, "Under torchrun: FSDP2 (shards the student, its gradients and optimizer states across "
                                "the processes) instead of DDP.")
-    # 0 = full fine-tune; > 0 needs `peft`
     lora_rank: int = option(0, "> 0: LoRA on --lora-targets (needs peft).", at_least=0, note="0 = full fine-tune")
     lora_alpha: float = option(8.0, "LoRA scaling alpha.", above=0.0)
     lora_dropout: float = option(0.0, "LoRA dropout.", at_least=0.0, below=1.0)
     lora_targets: tuple[str, ...] = option(("q_proj", "v_proj"), "Module names LoRA adapts (repeat the flag for "
                                                                  "several).")
-    # a progress line on stderr: step/total, loss terms, tokens/s, ETA
     progress: bool = option(True, "The progress line (step, loss terms, tokens/s, ETA) on stderr: rewritten in place "
                                   "in a terminal, one plain line every few steps in a log.", off_flag="--no-progress")
     quiet: bool = option(False, "Print only warnings and the final lines.")
-    # Experiment trackers besides metrics.jsonl: "tensorboard", "wandb", "all" or "none" (pipeline/trackers.py)
     report_to: tuple[str, ...] = option((), "Also log the metrics to tensorboard (out/tensorboard), wandb (offline in "
                                             "out/wandb unless logged in), all (every installed one) or none; repeat "
                                             "or use commas.")
@@ -449,12 +388,24 @@ def option_table(cls, read_by: dict[str, list[str]] | None = None) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _range(rule: dict) -> tuple:
+    """A number's declared bounds: (lower, upper), each (">=" or ">", bound) or None."""
+    lo = (">=", rule["at_least"]) if "at_least" in rule else (">", rule["above"]) if "above" in rule else None
+    hi = ("<=", rule["at_most"]) if "at_most" in rule else ("<", rule["below"]) if "below" in rule else None
+    return lo, hi
+
+
+def _range_text(rule: dict) -> str:
+    """A number's declared range as text ("> 0", "in [0, 1]"; "" when unbounded)."""
+    lo, hi = _range(rule)
+    if lo and hi:
+        return f"in {'[' if lo[0] == '>=' else '('}{lo[1]:g}, {hi[1]:g}{']' if hi[0] == '<=' else ')'}"
+    return " ".join(f"{op} {bound:g}" for op, bound in (lo or hi,)) if lo or hi else ""
+
+
 def _bounds(rule: dict) -> str:
-    """A number's declared range as text ("> 0", "in [0, 1]"), with what a special value means."""
-    parts = [f"{op} {rule[key]:g}" for key, op in (("at_least", ">="), ("above", ">"), ("at_most", "<="),
-                                                    ("below", "<")) if key in rule]
-    text = " and ".join(parts)
-    return text + (f" ({rule['note']})" if rule.get("note") else "")
+    """A number's declared range as text, with what a special value means (README's option tables)."""
+    return (_range_text(rule) + (f" ({rule['note']})" if rule.get("note") else "")).strip()
 
 
 def _check_value(name: str, value, hint):
@@ -552,8 +503,7 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
                 problems.append(f"{where}: key '{key}': {e}.")
     if not problems:
         cfg = cls(**values)
-        for problem in option_problems(cfg):
-            name = problem.split(" ", 1)[0].removeprefix("--").replace("-", "_")
+        for name, problem in _field_problems(cfg):
             problems.append(f"{origin.get(name, 'defaults')}: {problem}")
     if problems:
         raise ConfigError("\n".join(problems))
@@ -583,18 +533,14 @@ class ProbeConfig:
     """`dskd-pipe probe`: alignment accuracy and t2s attention heatmaps of a trained DSKD-CMA / CMA-GA run
     (spec/cma_ga.md "Probes and heatmaps")."""
 
-    # a distill output folder (student + projectors.safetensors + distill_config.json)
-    run: str = option("", "A dskd-cma or cma-ga distill output folder.")
+    run: str = option("", "A distill output folder of a method with a cross-model attention (dskd-cma, cma-ga, ...).")
     cache: str = option("", "The teacher-state store the run was trained from.")
-    # the data file the store was built from (its fingerprint is checked)
     data: str = option("", "The data file the store was built from.")
     out: str = option("", "Output folder: probe_report.json and heatmap PNGs.")
     limit: int | None = option(None, "Probe the first N store examples.",
                                      at_least=1, note="leave it out to probe every example")
-    # store example indices to draw (one PNG each)
     heatmaps: tuple[int, ...] = option((), "Store example indices to draw, e.g. 0,3,7 (needs matplotlib).",
                                            at_least=0, comma_list=True)
-    # 1 = exact per example: the key normalisation is one std over the padded batch
     batch_size: int = option(1, "1 (default) is exact per example.", at_least=1)
     device: str = option("", "cuda, cpu, cuda:1, ... (default: cuda when available, else cpu).")
 
@@ -609,33 +555,25 @@ class OnPolicyConfig:
     `epochs_per_round` on the union (KD on samples, CE on gold only), continuing weights, optimizer and schedule.
     """
 
-    # the distill config of every round: method, student, data, cache and hyper-parameters
     distill: str = option("", "The distill config every round uses (method, student, data, cache = the gold store, "
                               "hyper-parameters).")
     out: str = option("", "Output folder: round-0/, round-1/, ...; a rerun keeps finished steps.")
-    # the teacher for the sample stores; "" = the path recorded in the gold store
     teacher: str = option("", "Teacher for the sample stores (default: the gold store's).")
-    # refresh rounds after phase 0
     rounds: int = option(2, "Refresh rounds after the first phase.", at_least=1)
-    # share of the gold prompts the student answers in each round (the spec's probability)
     share: float = option(0.5, "Share of the gold prompts the student answers per round.", above=0.0, at_most=1.0)
-    # epochs on the gold store before the first refresh (the spec's N)
     start_epochs: int = option(3, "Epochs on gold data before the first round.", at_least=1)
     epochs_per_round: int = option(1, "Epochs on the union of gold data and samples in each round.", at_least=1)
     temperature: float = option(1.0, "Student sampling temperature.", above=0.0)
     top_p: float = option(1.0, "Student sampling nucleus mass.", above=0.0, at_most=1.0)
     max_new_tokens: int = option(256, "At most this many tokens per student sample.", at_least=1)
     generate_batch_size: int = option(16, "Prompts per generate call of the student.", at_least=1)
-    # the cache-teacher process: "" = cuda when available (a GPU of its own), else cpu
     teacher_device: str = option("", "Device of the cache-teacher process (its own GPU if you like).")
-    # "" = the gold store's dtype (the union must hold one dtype)
     teacher_dtype: str = option("", "Default: the gold store's dtype.")
     batch_tokens: int = option(8192, "Padded tokens per teacher forward of the cache-teacher processes.", at_least=1)
-    # > 1: each round's distill under torchrun with this many processes (DDP, or FSDP2)
     nproc_per_node: int = option(1, "Each round's distill under torchrun with N processes (global batch: micro-batch "
                                     "x accumulation x N).", at_least=1)
 
 
 __all__ = ["CacheConfig", "ScoreConfig", "DistillConfig", "ProbeConfig", "OnPolicyConfig", "ConfigError",
            "OUTPUT_ONLY", "LITERAL_N", "DIVERGENCE_NAMES", "load_config", "save_config", "config_to_dict", "require",
-           "field", "option", "option_problems", "choices", "flag_of", "command_args", "option_table"]
+           "field", "option", "option_problems", "flag_of", "command_args", "option_table"]

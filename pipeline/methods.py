@@ -564,8 +564,8 @@ class Term:
 
     value(x) -> (the term on the micro-batch in the stage's SUM convention, its log sums); shown: its logged
     numbers (per student token) and how they are shown; settings: the DistillConfig options it reads;
-    collate_extras: the batch tensors it reads, built in the loader workers; tables(cfg, teacher, student_tok, student, device) -> the fixed per-vocabulary tables it looks up
-    (MethodParts.tables), built once per run.
+    collate_extras: the batch tensors it reads, built in the loader workers; tables(cfg, teacher, student_tok,
+    student, device) -> the fixed per-vocabulary tables it looks up (MethodParts.tables), built once per run.
     """
 
     name: str

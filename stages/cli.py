@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import types
 import typing
 
 import click
@@ -39,15 +40,14 @@ def _comma_list(ctx, param, value):
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
-def _click_option(cls, f: dataclasses.Field):
-    """The click option of config field `f`, from its declaration. Every default is None ("not given"), so a flag
-    overrides the config file only when typed."""
-    hint = typing.get_type_hints(cls)[f.name]
+def _click_option(f: dataclasses.Field, hint):
+    """The click option of config field `f` (annotated `hint`), from its declaration. Every default is None ("not
+    given"), so a flag overrides the config file only when typed."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")) else hint
+    base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
     name, meta = flag_of(f), f.metadata
     allowed = meta.get("option", {}).get("choices")
-    shown = f" [one of: {', '.join(c if c else chr(39) * 2 for c in allowed)}]" if allowed else ""
+    shown = " [one of: " + ", ".join(c or "''" for c in allowed) + "]" if allowed else ""
     kwargs: dict = {"default": None, "help": meta.get("help", "") + shown}
     decls = [name, f.name]
     if base is bool:
@@ -69,9 +69,11 @@ def _click_option(cls, f: dataclasses.Field):
 
 def config_options(cls, skip: tuple[str, ...] = ()):
     """Decorate a command with one flag per field of config class `cls` (but `skip`), in field order."""
+    hints = typing.get_type_hints(cls)
+
     def decorate(command):
         for f in reversed([f for f in dataclasses.fields(cls) if f.name not in skip]):
-            command = _click_option(cls, f)(command)
+            command = _click_option(f, hints[f.name])(command)
         return command
     return decorate
 
@@ -230,19 +232,13 @@ def plot(runs, out, title) -> None:
 
 
 _SET_FLAGS = ("models", "data", "out", "seeds", "in_domain")  # `generate` spells these its own way
-
-
-def _score_options(f):
-    """Flags shared by `score` and `generate`: the published protocol's config, then every generation setting."""
-    f = config_options(ScoreConfig, skip=_SET_FLAGS)(f)
-    return click.option("--config", "config_path", default="score_default", show_default=True,
-                        help="TOML/JSON config; the default is the published protocol (configs/score_default.toml)."
-                        )(f)
+_PROTOCOL = click.option("--config", "config_path", default="score_default", show_default=True,
+                         help="TOML/JSON config; the default is the published protocol (configs/score_default.toml).")
 
 
 @main.command("score")
-@config_options(ScoreConfig, skip=tuple(f.name for f in dataclasses.fields(ScoreConfig) if f.name not in _SET_FLAGS))
-@_score_options
+@_PROTOCOL
+@config_options(ScoreConfig)
 def score(config_path, **flags) -> None:
     """ROUGE-L of one or more models on evaluation sets with the published protocol; resumable."""
     from dskd_pipe.pipeline.config import load_config
@@ -258,7 +254,8 @@ def score(config_path, **flags) -> None:
 @click.option("--data", default=None, help="Prompts: a data file (JSONL/JSON/Parquet) or datasets name.")
 @click.option("--out", default=None, help="New JSONL data file: the records with output = the generation.")
 @click.option("--seed", type=int, default=None, help="Sampling seed (default: the first seed of the config, 10).")
-@_score_options
+@_PROTOCOL
+@config_options(ScoreConfig, skip=_SET_FLAGS)
 def generate_cmd(config_path, model, data, seed, **flags) -> None:
     """Write a model's responses to training prompts as a new data file (the SeqKD baseline)."""
     from dskd_pipe.pipeline.config import ScoreConfig, load_config

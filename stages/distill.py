@@ -149,6 +149,7 @@ class Run:
     dev_examples: list | None = None
     die: tuple[int, int] = (0, -2)  # tests: (step, rank) of a simulated kill (DIE_AT_STEP_ENV)
     wait_fracs: list = field(default_factory=list)  # loader wait shares of the first steps, for loader_advice
+    trainable: list = field(default_factory=list)  # the student optimizer's parameters (what the step clips)
 
 
 @quiet_libraries
@@ -220,6 +221,7 @@ def _set_up(cfg: DistillConfig) -> Run:
             {"student": optimizer, "adversary": adversary_opt}, scheduler, plan, start_step + run_steps, run_steps,
             {"step": start_step, "start_step": start_step, "epoch": 0, "position": 0, "best": None}, store)
     _load_start(r, resume_from, init_from)
+    r.trainable = [p for g in optimizer.param_groups for p in g["params"]]
     _open_outputs(r, resumed_at=r.state["step"] if resume_from is not None else None)
     return r
 
@@ -298,10 +300,9 @@ def _train(r: Run) -> None:
                                                             procs.device)
             real = [True] * len(micro) + [False] * (n_micro - len(micro))
             micro += [filler] * (n_micro - len(micro))
-            record = _optimizer_step(r, micro, real, epoch)
-            record.update(step_s=time.perf_counter() - t0)
-            record.update(tokens_per_s=record["tokens"] / record["step_s"], loader_wait_frac=wait / record["step_s"])
-            n_tokens = record.pop("tokens")
+            record, n_tokens = _optimizer_step(r, micro, real, epoch)
+            elapsed = time.perf_counter() - t0
+            record.update(step_s=elapsed, tokens_per_s=n_tokens / elapsed, loader_wait_frac=wait / elapsed)
             r.metrics.log(record)
             bar.update(1, values=step_values(record, r.method.shown), counts={"tok": n_tokens})
             _loader_advice(r, record, workers)
@@ -322,9 +323,10 @@ def _train(r: Run) -> None:
     bar.close()
 
 
-def _optimizer_step(r: Run, micro: list[dict], real: list[bool], epoch: int) -> dict:
+def _optimizer_step(r: Run, micro: list[dict], real: list[bool], epoch: int) -> tuple[dict, float]:
     """One optimizer step over this process's micro-batches (fillers where `real` is False): gradients, the
-    divergence check, the updates (the adversary's on its steps); the step's metrics record (without timings)."""
+    divergence check, the updates (the adversary's on its steps); (the step's metrics record without timings, the
+    step's tokens over all processes)."""
     cfg, procs, state = r.cfg, r.procs, r.state
     optimizer, adversary_opt = r.optimizers["student"], r.optimizers["adversary"]
     adversary_step = r.method.adversary is not None and r.method.adversary.steps_at(cfg, state["step"])
@@ -337,9 +339,8 @@ def _optimizer_step(r: Run, micro: list[dict], real: list[bool], epoch: int) -> 
     totals = all_reduce_sum(torch.stack([torch.as_tensor(sums[k], device=procs.device).float() for k in names]),
                             procs)
     sums = dict(zip(names, totals.tolist()))
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = (local_tensor(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-                 if cfg.max_grad_norm > 0 else gradient_norm(trainable))
+    grad_norm = (local_tensor(torch.nn.utils.clip_grad_norm_(r.trainable, cfg.max_grad_norm))
+                 if cfg.max_grad_norm > 0 else gradient_norm(r.trainable))
     # Non-finite loss or gradient: stop before the update, so no NaN reaches the weights (README "A run that
     # diverges"). Every process sees the same totals and norm, so all stop together.
     check_finite_step(cfg, state["step"] + 1, sums, float(n_step), float(grad_norm), r.out,
@@ -358,12 +359,12 @@ def _optimizer_step(r: Run, micro: list[dict], real: list[bool], epoch: int) -> 
     n_tokens = float(all_reduce_sum(torch.as_tensor(own_tokens, device=procs.device).float(), procs))
     record = {"step": state["step"], "epoch": epoch, "loss": sums["loss"] / float(n_step),
               **step_metrics(cfg, sums, float(n_step)), "grad_norm": float(grad_norm), "lr": step_lrs[0],
-              "supervised_tokens": float(n_step), "tokens": n_tokens}
+              "supervised_tokens": float(n_step)}
     if r.trainee.projectors is not None:
         record["projector_lr"] = step_lrs[-1]
     if adversary_opt is not None:
         record["adversary_steps"] = int(adversary_step)
-    return record
+    return record, n_tokens
 
 
 def _loader_advice(r: Run, record: dict, workers: int) -> None:

@@ -39,8 +39,8 @@ from dskd_pipe.cache.paths import check_out_folder, check_out_location
 from dskd_pipe.pipeline.comparison import mean_std
 from dskd_pipe.pipeline.config import ConfigError, ScoreConfig, require, save_config
 from dskd_pipe.pipeline.data import DataError, Example, file_fingerprint, load_examples
-from dskd_pipe.pipeline.generation import (NEWLINE_MARKER, check_generation_settings, decode_response, evaluate_rouge,
-                                           generate, left_pad, prompt_lengths_over, tokenize_prompts, unescape_newlines)
+from dskd_pipe.pipeline.generation import (NEWLINE_MARKER, check_generation_settings, generate, prompt_lengths_over,
+                                           unescape_newlines)
 from dskd_pipe.pipeline.models import (check_device, check_vocabulary, default_device, default_dtype, load_causal_lm,
                                        load_tokenizer)
 from dskd_pipe.pipeline.progress import Console, quiet_libraries
@@ -410,6 +410,4 @@ def run_generate(cfg: ScoreConfig) -> Path:
     return out
 
 
-__all__ = ["generate", "evaluate_rouge", "run", "run_generate", "decode_response", "left_pad", "tokenize_prompts",
-           "summarise", "markdown_table", "split_name", "split_limit", "unescape_newlines", "check_generation_settings",
-           "DataError"]
+__all__ = ["run", "run_generate", "summarise", "markdown_table", "split_name", "split_limit", "DataError"]

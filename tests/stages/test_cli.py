@@ -5,7 +5,7 @@ import dataclasses
 from click.testing import CliRunner
 
 from dskd_pipe.pipeline.config import (CacheConfig, DistillConfig, OnPolicyConfig, ProbeConfig, ScoreConfig, flag_of,
-                                      load_config, option)
+                                      load_config, option, option_problems)
 from dskd_pipe.stages.cli import config_options, main
 
 COMMANDS = {"cache-teacher": CacheConfig, "distill": DistillConfig, "score": ScoreConfig, "probe": ProbeConfig,
@@ -59,7 +59,7 @@ def test_a_declared_field_becomes_a_flag():
     @dataclasses.dataclass(frozen=True)
     class Toy:
         width: int = option(3, "How wide.", at_least=1)
-        names: tuple[str, ...] = option((), "Names; repeat.", flag="--name")
+        names: tuple[str, ...] = option((), "Names; repeat.", flag="--name", choices=("a", "b", ""))
         loud: bool = option(True, "Shout.", off_flag="--quiet-please")
 
     import click
@@ -73,3 +73,6 @@ def test_a_declared_field_becomes_a_flag():
     assert out.strip() == "test_a_declared_field_becomes_a_flag.<locals>.Toy(width=5, names=('a', 'b'), loud=False)"
     bad = CliRunner().invoke(toy, ["--width", "0"])
     assert "--width must be >= 1, found 0" in str(bad.exception)
+    # a problem names the flag as it is spelled (--name), not the field (names)
+    assert option_problems(Toy(names=("c",))) == ["--name 'c': choose one of a, b, '' (the default)."]
+    assert option_problems(dataclasses.replace(Toy(), width=0)) == ["--width must be >= 1, found 0."]

@@ -7,13 +7,14 @@ import torch
 from click.testing import CliRunner
 from rouge_score import rouge_scorer
 
-from dskd_pipe.stages.cli import main
 from dskd_pipe.pipeline.config import ConfigError, ScoreConfig
 from dskd_pipe.pipeline.data import DataError, load_examples
+from dskd_pipe.pipeline.generation import decode_response, evaluate_rouge, generate, left_pad, tokenize_prompts
 from dskd_pipe.pipeline.models import load_causal_lm, load_tokenizer, save_tiny_model
 from dskd_pipe.stages import score
-from dskd_pipe.stages.score import (decode_response, evaluate_rouge, generate, left_pad, markdown_table, run,
-                                    run_generate, tokenize_prompts)
+from dskd_pipe.stages.cli import main
+from dskd_pipe.stages.score import markdown_table, run, run_generate
+
 
 TOK = "tests/fixtures/tokenizers"
 DOLLY = "tests/fixtures/data/dolly_test_20.jsonl"
